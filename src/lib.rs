@@ -1,0 +1,24 @@
+//! voxloop: a voice-assistant runtime. Speech in, an LLM that may call MCP tools, speech and
+//! music out. See `DESIGN.md` in the shared design notes and the README for the whole picture.
+//!
+//! Modules:
+//! - [`config`]: the one TOML file, every limit named.
+//! - [`tools`]: MCP tool plumbing; for now the paged-resource protocol ([`tools::paging`]).
+
+pub mod config;
+pub mod tools;
+
+/// Installs the `tracing` subscriber: human-readable lines on **stderr** (stdout may carry a
+/// protocol, as with MCP over stdio), filtered by `RUST_LOG` (default: `info`, with symphonia's
+/// per-file chatter at `error`), coloured only when stderr is a terminal.
+pub fn init_logging() {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,symphonia=error,rmcp=warn"));
+    // A second call (tests, embedding) keeps the first subscriber.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}

@@ -1,0 +1,3 @@
+//! MCP tool plumbing (DESIGN §2 and §3).
+
+pub mod paging;
