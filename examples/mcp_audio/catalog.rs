@@ -1,0 +1,335 @@
+//! The music catalog: local files found in the library directory, plus remote tracks from an
+//! optional catalog file, in one stable order (local files by path, then remote tracks as listed).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use reqwest::Url;
+use serde::Deserialize;
+use symphonia::core::formats::FormatOptions;
+use symphonia::core::formats::probe::Hint;
+use symphonia::core::io::MediaSourceStream;
+use symphonia::core::meta::{MetadataOptions, StandardTag};
+
+/// File extensions the library scan picks up, with their MIME types.
+const AUDIO_TYPES: &[(&str, &str)] = &[
+    ("mp3", "audio/mpeg"),
+    ("ogg", "audio/ogg"),
+    ("opus", "audio/ogg; codecs=opus"),
+    ("flac", "audio/flac"),
+    ("wav", "audio/wav"),
+    ("m4a", "audio/mp4"),
+];
+
+/// One playable track.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Track {
+    pub title: String,
+    pub artist: Option<String>,
+    /// Where the bytes come from: the local file server or a remote http(s) URL.
+    pub url: Url,
+    pub mime_type: String,
+    /// Size in bytes, when known.
+    pub size: Option<u64>,
+    /// Path relative to the library (local tracks), searched like title and artist.
+    pub file_name: Option<String>,
+}
+
+impl Track {
+    /// `"artist - title"`, or the title alone.
+    pub fn description(&self) -> String {
+        match &self.artist {
+            Some(artist) => format!("{artist} - {}", self.title),
+            None => self.title.clone(),
+        }
+    }
+}
+
+/// MIME type for an audio file name, by extension (case-insensitive).
+pub fn mime_for_path(path: &str) -> Option<&'static str> {
+    let ext = path.rsplit_once('.')?.1.to_ascii_lowercase();
+    AUDIO_TYPES.iter().find(|(e, _)| *e == ext).map(|(_, m)| *m)
+}
+
+/// Scans `library` recursively for audio files. `base_url` is the local file server's root;
+/// each track's URL is that root joined with the file's relative path (percent-encoded).
+pub fn scan_library(library: &Path, base_url: &Url) -> anyhow::Result<Vec<Track>> {
+    if !library.is_dir() {
+        bail!("music library {} is not a directory", library.display());
+    }
+    let mut tracks = Vec::new();
+    let walk = walkdir::WalkDir::new(library)
+        .follow_links(false)
+        .sort_by_file_name();
+    for entry in walk {
+        let entry = entry.with_context(|| format!("scanning {}", library.display()))?;
+        let path = entry.path();
+        let Some(mime_type) = path.to_str().and_then(mime_for_path) else {
+            continue;
+        };
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let relative = path.strip_prefix(library).unwrap_or(path);
+        let segments: Vec<&str> = relative.iter().filter_map(|s| s.to_str()).collect();
+        let mut url = base_url.clone();
+        url.path_segments_mut()
+            .map_err(|()| anyhow::anyhow!("file server URL {base_url} cannot take a path"))?
+            .pop_if_empty()
+            .extend(&segments);
+        let (title, artist) = read_tags(path);
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default();
+        tracks.push(Track {
+            title: title.unwrap_or_else(|| title_from_file_name(stem)),
+            artist,
+            url,
+            mime_type: mime_type.to_string(),
+            size: Some(entry.metadata()?.len()),
+            file_name: Some(segments.join("/")),
+        });
+    }
+    Ok(tracks)
+}
+
+/// Title and artist from the file's tags (ID3, Vorbis comments, FLAC, MP4), when it has them.
+/// A file symphonia cannot read has no tags; it is still listed.
+fn read_tags(path: &Path) -> (Option<String>, Option<String>) {
+    let Ok(file) = File::open(path) else {
+        return (None, None);
+    };
+    let mss = MediaSourceStream::new(Box::new(file), Default::default());
+    let mut hint = Hint::new();
+    if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
+        hint.with_extension(ext);
+    }
+    let probe = symphonia::default::get_probe();
+    let Ok(mut format) = probe.probe(
+        &hint,
+        mss,
+        FormatOptions::default(),
+        MetadataOptions::default(),
+    ) else {
+        tracing::warn!(path = %path.display(), "cannot read tags; using the file name");
+        return (None, None);
+    };
+    // Files may carry several tags (an ID3v2 tag in front of another, say): newest first, the
+    // first title and the first artist found win.
+    let mut metadata = format.metadata();
+    let mut revisions = Vec::new();
+    while let Some(revision) = metadata.pop() {
+        revisions.push(revision);
+    }
+    revisions.extend(metadata.current().cloned());
+    let (mut title, mut artist) = (None, None);
+    for revision in revisions.iter().rev() {
+        let tags = revision
+            .media
+            .tags
+            .iter()
+            .chain(revision.per_track.iter().flat_map(|t| &t.metadata.tags));
+        for tag in tags {
+            match &tag.std {
+                Some(StandardTag::TrackTitle(v)) if title.is_none() => title = non_empty(v),
+                Some(StandardTag::Artist(v)) if artist.is_none() => artist = non_empty(v),
+                _ => {}
+            }
+        }
+    }
+    (title, artist)
+}
+
+fn non_empty(s: &str) -> Option<String> {
+    let s = s.trim();
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+/// `"tumiki_just_over_the_horizon"` -> `"Tumiki Just Over The Horizon"`.
+fn title_from_file_name(stem: &str) -> String {
+    stem.split(['_', '-', ' '])
+        .filter(|w| !w.is_empty())
+        .map(|w| {
+            let mut chars = w.chars();
+            let first = chars.next().map(|c| c.to_uppercase().collect::<String>());
+            first.unwrap_or_default() + chars.as_str()
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// One `[[track]]` of a remote catalog file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoteTrack {
+    title: String,
+    artist: Option<String>,
+    url: String,
+    mime_type: Option<String>,
+    size: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoteCatalog {
+    #[serde(default)]
+    track: Vec<RemoteTrack>,
+}
+
+/// Reads a catalog file of remote tracks:
+///
+/// ```toml
+/// [[track]]
+/// title = "Song"
+/// artist = "Someone"            # optional
+/// url = "https://cdn.example/song.mp3"
+/// mime_type = "audio/mpeg"      # optional when the URL ends in a known extension
+/// size = 1234567                # optional, bytes
+/// ```
+pub fn load_remote_catalog(path: &PathBuf) -> anyhow::Result<Vec<Track>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading catalog {}", path.display()))?;
+    let catalog: RemoteCatalog =
+        toml::from_str(&text).with_context(|| format!("catalog {}", path.display()))?;
+    catalog
+        .track
+        .into_iter()
+        .map(|t| {
+            let url = Url::parse(&t.url)
+                .with_context(|| format!("catalog {}: track {:?} url", path.display(), t.title))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                bail!(
+                    "catalog {}: track {:?}: url must be http(s)",
+                    path.display(),
+                    t.title
+                );
+            }
+            let mime_type = match t.mime_type {
+                Some(m) => m,
+                None => mime_for_path(url.path())
+                    .with_context(|| {
+                        format!(
+                            "catalog {}: track {:?} needs mime_type (unknown extension)",
+                            path.display(),
+                            t.title
+                        )
+                    })?
+                    .to_string(),
+            };
+            Ok(Track {
+                title: t.title,
+                artist: t.artist,
+                url,
+                mime_type,
+                size: t.size,
+                file_name: None,
+            })
+        })
+        .collect()
+}
+
+/// Lower-case words of `s`, split at anything that is not a letter or digit.
+fn words(s: &str) -> Vec<String> {
+    s.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// How well `track` matches the query words: each word found at the start of a title word counts
+/// 3, of an artist word 2, of a file-name word 1; a query equal to the whole title wins outright.
+fn score(track: &Track, query: &str, query_words: &[String]) -> u32 {
+    if track.title.eq_ignore_ascii_case(query.trim()) {
+        return u32::MAX;
+    }
+    let title = words(&track.title);
+    let artist = words(track.artist.as_deref().unwrap_or(""));
+    let file = words(track.file_name.as_deref().unwrap_or(""));
+    let hit = |field: &[String], q: &str| field.iter().any(|w| w.starts_with(q));
+    query_words
+        .iter()
+        .map(|q| {
+            if hit(&title, q) {
+                3
+            } else if hit(&artist, q) {
+                2
+            } else if hit(&file, q) {
+                1
+            } else {
+                0
+            }
+        })
+        .sum()
+}
+
+/// The best match for `query` on title, artist and file name (case-insensitive); ties go to the
+/// earlier track. No query (or a blank one): the first track. No word matching: `None`.
+pub fn best_match<'a>(tracks: &'a [Track], query: Option<&str>) -> Option<&'a Track> {
+    let query = query.map(str::trim).filter(|q| !q.is_empty());
+    let Some(query) = query else {
+        return tracks.first();
+    };
+    let query_words = words(query);
+    let mut best: Option<(&Track, u32)> = None;
+    for track in tracks {
+        let s = score(track, query, &query_words);
+        if s > 0 && best.is_none_or(|(_, b)| s > b) {
+            best = Some((track, s));
+        }
+    }
+    best.map(|(t, _)| t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn track(title: &str, artist: Option<&str>, file: &str) -> Track {
+        Track {
+            title: title.into(),
+            artist: artist.map(Into::into),
+            url: Url::parse("http://127.0.0.1/x").unwrap(),
+            mime_type: "audio/mpeg".into(),
+            size: None,
+            file_name: Some(file.into()),
+        }
+    }
+
+    #[test]
+    fn file_name_titles() {
+        assert_eq!(
+            title_from_file_name("tumiki_just_over-the horizon"),
+            "Tumiki Just Over The Horizon"
+        );
+    }
+
+    #[test]
+    fn matching_prefers_title_then_artist_then_file() {
+        let tracks = [
+            track("Alpha", Some("Zed"), "one.mp3"),
+            track("Beta Horizon", None, "two.mp3"),
+            track("Gamma", Some("Horizon Band"), "three.mp3"),
+        ];
+        assert_eq!(
+            best_match(&tracks, Some("HORIZON")).unwrap().title,
+            "Beta Horizon"
+        );
+        assert_eq!(best_match(&tracks, Some("zed")).unwrap().title, "Alpha");
+        assert_eq!(best_match(&tracks, Some("three")).unwrap().title, "Gamma");
+        assert_eq!(best_match(&tracks, Some("gamma")).unwrap().title, "Gamma");
+        assert_eq!(best_match(&tracks, None).unwrap().title, "Alpha");
+        assert_eq!(best_match(&tracks, Some("  ")).unwrap().title, "Alpha");
+        assert!(best_match(&tracks, Some("nothing like it")).is_none());
+        assert!(best_match(&[], None).is_none());
+    }
+
+    #[test]
+    fn mime_by_extension() {
+        assert_eq!(mime_for_path("a/B.MP3"), Some("audio/mpeg"));
+        assert_eq!(mime_for_path("x.flac"), Some("audio/flac"));
+        assert_eq!(mime_for_path("x.txt"), None);
+        assert_eq!(mime_for_path("noext"), None);
+    }
+}

@@ -1,0 +1,209 @@
+//! The music player MCP server (DESIGN §4).
+//!
+//! Scans a music library, serves its files over a loopback HTTP file server (with Range support),
+//! and answers MCP over stdio (default) or streamable HTTP at `/mcp`:
+//!
+//! ```text
+//! cargo run --example mcp_audio                                   # stdio
+//! cargo run --example mcp_audio -- --transport http --bind 127.0.0.1:3001
+//! ```
+//!
+//! Settings come from the `[music]` section of the voxloop config file; flags override it.
+//! Logs go to stderr (`RUST_LOG`), never stdout.
+
+mod catalog;
+mod server;
+mod upstream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::serve::{Listener as _, ListenerExt as _};
+use clap::{Parser, ValueEnum};
+use reqwest::Url;
+use rmcp::ServiceExt as _;
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use tower_http::services::ServeDir;
+use voxloop::config::{Config, MusicConfig};
+
+use crate::server::MusicServer;
+use crate::upstream::Upstream;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Transport {
+    /// JSON-RPC lines on stdin/stdout.
+    Stdio,
+    /// Streamable HTTP at `/mcp`.
+    Http,
+}
+
+/// Music player MCP server: tools musicPlayer and set_volume, audio served as paged resources.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// voxloop config file; its [music] section sets the defaults below.
+    #[arg(long, env = "VOXLOOP_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "stdio")]
+    transport: Transport,
+    /// Address for --transport http [config: music.http_bind, default 127.0.0.1:3001].
+    #[arg(long)]
+    bind: Option<SocketAddr>,
+    /// Music library directory [config: music.library, default assets/music].
+    #[arg(long)]
+    library: Option<PathBuf>,
+    /// TOML file of remote tracks [config: music.catalog].
+    #[arg(long)]
+    catalog: Option<PathBuf>,
+    /// Allow an upstream host besides loopback (repeatable) [config: music.allow_hosts].
+    #[arg(long = "allow-host")]
+    allow_hosts: Vec<String>,
+    /// Accept a browser Origin besides loopback ones (repeatable) [config: music.allowed_origins].
+    #[arg(long = "allow-origin")]
+    allowed_origins: Vec<String>,
+    /// Upstream request time limit in ms [config: music.upstream_timeout_ms, default 30000].
+    #[arg(long)]
+    upstream_timeout_ms: Option<u64>,
+    /// Largest page a client may ask for, in bytes [config: music.max_page_bytes, default 524288].
+    #[arg(long)]
+    max_page_bytes: Option<u64>,
+}
+
+impl Args {
+    /// The `[music]` settings: config file (or defaults), then these flags on top, checked.
+    fn music_config(&self) -> anyhow::Result<MusicConfig> {
+        let mut config = Config::load(self.config.as_deref()).context("invalid configuration")?;
+        let m = &mut config.music;
+        if let Some(bind) = self.bind {
+            m.http_bind = bind;
+        }
+        if let Some(library) = &self.library {
+            m.library = library.clone();
+        }
+        if let Some(catalog) = &self.catalog {
+            m.catalog = Some(catalog.clone());
+        }
+        m.allow_hosts.extend(self.allow_hosts.iter().cloned());
+        m.allowed_origins
+            .extend(self.allowed_origins.iter().cloned());
+        if let Some(ms) = self.upstream_timeout_ms {
+            m.upstream_timeout_ms = ms;
+        }
+        if let Some(bytes) = self.max_page_bytes {
+            m.max_page_bytes = bytes;
+        }
+        config.validate().context("invalid option")?;
+        Ok(config.music)
+    }
+}
+
+/// Serves `library` on an ephemeral loopback port (tower-http's `ServeDir`: Range requests,
+/// no paths outside the directory) and returns its root URL.
+///
+/// `TCP_NODELAY` is set on each connection: a response goes out as a header write and a body
+/// write, and with Nagle's algorithm the second waits for the client's delayed ACK (about
+/// 40 ms on Linux), once per page.
+async fn start_file_server(library: PathBuf) -> anyhow::Result<Url> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await?
+        .tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
+    let addr = listener.local_addr()?;
+    let app = axum::Router::new().fallback_service(ServeDir::new(library));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "library file server stopped");
+        }
+    });
+    Ok(Url::parse(&format!("http://{addr}/"))?)
+}
+
+// One thread is plenty: the work is I/O and a base64 encode per page, and a voxloop session runs
+// one such child process per music server.
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    voxloop::init_logging();
+    let args = Args::parse();
+    let config = args.music_config()?;
+
+    let base_url = start_file_server(config.library.clone()).await?;
+    let mut tracks = catalog::scan_library(&config.library, &base_url)?;
+    let mut allow_hosts = config.allow_hosts.clone();
+    if let Some(path) = &config.catalog {
+        let remote = catalog::load_remote_catalog(path)?;
+        // The operator listed these tracks, so their hosts are allowed upstreams.
+        allow_hosts.extend(
+            remote
+                .iter()
+                .filter_map(|t| t.url.host_str().map(String::from)),
+        );
+        tracks.extend(remote);
+    }
+    tracing::info!(
+        library = %config.library.display(),
+        tracks = tracks.len(),
+        file_server = %base_url,
+        "music catalog ready"
+    );
+
+    let upstream = Upstream::new(
+        allow_hosts,
+        Duration::from_millis(config.upstream_timeout_ms),
+    )?;
+    let server = MusicServer::new(
+        tracks,
+        upstream,
+        config.max_page_bytes,
+        config.list_page_size,
+    );
+
+    match args.transport {
+        Transport::Stdio => {
+            let service = server
+                .serve(rmcp::transport::stdio())
+                .await
+                .context("MCP stdio handshake")?;
+            service.waiting().await?;
+        }
+        Transport::Http => serve_http(server, &config).await?,
+    }
+    Ok(())
+}
+
+/// Streamable HTTP at `/mcp` until Ctrl-C. The `Origin` header, when present, must be a
+/// loopback origin or one from `allowed_origins` (MCP transports spec, "Security Warning":
+/// servers must validate Origin to prevent DNS rebinding).
+async fn serve_http(server: MusicServer, config: &MusicConfig) -> anyhow::Result<()> {
+    let mut origins: Vec<String> = ["http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*"]
+        .map(String::from)
+        .to_vec();
+    origins.extend(config.allowed_origins.iter().cloned());
+    let http_config = StreamableHttpServerConfig::default()
+        .with_allowed_origins(origins)
+        .enforce_origin_validation();
+    let service = StreamableHttpService::new(
+        move || Ok(server.clone()),
+        Arc::new(LocalSessionManager::default()),
+        http_config,
+    );
+    let app = axum::Router::new().nest_service("/mcp", service);
+    let listener = tokio::net::TcpListener::bind(config.http_bind)
+        .await
+        .with_context(|| format!("binding {}", config.http_bind))?;
+    let addr = listener.local_addr()?;
+    // The one line on stdout in HTTP mode, for scripts and tests that bound port 0.
+    println!("MCP endpoint: http://{addr}/mcp");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}
