@@ -1,0 +1,116 @@
+//! Helpers shared by the integration tests and benches: the built music server as a real child
+//! process (stdio or streamable HTTP), loopback HTTP upstreams, and byte checks.
+#![allow(dead_code)] // each test crate uses a different part
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64URL;
+use rmcp::ServiceExt as _;
+use rmcp::service::{RoleClient, RunningService};
+use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncBufReadExt as _;
+
+pub type Client = RunningService<RoleClient, ()>;
+
+/// The repository root (tests run with it as the current directory, but be explicit).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A file of the bundled music library.
+pub fn music_file(name: &str) -> PathBuf {
+    repo_root().join("assets/music").join(name)
+}
+
+/// The music server binary (built from examples/mcp_audio by cargo for tests and benches).
+pub fn music_server_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_mcp_audio"))
+}
+
+pub fn sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `audio://music/{base64url(url)}`, as the music server names a track.
+pub fn track_uri(url: &str) -> String {
+    format!("audio://music/{}", BASE64URL.encode(url))
+}
+
+/// The music server over stdio, with `args`; its stderr (logs) is discarded unless `RUST_LOG`
+/// is set.
+pub async fn spawn_stdio(args: &[&str]) -> Client {
+    let mut cmd = tokio::process::Command::new(music_server_bin());
+    cmd.args(args).current_dir(repo_root());
+    let stderr = if std::env::var_os("RUST_LOG").is_some() {
+        Stdio::inherit()
+    } else {
+        Stdio::null()
+    };
+    let (transport, _) = TokioChildProcess::builder(cmd)
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn mcp_audio");
+    ().serve(transport).await.expect("MCP handshake over stdio")
+}
+
+/// The music server over streamable HTTP on an ephemeral port: the process and its endpoint
+/// URL (read from the one line it prints on stdout). The process is killed on drop.
+pub async fn spawn_http_server(args: &[&str]) -> (tokio::process::Child, String) {
+    let mut cmd = tokio::process::Command::new(music_server_bin());
+    cmd.args(["--transport", "http", "--bind", "127.0.0.1:0"])
+        .args(args)
+        .current_dir(repo_root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().expect("spawn mcp_audio --transport http");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("server printed its endpoint in time")
+        .unwrap()
+        .expect("a line on stdout");
+    let url = line
+        .strip_prefix("MCP endpoint: ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    (child, url)
+}
+
+/// An rmcp client over streamable HTTP.
+pub async fn connect_http(url: &str) -> Client {
+    let transport = StreamableHttpClientTransport::from_uri(url.to_string());
+    ().serve(transport).await.expect("MCP handshake over HTTP")
+}
+
+/// Serves `router` on an ephemeral loopback port; returns `http://127.0.0.1:PORT`.
+pub async fn serve_loopback(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    format!("http://{addr}")
+}
+
+/// A request counter for loopback upstreams.
+#[derive(Clone, Default)]
+pub struct Hits(Arc<AtomicUsize>);
+
+impl Hits {
+    pub fn add(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
