@@ -8,7 +8,7 @@ use voxloop::config::Config;
 
 /// voxloop: a voice-assistant runtime.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     /// Configuration file (default: ./voxloop.toml if present, else built-in defaults).
     #[arg(long, global = true, env = "VOXLOOP_CONFIG")]

@@ -43,7 +43,7 @@ enum Transport {
 
 /// Music player MCP server: tools musicPlayer and set_volume, audio served as paged resources.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// voxloop config file; its [music] section sets the defaults below.
     #[arg(long, env = "VOXLOOP_CONFIG")]
