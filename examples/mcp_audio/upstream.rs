@@ -171,22 +171,33 @@ impl Upstream {
     }
 
     async fn fetch_inner(&self, url: &Url, range: ByteRange) -> Result<RangeBytes, UpstreamError> {
-        let mut cursor = match self.take_cursor(url, range.start) {
-            Some(cursor) => cursor,
-            None => match self.open(url, range.start).await? {
-                Some(cursor) => cursor,
-                None => return Ok(RangeBytes::PastEnd),
-            },
+        // A kept response may have been closed by the upstream while it sat idle: on an error,
+        // one fresh request from the same offset.
+        if let Some(mut cursor) = self.take_cursor(url, range.start) {
+            match cursor.read(range.len()).await {
+                Ok(bytes) => return Ok(self.keep(cursor, bytes)),
+                Err(e) => {
+                    tracing::debug!(%url, error = %e, "kept upstream response failed; reopening")
+                }
+            }
+        }
+        let Some(mut cursor) = self.open(url, range.start).await? else {
+            return Ok(RangeBytes::PastEnd);
         };
         let bytes = cursor
             .read(range.len())
             .await
             .map_err(|e| self.transport_error(url, e))?;
+        Ok(self.keep(cursor, bytes))
+    }
+
+    /// The page's answer; the cursor is kept for the next page unless nothing was read.
+    fn keep(&self, cursor: Cursor, bytes: Vec<u8>) -> RangeBytes {
         if bytes.is_empty() {
-            return Ok(RangeBytes::PastEnd);
+            return RangeBytes::PastEnd;
         }
         self.put_cursor(cursor);
-        Ok(RangeBytes::Bytes(bytes))
+        RangeBytes::Bytes(bytes)
     }
 
     /// Removes and returns the cursor of `url` at `offset`, dropping idle ones on the way.
