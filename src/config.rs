@@ -8,6 +8,7 @@
 //! `assets/config/voxloop.example.toml` documents every key with its default; a test keeps the
 //! two in step.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
@@ -36,7 +37,7 @@ pub enum ConfigError {
     /// A value has the right type but is outside what is allowed.
     #[error("config key `{key}` = {value} is not allowed: {allowed}")]
     Invalid {
-        key: &'static str,
+        key: String,
         value: String,
         allowed: String,
     },
@@ -48,6 +49,89 @@ pub enum ConfigError {
 pub struct Config {
     /// The bundled music player MCP server (`examples/mcp_audio`).
     pub music: MusicConfig,
+    /// `[mcp_servers.NAME]`: the MCP servers the tool hub connects to. None configured: the
+    /// bundled music server, as `music`.
+    pub mcp_servers: BTreeMap<String, McpServerConfig>,
+    /// `[tools]`: calls, paged media and terminal rules.
+    pub tools: ToolsConfig,
+    /// The file this configuration was read from, if any (not a key).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+/// One MCP server, in the shape MCP hosts use: a child process spoken to over stdio (`command`,
+/// `args`, `env`, `cwd`), or a streamable HTTP endpoint (`url`, `headers`, `bearer_token_env`).
+/// Exactly one of `command` and `url` is set.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct McpServerConfig {
+    /// Program to start (stdio transport).
+    pub command: Option<String>,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Environment variables added to voxloop's own for the child.
+    pub env: BTreeMap<String, String>,
+    /// Working directory of the child (default: voxloop's).
+    pub cwd: Option<PathBuf>,
+    /// Streamable HTTP endpoint, e.g. `http://127.0.0.1:3001/mcp`.
+    pub url: Option<String>,
+    /// Extra HTTP headers sent with every request.
+    pub headers: BTreeMap<String, String>,
+    /// Name of an environment variable holding a bearer token for `Authorization`.
+    pub bearer_token_env: Option<String>,
+}
+
+/// `[tools]`: limits of the tool hub. Every duration is in milliseconds, every size in bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ToolsConfig {
+    /// Time for one tool call; on expiry the call is cancelled (`notifications/cancelled`).
+    pub call_timeout_ms: u64,
+    /// Time for a server to start and finish the MCP handshake.
+    pub start_timeout_ms: u64,
+    /// `tools/list` pages read at most per server (a server that keeps sending cursors is cut
+    /// off there; a repeated cursor stops at once).
+    pub list_max_pages: u32,
+    /// Wait before restarting a server that died, doubled after each failed start, at most 30 s.
+    pub restart_backoff_ms: u64,
+    /// Bytes asked for per `resources/read` page of paged audio (DESIGN §3).
+    pub page_bytes: u64,
+    /// Pages requested ahead of the one being consumed (0: strictly one at a time).
+    pub prefetch: usize,
+    /// Time for one page.
+    pub page_timeout_ms: u64,
+    /// Retries of a page that timed out or failed on the server's side, with doubling backoff.
+    pub page_retries: u32,
+    /// First retry backoff.
+    pub page_retry_backoff_ms: u64,
+    /// Bytes one media item may stream at most (a resource that never sends `[DONE]` stops here).
+    pub max_media_bytes: u64,
+    /// Pages one media item may stream at most.
+    pub max_media_pages: u64,
+    /// Tool rounds per turn before a spoken fallback (DESIGN §2, rule 5).
+    pub max_tool_rounds: u32,
+    /// Call the LLM again after media started playing (DESIGN §2, rule 2).
+    pub continue_after_media: bool,
+}
+
+impl Default for ToolsConfig {
+    fn default() -> Self {
+        Self {
+            call_timeout_ms: 60_000,
+            start_timeout_ms: 30_000,
+            list_max_pages: 50,
+            restart_backoff_ms: 1_000,
+            page_bytes: crate::tools::paging::DEFAULT_PAGE_BYTES,
+            prefetch: 2,
+            page_timeout_ms: 30_000,
+            page_retries: 2,
+            page_retry_backoff_ms: 250,
+            max_media_bytes: 512 * 1024 * 1024,
+            max_media_pages: 100_000,
+            max_tool_rounds: 5,
+            continue_after_media: false,
+        }
+    }
 }
 
 /// `[music]`: the music player MCP server (DESIGN §4).
@@ -121,7 +205,80 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new(""));
         config.music.library = base.join(&config.music.library);
         config.music.catalog = config.music.catalog.map(|c| base.join(c));
+        for server in config.mcp_servers.values_mut() {
+            server.cwd = server.cwd.take().map(|c| base.join(c));
+        }
+        config.source = Some(path);
         Ok(config)
+    }
+
+    /// Adds the servers of a Claude-Desktop-style JSON file (`{"mcpServers": {NAME: {"command",
+    /// "args", "env", "cwd"} | {"url", "headers"}}}`, with an optional `"type"` of `stdio`,
+    /// `http` or `streamable-http`) to [`Config::mcp_servers`].
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`], [`ConfigError::Parse`] for bad JSON or the legacy `sse` type, and
+    /// [`ConfigError::Invalid`] for a bad server or a name the TOML file already uses.
+    pub fn add_mcp_json(&mut self, path: &Path) -> Result<(), ConfigError> {
+        #[derive(Deserialize)]
+        struct File {
+            #[serde(rename = "mcpServers")]
+            mcp_servers: BTreeMap<String, Server>,
+        }
+        #[derive(Deserialize)]
+        struct Server {
+            #[serde(rename = "type")]
+            kind: Option<String>,
+            command: Option<String>,
+            #[serde(default)]
+            args: Vec<String>,
+            #[serde(default)]
+            env: BTreeMap<String, String>,
+            cwd: Option<PathBuf>,
+            url: Option<String>,
+            #[serde(default)]
+            headers: BTreeMap<String, String>,
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let parse_error = |message: String| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        };
+        let file: File = serde_json::from_str(&text).map_err(|e| parse_error(e.to_string()))?;
+        for (name, server) in file.mcp_servers {
+            if let Some(kind) = server.kind.as_deref()
+                && !matches!(
+                    kind,
+                    "stdio" | "http" | "streamable-http" | "streamableHttp"
+                )
+            {
+                return Err(parse_error(format!(
+                    "server {name:?}: transport type {kind:?} is not supported (stdio or streamable HTTP)"
+                )));
+            }
+            let config = McpServerConfig {
+                command: server.command,
+                args: server.args,
+                env: server.env,
+                cwd: server.cwd,
+                url: server.url,
+                headers: server.headers,
+                bearer_token_env: None,
+            };
+            config.validate(&name)?;
+            if self.mcp_servers.contains_key(&name) {
+                return Err(ConfigError::Invalid {
+                    key: format!("mcp_servers.{name}"),
+                    value: path.display().to_string(),
+                    allowed: "a server name not already in the TOML configuration".into(),
+                });
+            }
+            self.mcp_servers.insert(name, config);
+        }
+        Ok(())
     }
 
     /// Parses and checks TOML text; relative paths are left as written.
@@ -159,16 +316,77 @@ impl Config {
         for host in &m.allow_hosts {
             if !is_host(host) {
                 return Err(ConfigError::Invalid {
-                    key: "music.allow_hosts",
+                    key: "music.allow_hosts".into(),
                     value: format!("{host:?}"),
                     allowed: "a host name or IP address, without scheme, port or path".into(),
                 });
             }
         }
+        let t = &self.tools;
+        in_range(
+            "tools.call_timeout_ms",
+            t.call_timeout_ms,
+            1..=3_600_000,
+            "milliseconds",
+        )?;
+        in_range(
+            "tools.start_timeout_ms",
+            t.start_timeout_ms,
+            1..=600_000,
+            "milliseconds",
+        )?;
+        in_range(
+            "tools.list_max_pages",
+            t.list_max_pages,
+            1..=10_000,
+            "pages",
+        )?;
+        in_range(
+            "tools.restart_backoff_ms",
+            t.restart_backoff_ms,
+            1..=30_000,
+            "milliseconds",
+        )?;
+        in_range(
+            "tools.page_bytes",
+            t.page_bytes,
+            1..=MAX_PAGE_BYTES,
+            "bytes (512 KiB at most, DESIGN §3)",
+        )?;
+        in_range("tools.prefetch", t.prefetch, 0..=8, "pages")?;
+        in_range(
+            "tools.page_timeout_ms",
+            t.page_timeout_ms,
+            1..=600_000,
+            "milliseconds",
+        )?;
+        in_range("tools.page_retries", t.page_retries, 0..=10, "retries")?;
+        in_range(
+            "tools.page_retry_backoff_ms",
+            t.page_retry_backoff_ms,
+            0..=60_000,
+            "milliseconds",
+        )?;
+        in_range(
+            "tools.max_media_bytes",
+            t.max_media_bytes,
+            1..=(64 << 30),
+            "bytes",
+        )?;
+        in_range(
+            "tools.max_media_pages",
+            t.max_media_pages,
+            1..=100_000_000,
+            "pages",
+        )?;
+        in_range("tools.max_tool_rounds", t.max_tool_rounds, 1..=50, "rounds")?;
+        for (name, server) in &self.mcp_servers {
+            server.validate(name)?;
+        }
         for origin in &m.allowed_origins {
             if !(origin.starts_with("http://") || origin.starts_with("https://")) {
                 return Err(ConfigError::Invalid {
-                    key: "music.allowed_origins",
+                    key: "music.allowed_origins".into(),
                     value: format!("{origin:?}"),
                     allowed: "an origin with its scheme, e.g. \"https://app.example:443\"".into(),
                 });
@@ -183,6 +401,65 @@ impl Config {
     }
 }
 
+impl McpServerConfig {
+    /// Checks that exactly one transport is given and that its settings make sense.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming `mcp_servers.NAME.KEY`.
+    pub fn validate(&self, name: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, value: String, allowed: &str| ConfigError::Invalid {
+            key: format!("mcp_servers.{name}{key}"),
+            value,
+            allowed: allowed.to_string(),
+        };
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(invalid(
+                "",
+                format!("{name:?}"),
+                "a server name of letters, digits, '_' and '-'",
+            ));
+        }
+        match (&self.command, &self.url) {
+            (Some(_), Some(_)) | (None, None) => Err(invalid(
+                "",
+                "a table".into(),
+                "exactly one of `command` (stdio) and `url` (streamable HTTP)",
+            )),
+            (Some(command), None) if command.trim().is_empty() => {
+                Err(invalid(".command", "\"\"".into(), "a program name or path"))
+            }
+            (Some(_), None) if !self.headers.is_empty() || self.bearer_token_env.is_some() => {
+                Err(invalid(
+                    ".headers",
+                    "set".into(),
+                    "`headers` and `bearer_token_env` only with `url`",
+                ))
+            }
+            (None, Some(url)) if !(url.starts_with("http://") || url.starts_with("https://")) => {
+                Err(invalid(
+                    ".url",
+                    format!("{url:?}"),
+                    "an http:// or https:// URL",
+                ))
+            }
+            (None, Some(_))
+                if !self.args.is_empty() || !self.env.is_empty() || self.cwd.is_some() =>
+            {
+                Err(invalid(
+                    ".args",
+                    "set".into(),
+                    "`args`, `env` and `cwd` only with `command`",
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// A host name (letters, digits, `.` and `-`) or an IP address: no scheme, port or path.
 fn is_host(s: &str) -> bool {
     s.parse::<std::net::IpAddr>().is_ok()
@@ -192,7 +469,7 @@ fn is_host(s: &str) -> bool {
 }
 
 fn in_range<T: PartialOrd + fmt::Display>(
-    key: &'static str,
+    key: &str,
     value: T,
     allowed: RangeInclusive<T>,
     unit: &str,
@@ -201,7 +478,7 @@ fn in_range<T: PartialOrd + fmt::Display>(
         return Ok(());
     }
     Err(ConfigError::Invalid {
-        key,
+        key: key.to_string(),
         value: value.to_string(),
         allowed: format!("from {} to {} {unit}", allowed.start(), allowed.end()),
     })
@@ -262,6 +539,30 @@ mod tests {
         let config = Config::load(Some(&file)).unwrap();
         assert_eq!(config.music.library, dir.path().join("songs"));
         assert_eq!(config.music.catalog, Some(dir.path().join("c.toml")));
+    }
+
+    #[test]
+    fn mcp_servers_need_exactly_one_transport() {
+        let ok =
+            "[mcp_servers.a]\ncommand = \"x\"\n[mcp_servers.b]\nurl = \"http://127.0.0.1:1/mcp\"\n";
+        assert_eq!(Config::from_toml(ok).unwrap().mcp_servers.len(), 2);
+        for (bad, needle) in [
+            ("[mcp_servers.a]\n", "exactly one of"),
+            (
+                "[mcp_servers.a]\ncommand = \"x\"\nurl = \"http://h/mcp\"\n",
+                "exactly one of",
+            ),
+            ("[mcp_servers.a]\nurl = \"ftp://h\"\n", "mcp_servers.a.url"),
+            (
+                "[mcp_servers.a]\ncommand = \"x\"\nbearer_token_env = \"T\"\n",
+                "only with `url`",
+            ),
+            ("[mcp_servers.\"a b\"]\ncommand = \"x\"\n", "server name"),
+            ("[tools]\nprefetch = 9\n", "tools.prefetch"),
+        ] {
+            let err = Config::from_toml(bad).unwrap_err().to_string();
+            assert!(err.contains(needle), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -45,7 +45,9 @@ fn example_config_is_valid_and_documents_every_key() {
         let name = key.rsplit('.').next().unwrap();
         let documented = example.lines().any(|l| {
             let l = l.trim_start_matches(['#', ' ']);
-            l.starts_with(&format!("{name} =")) || l == format!("[{key}]")
+            l.starts_with(&format!("{name} ="))
+                || l == format!("[{key}]")
+                || l.starts_with(&format!("[{key}."))
         });
         assert!(
             documented,
@@ -59,6 +61,7 @@ fn example_config_is_valid_and_documents_every_key() {
     printed_music.remove("library");
     default_music.remove("library");
     assert_eq!(printed_music, default_music);
+    assert_eq!(printed["tools"], defaults["tools"]);
 }
 
 #[test]
