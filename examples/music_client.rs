@@ -19,6 +19,7 @@ use rmcp::service::{RoleClient, RunningService};
 use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
+use voxloop::tools::media::file_extension;
 use voxloop::tools::paging::{PagingLimits, read_paged};
 
 /// Ask the music player MCP server for a song and download it page by page.
@@ -60,18 +61,6 @@ async fn connect(args: &Args) -> anyhow::Result<RunningService<RoleClient, ()>> 
     ().serve(transport)
         .await
         .with_context(|| format!("MCP handshake with {}", server.display()))
-}
-
-fn extension_for(mime: &str) -> &'static str {
-    match mime {
-        "audio/mpeg" => "mp3",
-        "audio/flac" => "flac",
-        "audio/wav" => "wav",
-        "audio/mp4" => "m4a",
-        m if m.contains("opus") => "opus",
-        "audio/ogg" => "ogg",
-        _ => "bin",
-    }
 }
 
 #[tokio::main]
@@ -129,7 +118,7 @@ async fn main() -> anyhow::Result<()> {
             .chars()
             .map(|c| if c.is_alphanumeric() { c } else { '_' })
             .collect();
-        PathBuf::from("out").join(format!("{stem}.{}", extension_for(&mime)))
+        PathBuf::from("out").join(format!("{stem}.{}", file_extension(&mime)))
     });
     if let Some(dir) = output.parent() {
         std::fs::create_dir_all(dir)?;

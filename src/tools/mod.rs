@@ -1,3 +1,11 @@
-//! MCP tool plumbing (DESIGN §2 and §3).
+//! MCP tool plumbing (DESIGN §2 and §3): the [`hub::ToolHub`] over MCP servers and built-in
+//! tools, routing of tool results ([`outcome`]), paged audio resources ([`paging`], [`pager`]),
+//! media streams ([`media`]) and the terminal rules ([`terminal`]).
 
+pub mod connection;
+pub mod hub;
+pub mod media;
+pub mod outcome;
+pub mod pager;
 pub mod paging;
+pub mod terminal;

@@ -140,6 +140,9 @@ pub enum PageError {
         page: u64,
         reason: String,
     },
+    /// The server could not be reached: it failed to start, or is waiting to restart.
+    #[error("{uri}: {reason}")]
+    Unavailable { uri: String, reason: String },
     /// The resource did not end within the page cap.
     #[error("{uri} did not end within {max_pages} pages")]
     TooManyPages { uri: String, max_pages: u64 },

@@ -1,0 +1,511 @@
+//! The tool hub: every configured MCP server and voxloop's built-in tools behind one interface,
+//! offered to the LLM as function tools and called by name.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures_util::future::join_all;
+use rmcp::model::JsonObject;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::connection::Connection;
+use super::outcome::{Action, Flags, RouteContext, ToolOutcome};
+use super::pager::PagerSettings;
+use crate::config::{Config, McpServerConfig};
+
+/// The server name built-in tools report.
+pub const BUILTIN_SERVER: &str = "voxloop";
+
+/// A tool as offered to the LLM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolSpec {
+    /// The name the LLM calls it by: the tool's own name, or `{server}_{tool}` when several
+    /// sources have a tool of that name (built-in tools keep theirs). Always matches
+    /// `^[a-zA-Z0-9_-]{1,64}$`, as OpenAI-compatible APIs require.
+    pub name: String,
+    /// The server it lives on, or [`BUILTIN_SERVER`].
+    pub server: String,
+    /// Its name on that server.
+    pub tool: String,
+    /// What it does (from the server).
+    pub description: String,
+    /// JSON Schema of its arguments (an object schema).
+    pub input_schema: Arc<JsonObject>,
+}
+
+/// One tool call as the LLM made it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    /// The offered name ([`ToolSpec::name`]).
+    pub name: String,
+    /// Arguments: a JSON object (anything else is an error the LLM hears about).
+    pub arguments: Value,
+}
+
+/// A server that did not start, as reported at session start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StartupFailure {
+    pub server: String,
+    pub error: String,
+}
+
+/// The hub. Cheap to share behind an `Arc`; calls may run concurrently.
+pub struct ToolHub {
+    connections: BTreeMap<String, Arc<Connection>>,
+    tools: Vec<ToolSpec>,
+    pager: PagerSettings,
+    failures: Vec<StartupFailure>,
+}
+
+/// The bundled music server: `mcp_audio` beside the running executable, with the same config.
+pub fn default_servers(config: &Config) -> BTreeMap<String, McpServerConfig> {
+    let dir = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(PathBuf::from))
+        .unwrap_or_default();
+    let mut args = Vec::new();
+    if let Some(source) = &config.source {
+        args.extend(["--config".to_string(), source.display().to_string()]);
+    }
+    let music = McpServerConfig {
+        command: Some(dir.join("mcp_audio").display().to_string()),
+        args,
+        ..McpServerConfig::default()
+    };
+    BTreeMap::from([("music".to_string(), music)])
+}
+
+impl ToolHub {
+    /// Starts every server of `config.mcp_servers` (the bundled music server when there are
+    /// none) in parallel and lists their tools. A server that fails to start, or whose tools
+    /// cannot be listed, is reported in [`ToolHub::startup_failures`] and skipped; its
+    /// connection stays, and the next call to it tries to start it again.
+    pub async fn start(config: &Config) -> ToolHub {
+        let servers = if config.mcp_servers.is_empty() {
+            default_servers(config)
+        } else {
+            config.mcp_servers.clone()
+        };
+        let connections: BTreeMap<String, Arc<Connection>> = servers
+            .into_iter()
+            .map(|(name, server)| {
+                let connection = Arc::new(Connection::new(&name, server, &config.tools));
+                (name, connection)
+            })
+            .collect();
+        let listings = join_all(
+            connections
+                .values()
+                .map(|c| async move { (c.name().to_string(), c.list_tools().await) }),
+        )
+        .await;
+        let mut failures = Vec::new();
+        let mut found = Vec::new();
+        for (server, listing) in listings {
+            match listing {
+                Ok(tools) => {
+                    for tool in tools {
+                        let name = tool.name.to_string();
+                        match schema_problem(&tool.input_schema) {
+                            Some(problem) => {
+                                tracing::warn!(%server, tool = %name, "skipping tool with a broken input schema: {problem}");
+                            }
+                            None => found.push(ToolSpec {
+                                name: name.clone(),
+                                server: server.clone(),
+                                tool: name,
+                                description: tool
+                                    .description
+                                    .map(|d| d.to_string())
+                                    .unwrap_or_default(),
+                                input_schema: tool.input_schema.clone(),
+                            }),
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(%server, error = %e, "MCP server skipped");
+                    failures.push(StartupFailure {
+                        server,
+                        error: e.to_string(),
+                    });
+                }
+            }
+        }
+        let mut tools = builtin_tools();
+        tools.extend(found);
+        ToolHub {
+            connections,
+            tools: assign_names(tools),
+            pager: PagerSettings::from(&config.tools),
+            failures,
+        }
+    }
+
+    /// The tools offered to the LLM: built-in ones first, then each server's in listing order.
+    pub fn tools(&self) -> &[ToolSpec] {
+        &self.tools
+    }
+
+    /// Servers that did not start (or list their tools) at session start.
+    pub fn startup_failures(&self) -> &[StartupFailure] {
+        &self.failures
+    }
+
+    /// The tools in OpenAI's function-tool form:
+    /// `{"type": "function", "function": {"name", "description", "parameters"}}`.
+    pub fn function_tools(&self) -> Vec<Value> {
+        self.tools
+            .iter()
+            .map(|t| {
+                json!({"type": "function", "function": {
+                    "name": t.name, "description": t.description, "parameters": Value::Object((*t.input_schema).clone()),
+                }})
+            })
+            .collect()
+    }
+
+    /// Calls the tool offered as `call.name`. Never fails: an unknown tool, bad arguments or a
+    /// failed call come back as an error outcome whose text tells the LLM what went wrong.
+    pub async fn call(&self, call: &ToolCall, cancel: &CancellationToken) -> ToolOutcome {
+        let Some(spec) = self.tools.iter().find(|t| t.name == call.name) else {
+            let known: Vec<&str> = self.tools.iter().map(|t| t.name.as_str()).collect();
+            return ToolOutcome::failed(
+                &call.name,
+                "",
+                format!(
+                    "there is no tool {:?}; tools: {}",
+                    call.name,
+                    known.join(", ")
+                ),
+            );
+        };
+        let arguments = match &call.arguments {
+            Value::Object(map) => map.clone(),
+            Value::Null => JsonObject::new(),
+            other => {
+                return ToolOutcome::failed(
+                    &spec.name,
+                    &spec.server,
+                    format!("arguments must be a JSON object, got {other}"),
+                );
+            }
+        };
+        if spec.server == BUILTIN_SERVER {
+            return builtin_call(&spec.tool, &arguments);
+        }
+        self.call_on(&spec.server, &spec.tool, arguments, cancel)
+            .await
+            .renamed(&spec.name)
+    }
+
+    /// Calls `tool` on `server` by their own names (the `voxloop tools call` path).
+    pub async fn call_on(
+        &self,
+        server: &str,
+        tool: &str,
+        arguments: JsonObject,
+        cancel: &CancellationToken,
+    ) -> ToolOutcome {
+        if server == BUILTIN_SERVER {
+            return builtin_call(tool, &arguments);
+        }
+        let Some(connection) = self.connections.get(server) else {
+            let known: Vec<&str> = self.connections.keys().map(String::as_str).collect();
+            return ToolOutcome::failed(
+                tool,
+                server,
+                format!(
+                    "there is no MCP server {server:?}; servers: {}",
+                    known.join(", ")
+                ),
+            );
+        };
+        let started = std::time::Instant::now();
+        match connection.call_tool(tool, arguments, cancel).await {
+            Ok(result) => {
+                let ctx = RouteContext {
+                    connection: Some(connection.clone()),
+                    pager: self.pager,
+                    cancel: cancel.clone(),
+                };
+                let outcome = ToolOutcome::from_result(tool, server, result, &ctx);
+                tracing::info!(%server, %tool, ms = started.elapsed().as_millis() as u64, error = outcome.is_error, "tool call");
+                outcome
+            }
+            Err(e) => {
+                tracing::warn!(%server, %tool, error = %e, "tool call failed");
+                ToolOutcome::failed(tool, server, e)
+            }
+        }
+    }
+
+    /// Runs one round's calls concurrently; the outcomes come back in call order.
+    pub async fn call_round(
+        &self,
+        calls: &[ToolCall],
+        cancel: &CancellationToken,
+    ) -> Vec<ToolOutcome> {
+        join_all(calls.iter().map(|call| self.call(call, cancel))).await
+    }
+}
+
+impl ToolOutcome {
+    fn renamed(mut self, offered: &str) -> Self {
+        offered.clone_into(&mut self.tool);
+        self
+    }
+}
+
+/// Why a tool's input schema cannot be offered, if it cannot: it must be an object schema whose
+/// `properties` (if any) map names to schemas and whose `required` (if any) lists strings.
+fn schema_problem(schema: &JsonObject) -> Option<String> {
+    match schema.get("type") {
+        Some(Value::String(t)) if t == "object" => {}
+        other => {
+            return Some(format!(
+                "`type` must be \"object\", got {}",
+                other.cloned().unwrap_or(Value::Null)
+            ));
+        }
+    }
+    match schema.get("properties") {
+        None => {}
+        Some(Value::Object(props)) => {
+            if let Some((name, _)) = props
+                .iter()
+                .find(|(_, v)| !(v.is_object() || v.is_boolean()))
+            {
+                return Some(format!("property {name:?} is not a schema"));
+            }
+        }
+        Some(other) => return Some(format!("`properties` must be an object, got {other}")),
+    }
+    match schema.get("required") {
+        None => None,
+        Some(Value::Array(items)) if items.iter().all(Value::is_string) => None,
+        Some(other) => Some(format!("`required` must be a list of names, got {other}")),
+    }
+}
+
+/// Makes every offered name unique and API-safe: characters outside `[a-zA-Z0-9_-]` become
+/// `_`; a name several sources share is prefixed with the server (`music_set_volume`), except
+/// for the built-in tool, which keeps it; names are cut to 64 characters.
+fn assign_names(mut tools: Vec<ToolSpec>) -> Vec<ToolSpec> {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for tool in &tools {
+        *count.entry(clean(&tool.tool)).or_default() += 1;
+    }
+    let mut taken = std::collections::HashSet::new();
+    for tool in &mut tools {
+        let base = clean(&tool.tool);
+        let mut name = if count[&base] > 1 && tool.server != BUILTIN_SERVER {
+            format!("{}_{base}", clean(&tool.server))
+        } else {
+            base
+        };
+        name.truncate(64);
+        let mut unique = name.clone();
+        let mut n = 2;
+        while !taken.insert(unique.clone()) {
+            unique = format!("{}_{n}", &name[..name.len().min(60)]);
+            n += 1;
+        }
+        tool.name = unique;
+    }
+    tools
+}
+
+fn object_schema(properties: Value, required: &[&str]) -> Arc<JsonObject> {
+    let schema = json!({"type": "object", "properties": properties, "required": required});
+    Arc::new(schema.as_object().cloned().unwrap_or_default())
+}
+
+/// voxloop's own tools (issue: tool hub): `exit_conversation`, `stop_playback`, `set_volume`
+/// (runtime playback volume 0..100) and `get_current_time`.
+fn builtin_tools() -> Vec<ToolSpec> {
+    let spec = |tool: &str, description: &str, schema: Arc<JsonObject>| ToolSpec {
+        name: tool.to_string(),
+        server: BUILTIN_SERVER.to_string(),
+        tool: tool.to_string(),
+        description: description.to_string(),
+        input_schema: schema,
+    };
+    vec![
+        spec(
+            "exit_conversation",
+            "End the conversation when the user says goodbye or asks to stop talking.",
+            object_schema(json!({}), &[]),
+        ),
+        spec(
+            "stop_playback",
+            "Stop the music or audio that is playing.",
+            object_schema(json!({}), &[]),
+        ),
+        spec(
+            "set_volume",
+            "Set the playback volume, in percent from 0 to 100.",
+            object_schema(
+                json!({"volume": {"type": "integer", "minimum": 0, "maximum": 100,
+                "description": "Volume in percent"}}),
+                &["volume"],
+            ),
+        ),
+        spec(
+            "get_current_time",
+            "Get the current local date and time.",
+            object_schema(json!({}), &[]),
+        ),
+    ]
+}
+
+fn builtin_call(tool: &str, arguments: &JsonObject) -> ToolOutcome {
+    let stop = Flags {
+        final_action: true,
+        ..Flags::default()
+    };
+    match tool {
+        "exit_conversation" => ToolOutcome::builtin(
+            tool,
+            "Goodbye.".into(),
+            Some(Action::ExitConversation),
+            stop,
+        ),
+        "stop_playback" => ToolOutcome::builtin(
+            tool,
+            "Playback stopped.".into(),
+            Some(Action::StopPlayback),
+            stop,
+        ),
+        "set_volume" => {
+            let volume = arguments.get("volume");
+            let parsed = volume.and_then(|v| {
+                v.as_f64()
+                    .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+            });
+            match parsed {
+                Some(v) if v.fract() == 0.0 && (0.0..=100.0).contains(&v) => {
+                    let volume = v as u8;
+                    ToolOutcome::builtin(
+                        tool,
+                        format!("Volume set to {volume}."),
+                        Some(Action::SetVolume { volume }),
+                        stop,
+                    )
+                }
+                _ => ToolOutcome::failed(
+                    tool,
+                    BUILTIN_SERVER,
+                    format!(
+                        "`volume` must be an integer from 0 to 100, got {}",
+                        volume.cloned().unwrap_or(Value::Null)
+                    ),
+                ),
+            }
+        }
+        "get_current_time" => {
+            let now = chrono::Local::now();
+            ToolOutcome::builtin(
+                tool,
+                now.format("It is %A, %-d %B %Y, %H:%M (%:z).").to_string(),
+                None,
+                Flags::default(),
+            )
+        }
+        other => ToolOutcome::failed(
+            other,
+            BUILTIN_SERVER,
+            format!("there is no built-in tool {other:?}"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(server: &str, tool: &str) -> ToolSpec {
+        ToolSpec {
+            name: String::new(),
+            server: server.into(),
+            tool: tool.into(),
+            description: String::new(),
+            input_schema: object_schema(json!({}), &[]),
+        }
+    }
+
+    #[test]
+    fn clashing_names_get_the_server_prefix_builtins_keep_theirs() {
+        let tools = assign_names(vec![
+            spec(BUILTIN_SERVER, "set_volume"),
+            spec("music", "set_volume"),
+            spec("music", "musicPlayer"),
+            spec("radio", "play"),
+            spec("tv", "play"),
+            spec("odd", "weird.name/x"),
+        ]);
+        let names: Vec<&str> = tools.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "set_volume",
+                "music_set_volume",
+                "musicPlayer",
+                "radio_play",
+                "tv_play",
+                "weird_name_x"
+            ]
+        );
+    }
+
+    #[test]
+    fn broken_schemas_are_found() {
+        let schema = |v: Value| v.as_object().cloned().unwrap();
+        assert!(schema_problem(&schema(json!({"type": "object"}))).is_none());
+        assert!(schema_problem(&schema(json!({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}))).is_none());
+        assert!(schema_problem(&schema(json!({"type": "array"}))).is_some());
+        assert!(schema_problem(&schema(json!({}))).is_some());
+        assert!(schema_problem(&schema(json!({"type": "object", "properties": 5}))).is_some());
+        assert!(
+            schema_problem(&schema(json!({"type": "object", "properties": {"a": 1}}))).is_some()
+        );
+        assert!(schema_problem(&schema(json!({"type": "object", "required": "a"}))).is_some());
+    }
+
+    #[test]
+    fn builtin_set_volume_bounds() {
+        let args = |v: Value| v.as_object().cloned().unwrap();
+        let ok = builtin_call("set_volume", &args(json!({"volume": 0})));
+        assert_eq!(ok.action, Some(Action::SetVolume { volume: 0 }));
+        assert!(ok.flags.final_action);
+        for bad in [
+            json!({"volume": 101}),
+            json!({"volume": "x"}),
+            json!({}),
+            json!({"volume": 2.5}),
+        ] {
+            let outcome = builtin_call("set_volume", &args(bad.clone()));
+            assert!(outcome.is_error && outcome.action.is_none(), "{bad}");
+        }
+        let time = builtin_call("get_current_time", &JsonObject::new());
+        assert!(time.text[0].starts_with("It is "), "{:?}", time.text);
+        assert!(
+            builtin_call("exit_conversation", &JsonObject::new())
+                .facts()
+                .exit
+        );
+    }
+}
