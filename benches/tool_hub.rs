@@ -20,7 +20,12 @@ use voxloop::tools::hub::{ToolCall, ToolHub};
 
 fn fixture_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("examples/mcp_fixture");
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/mcp_fixture");
     assert!(
         bin.exists(),
         "{} is missing: run `cargo build --release --example mcp_fixture` first",
@@ -110,12 +115,19 @@ async fn main() {
             mbps[i].push(bytes as f64 / total.as_secs_f64() / 1e6);
         }
     }
-    println!("20 ms per page, {} MB in 100 KiB pages, {ROUNDS} rounds, medians", SIZE / 1_000_000);
+    println!(
+        "20 ms per page, {} MB in 100 KiB pages, {ROUNDS} rounds, medians",
+        SIZE / 1_000_000
+    );
     println!("| prefetch | first media byte (ms) | MB/s | ratio to prefetch 0 |");
     println!("|---:|---:|---:|---:|");
     let base = median(mbps[0].clone());
     for (i, depth) in depths.iter().enumerate() {
         let rate = median(mbps[i].clone());
-        println!("| {depth} | {:.1} | {rate:.2} | {:.2} |", median(first_ms[i].clone()), rate / base);
+        println!(
+            "| {depth} | {:.1} | {rate:.2} | {:.2} |",
+            median(first_ms[i].clone()),
+            rate / base
+        );
     }
 }

@@ -400,6 +400,28 @@ async fn paged_resources_survive_bad_servers() {
 }
 
 #[tokio::test]
+async fn cancelling_a_stream_stops_its_pager() {
+    let hub = ToolHub::start(&config(vec![("fixture", fixture(&[]))], |t| {
+        t.page_bytes = 16 * 1024
+    }))
+    .await;
+    let mut outcome = call(&hub, "link", json!({"uri": "fixture://never_done"})).await;
+    let media = &mut outcome.media[0];
+    for _ in 0..3 {
+        media.next_chunk().await.unwrap().unwrap();
+    }
+    media.cancel();
+    // Without the cancel this resource would stream until the 512 MiB cap.
+    let (bytes, error) = drain(media).await;
+    assert_eq!(error, None);
+    assert!(
+        bytes.len() <= 16 * 1024,
+        "{} bytes after cancel",
+        bytes.len()
+    );
+}
+
+#[tokio::test]
 async fn the_music_server_streams_over_stdio_and_http() {
     let (_server, url) = spawn_http_server(&[]).await;
     let http = McpServerConfig {
