@@ -10,29 +10,16 @@
 //!    and 2, 3 interleaved rounds: time from the tool result to the first media byte, and
 //!    sustained MB/s with the ratio to prefetch 0. Medians.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::fixture_bin;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use voxloop::config::{Config, McpServerConfig};
 use voxloop::tools::hub::{ToolCall, ToolHub};
-
-fn fixture_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/mcp_fixture");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build --release --example mcp_fixture` first",
-        bin.display()
-    );
-    bin
-}
 
 async fn hub(page_delay_ms: u64, page_bytes: u64, prefetch: usize) -> ToolHub {
     let mut config = Config::default();

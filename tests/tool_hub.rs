@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
@@ -17,23 +16,6 @@ use voxloop::tools::terminal::{Decision, StopReason, decide};
 
 const HORIZON: &str = "tumiki_just_over_the_horizon.mp3";
 const HOME_FLAC: &str = "tumiki_return_to_home.flac";
-
-/// The fixture server binary, built by `cargo test` as an example.
-fn fixture_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/mcp_fixture");
-    assert!(
-        bin.exists(),
-        "{} missing: `cargo build --example mcp_fixture`",
-        bin.display()
-    );
-    bin
-}
 
 fn fixture(args: &[&str]) -> McpServerConfig {
     McpServerConfig {

@@ -32,6 +32,24 @@ pub fn music_server_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_mcp_audio"))
 }
 
+/// The test fixture MCP server (tests/fixtures/mcp_fixture.rs), which cargo builds as an example
+/// into `target/<profile>/examples/` (`cargo test` does; for benches, `cargo build --release
+/// --example mcp_fixture`).
+pub fn fixture_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let bin = profile_dir.join("examples/mcp_fixture");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build --example mcp_fixture` (add --release for benches)",
+        bin.display()
+    );
+    bin
+}
+
 pub fn sha256(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
