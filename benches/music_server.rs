@@ -112,6 +112,34 @@ async fn memory() {
     );
 }
 
+/// A tool hub with the music server over stdio and the default pager settings (100 KiB pages,
+/// prefetch 2).
+async fn pager_hub() -> voxloop::tools::hub::ToolHub {
+    let mut config = voxloop::config::Config::default();
+    let server = voxloop::config::McpServerConfig {
+        command: Some(common::music_server_bin().display().to_string()),
+        cwd: Some(common::repo_root()),
+        ..Default::default()
+    };
+    config.mcp_servers.insert("music".into(), server);
+    voxloop::tools::hub::ToolHub::start(&config).await
+}
+
+/// The track through the hub: the tool call, then the media stream drained (timed).
+async fn hub_paged(hub: &voxloop::tools::hub::ToolHub) -> (Duration, u64) {
+    let call = voxloop::tools::hub::ToolCall {
+        name: "musicPlayer".into(),
+        arguments: serde_json::json!({"query": "torus trooper"}),
+    };
+    let mut outcome = hub.call(&call, &Default::default()).await;
+    let start = Instant::now();
+    let mut bytes = 0;
+    while let Some(chunk) = outcome.media[0].next_chunk().await {
+        bytes += chunk.unwrap().len() as u64;
+    }
+    (start.elapsed(), bytes)
+}
+
 #[tokio::main]
 async fn main() {
     // `cargo bench` passes `--bench`; any other argument is taken as a filter and ignored here.
@@ -123,6 +151,7 @@ async fn main() {
     let encoded = stdio_uri.strip_prefix("audio://music/").unwrap();
     let file_url = String::from_utf8(BASE64URL.decode(encoded).unwrap()).unwrap();
     let http = reqwest::Client::new();
+    let hub = pager_hub().await;
 
     // name -> MB/s of each measured round
     let mut rows: Vec<(String, Vec<f64>)> = vec![("plain GET".into(), vec![])];
@@ -130,6 +159,10 @@ async fn main() {
         rows.push((format!("stdio, {kib} KiB pages"), vec![]));
         rows.push((format!("HTTP, {kib} KiB pages"), vec![]));
     }
+    rows.push((
+        "stdio, tool hub pager, prefetch 2, 100 KiB pages".into(),
+        vec![],
+    ));
     let mut size = 0;
     for round in 0..WARMUP + ROUNDS {
         let mut results = vec![plain_get(&http, &file_url).await];
@@ -137,6 +170,7 @@ async fn main() {
             results.push(paged(&stdio, &stdio_uri, kib).await);
             results.push(paged(&http_mcp, &http_uri, kib).await);
         }
+        results.push(hub_paged(&hub).await);
         for ((_, samples), (elapsed, bytes)) in rows.iter_mut().zip(results) {
             size = bytes;
             if round >= WARMUP {
