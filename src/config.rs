@@ -54,9 +54,109 @@ pub struct Config {
     pub mcp_servers: BTreeMap<String, McpServerConfig>,
     /// `[tools]`: calls, paged media and terminal rules.
     pub tools: ToolsConfig,
+    /// `[audio]`: playback and output formats.
+    pub audio: AudioConfig,
+    /// `[tts]`: text to speech.
+    pub tts: TtsConfig,
     /// The file this configuration was read from, if any (not a key).
     #[serde(skip)]
     pub source: Option<PathBuf>,
+}
+
+/// `[audio]`: playback. Rates in Hz, durations in ms.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AudioConfig {
+    /// Sample rate of WAV output (`--output`); the speaker uses its device's own rate.
+    pub output_rate: u32,
+    /// Channels of WAV output.
+    pub output_channels: u16,
+    /// Frame length written to the output: the unit in which a stop takes effect.
+    pub frame_ms: u32,
+    /// Starting playback volume, percent (perceptual curve).
+    pub volume: u8,
+    /// How long a volume change takes (a jump would click).
+    pub volume_ramp_ms: u32,
+    /// Audio buffered ahead of the speaker.
+    pub speaker_buffer_ms: u32,
+    /// Let a new turn's audio queue behind the old turn's instead of cutting it off.
+    pub overlap_turns: bool,
+    /// Opus sample rate sent to devices (16000 or 24000).
+    pub device_rate: u32,
+    /// Opus frame length sent to devices (20 or 60).
+    pub device_frame_ms: u32,
+    /// How far ahead of real time device frames are sent.
+    pub device_lead_ms: u32,
+    /// Opus bit rate to devices, bits per second.
+    pub device_bitrate: i32,
+}
+
+impl Default for AudioConfig {
+    fn default() -> Self {
+        Self {
+            output_rate: 24_000,
+            output_channels: 1,
+            frame_ms: 20,
+            volume: 80,
+            volume_ramp_ms: 10,
+            speaker_buffer_ms: 100,
+            overlap_turns: false,
+            device_rate: 24_000,
+            device_frame_ms: 60,
+            device_lead_ms: 120,
+            device_bitrate: crate::pipeline::opus::DEFAULT_BITRATE,
+        }
+    }
+}
+
+/// Which TTS provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TtsProvider {
+    /// The `espeak-ng` program (offline; Debian package `espeak-ng`).
+    EspeakNg,
+    /// An OpenAI-compatible `POST {url}/audio/speech` endpoint.
+    Openai,
+}
+
+/// `[tts]`: text to speech.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TtsConfig {
+    /// `espeak-ng` or `openai`.
+    pub provider: TtsProvider,
+    /// Voice: an espeak-ng voice or language (`en-us`, `zh`, ...), or the endpoint's voice name.
+    pub voice: String,
+    /// espeak-ng speaking rate, words per minute.
+    pub speed_wpm: u32,
+    /// The espeak-ng program.
+    pub espeak_command: String,
+    /// Base URL of the OpenAI-compatible API (up to `/v1`).
+    pub url: String,
+    /// Model name sent to the endpoint.
+    pub model: String,
+    /// Response format asked of the endpoint: `wav`, `mp3`, `opus`, `flac` or `pcm`.
+    pub format: String,
+    /// Name of the environment variable holding the API key, if the endpoint needs one.
+    pub api_key_env: Option<String>,
+    /// Time limit to connect, and for the whole request to the endpoint, in ms.
+    pub timeout_ms: u64,
+}
+
+impl Default for TtsConfig {
+    fn default() -> Self {
+        Self {
+            provider: TtsProvider::EspeakNg,
+            voice: "en-us".into(),
+            speed_wpm: 170,
+            espeak_command: "espeak-ng".into(),
+            url: "http://127.0.0.1:8880/v1".into(),
+            model: "tts-1".into(),
+            format: "wav".into(),
+            api_key_env: None,
+            timeout_ms: 30_000,
+        }
+    }
 }
 
 /// One MCP server, in the shape MCP hosts use: a child process spoken to over stdio (`command`,
@@ -382,6 +482,69 @@ impl Config {
         in_range("tools.max_tool_rounds", t.max_tool_rounds, 1..=50, "rounds")?;
         for (name, server) in &self.mcp_servers {
             server.validate(name)?;
+        }
+        let a = &self.audio;
+        in_range("audio.output_rate", a.output_rate, 8_000..=192_000, "Hz")?;
+        in_range(
+            "audio.output_channels",
+            a.output_channels,
+            1..=8,
+            "channels",
+        )?;
+        in_range("audio.frame_ms", a.frame_ms, 5..=100, "milliseconds")?;
+        in_range("audio.volume", a.volume, 0..=100, "percent")?;
+        in_range(
+            "audio.volume_ramp_ms",
+            a.volume_ramp_ms,
+            1..=1000,
+            "milliseconds",
+        )?;
+        in_range(
+            "audio.speaker_buffer_ms",
+            a.speaker_buffer_ms,
+            20..=2000,
+            "milliseconds",
+        )?;
+        if ![16_000, 24_000].contains(&a.device_rate) {
+            return Err(ConfigError::Invalid {
+                key: "audio.device_rate".into(),
+                value: a.device_rate.to_string(),
+                allowed: "16000 or 24000 Hz (xiaozhi-esp32 downlink)".into(),
+            });
+        }
+        if ![20, 60].contains(&a.device_frame_ms) {
+            return Err(ConfigError::Invalid {
+                key: "audio.device_frame_ms".into(),
+                value: a.device_frame_ms.to_string(),
+                allowed: "20 or 60 milliseconds".into(),
+            });
+        }
+        in_range(
+            "audio.device_lead_ms",
+            a.device_lead_ms,
+            0..=2000,
+            "milliseconds",
+        )?;
+        in_range(
+            "audio.device_bitrate",
+            a.device_bitrate,
+            6_000..=256_000,
+            "bits per second",
+        )?;
+        let tts = &self.tts;
+        in_range("tts.speed_wpm", tts.speed_wpm, 80..=500, "words per minute")?;
+        in_range(
+            "tts.timeout_ms",
+            tts.timeout_ms,
+            1..=600_000,
+            "milliseconds",
+        )?;
+        if !["wav", "mp3", "opus", "flac", "pcm"].contains(&tts.format.as_str()) {
+            return Err(ConfigError::Invalid {
+                key: "tts.format".into(),
+                value: format!("{:?}", tts.format),
+                allowed: "wav, mp3, opus, flac or pcm".into(),
+            });
         }
         for origin in &m.allowed_origins {
             if !(origin.starts_with("http://") || origin.starts_with("https://")) {

@@ -3,9 +3,11 @@
 //!
 //! Modules:
 //! - [`config`]: the one TOML file, every limit named.
-//! - [`tools`]: MCP tool plumbing; for now the paged-resource protocol ([`tools::paging`]).
+//! - [`tools`]: the tool hub: MCP servers, built-in tools, routing of results, paged media.
+//! - [`pipeline`]: audio: decode, resample, volume, Opus, playback queue, sinks, TTS.
 
 pub mod config;
+pub mod pipeline;
 pub mod tools;
 
 /// Installs the `tracing` subscriber: human-readable lines on **stderr** (stdout may carry a

@@ -8,8 +8,15 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
 use voxloop::config::Config;
+use voxloop::pipeline::decode::decode_media;
+use voxloop::pipeline::queue::{PlaybackQueue, QueueEvent, QueueSettings, SegmentKind, StopReason};
+use voxloop::pipeline::sentence::SentenceSplitter;
+use voxloop::pipeline::sink::{Sink, SpeakerSink, WavSink};
+use voxloop::pipeline::tts::Tts;
 use voxloop::tools::hub::ToolHub;
 use voxloop::tools::media::{MediaStream, file_extension, mime_matches, sniff_container};
 use voxloop::tools::terminal::decide;
@@ -40,6 +47,22 @@ enum Command {
     /// Talk to the configured MCP servers and the built-in tools.
     #[command(subcommand)]
     Tools(ToolsCommand),
+    /// Decode and play one audio file or http(s) URL through the pipeline.
+    Play {
+        /// A file path, or an http(s) URL (streamed as it downloads).
+        source: String,
+        /// Write everything that would play into this WAV file instead of the speaker.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Speak text with the configured TTS, sentence by sentence.
+    Say {
+        /// The text.
+        text: String,
+        /// Write the speech into this WAV file instead of the speaker.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -91,7 +114,136 @@ fn main() -> anyhow::Result<ExitCode> {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(tools(&config, command))
         }
+        Command::Play { source, output } => {
+            let config = load_config(&cli)?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(play(&config, source, output.as_deref()))
+        }
+        Command::Say { text, output } => {
+            let config = load_config(&cli)?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(say(&config, text, output.as_deref()))
+        }
     }
+}
+
+/// The WAV file at `output`, or the speaker.
+fn open_sink(config: &Config, output: Option<&Path>) -> anyhow::Result<Sink> {
+    let audio = &config.audio;
+    Ok(match output {
+        Some(path) => Sink::Wav(WavSink::create(
+            path,
+            audio.output_rate,
+            audio.output_channels,
+        )?),
+        None => Sink::Speaker(SpeakerSink::open(Duration::from_millis(
+            audio.speaker_buffer_ms.into(),
+        ))?),
+    })
+}
+
+fn queue_for(config: &Config, sink: Sink) -> PlaybackQueue {
+    let audio = &config.audio;
+    PlaybackQueue::new(
+        sink,
+        QueueSettings {
+            frame_ms: audio.frame_ms,
+            volume: audio.volume,
+            ramp_ms: audio.volume_ramp_ms,
+            overlap_turns: audio.overlap_turns,
+        },
+    )
+}
+
+/// Prints the queue's events until it stops; returns whether any segment failed.
+async fn report_events(mut events: tokio::sync::broadcast::Receiver<QueueEvent>) -> bool {
+    let mut failed = false;
+    while let Ok(event) = events.recv().await {
+        match &event {
+            QueueEvent::SegmentStart {
+                segment: SegmentKind::Sentence { text },
+                ..
+            } => println!("speaking: {text}"),
+            QueueEvent::SegmentStart {
+                segment: SegmentKind::Media { title },
+                ..
+            } => {
+                println!("playing: {}", title.as_deref().unwrap_or("audio"));
+            }
+            QueueEvent::SegmentEnd {
+                played_ms, error, ..
+            } => {
+                println!("  played {:.2} s", *played_ms as f64 / 1000.0);
+                if let Some(error) = error {
+                    eprintln!("  error: {error}");
+                    failed = true;
+                }
+            }
+            QueueEvent::Stopped { reason } => {
+                if *reason != StopReason::Finished {
+                    eprintln!("stopped: {reason:?}");
+                    failed = true;
+                }
+                return failed;
+            }
+        }
+    }
+    failed
+}
+
+async fn play(config: &Config, source: &str, output: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let queue = queue_for(config, open_sink(config, output)?);
+    let events = tokio::spawn(report_events(queue.events()));
+    let pcm = voxloop::pipeline::source::open(source).await?;
+    let title = source.rsplit('/').next().map(String::from);
+    queue.enqueue(SegmentKind::Media { title }, pcm).await;
+    queue.close().await;
+    let failed = events.await.unwrap_or(true);
+    if let Some(path) = output {
+        println!("wrote {}", path.display());
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn say(config: &Config, text: &str, output: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let queue = queue_for(config, open_sink(config, output)?);
+    let events = tokio::spawn(report_events(queue.events()));
+    let tts = Tts::new(&config.tts);
+    let mut splitter = SentenceSplitter::default();
+    let mut sentences = splitter.push(text);
+    sentences.extend(splitter.finish());
+    let mut failed = false;
+    for sentence in sentences {
+        match tts.synthesize(&sentence).await {
+            Ok(media) => {
+                queue
+                    .enqueue(
+                        SegmentKind::Sentence { text: sentence },
+                        decode_media(media),
+                    )
+                    .await;
+            }
+            Err(e) => {
+                // A failing sentence is skipped; the rest is still spoken.
+                eprintln!("TTS failed for {sentence:?}: {e}");
+                failed = true;
+            }
+        }
+    }
+    queue.close().await;
+    failed |= events.await.unwrap_or(true);
+    if let Some(path) = output {
+        println!("wrote {}", path.display());
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 async fn tools(config: &Config, command: &ToolsCommand) -> anyhow::Result<ExitCode> {

@@ -61,7 +61,9 @@ fn example_config_is_valid_and_documents_every_key() {
     printed_music.remove("library");
     default_music.remove("library");
     assert_eq!(printed_music, default_music);
-    assert_eq!(printed["tools"], defaults["tools"]);
+    for section in ["tools", "audio", "tts"] {
+        assert_eq!(printed[section], defaults[section], "[{section}]");
+    }
 }
 
 #[test]

@@ -8,6 +8,18 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::paging::PageError;
 
+/// Why a media stream ended early: the transfer failed (a page, a TTS request, a file read).
+/// Bytes delivered before it stay valid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct MediaError(pub String);
+
+impl From<PageError> for MediaError {
+    fn from(e: PageError) -> Self {
+        Self(e.to_string())
+    }
+}
+
 /// One media item to play: what it is, and its bytes as they arrive.
 ///
 /// Dropping it (or calling [`MediaStream::cancel`]) stops the transfer behind it.
@@ -22,7 +34,7 @@ pub struct MediaStream {
     pub source: String,
     /// Size in bytes if the tool said (a `resource_link`'s `size`) or the bytes are all here.
     pub size: Option<u64>,
-    chunks: mpsc::Receiver<Result<Bytes, PageError>>,
+    chunks: mpsc::Receiver<Result<Bytes, MediaError>>,
     cancel: CancellationToken,
     _guard: DropGuard,
 }
@@ -34,7 +46,7 @@ impl MediaStream {
         title: Option<String>,
         source: String,
         size: Option<u64>,
-        chunks: mpsc::Receiver<Result<Bytes, PageError>>,
+        chunks: mpsc::Receiver<Result<Bytes, MediaError>>,
         cancel: CancellationToken,
     ) -> Self {
         let _guard = cancel.clone().drop_guard();
@@ -66,8 +78,14 @@ impl MediaStream {
 
     /// The next piece of bytes in order; `None` at the end. An `Err` is the last item: the bytes
     /// before it stay valid.
-    pub async fn next_chunk(&mut self) -> Option<Result<Bytes, PageError>> {
+    pub async fn next_chunk(&mut self) -> Option<Result<Bytes, MediaError>> {
         self.chunks.recv().await
+    }
+
+    /// [`MediaStream::next_chunk`] for a blocking thread (a decoder). Must not be called from
+    /// inside an async task.
+    pub fn blocking_next_chunk(&mut self) -> Option<Result<Bytes, MediaError>> {
+        self.chunks.blocking_recv()
     }
 
     /// Stops the transfer (pending page requests are cancelled). Chunks already received may

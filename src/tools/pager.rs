@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::connection::{Connection, Session};
-use super::media::MediaStream;
+use super::media::{MediaError, MediaStream};
 use super::paging::{ByteRange, MAX_PAGE_BYTES, Page, PageError, read_page};
 use crate::config::ToolsConfig;
 
@@ -101,15 +101,18 @@ struct Pager {
 }
 
 impl Pager {
-    async fn run(mut self, tx: mpsc::Sender<Result<Bytes, PageError>>) {
+    async fn run(mut self, tx: mpsc::Sender<Result<Bytes, MediaError>>) {
         if let Err(e) = self.pump(&tx).await {
             tracing::warn!(uri = %self.uri, error = %e, "paged resource ended with an error");
-            let _ = tx.send(Err(e)).await;
+            let _ = tx.send(Err(e.into())).await;
         }
     }
 
     /// Sends every page's bytes; returns at the end, or with the error that stopped it.
-    async fn pump(&mut self, tx: &mpsc::Sender<Result<Bytes, PageError>>) -> Result<(), PageError> {
+    async fn pump(
+        &mut self,
+        tx: &mpsc::Sender<Result<Bytes, MediaError>>,
+    ) -> Result<(), PageError> {
         let page_bytes = self.settings.page_bytes.clamp(1, MAX_PAGE_BYTES);
         let depth = self.settings.prefetch + 1;
         let (mut delivered, mut pages) = (0u64, 0u64);

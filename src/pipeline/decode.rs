@@ -1,0 +1,494 @@
+//! Streaming decode: bytes that arrive in pieces (a paged resource, an HTTP body, a file) to PCM,
+//! starting with the first piece.
+//!
+//! Containers and codecs: MP3, Ogg Vorbis, FLAC, WAV/PCM and MP4 through symphonia; Ogg Opus
+//! demuxed by symphonia and decoded with libopus (the `opus` crate); raw PCM given as
+//! `audio/pcm;rate=R;channels=C` (signed 16-bit little-endian). The format comes from the MIME
+//! type, confirmed by sniffing the first bytes: when they disagree the bytes win (and a warning is
+//! logged), since symphonia probes the content whatever the hint.
+//!
+//! Bad input never panics: a corrupt packet is skipped, a stream that breaks off ends with an
+//! error after the PCM decoded so far, and formats with absurd parameters are refused.
+
+use std::io::{Cursor, Read};
+
+use symphonia::core::codecs::CodecParameters;
+use symphonia::core::codecs::audio::AudioDecoderOptions;
+use symphonia::core::codecs::audio::well_known::CODEC_ID_OPUS;
+use symphonia::core::errors::Error as SymphoniaError;
+use symphonia::core::formats::probe::Hint;
+use symphonia::core::formats::{FormatOptions, TrackType};
+use symphonia::core::io::{MediaSourceStream, ReadOnlySource};
+use symphonia::core::meta::MetadataOptions;
+
+use super::Pcm;
+use crate::tools::media::{file_extension, mime_matches, sniff_container};
+
+/// Highest sample rate accepted, in Hz.
+pub const MAX_SAMPLE_RATE: u32 = 384_000;
+/// Most channels accepted.
+pub const MAX_CHANNELS: u16 = 32;
+
+/// Why decoding stopped early or could not start. PCM delivered before it stays valid.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Not a format voxloop can decode.
+    #[error("cannot decode {mime}: {reason}")]
+    Unsupported { mime: String, reason: String },
+    /// Parameters no real audio has.
+    #[error("refusing {what} = {value} (allowed: {allowed})")]
+    Absurd {
+        what: &'static str,
+        value: u64,
+        allowed: &'static str,
+    },
+    /// The container or codec data is broken beyond skipping a packet.
+    #[error("corrupt audio after {frames} frames: {reason}")]
+    Corrupt { frames: u64, reason: String },
+    /// The bytes stopped coming (the source failed).
+    #[error("audio input failed after {frames} frames: {reason}")]
+    Input { frames: u64, reason: String },
+    /// The data held no audio at all (zero length, or no audio track).
+    #[error("no audio in the data ({0})")]
+    Empty(String),
+}
+
+/// Totals of a finished decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeSummary {
+    /// Sample rate in Hz.
+    pub rate: u32,
+    /// Channels.
+    pub channels: u16,
+    /// Frames (samples per channel) delivered.
+    pub frames: u64,
+    /// Packets skipped as corrupt.
+    pub skipped_packets: u64,
+}
+
+/// Raw PCM parameters from `audio/pcm;rate=R;channels=C` (also `audio/l16`; defaults 16000 Hz,
+/// mono), or `None` for other MIME types.
+pub fn raw_pcm_params(mime: &str) -> Option<(u32, u16)> {
+    let mut parts = mime.split(';').map(str::trim);
+    let essence = parts.next()?.to_ascii_lowercase();
+    if !matches!(
+        essence.as_str(),
+        "audio/pcm" | "audio/l16" | "audio/x-pcm" | "audio/s16le"
+    ) {
+        return None;
+    }
+    let (mut rate, mut channels) = (16_000u32, 1u16);
+    for part in parts {
+        if let Some((key, value)) = part.split_once('=') {
+            match key.trim().to_ascii_lowercase().as_str() {
+                "rate" => rate = value.trim().parse().unwrap_or(0),
+                "channels" => channels = value.trim().parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    Some((rate, channels))
+}
+
+fn check_params(rate: u32, channels: u16) -> Result<(), DecodeError> {
+    if rate == 0 || rate > MAX_SAMPLE_RATE {
+        return Err(DecodeError::Absurd {
+            what: "sample rate",
+            value: rate.into(),
+            allowed: "1 to 384000 Hz",
+        });
+    }
+    if channels == 0 || channels > MAX_CHANNELS {
+        return Err(DecodeError::Absurd {
+            what: "channel count",
+            value: channels.into(),
+            allowed: "1 to 32",
+        });
+    }
+    Ok(())
+}
+
+/// Decodes `input` (read in order; reads may block while bytes arrive) as `mime`, calling `out`
+/// with each block of PCM in order. `out` returning `false` stops decoding (no error).
+///
+/// # Errors
+/// [`DecodeError`]; `out` has by then received every block decoded before the failure.
+pub fn decode(
+    input: impl Read + Send + Sync + 'static,
+    mime: &str,
+    out: &mut dyn FnMut(Pcm) -> bool,
+) -> Result<DecodeSummary, DecodeError> {
+    let mut input = input;
+    let mut head = vec![0u8; 64];
+    let mut filled = 0;
+    while filled < head.len() {
+        match input.read(&mut head[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(DecodeError::Input {
+                    frames: 0,
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
+    head.truncate(filled);
+    if head.is_empty() {
+        return Err(DecodeError::Empty("zero bytes".into()));
+    }
+    let input = Cursor::new(head.clone()).chain(input);
+    if let Some((rate, channels)) = raw_pcm_params(mime) {
+        return decode_raw_pcm(input, rate, channels, out);
+    }
+    let sniffed = sniff_container(&head);
+    let container = match sniffed {
+        Some(sniffed) if !mime_matches(mime, sniffed) => {
+            tracing::warn!(declared = %mime, sniffed, "MIME type does not match the bytes; decoding by the bytes");
+            sniffed.to_string()
+        }
+        _ => mime.to_string(),
+    };
+    decode_container(input, &container, out)
+}
+
+fn decode_raw_pcm(
+    mut input: impl Read,
+    rate: u32,
+    channels: u16,
+    out: &mut dyn FnMut(Pcm) -> bool,
+) -> Result<DecodeSummary, DecodeError> {
+    check_params(rate, channels)?;
+    let frame_bytes = 2 * channels as usize;
+    // About 20 ms per block.
+    let block = (rate as usize / 50).max(1) * frame_bytes;
+    let mut buf = vec![0u8; block];
+    let (mut frames, mut carry) = (0u64, 0usize);
+    loop {
+        let n = match input.read(&mut buf[carry..]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(DecodeError::Input {
+                    frames,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        let have = carry + n;
+        let whole = have - have % frame_bytes;
+        if whole > 0 {
+            let samples = buf[..whole]
+                .chunks_exact(2)
+                .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0)
+                .collect();
+            frames += (whole / frame_bytes) as u64;
+            if !out(Pcm {
+                rate,
+                channels,
+                samples,
+            }) {
+                break;
+            }
+        }
+        buf.copy_within(whole..have, 0);
+        carry = have - whole;
+        if n == 0 {
+            break;
+        }
+    }
+    if frames == 0 {
+        return Err(DecodeError::Empty("no whole PCM frame".into()));
+    }
+    Ok(DecodeSummary {
+        rate,
+        channels,
+        frames,
+        skipped_packets: 0,
+    })
+}
+
+fn decode_container(
+    input: impl Read + Send + Sync + 'static,
+    mime: &str,
+    out: &mut dyn FnMut(Pcm) -> bool,
+) -> Result<DecodeSummary, DecodeError> {
+    let unsupported = |reason: String| DecodeError::Unsupported {
+        mime: mime.to_string(),
+        reason,
+    };
+    let mss = MediaSourceStream::new(Box::new(ReadOnlySource::new(input)), Default::default());
+    let mut hint = Hint::new();
+    hint.mime_type(mime);
+    let extension = file_extension(mime);
+    if extension != "bin" {
+        hint.with_extension(if extension == "opus" {
+            "ogg"
+        } else {
+            extension
+        });
+    }
+    let mut format = symphonia::default::get_probe()
+        .probe(
+            &hint,
+            mss,
+            FormatOptions::default(),
+            MetadataOptions::default(),
+        )
+        .map_err(|e| match e {
+            SymphoniaError::IoError(e) if e.kind() != std::io::ErrorKind::UnexpectedEof => {
+                DecodeError::Input {
+                    frames: 0,
+                    reason: e.to_string(),
+                }
+            }
+            e => unsupported(e.to_string()),
+        })?;
+    let track = format
+        .default_track(TrackType::Audio)
+        .ok_or_else(|| DecodeError::Empty("no audio track".into()))?
+        .clone();
+    let Some(CodecParameters::Audio(params)) = track.codec_params.clone() else {
+        return Err(DecodeError::Empty("no audio track".into()));
+    };
+    let rate = params.sample_rate.unwrap_or(0);
+    let channels = params.channels.as_ref().map_or(0, |c| c.count()) as u16;
+    check_params(rate, channels)?;
+
+    let mut codec = if params.codec == CODEC_ID_OPUS {
+        let opus_channels = if channels == 1 {
+            opus::Channels::Mono
+        } else {
+            opus::Channels::Stereo
+        };
+        if channels > 2 {
+            return Err(unsupported(format!(
+                "Opus with {channels} channels (mono and stereo only)"
+            )));
+        }
+        Codec::Opus(
+            opus::Decoder::new(48_000, opus_channels).map_err(|e| unsupported(e.to_string()))?,
+            vec![0f32; 5760 * 2],
+        )
+    } else {
+        let decoder = symphonia::default::get_codecs()
+            .make_audio_decoder(&params, &AudioDecoderOptions::default())
+            .map_err(|e| unsupported(e.to_string()))?;
+        Codec::Symphonia(decoder)
+    };
+    let mut summary = DecodeSummary {
+        rate,
+        channels,
+        frames: 0,
+        skipped_packets: 0,
+    };
+    let mut samples = Vec::new();
+    loop {
+        let packet = match format.next_packet() {
+            Ok(Some(packet)) => packet,
+            Ok(None) => break,
+            Err(SymphoniaError::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                break;
+            }
+            Err(SymphoniaError::IoError(e)) => {
+                return Err(DecodeError::Input {
+                    frames: summary.frames,
+                    reason: e.to_string(),
+                });
+            }
+            Err(e) => {
+                return Err(DecodeError::Corrupt {
+                    frames: summary.frames,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        if packet.track_id != track.id {
+            continue;
+        }
+        samples.clear();
+        match codec.decode(&packet, channels, &mut samples) {
+            Ok(()) => {}
+            Err(reason) => {
+                summary.skipped_packets += 1;
+                tracing::debug!(%reason, "skipping a corrupt packet");
+                if summary.skipped_packets > 100 && summary.frames == 0 {
+                    return Err(DecodeError::Corrupt { frames: 0, reason });
+                }
+                continue;
+            }
+        }
+        if samples.is_empty() {
+            continue;
+        }
+        summary.frames += (samples.len() / channels as usize) as u64;
+        let pcm = Pcm {
+            rate,
+            channels,
+            samples: std::mem::take(&mut samples),
+        };
+        if !out(pcm) {
+            return Ok(summary);
+        }
+    }
+    if summary.frames == 0 {
+        return Err(DecodeError::Empty(format!("{mime}: no frame decoded")));
+    }
+    Ok(summary)
+}
+
+enum Codec {
+    Symphonia(Box<dyn symphonia::core::codecs::audio::AudioDecoder>),
+    /// libopus at 48 kHz, with a buffer for the largest packet (120 ms, stereo).
+    Opus(opus::Decoder, Vec<f32>),
+}
+
+impl Codec {
+    /// Decodes one packet into interleaved `samples`, trimmed as the packet says (gapless).
+    fn decode(
+        &mut self,
+        packet: &symphonia::core::packet::Packet,
+        channels: u16,
+        samples: &mut Vec<f32>,
+    ) -> Result<(), String> {
+        match self {
+            Codec::Symphonia(decoder) => {
+                let buffer = decoder.decode(packet).map_err(|e| e.to_string())?;
+                buffer.copy_to_vec_interleaved(samples);
+                Ok(())
+            }
+            Codec::Opus(decoder, buf) => {
+                let frames = decoder
+                    .decode_float(&packet.data, buf, false)
+                    .map_err(|e| e.to_string())?;
+                let ch = channels as usize;
+                let start = (packet.trim_start.get() as usize).min(frames);
+                let end = frames
+                    .saturating_sub(packet.trim_end.get() as usize)
+                    .max(start);
+                samples.extend_from_slice(&buf[start * ch..end * ch]);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Blocks of PCM as a decoder thread produces them; an `Err` is the last item.
+pub type PcmReceiver = tokio::sync::mpsc::Receiver<Result<Pcm, DecodeError>>;
+
+/// Blocks of PCM decoded at most this far ahead of the consumer (memory stays bounded).
+const DECODE_AHEAD_BLOCKS: usize = 8;
+
+/// Reads a [`MediaStream`](crate::tools::media::MediaStream) as a byte stream, blocking while
+/// chunks arrive; a media error becomes an I/O error.
+pub struct MediaReader {
+    media: crate::tools::media::MediaStream,
+    chunk: bytes::Bytes,
+}
+
+impl MediaReader {
+    /// Reads `media` from its start.
+    pub fn new(media: crate::tools::media::MediaStream) -> Self {
+        Self {
+            media,
+            chunk: bytes::Bytes::new(),
+        }
+    }
+}
+
+impl Read for MediaReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.media.blocking_next_chunk() {
+                None => return Ok(0),
+                Some(Ok(chunk)) => self.chunk = chunk,
+                Some(Err(e)) => return Err(std::io::Error::other(e.0)),
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk.split_to(n));
+        Ok(n)
+    }
+}
+
+/// Decodes `input` as `mime` on a blocking thread, [`DECODE_AHEAD_BLOCKS`] blocks ahead of the
+/// receiver. Dropping the receiver stops the decoder at its next block.
+pub fn spawn_decoder(input: impl Read + Send + Sync + 'static, mime: String) -> PcmReceiver {
+    let (tx, rx) = tokio::sync::mpsc::channel(DECODE_AHEAD_BLOCKS);
+    tokio::task::spawn_blocking(move || {
+        let result = decode(input, &mime, &mut |pcm| tx.blocking_send(Ok(pcm)).is_ok());
+        if let Err(e) = result {
+            tracing::warn!(%mime, error = %e, "decode ended with an error");
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    rx
+}
+
+/// Decodes a media stream from a tool result (or TTS) as it arrives.
+pub fn decode_media(media: crate::tools::media::MediaStream) -> PcmReceiver {
+    let mime = media.mime_type.clone();
+    spawn_decoder(MediaReader::new(media), mime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_pcm_mime_parameters() {
+        assert_eq!(
+            raw_pcm_params("audio/pcm;rate=24000;channels=2"),
+            Some((24000, 2))
+        );
+        assert_eq!(raw_pcm_params("audio/pcm"), Some((16000, 1)));
+        assert_eq!(raw_pcm_params("audio/L16; rate=8000"), Some((8000, 1)));
+        assert_eq!(raw_pcm_params("audio/mpeg"), None);
+    }
+
+    #[test]
+    fn raw_pcm_decodes_and_refuses_absurd_parameters() {
+        let bytes: Vec<u8> = [0i16, 16384, -16384, 32767]
+            .iter()
+            .flat_map(|s| s.to_le_bytes())
+            .collect();
+        let mut got = Vec::new();
+        let summary = decode(
+            Cursor::new(bytes.clone()),
+            "audio/pcm;rate=8000",
+            &mut |p| {
+                got.extend(p.samples);
+                true
+            },
+        )
+        .unwrap();
+        assert_eq!(summary.frames, 4);
+        assert_eq!(got, [0.0, 0.5, -0.5, 32767.0 / 32768.0]);
+        for mime in [
+            "audio/pcm;rate=0",
+            "audio/pcm;rate=9000000",
+            "audio/pcm;rate=8000;channels=0",
+            "audio/pcm;channels=99",
+        ] {
+            let err = decode(Cursor::new(bytes.clone()), mime, &mut |_| true).unwrap_err();
+            assert!(matches!(err, DecodeError::Absurd { .. }), "{mime}: {err}");
+        }
+    }
+
+    #[test]
+    fn empty_and_garbage_input_are_clear_errors() {
+        let err = decode(Cursor::new(Vec::new()), "audio/mpeg", &mut |_| true).unwrap_err();
+        assert!(matches!(err, DecodeError::Empty(_)), "{err}");
+        let err = decode(
+            Cursor::new(b"this is not audio at all, just text".to_vec()),
+            "audio/mpeg",
+            &mut |_| true,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, DecodeError::Unsupported { .. } | DecodeError::Empty(_)),
+            "{err}"
+        );
+    }
+}

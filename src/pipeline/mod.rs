@@ -1,0 +1,36 @@
+//! Audio between "bytes of audio" and "sound out" (DESIGN §1): streaming decode, resampling and
+//! channel mixing, volume, Opus for devices, the playback queue, sinks, and TTS.
+
+pub mod convert;
+pub mod decode;
+pub mod opus;
+pub mod queue;
+pub mod sentence;
+pub mod sink;
+pub mod source;
+pub mod tts;
+
+use std::time::Duration;
+
+/// A block of PCM: interleaved `f32` samples in [-1, 1], `channels` per frame, at `rate` Hz.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pcm {
+    /// Sample rate in Hz.
+    pub rate: u32,
+    /// Channels per frame.
+    pub channels: u16,
+    /// Interleaved samples; `samples.len()` is a multiple of `channels`.
+    pub samples: Vec<f32>,
+}
+
+impl Pcm {
+    /// Frames (samples per channel).
+    pub fn frames(&self) -> usize {
+        self.samples.len() / self.channels.max(1) as usize
+    }
+
+    /// How long the block plays.
+    pub fn duration(&self) -> Duration {
+        Duration::from_secs_f64(self.frames() as f64 / self.rate.max(1) as f64)
+    }
+}

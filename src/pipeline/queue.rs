@@ -1,0 +1,359 @@
+//! The playback queue (DESIGN §1): segments (TTS sentences, media streams) play in order into one
+//! sink, with events for each, volume that applies at once (ramped), and a stop that silences
+//! output within one frame and drops what was queued.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{Mutex, Notify, broadcast, watch};
+
+use super::Pcm;
+use super::convert::{Converter, Volume};
+use super::decode::PcmReceiver;
+use super::sink::Sink;
+
+/// What a segment is, for events and history.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SegmentKind {
+    /// A spoken sentence and its text.
+    Sentence { text: String },
+    /// A media item (a song, a tool's audio) and its title.
+    Media { title: Option<String> },
+}
+
+/// Why playback stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// Everything queued has played.
+    Finished,
+    /// The user spoke over it.
+    BargeIn,
+    /// A stop command (a tool, the user).
+    StopCommand,
+    /// A new turn replaced the old one's audio.
+    NewTurn,
+    /// The sink failed.
+    Error(String),
+}
+
+/// Something the queue did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum QueueEvent {
+    /// Segment `id` started playing.
+    SegmentStart { id: u64, segment: SegmentKind },
+    /// Segment `id` ended: `played` of it went to the sink; `error` if its source failed.
+    SegmentEnd {
+        id: u64,
+        played_ms: u64,
+        error: Option<String>,
+    },
+    /// Playback stopped; for anything but `Finished`, what was queued was dropped.
+    Stopped { reason: StopReason },
+}
+
+/// Queue settings.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueSettings {
+    /// Frame length written to the sink, in ms (the unit of stop latency).
+    pub frame_ms: u32,
+    /// Starting volume, percent.
+    pub volume: u8,
+    /// Volume ramp, in ms.
+    pub ramp_ms: u32,
+    /// Let a new turn's audio queue behind the old turn's instead of cutting it off.
+    pub overlap_turns: bool,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self {
+            frame_ms: 20,
+            volume: 80,
+            ramp_ms: 10,
+            overlap_turns: false,
+        }
+    }
+}
+
+struct Pending {
+    id: u64,
+    kind: SegmentKind,
+    pcm: PcmReceiver,
+}
+
+struct Shared {
+    pending: Mutex<VecDeque<Pending>>,
+    wake: Notify,
+    /// Bumped by every stop; the player drops its segment when it changes.
+    generation: AtomicU64,
+    stop_reason: std::sync::Mutex<Option<StopReason>>,
+    stopped: Notify,
+    closing: AtomicBool,
+    volume: AtomicU8,
+    next_id: AtomicU64,
+    events: broadcast::Sender<QueueEvent>,
+    busy: watch::Sender<bool>,
+}
+
+impl Shared {
+    fn emit(&self, event: QueueEvent) {
+        let _ = self.events.send(event);
+    }
+
+    fn take_reason(&self) -> Option<StopReason> {
+        self.stop_reason.lock().expect("stop lock").take()
+    }
+
+    /// Returns once a stop newer than `generation` happened.
+    async fn stop_since(&self, generation: u64) {
+        loop {
+            if self.generation.load(Ordering::SeqCst) != generation {
+                return;
+            }
+            self.stopped.notified().await;
+        }
+    }
+}
+
+/// The queue. Cloning gives another handle to the same queue; when the last handle is dropped
+/// the player finishes the sink and ends.
+#[derive(Clone)]
+pub struct PlaybackQueue {
+    shared: Arc<Shared>,
+    settings: QueueSettings,
+    player: Arc<Player>,
+}
+
+struct Player {
+    shared: Arc<Shared>,
+    handle: std::sync::Mutex<Option<tokio::task::JoinHandle<Sink>>>,
+}
+
+impl Drop for Player {
+    fn drop(&mut self) {
+        self.shared.closing.store(true, Ordering::SeqCst);
+        self.shared.wake.notify_one();
+    }
+}
+
+impl PlaybackQueue {
+    /// Starts a player task writing into `sink`.
+    pub fn new(sink: Sink, settings: QueueSettings) -> Self {
+        let (events, _) = broadcast::channel(256);
+        let (busy, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(VecDeque::new()),
+            wake: Notify::new(),
+            generation: AtomicU64::new(0),
+            stop_reason: std::sync::Mutex::new(None),
+            stopped: Notify::new(),
+            closing: AtomicBool::new(false),
+            volume: AtomicU8::new(settings.volume.min(100)),
+            next_id: AtomicU64::new(1),
+            events,
+            busy,
+        });
+        let handle = tokio::spawn(play(shared.clone(), sink, settings));
+        let player = Arc::new(Player {
+            shared: shared.clone(),
+            handle: std::sync::Mutex::new(Some(handle)),
+        });
+        Self {
+            shared,
+            settings,
+            player,
+        }
+    }
+
+    /// Events from now on.
+    pub fn events(&self) -> broadcast::Receiver<QueueEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// Queues a segment behind what is queued; returns its id.
+    pub async fn enqueue(&self, kind: SegmentKind, pcm: PcmReceiver) -> u64 {
+        let id = self.shared.next_id.fetch_add(1, Ordering::SeqCst);
+        self.shared.busy.send_replace(true);
+        self.shared
+            .pending
+            .lock()
+            .await
+            .push_back(Pending { id, kind, pcm });
+        self.shared.wake.notify_one();
+        id
+    }
+
+    /// Stops playback within one frame: the sink's buffer is dropped, and so is every queued
+    /// segment. Emits [`QueueEvent::Stopped`] with `reason`.
+    pub async fn stop(&self, reason: StopReason) {
+        self.shared.pending.lock().await.clear();
+        *self.shared.stop_reason.lock().expect("stop lock") = Some(reason);
+        self.shared.generation.fetch_add(1, Ordering::SeqCst);
+        self.shared.stopped.notify_one();
+        self.shared.wake.notify_one();
+    }
+
+    /// A new turn begins: unless `overlap_turns` is set, the old turn's audio stops.
+    pub async fn new_turn(&self) {
+        if !self.settings.overlap_turns && self.is_busy() {
+            self.stop(StopReason::NewTurn).await;
+        }
+    }
+
+    /// Sets the volume in percent (0..=100); it applies from the next frame, ramped.
+    pub fn set_volume(&self, volume: u8) {
+        self.shared.volume.store(volume.min(100), Ordering::SeqCst);
+    }
+
+    /// The volume in percent.
+    pub fn volume(&self) -> u8 {
+        self.shared.volume.load(Ordering::SeqCst)
+    }
+
+    /// True while something plays or is queued.
+    pub fn is_busy(&self) -> bool {
+        *self.shared.busy.borrow()
+    }
+
+    /// Waits until nothing plays and nothing is queued.
+    pub async fn idle(&self) {
+        let mut busy = self.shared.busy.subscribe();
+        let _ = busy.wait_for(|b| !b).await;
+    }
+
+    /// Waits until the queue is idle, then ends the player and returns its sink, finished (a
+    /// WAV file's header written). `None` if another handle already closed it.
+    pub async fn close(self) -> Option<Sink> {
+        self.idle().await;
+        let handle = self.player.handle.lock().expect("player lock").take()?;
+        self.shared.closing.store(true, Ordering::SeqCst);
+        self.shared.wake.notify_one();
+        handle.await.ok()
+    }
+}
+
+/// The player task: takes segments in order and writes their PCM to the sink frame by frame.
+async fn play(shared: Arc<Shared>, mut sink: Sink, settings: QueueSettings) -> Sink {
+    let (rate, channels) = (sink.rate(), sink.channels());
+    let frame_len = (rate as usize * settings.frame_ms as usize / 1000).max(1) * channels as usize;
+    let mut volume = Volume::new(shared.volume.load(Ordering::SeqCst), rate, settings.ramp_ms);
+    let mut level = shared.volume.load(Ordering::SeqCst);
+    loop {
+        let next = shared.pending.lock().await.pop_front();
+        let Some(mut segment) = next else {
+            let was_busy = shared.busy.send_replace(false);
+            match shared.take_reason() {
+                Some(reason) => shared.emit(QueueEvent::Stopped { reason }),
+                None if was_busy => shared.emit(QueueEvent::Stopped {
+                    reason: StopReason::Finished,
+                }),
+                None => {}
+            }
+            if shared.closing.load(Ordering::SeqCst) {
+                if let Err(e) = sink.finish().await {
+                    tracing::error!(error = %e, "finishing the audio output");
+                }
+                return sink;
+            }
+            shared.wake.notified().await;
+            continue;
+        };
+        let generation = shared.generation.load(Ordering::SeqCst);
+        shared.busy.send_replace(true);
+        shared.emit(QueueEvent::SegmentStart {
+            id: segment.id,
+            segment: segment.kind.clone(),
+        });
+        let mut converter = Converter::new(rate, channels);
+        let mut buffer: Vec<f32> = Vec::new();
+        let (mut played, mut error, mut stopped) = (0u64, None, false);
+        'segment: loop {
+            let block = tokio::select! {
+                block = segment.pcm.recv() => block,
+                _ = shared.stop_since(generation) => { stopped = true; break 'segment; }
+            };
+            let end = !matches!(block, Some(Ok(_)));
+            let converted = match block {
+                Some(Ok(pcm)) => converter.push(&pcm),
+                Some(Err(e)) => {
+                    error = Some(e.to_string());
+                    Ok(converter.flush())
+                }
+                None => Ok(converter.flush()),
+            };
+            match converted {
+                Ok(samples) => buffer.extend(samples),
+                Err(e) => {
+                    error = Some(e.to_string());
+                    break 'segment;
+                }
+            }
+            let mut offset = 0;
+            while buffer.len() - offset >= frame_len || (end && offset < buffer.len()) {
+                let n = frame_len.min(buffer.len() - offset);
+                let frame = &mut buffer[offset..offset + n];
+                let now = shared.volume.load(Ordering::SeqCst);
+                if now != level {
+                    volume.set(now);
+                    level = now;
+                }
+                volume.apply(frame, channels);
+                let written = tokio::select! {
+                    r = sink.write(frame) => Some(r),
+                    _ = shared.stop_since(generation) => None,
+                };
+                match written {
+                    None => {
+                        stopped = true;
+                        break 'segment;
+                    }
+                    Some(Err(e)) => {
+                        *shared.stop_reason.lock().expect("stop lock") =
+                            Some(StopReason::Error(e.to_string()));
+                        error = Some(e.to_string());
+                        stopped = true;
+                        break 'segment;
+                    }
+                    Some(Ok(())) => played += (n / channels as usize) as u64,
+                }
+                offset += n;
+            }
+            buffer.drain(..offset);
+            if end {
+                break;
+            }
+        }
+        shared.emit(QueueEvent::SegmentEnd {
+            id: segment.id,
+            played_ms: played * 1000 / rate as u64,
+            error,
+        });
+        if stopped {
+            sink.clear();
+            if let Some(reason) = shared.take_reason() {
+                shared.emit(QueueEvent::Stopped { reason });
+            }
+            if shared.pending.lock().await.is_empty() {
+                shared.busy.send_replace(false);
+            }
+        }
+    }
+}
+
+impl Pcm {
+    /// Silence of `duration` at `rate` Hz, `channels`.
+    pub fn silence(rate: u32, channels: u16, duration: Duration) -> Pcm {
+        let frames = (rate as f64 * duration.as_secs_f64()) as usize;
+        Pcm {
+            rate,
+            channels,
+            samples: vec![0.0; frames * channels as usize],
+        }
+    }
+}

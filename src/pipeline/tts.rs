@@ -1,0 +1,224 @@
+//! Text to speech, sentence by sentence, as a [`MediaStream`] the decoder starts on while it is
+//! still being made. Providers: `espeak-ng` (offline; run as a program, since it is GPL-3) and
+//! any OpenAI-compatible `/v1/audio/speech` endpoint (streamed response in wav, mp3, opus or pcm).
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{TtsConfig, TtsProvider};
+use crate::tools::media::{MediaError, MediaStream};
+
+/// Why a sentence could not be synthesized. The turn goes on without it.
+#[derive(Debug, thiserror::Error)]
+pub enum TtsError {
+    #[error("TTS program {program:?} is not installed (Debian: apt-get install espeak-ng)")]
+    NotInstalled { program: String },
+    #[error("TTS program {program:?} could not run: {reason}")]
+    Program { program: String, reason: String },
+    #[error("TTS endpoint {url}: {reason}")]
+    Http { url: String, reason: String },
+    #[error("TTS endpoint {url} answered HTTP {status}: {body}")]
+    Status {
+        url: String,
+        status: u16,
+        body: String,
+    },
+    #[error("TTS: environment variable {0} (API key) is not set")]
+    MissingKey(String),
+}
+
+/// A configured TTS provider.
+#[derive(Clone)]
+pub struct Tts {
+    config: TtsConfig,
+    client: reqwest::Client,
+}
+
+impl Tts {
+    /// A TTS for `config` (`[tts]`).
+    pub fn new(config: &TtsConfig) -> Self {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(config.timeout_ms))
+            .build()
+            .expect("a plain HTTP client builds");
+        Self {
+            config: config.clone(),
+            client,
+        }
+    }
+
+    /// Starts synthesizing `text`; the audio streams as it is made.
+    ///
+    /// # Errors
+    /// [`TtsError`] when synthesis cannot start (program missing, endpoint down or refusing).
+    /// Failures after the start end the stream with an error item.
+    pub async fn synthesize(&self, text: &str) -> Result<MediaStream, TtsError> {
+        match self.config.provider {
+            TtsProvider::EspeakNg => self.espeak(text).await,
+            TtsProvider::Openai => self.openai(text).await,
+        }
+    }
+
+    async fn espeak(&self, text: &str) -> Result<MediaStream, TtsError> {
+        let program = self.config.espeak_command.clone();
+        let mut child = tokio::process::Command::new(&program)
+            .args([
+                "--stdout",
+                "-v",
+                &self.config.voice,
+                "-s",
+                &self.config.speed_wpm.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => TtsError::NotInstalled {
+                    program: program.clone(),
+                },
+                _ => TtsError::Program {
+                    program: program.clone(),
+                    reason: e.to_string(),
+                },
+            })?;
+        // The text goes on stdin: no length limit, no shell, no option injection.
+        let mut stdin = child.stdin.take().expect("piped");
+        let input = format!("{text}\n");
+        let mut stdout = child.stdout.take().expect("piped");
+        let mut stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = mpsc::channel(4);
+        let cancel = CancellationToken::new();
+        let token = cancel.clone();
+        tokio::spawn(async move {
+            let _ = stdin.write_all(input.as_bytes()).await;
+            drop(stdin);
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = tokio::select! {
+                    n = stdout.read(&mut buf) => n,
+                    _ = token.cancelled() => return,
+                };
+                match n {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if tx
+                            .send(Ok(Bytes::copy_from_slice(&buf[..n])))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(MediaError(format!("{program}: {e}")))).await;
+                        return;
+                    }
+                }
+            }
+            let mut message = String::new();
+            let _ = stderr.read_to_string(&mut message).await;
+            match child.wait().await {
+                Ok(status) if status.success() => {}
+                Ok(status) => {
+                    let _ = tx
+                        .send(Err(MediaError(format!(
+                            "{program} exited with {status}: {}",
+                            message.trim()
+                        ))))
+                        .await;
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(MediaError(format!("{program}: {e}")))).await;
+                }
+            }
+        });
+        Ok(MediaStream::new(
+            "audio/wav".into(),
+            Some(text.to_string()),
+            "espeak-ng".into(),
+            None,
+            rx,
+            cancel,
+        ))
+    }
+
+    async fn openai(&self, text: &str) -> Result<MediaStream, TtsError> {
+        let url = format!("{}/audio/speech", self.config.url.trim_end_matches('/'));
+        let mut request = self
+            .client
+            .post(&url)
+            .timeout(Duration::from_millis(self.config.timeout_ms))
+            .json(&serde_json::json!({
+                "model": self.config.model,
+                "input": text,
+                "voice": self.config.voice,
+                "response_format": self.config.format,
+            }));
+        if let Some(var) = &self.config.api_key_env {
+            let key = std::env::var(var).map_err(|_| TtsError::MissingKey(var.clone()))?;
+            request = request.bearer_auth(key);
+        }
+        let http_error = |e: reqwest::Error| TtsError::Http {
+            url: url.clone(),
+            reason: e.to_string(),
+        };
+        let response = request.send().await.map_err(http_error)?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            return Err(TtsError::Status {
+                url,
+                status: status.as_u16(),
+                body: body.chars().take(200).collect(),
+            });
+        }
+        let mime = match self.config.format.as_str() {
+            "mp3" => "audio/mpeg",
+            "opus" => "audio/ogg; codecs=opus",
+            "pcm" => "audio/pcm;rate=24000;channels=1",
+            "flac" => "audio/flac",
+            _ => "audio/wav",
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let cancel = CancellationToken::new();
+        let token = cancel.clone();
+        tokio::spawn(async move {
+            let mut body = response.bytes_stream();
+            loop {
+                let chunk = tokio::select! {
+                    c = body.next() => c,
+                    _ = token.cancelled() => return,
+                };
+                let item = match chunk {
+                    None => return,
+                    Some(Ok(bytes)) => Ok(bytes),
+                    Some(Err(e)) => Err(MediaError(format!("TTS body: {e}"))),
+                };
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(MediaStream::new(
+            mime.into(),
+            Some(text.to_string()),
+            url_source(&self.config.url),
+            None,
+            rx,
+            cancel,
+        ))
+    }
+}
+
+fn url_source(url: &str) -> String {
+    format!("{}/audio/speech", url.trim_end_matches('/'))
+}
