@@ -578,3 +578,73 @@ async fn an_openai_compatible_tts_endpoint_streams_speech() {
     }
     assert_eq!(frames, 6000);
 }
+
+#[test]
+fn no_sound_card_is_a_clear_error_pointing_at_output() {
+    let home = tempfile::tempdir().unwrap();
+    // An ALSA default that names a card that does not exist.
+    std::fs::write(
+        home.path().join(".asoundrc"),
+        "pcm.!default { type hw card 99 }\n",
+    )
+    .unwrap();
+    let result = voxloop(
+        &["play", "tests/data/return_to_home.opus"],
+        Some(home.path()),
+    );
+    assert!(!result.status.success());
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(stderr.contains("no usable audio output device"), "{stderr}");
+    assert!(stderr.contains("--output OUT.wav"), "{stderr}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn device_frames_are_paced_never_more_than_the_lead_ahead() {
+    use voxloop::pipeline::sink::OpusSink;
+    let (tx, mut rx) = mpsc::channel(1024);
+    let sink = OpusSink::new(24_000, 60, 64_000, Duration::from_millis(120), tx).unwrap();
+    let queue = PlaybackQueue::new(Sink::Opus(sink), settings(100));
+    let (tone_tx, tone_rx) = mpsc::channel(1024);
+    // A 440 Hz tone (Opus removes DC, so a constant level would decode as silence).
+    let sine: Vec<f32> = (0..48_000)
+        .map(|i| (i as f32 * 440.0 * std::f32::consts::TAU / 24_000.0).sin() * 0.5)
+        .collect();
+    for block in sine.chunks(240) {
+        tone_tx
+            .try_send(Ok(Pcm {
+                rate: 24_000,
+                channels: 1,
+                samples: block.to_vec(),
+            }))
+            .unwrap();
+    }
+    drop(tone_tx);
+    queue
+        .enqueue(SegmentKind::Media { title: None }, tone_rx)
+        .await;
+    let start = tokio::time::Instant::now();
+    let mut decoder = FrameDecoder::new(24_000, 1).unwrap();
+    let mut received = 0u32;
+    let closing = tokio::spawn(queue.close());
+    while let Some(packet) = rx.recv().await {
+        received += 1;
+        // Audio received so far may be ahead of real time by the lead plus one frame at most.
+        let audio = Duration::from_millis(60) * received;
+        let ahead = audio.saturating_sub(start.elapsed());
+        assert!(
+            ahead <= Duration::from_millis(180),
+            "frame {received}: {ahead:?} ahead"
+        );
+        let pcm = decoder.decode(&packet).unwrap();
+        assert_eq!(pcm.samples.len(), 1440);
+        if received > 3 {
+            let rms = (pcm.samples.iter().map(|s| s * s).sum::<f32>() / 1440.0).sqrt();
+            assert!(rms > 0.1, "frame {received} is not silent: {rms}");
+        }
+        if received == 34 {
+            break;
+        }
+    }
+    assert_eq!(received, 34, "2 s in 60 ms frames, the last one padded");
+    closing.await.unwrap();
+}
