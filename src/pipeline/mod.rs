@@ -1,6 +1,7 @@
 //! Audio between "bytes of audio" and "sound out" (DESIGN §1): streaming decode, resampling and
 //! channel mixing, volume, Opus for devices, the playback queue, sinks, and TTS.
 
+pub mod asr;
 pub mod convert;
 pub mod decode;
 pub mod opus;

