@@ -148,6 +148,8 @@ impl Default for AsrConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct VadConfig {
+    /// The detector: `earshot` (default) or `webrtc` (see BENCHMARKS.md for the comparison).
+    pub engine: crate::pipeline::vad::VadEngine,
     /// Voice probability above which a frame counts as speech (0.0..=1.0).
     pub threshold: f32,
     /// Silence that ends a turn.
@@ -168,12 +170,13 @@ pub struct VadConfig {
 impl Default for VadConfig {
     fn default() -> Self {
         Self {
-            threshold: 0.5,
+            engine: crate::pipeline::vad::VadEngine::Earshot,
+            threshold: 0.7,
             end_silence_ms: 600,
             min_speech_ms: 250,
             max_utterance_ms: 30_000,
             pre_roll_ms: 300,
-            barge_in_ms: 64,
+            barge_in_ms: 32,
             barge_in_level_ratio: 1.5,
         }
     }

@@ -66,6 +66,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Listen: speech from the microphone (or a file) cut into turns by the VAD, each turn
+    /// transcribed and printed as it ends.
+    Listen {
+        /// Read this audio file instead of the microphone.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Stop after this many seconds of microphone audio (default: until Ctrl-C).
+        #[arg(long)]
+        seconds: Option<f64>,
+        /// Print one JSON object per turn (start_ms, end_ms, text, language).
+        #[arg(long)]
+        json: bool,
+    },
     /// Model files: where they are, and fetching what is missing.
     #[command(subcommand)]
     Models(ModelsCommand),
@@ -143,6 +156,15 @@ fn main() -> anyhow::Result<ExitCode> {
             runtime.block_on(tools(&config, command))
         }
         Command::Models(command) => models(command),
+        Command::Listen {
+            input,
+            seconds,
+            json,
+        } => {
+            let config = load_config(&cli)?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(listen(&config, input.as_deref(), *seconds, *json))
+        }
         Command::Transcribe {
             file,
             language,
@@ -204,6 +226,96 @@ fn transcribe(config: &Config, file: &Path, json: bool) -> anyhow::Result<ExitCo
         println!("{}", serde_json::to_string_pretty(&transcript)?);
     } else {
         println!("{}", transcript.text);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn listen(
+    config: &Config,
+    input: Option<&Path>,
+    seconds: Option<f64>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use voxloop::pipeline::asr::Asr;
+    use voxloop::pipeline::input::{Microphone, SpeechInput};
+    use voxloop::pipeline::vad::{TurnDetector, TurnEvent, VAD_RATE};
+    let asr = std::sync::Arc::new(Asr::load(&config.asr)?);
+    // Blocks of PCM: from the file as fast as it decodes, or from the microphone.
+    let (mut blocks, _microphone) = match input {
+        Some(path) => {
+            let decoded = voxloop::pipeline::source::open(&path.to_string_lossy()).await?;
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            tokio::spawn(async move {
+                let mut decoded = decoded;
+                while let Some(Ok(pcm)) = decoded.recv().await {
+                    if tx.send(pcm).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            (rx, None)
+        }
+        None => {
+            let (microphone, rx) = Microphone::open()?;
+            eprintln!(
+                "listening on the microphone{}",
+                seconds.map(|s| format!(" for {s} s")).unwrap_or_default()
+            );
+            (rx, Some(microphone))
+        }
+    };
+    let limit = seconds.map(|s| (s * f64::from(VAD_RATE)) as usize);
+    let mut speech = SpeechInput::default();
+    let mut turns = TurnDetector::new(&config.vad);
+    let mut heard = 0usize;
+    let mut pending = Vec::new();
+    loop {
+        let block = tokio::select! {
+            block = blocks.recv() => block,
+            _ = tokio::signal::ctrl_c() => None,
+        };
+        let ended = block.is_none();
+        let events = match block {
+            Some(pcm) => {
+                let samples = speech.push(&pcm)?;
+                heard += samples.len();
+                turns.push(&samples).0
+            }
+            None => {
+                let rest = speech.finish();
+                let mut events = turns.push(&rest).0;
+                events.extend(turns.finish());
+                events
+            }
+        };
+        let done = ended || limit.is_some_and(|l| heard >= l);
+        pending.extend(events);
+        for event in pending.drain(..) {
+            if let TurnEvent::Utterance {
+                pcm,
+                start_ms,
+                end_ms,
+            } = event
+            {
+                let asr = asr.clone();
+                let transcript =
+                    tokio::task::spawn_blocking(move || asr.transcribe(&pcm)).await??;
+                if json {
+                    let line = json!({"start_ms": start_ms, "end_ms": end_ms, "text": transcript.text, "language": transcript.language});
+                    println!("{line}");
+                } else {
+                    println!(
+                        "[{:.2}-{:.2} s] {}",
+                        start_ms as f64 / 1000.0,
+                        end_ms as f64 / 1000.0,
+                        transcript.text
+                    );
+                }
+            }
+        }
+        if done {
+            break;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -338,3 +338,223 @@ fn cli_transcribes_and_lists_models() {
         "{list}"
     );
 }
+
+// ---- VAD, turns, barge-in, sources ----
+
+use voxloop::config::VadConfig;
+use voxloop::pipeline::vad::{BargeIn, TurnDetector, TurnEvent, Vad};
+
+#[test]
+fn two_utterances_with_a_second_of_silence_are_two_turns() {
+    let mut audio = speech("cmd_play_horizon.wav");
+    audio.extend(vec![0.0; 16_000]);
+    audio.extend(speech("cmd_what_time.wav"));
+    let mut turns = TurnDetector::new(&VadConfig::default());
+    let mut events = Vec::new();
+    for block in audio.chunks(960) {
+        events.extend(turns.push(block).0);
+    }
+    events.extend(turns.finish());
+    let utterances: Vec<(Vec<f32>, u64, u64)> = events
+        .into_iter()
+        .filter_map(|e| match e {
+            TurnEvent::Utterance {
+                pcm,
+                start_ms,
+                end_ms,
+            } => Some((pcm, start_ms, end_ms)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        utterances.len(),
+        2,
+        "{:?}",
+        utterances.iter().map(|u| (u.1, u.2)).collect::<Vec<_>>()
+    );
+    let first = normalize(&asr().transcribe(&utterances[0].0).unwrap().text);
+    let second = normalize(&asr().transcribe(&utterances[1].0).unwrap().text);
+    assert_eq!(first, normalize("Play the song just over the horizon."));
+    assert_eq!(second, normalize("What time is it?"));
+}
+
+/// Plays `playback`, feeds `mic` in 16 ms blocks at real time (tokio's paused clock), and stops
+/// playback on barge-in. Returns when playback stopped (ms into the mic stream), if it did.
+async fn barge_in_on(mic: &[f32], playback: &[f32]) -> Option<u64> {
+    use voxloop::pipeline::queue::{PlaybackQueue, QueueSettings, SegmentKind, StopReason};
+    use voxloop::pipeline::sink::{NullSink, Sink};
+    let queue = PlaybackQueue::new(
+        Sink::Null(NullSink::new(16_000, 1, true)),
+        QueueSettings {
+            volume: 100,
+            ..QueueSettings::default()
+        },
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(4096);
+    for block in playback.chunks(1600) {
+        tx.try_send(Ok(Pcm {
+            rate: 16_000,
+            channels: 1,
+            samples: block.to_vec(),
+        }))
+        .unwrap();
+    }
+    queue.enqueue(SegmentKind::Media { title: None }, rx).await;
+    let config = VadConfig::default();
+    let mut vad = Vad::new(config.engine, config.threshold);
+    let mut barge = BargeIn::new(&config);
+    let start = tokio::time::Instant::now();
+    for block in mic.chunks(256) {
+        tokio::time::sleep(std::time::Duration::from_millis(16)).await;
+        for frame in vad.push(block) {
+            if barge.on_frame(&frame, queue.is_busy(), queue.output_level()) {
+                queue.stop(StopReason::BargeIn).await;
+                return Some(start.elapsed().as_millis() as u64);
+            }
+        }
+    }
+    None
+}
+
+#[tokio::test(start_paused = true)]
+async fn barge_in_stops_playback_within_100_ms_of_speech_onset() {
+    let mut mic = vec![0.0f32; 16_000];
+    let jfk = speech("jfk.wav");
+    let onset = jfk.iter().position(|s| s.abs() > 0.05).unwrap();
+    mic.extend(jfk);
+    let onset_ms = (16_000 + onset) as u64 * 1000 / 16_000;
+    let tone: Vec<f32> = (0..16_000 * 30)
+        .map(|i| (i as f32 * 0.05).sin() * 0.02)
+        .collect();
+    let stopped_ms = barge_in_on(&mic, &tone).await.expect("barge-in");
+    println!("speech onset at {onset_ms} ms, playback stopped at {stopped_ms} ms");
+    assert!(
+        stopped_ms >= onset_ms,
+        "stopped before the speech ({stopped_ms} < {onset_ms})"
+    );
+    assert!(
+        stopped_ms - onset_ms <= 100,
+        "{} ms after onset",
+        stopped_ms - onset_ms
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_assistants_own_voice_does_not_barge_in() {
+    // The assistant speaks; the microphone hears only that, through the room at half the level
+    // and 20 ms late: speech to the VAD, but never louder than what plays.
+    let voice = speech("librivox_sense_and_sensibility_0870.wav");
+    let mut echo = vec![0.0f32; 320];
+    echo.extend(voice.iter().map(|s| s * 0.5));
+    assert_eq!(barge_in_on(&echo, &voice).await, None);
+}
+
+#[tokio::test]
+async fn a_devices_opus_frames_are_heard() {
+    use voxloop::pipeline::input::{SpeechInput, opus_frames};
+    use voxloop::pipeline::opus::FrameEncoder;
+    let audio = speech("cmd_play_horizon.wav");
+    let mut encoder = FrameEncoder::new(16_000, 1, 60).unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    for packet in encoder
+        .push(&audio)
+        .unwrap()
+        .into_iter()
+        .chain(encoder.finish().unwrap())
+    {
+        tx.send(packet).await.unwrap();
+    }
+    tx.send(vec![0xff, 0x00]).await.unwrap(); // a corrupt frame becomes silence
+    drop(tx);
+    let mut pcm = opus_frames(rx, 16_000, 60).unwrap();
+    let mut input = SpeechInput::default();
+    let mut heard = Vec::new();
+    while let Some(block) = pcm.recv().await {
+        heard.extend(input.push(&block).unwrap());
+    }
+    heard.extend(input.finish());
+    let text = tokio::task::spawn_blocking(move || asr().transcribe(&heard).unwrap().text)
+        .await
+        .unwrap();
+    assert_eq!(
+        normalize(&text),
+        normalize("Play the song just over the horizon.")
+    );
+}
+
+#[test]
+fn cli_listens_to_a_file_and_to_the_microphone() {
+    let dir = tempfile::tempdir().unwrap();
+    let two = dir.path().join("two.wav");
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 16_000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut writer = hound::WavWriter::create(&two, spec).unwrap();
+    // (jfk.wav pauses for over 600 ms between phrases: it is several turns.)
+    let mut audio = speech("cmd_play_relaxing_music.wav");
+    audio.extend(vec![0.0; 16_000]);
+    audio.extend(speech("cmd_set_volume_30.wav"));
+    for s in audio {
+        writer.write_sample((s * 32767.0) as i16).unwrap();
+    }
+    writer.finalize().unwrap();
+    let run = |args: &[&str], home: Option<&Path>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_voxloop"));
+        cmd.args(args).current_dir(repo_root());
+        if let Some(home) = home {
+            cmd.env("HOME", home)
+                .env("VOXLOOP_MODELS", models::model_dir());
+        }
+        cmd.output().unwrap()
+    };
+    let out = run(
+        &["listen", "--input", two.to_str().unwrap(), "--json"],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let turns: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(turns.len(), 2, "{turns:?}");
+    assert!(
+        turns[1]["text"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("volume"),
+        "{turns:?}"
+    );
+    assert!(turns[1]["start_ms"].as_u64().unwrap() >= 2_500);
+
+    // The microphone path on ALSA's null capture device (silence: no turns), and with no card.
+    let home = tempfile::tempdir().unwrap();
+    std::fs::write(
+        home.path().join(".asoundrc"),
+        "pcm.!default { type plug slave.pcm \"nullpcm\" }\npcm.nullpcm { type null }\n",
+    )
+    .unwrap();
+    let out = run(&["listen", "--seconds", "0.5"], Some(home.path()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("listening on the microphone"));
+    std::fs::write(
+        home.path().join(".asoundrc"),
+        "pcm.!default { type hw card 99 }\n",
+    )
+    .unwrap();
+    let out = run(&["listen", "--seconds", "0.5"], Some(home.path()));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no usable microphone"));
+}

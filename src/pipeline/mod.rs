@@ -4,12 +4,14 @@
 pub mod asr;
 pub mod convert;
 pub mod decode;
+pub mod input;
 pub mod opus;
 pub mod queue;
 pub mod sentence;
 pub mod sink;
 pub mod source;
 pub mod tts;
+pub mod vad;
 
 use std::time::Duration;
 

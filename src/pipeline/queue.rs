@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -14,6 +14,10 @@ use super::Pcm;
 use super::convert::{Converter, Volume};
 use super::decode::PcmReceiver;
 use super::sink::Sink;
+
+/// Frames over which [`PlaybackQueue::output_level`] takes the loudest: the echo of what played
+/// reaches a microphone late and lingers (at 20 ms frames, 160 ms).
+pub const LEVEL_WINDOW: usize = 8;
 
 /// What a segment is, for events and history.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -96,6 +100,9 @@ struct Shared {
     stopped: Notify,
     closing: AtomicBool,
     volume: AtomicU8,
+    /// Loudest frame RMS over the last [`LEVEL_WINDOW`] frames written, as `f32` bits (0 when
+    /// idle).
+    level: AtomicU32,
     next_id: AtomicU64,
     events: broadcast::Sender<QueueEvent>,
     busy: watch::Sender<bool>,
@@ -155,6 +162,7 @@ impl PlaybackQueue {
             stopped: Notify::new(),
             closing: AtomicBool::new(false),
             volume: AtomicU8::new(settings.volume.min(100)),
+            level: AtomicU32::new(0),
             next_id: AtomicU64::new(1),
             events,
             busy,
@@ -216,6 +224,12 @@ impl PlaybackQueue {
         self.shared.volume.load(Ordering::SeqCst)
     }
 
+    /// RMS level (linear, 1.0 = full scale) of the loudest of the last [`LEVEL_WINDOW`] frames
+    /// written to the sink; 0 when idle. Barge-in compares the microphone against it.
+    pub fn output_level(&self) -> f32 {
+        f32::from_bits(self.shared.level.load(Ordering::SeqCst))
+    }
+
     /// True while something plays or is queued.
     pub fn is_busy(&self) -> bool {
         *self.shared.busy.borrow()
@@ -244,9 +258,12 @@ async fn play(shared: Arc<Shared>, mut sink: Sink, settings: QueueSettings) -> S
     let frame_len = (rate as usize * settings.frame_ms as usize / 1000).max(1) * channels as usize;
     let mut volume = Volume::new(shared.volume.load(Ordering::SeqCst), rate, settings.ramp_ms);
     let mut level = shared.volume.load(Ordering::SeqCst);
+    let mut recent = std::collections::VecDeque::with_capacity(LEVEL_WINDOW);
     loop {
         let next = shared.pending.lock().await.pop_front();
         let Some(mut segment) = next else {
+            shared.level.store(0, Ordering::SeqCst);
+            recent.clear();
             let was_busy = shared.busy.send_replace(false);
             match shared.take_reason() {
                 Some(reason) => shared.emit(QueueEvent::Stopped { reason }),
@@ -320,7 +337,17 @@ async fn play(shared: Arc<Shared>, mut sink: Sink, settings: QueueSettings) -> S
                         stopped = true;
                         break 'segment;
                     }
-                    Some(Ok(())) => played += (n / channels as usize) as u64,
+                    Some(Ok(())) => {
+                        played += (n / channels as usize) as u64;
+                        let rms =
+                            (frame.iter().map(|s| s * s).sum::<f32>() / n.max(1) as f32).sqrt();
+                        if recent.len() == LEVEL_WINDOW {
+                            recent.pop_front();
+                        }
+                        recent.push_back(rms);
+                        let loudest = recent.iter().copied().fold(0.0f32, f32::max);
+                        shared.level.store(loudest.to_bits(), Ordering::SeqCst);
+                    }
                 }
                 offset += n;
             }
@@ -336,6 +363,8 @@ async fn play(shared: Arc<Shared>, mut sink: Sink, settings: QueueSettings) -> S
         });
         if stopped {
             sink.clear();
+            shared.level.store(0, Ordering::SeqCst);
+            recent.clear();
             if let Some(reason) = shared.take_reason() {
                 shared.emit(QueueEvent::Stopped { reason });
             }
