@@ -455,8 +455,18 @@ async fn play(config: &Config, source: &str, output: Option<&Path>) -> anyhow::R
     let pcm = voxloop::pipeline::source::open(source).await?;
     let title = source.rsplit('/').next().map(String::from);
     queue.enqueue(SegmentKind::Media { title }, pcm).await;
+    finish_playback(queue, events, output, false).await
+}
+
+/// Waits for the queue to play out, reports the output file, and gives the exit code.
+async fn finish_playback(
+    queue: PlaybackQueue,
+    events: tokio::task::JoinHandle<bool>,
+    output: Option<&Path>,
+    failed: bool,
+) -> anyhow::Result<ExitCode> {
     queue.close().await;
-    let failed = events.await.unwrap_or(true);
+    let failed = failed | events.await.unwrap_or(true);
     if let Some(path) = output {
         println!("wrote {}", path.display());
     }
@@ -492,16 +502,7 @@ async fn say(config: &Config, text: &str, output: Option<&Path>) -> anyhow::Resu
             }
         }
     }
-    queue.close().await;
-    failed |= events.await.unwrap_or(true);
-    if let Some(path) = output {
-        println!("wrote {}", path.display());
-    }
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    finish_playback(queue, events, output, failed).await
 }
 
 async fn tools(config: &Config, command: &ToolsCommand) -> anyhow::Result<ExitCode> {

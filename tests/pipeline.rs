@@ -491,26 +491,10 @@ fn play_writes_what_plays_and_reports_bad_files() {
 #[test]
 fn the_speaker_path_runs_on_alsas_null_device() {
     // Half a second of tone; ALSA's null device consumes it in real time.
-    let home = tempfile::tempdir().unwrap();
-    std::fs::write(
-        home.path().join(".asoundrc"),
-        "pcm.!default { type plug slave.pcm \"nullpcm\" }\npcm.nullpcm { type null }\n",
-    )
-    .unwrap();
+    let home = alsa_home(true);
     let clip = home.path().join("tone.wav");
-    let spec = hound::WavSpec {
-        channels: 1,
-        sample_rate: 16_000,
-        bits_per_sample: 16,
-        sample_format: hound::SampleFormat::Int,
-    };
-    let mut writer = hound::WavWriter::create(&clip, spec).unwrap();
-    for i in 0..8000 {
-        writer
-            .write_sample(((i as f32 * 0.1).sin() * 8000.0) as i16)
-            .unwrap();
-    }
-    writer.finalize().unwrap();
+    let tone: Vec<f32> = (0..8000).map(|i| (i as f32 * 0.1).sin() * 0.25).collect();
+    write_wav(&clip, 16_000, &tone);
     let result = voxloop(&["play", clip.to_str().unwrap()], Some(home.path()));
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(result.status.success(), "{stderr}");
@@ -581,13 +565,7 @@ async fn an_openai_compatible_tts_endpoint_streams_speech() {
 
 #[test]
 fn no_sound_card_is_a_clear_error_pointing_at_output() {
-    let home = tempfile::tempdir().unwrap();
-    // An ALSA default that names a card that does not exist.
-    std::fs::write(
-        home.path().join(".asoundrc"),
-        "pcm.!default { type hw card 99 }\n",
-    )
-    .unwrap();
+    let home = alsa_home(false);
     let result = voxloop(
         &["play", "tests/data/return_to_home.opus"],
         Some(home.path()),

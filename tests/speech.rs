@@ -486,21 +486,11 @@ async fn a_devices_opus_frames_are_heard() {
 fn cli_listens_to_a_file_and_to_the_microphone() {
     let dir = tempfile::tempdir().unwrap();
     let two = dir.path().join("two.wav");
-    let spec = hound::WavSpec {
-        channels: 1,
-        sample_rate: 16_000,
-        bits_per_sample: 16,
-        sample_format: hound::SampleFormat::Int,
-    };
-    let mut writer = hound::WavWriter::create(&two, spec).unwrap();
     // (jfk.wav pauses for over 600 ms between phrases: it is several turns.)
     let mut audio = speech("cmd_play_relaxing_music.wav");
     audio.extend(vec![0.0; 16_000]);
     audio.extend(speech("cmd_set_volume_30.wav"));
-    for s in audio {
-        writer.write_sample((s * 32767.0) as i16).unwrap();
-    }
-    writer.finalize().unwrap();
+    write_wav(&two, 16_000, &audio);
     let run = |args: &[&str], home: Option<&Path>| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_voxloop"));
         cmd.args(args).current_dir(repo_root());
@@ -536,12 +526,7 @@ fn cli_listens_to_a_file_and_to_the_microphone() {
     assert!(turns[1]["start_ms"].as_u64().unwrap() >= 2_500);
 
     // The microphone path on ALSA's null capture device (silence: no turns), and with no card.
-    let home = tempfile::tempdir().unwrap();
-    std::fs::write(
-        home.path().join(".asoundrc"),
-        "pcm.!default { type plug slave.pcm \"nullpcm\" }\npcm.nullpcm { type null }\n",
-    )
-    .unwrap();
+    let home = alsa_home(true);
     let out = run(&["listen", "--seconds", "0.5"], Some(home.path()));
     assert!(
         out.status.success(),
@@ -549,11 +534,7 @@ fn cli_listens_to_a_file_and_to_the_microphone() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("listening on the microphone"));
-    std::fs::write(
-        home.path().join(".asoundrc"),
-        "pcm.!default { type hw card 99 }\n",
-    )
-    .unwrap();
+    let home = alsa_home(false);
     let out = run(&["listen", "--seconds", "0.5"], Some(home.path()));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no usable microphone"));

@@ -72,6 +72,18 @@ pub async fn fetch(url: &str) -> Result<MediaStream, SourceError> {
         .map(String::from)
         .or_else(|| mime_for_extension(url.split('?').next().unwrap_or(url)).map(String::from))
         .unwrap_or_else(|| "application/octet-stream".into());
+    let title = url.rsplit('/').next().map(String::from);
+    Ok(media_from_response(response, mime, title, url.to_string()))
+}
+
+/// The body of `response` as a media stream of `mime`, read as it arrives; a body error ends
+/// the stream with that error. Dropping the stream stops the download.
+pub fn media_from_response(
+    response: reqwest::Response,
+    mime: String,
+    title: Option<String>,
+    source: String,
+) -> MediaStream {
     let size = response.content_length();
     let (tx, rx) = mpsc::channel(4);
     let cancel = CancellationToken::new();
@@ -93,13 +105,5 @@ pub async fn fetch(url: &str) -> Result<MediaStream, SourceError> {
             }
         }
     });
-    let title = url.rsplit('/').next().map(String::from);
-    Ok(MediaStream::new(
-        mime,
-        title,
-        url.to_string(),
-        size,
-        rx,
-        cancel,
-    ))
+    MediaStream::new(mime, title, source, size, rx, cancel)
 }

@@ -6,7 +6,6 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -187,38 +186,11 @@ impl Tts {
             "flac" => "audio/flac",
             _ => "audio/wav",
         };
-        let (tx, rx) = mpsc::channel(4);
-        let cancel = CancellationToken::new();
-        let token = cancel.clone();
-        tokio::spawn(async move {
-            let mut body = response.bytes_stream();
-            loop {
-                let chunk = tokio::select! {
-                    c = body.next() => c,
-                    _ = token.cancelled() => return,
-                };
-                let item = match chunk {
-                    None => return,
-                    Some(Ok(bytes)) => Ok(bytes),
-                    Some(Err(e)) => Err(MediaError(format!("TTS body: {e}"))),
-                };
-                let failed = item.is_err();
-                if tx.send(item).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
-        Ok(MediaStream::new(
+        Ok(super::source::media_from_response(
+            response,
             mime.into(),
             Some(text.to_string()),
-            url_source(&self.config.url),
-            None,
-            rx,
-            cancel,
+            url,
         ))
     }
-}
-
-fn url_source(url: &str) -> String {
-    format!("{}/audio/speech", url.trim_end_matches('/'))
 }

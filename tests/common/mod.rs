@@ -120,6 +120,36 @@ pub async fn serve_loopback(router: axum::Router) -> String {
     format!("http://{addr}")
 }
 
+/// Writes mono `samples` ([-1, 1]) at `rate` Hz as a 16-bit WAV file.
+pub fn write_wav(path: &std::path::Path, rate: u32, samples: &[f32]) {
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: rate,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut writer = hound::WavWriter::create(path, spec).unwrap();
+    for &s in samples {
+        writer
+            .write_sample((s.clamp(-1.0, 1.0) * 32767.0) as i16)
+            .unwrap();
+    }
+    writer.finalize().unwrap();
+}
+
+/// A home directory whose `.asoundrc` makes ALSA's default device the null device (plays and
+/// records silence in real time), or, with `card: false`, a card that does not exist.
+pub fn alsa_home(card: bool) -> tempfile::TempDir {
+    let home = tempfile::tempdir().unwrap();
+    let config = if card {
+        "pcm.!default { type plug slave.pcm \"nullpcm\" }\npcm.nullpcm { type null }\n"
+    } else {
+        "pcm.!default { type hw card 99 }\n"
+    };
+    std::fs::write(home.path().join(".asoundrc"), config).unwrap();
+    home
+}
+
 /// A request counter for loopback upstreams.
 #[derive(Clone, Default)]
 pub struct Hits(Arc<AtomicUsize>);
