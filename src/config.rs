@@ -60,6 +60,8 @@ pub struct Config {
     pub tts: TtsConfig,
     /// `[asr]`: speech to text.
     pub asr: AsrConfig,
+    /// `[llm]`: the chat model's OpenAI-compatible endpoint.
+    pub llm: LlmConfig,
     /// `[vad]`: voice activity, turns and barge-in.
     pub vad: VadConfig,
     /// The file this configuration was read from, if any (not a key).
@@ -109,6 +111,44 @@ impl Default for AudioConfig {
             device_frame_ms: 60,
             device_lead_ms: 120,
             device_bitrate: crate::pipeline::opus::DEFAULT_BITRATE,
+        }
+    }
+}
+
+/// `[llm]`: an OpenAI-compatible chat completions endpoint (OpenAI, Ollama, vLLM, llama.cpp's
+/// server).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LlmConfig {
+    /// Base URL, up to `/v1`.
+    pub url: String,
+    /// Model name the endpoint knows.
+    pub model: String,
+    /// Name of the environment variable holding the API key, if the endpoint needs one.
+    pub api_key_env: Option<String>,
+    /// Sampling temperature.
+    pub temperature: f32,
+    /// Most tokens per reply.
+    pub max_tokens: u32,
+    /// Time to connect and for the answer to start, and the longest pause inside a stream, in ms.
+    pub timeout_ms: u64,
+    /// Retries of a request that could not connect or got 429 or 5xx, before any output.
+    pub retries: u32,
+    /// First retry's backoff in ms (doubling), unless the endpoint sends `Retry-After`.
+    pub retry_backoff_ms: u64,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:11434/v1".into(),
+            model: "llama3.2".into(),
+            api_key_env: None,
+            temperature: 0.7,
+            max_tokens: 256,
+            timeout_ms: 30_000,
+            retries: 3,
+            retry_backoff_ms: 500,
         }
     }
 }
@@ -617,6 +657,29 @@ impl Config {
                 allowed: "\"auto\" or a language code such as \"en\" or \"zh\"".into(),
             });
         }
+        let llm = &self.llm;
+        if !(llm.url.starts_with("http://") || llm.url.starts_with("https://")) {
+            return Err(ConfigError::Invalid {
+                key: "llm.url".into(),
+                value: format!("{:?}", llm.url),
+                allowed: "an http:// or https:// URL up to /v1".into(),
+            });
+        }
+        in_range("llm.temperature", llm.temperature, 0.0..=2.0, "")?;
+        in_range("llm.max_tokens", llm.max_tokens, 1..=32_768, "tokens")?;
+        in_range(
+            "llm.timeout_ms",
+            llm.timeout_ms,
+            1..=600_000,
+            "milliseconds",
+        )?;
+        in_range("llm.retries", llm.retries, 0..=10, "retries")?;
+        in_range(
+            "llm.retry_backoff_ms",
+            llm.retry_backoff_ms,
+            0..=60_000,
+            "milliseconds",
+        )?;
         let v = &self.vad;
         in_range("vad.threshold", v.threshold, 0.0..=1.0, "(a probability)")?;
         in_range(

@@ -6,8 +6,10 @@
 //! - [`tools`]: the tool hub: MCP servers, built-in tools, routing of results, paged media.
 //! - [`pipeline`]: audio: decode, resample, volume, Opus, playback queue, sinks, TTS, ASR, VAD.
 //! - [`models`]: model files and fetching them from the package registries.
+//! - [`llm`]: chat models as a stream of text and tool calls (OpenAI-compatible endpoints).
 
 pub mod config;
+pub mod llm;
 pub mod models;
 pub mod pipeline;
 pub mod tools;

@@ -61,7 +61,7 @@ fn example_config_is_valid_and_documents_every_key() {
     printed_music.remove("library");
     default_music.remove("library");
     assert_eq!(printed_music, default_music);
-    for section in ["tools", "audio", "tts", "vad"] {
+    for section in ["tools", "audio", "tts", "vad", "llm"] {
         assert_eq!(printed[section], defaults[section], "[{section}]");
     }
 }

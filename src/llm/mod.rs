@@ -1,0 +1,127 @@
+//! Chat models as a stream: text deltas and tool calls (whose arguments may arrive in pieces),
+//! then the finish reason and token usage.
+//!
+//! [`openai`] talks to any OpenAI-compatible `/chat/completions` endpoint (OpenAI, Ollama, vLLM,
+//! llama.cpp's server) with server-sent events.
+
+pub mod openai;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Who wrote a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+    Tool,
+}
+
+/// A tool call the assistant made: `arguments` is the JSON text as the model wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCallRequest {
+    /// The model's id for the call; tool messages answer it.
+    pub id: String,
+    /// The tool's name as offered.
+    pub name: String,
+    /// Arguments, JSON text.
+    pub arguments: String,
+}
+
+/// One message of a conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    /// The text (empty for an assistant message that only calls tools).
+    pub content: String,
+    /// Tool calls of an assistant message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallRequest>,
+    /// For a tool message: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    /// A message of `role` with `content` and nothing else.
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+
+    /// The answer to tool call `id`.
+    pub fn tool(id: &str, content: impl Into<String>) -> Self {
+        Self {
+            role: Role::Tool,
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: Some(id.into()),
+        }
+    }
+}
+
+/// Tokens a request used, as the endpoint reported them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+/// What a streaming completion yields, in order: text deltas and tool calls as they complete,
+/// then one `Done`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LlmEvent {
+    /// More text of the reply.
+    Text(String),
+    /// A complete tool call (its argument pieces joined).
+    ToolCall(ToolCallRequest),
+    /// The end: why the model stopped (`stop`, `tool_calls`, `length`, ...) and the usage.
+    Done {
+        finish_reason: String,
+        usage: Option<Usage>,
+    },
+}
+
+/// Why a completion failed. Each message names the endpoint and the model.
+#[derive(Debug, thiserror::Error)]
+pub enum LlmError {
+    #[error("LLM endpoint {url} is unreachable: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error(
+        "LLM endpoint {url} refused the API key for model {model:?} (HTTP {status}); check the key's environment variable"
+    )]
+    Unauthorized {
+        url: String,
+        model: String,
+        status: u16,
+    },
+    #[error("LLM endpoint {url} has no model {model:?} (HTTP 404): {body}")]
+    NotFound {
+        url: String,
+        model: String,
+        body: String,
+    },
+    #[error("LLM endpoint {url} answered HTTP {status} for model {model:?}: {body}")]
+    Status {
+        url: String,
+        model: String,
+        status: u16,
+        body: String,
+    },
+    #[error("LLM endpoint {url} sent a malformed stream: {reason}")]
+    Malformed { url: String, reason: String },
+    #[error("LLM endpoint {url} sent nothing for {} ms", timeout_ms)]
+    Timeout { url: String, timeout_ms: u64 },
+    #[error("LLM: environment variable {0} (API key) is not set")]
+    MissingKey(String),
+}
+
+/// OpenAI-style function tools (`{"type": "function", "function": {...}}`), as the tool hub
+/// gives them.
+pub type FunctionTools = [Value];
