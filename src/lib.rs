@@ -7,8 +7,10 @@
 //! - [`pipeline`]: audio: decode, resample, volume, Opus, playback queue, sinks, TTS, ASR, VAD.
 //! - [`models`]: model files and fetching them from the package registries.
 //! - [`llm`]: chat models as a stream of text and tool calls (OpenAI-compatible endpoints).
+//! - [`conversation`]: the turn loop joining the model, the tools and the playback queue.
 
 pub mod config;
+pub mod conversation;
 pub mod llm;
 pub mod models;
 pub mod pipeline;

@@ -1,0 +1,383 @@
+//! The turn loop (DESIGN §1, §2): the user's text goes to the chat model with the tools; its text
+//! is spoken sentence by sentence as it streams; its tool calls run through the tool hub, media
+//! they return plays, actions apply, and the terminal rules decide whether the model speaks again.
+//! Cancelling a turn (barge-in, a stop command) ends the model's stream, the tool calls and the
+//! pagers, and history keeps only what was actually said.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::llm::openai::OpenAiClient;
+use crate::llm::{ChatMessage, LlmEvent, Role};
+use crate::pipeline::decode::decode_media;
+use crate::pipeline::queue::{PlaybackQueue, QueueEvent, SegmentKind, StopReason as QueueStop};
+use crate::pipeline::sentence::SentenceSplitter;
+use crate::pipeline::tts::Tts;
+use crate::tools::hub::{ToolCall, ToolHub};
+use crate::tools::outcome::{Action, ToolOutcome};
+use crate::tools::terminal::{Decision, StopReason, decide};
+
+/// Turn settings.
+#[derive(Debug, Clone)]
+pub struct ConversationSettings {
+    /// The system prompt.
+    pub system_prompt: String,
+    /// User turns kept in history (older ones are dropped with their replies and tool results).
+    pub history_turns: usize,
+    /// Tool rounds per turn before the spoken fallback.
+    pub max_tool_rounds: u32,
+    /// Call the model again after media started.
+    pub continue_after_media: bool,
+}
+
+/// The default system prompt: short spoken answers, and the tools for music.
+pub const DEFAULT_SYSTEM_PROMPT: &str = "You are voxloop, a voice assistant. Your replies are spoken aloud: answer in one or two short sentences, without lists or markup. Use the tools to play music, set the volume, stop playback, tell the time, or end the conversation.";
+
+impl ConversationSettings {
+    /// From the configuration.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            system_prompt: DEFAULT_SYSTEM_PROMPT.into(),
+            history_turns: 10,
+            max_tool_rounds: config.tools.max_tool_rounds,
+            continue_after_media: config.tools.continue_after_media,
+        }
+    }
+}
+
+/// One tool call of a turn, for the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolReport {
+    pub name: String,
+    pub arguments: Value,
+    pub server: String,
+    pub is_error: bool,
+    /// What the model was told (the tool message).
+    pub result: String,
+}
+
+/// How a turn ended.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "end", content = "detail", rename_all = "snake_case")]
+pub enum TurnEnd {
+    /// The model answered in words.
+    Answered,
+    /// A terminal rule stopped the model (media playing, a flagged action, exit, max rounds).
+    Stopped(StopReason),
+    /// The turn was cancelled (barge-in, a stop command).
+    Cancelled,
+    /// The model could not be reached or failed; the user heard a short apology.
+    Failed(String),
+}
+
+/// What happened in a turn, with timings in ms from its start.
+#[derive(Debug, Clone, Serialize)]
+pub struct TurnReport {
+    pub heard: String,
+    /// The text given to TTS.
+    pub said: String,
+    pub tools: Vec<ToolReport>,
+    pub end: TurnEnd,
+    pub llm_calls: u32,
+    pub first_token_ms: Option<u64>,
+    pub first_audio_ms: Option<u64>,
+    pub total_ms: u64,
+}
+
+/// A conversation: history, the model, the tools, and the playback queue it speaks into.
+pub struct Conversation {
+    llm: OpenAiClient,
+    hub: Arc<ToolHub>,
+    tts: Tts,
+    queue: PlaybackQueue,
+    settings: ConversationSettings,
+    history: Vec<ChatMessage>,
+    exit: bool,
+}
+
+/// Spoken when the model cannot be reached.
+const APOLOGY_UNREACHABLE: &str = "Sorry, I can't reach my language model right now.";
+/// Spoken when the tool rounds run out.
+const APOLOGY_ROUNDS: &str = "Sorry, I couldn't finish that.";
+
+impl Conversation {
+    /// A conversation over these parts.
+    pub fn new(
+        llm: OpenAiClient,
+        hub: Arc<ToolHub>,
+        tts: Tts,
+        queue: PlaybackQueue,
+        settings: ConversationSettings,
+    ) -> Self {
+        Self {
+            llm,
+            hub,
+            tts,
+            queue,
+            settings,
+            history: Vec::new(),
+            exit: false,
+        }
+    }
+
+    /// The history (without the system prompt).
+    pub fn history(&self) -> &[ChatMessage] {
+        &self.history
+    }
+
+    /// True once `exit_conversation` was called: the session ends after playback.
+    pub fn exit_requested(&self) -> bool {
+        self.exit
+    }
+
+    /// The playback queue.
+    pub fn queue(&self) -> &PlaybackQueue {
+        &self.queue
+    }
+
+    fn messages(&self) -> Vec<ChatMessage> {
+        let mut turns_seen = 0;
+        let mut start = self.history.len();
+        for (i, m) in self.history.iter().enumerate().rev() {
+            if m.role == Role::User {
+                turns_seen += 1;
+                if turns_seen > self.settings.history_turns {
+                    break;
+                }
+                start = i;
+            }
+        }
+        let mut messages = vec![ChatMessage::new(
+            Role::System,
+            self.settings.system_prompt.clone(),
+        )];
+        messages.extend_from_slice(&self.history[start..]);
+        messages
+    }
+
+    /// Speaks `text` (queued behind what is playing); a TTS failure is logged and skipped.
+    async fn speak(&self, text: &str) {
+        match self.tts.synthesize(text).await {
+            Ok(media) => {
+                self.queue
+                    .enqueue(
+                        SegmentKind::Sentence {
+                            text: text.to_string(),
+                        },
+                        decode_media(media),
+                    )
+                    .await;
+            }
+            Err(e) => tracing::error!(error = %e, sentence = text, "TTS failed; sentence skipped"),
+        }
+    }
+
+    /// Runs one turn for the user's `text`. `cancel` ends it early (barge-in): the caller also
+    /// stops the playback queue.
+    pub async fn turn(&mut self, text: &str, cancel: &CancellationToken) -> TurnReport {
+        let started = Instant::now();
+        let ms = |t: Instant| t.duration_since(started).as_millis() as u64;
+        self.queue.new_turn().await;
+        let mut events = self.queue.events();
+        // When the turn's first audio starts playing (it may be after the model has finished).
+        let mut watcher = self.queue.events();
+        let first_audio = tokio::spawn(async move {
+            while let Ok(event) = watcher.recv().await {
+                if matches!(event, QueueEvent::SegmentStart { .. }) {
+                    return Some(Instant::now());
+                }
+            }
+            None
+        });
+        self.history.push(ChatMessage::new(Role::User, text));
+        let mut report = TurnReport {
+            heard: text.to_string(),
+            said: String::new(),
+            tools: Vec::new(),
+            end: TurnEnd::Answered,
+            llm_calls: 0,
+            first_token_ms: None,
+            first_audio_ms: None,
+            total_ms: 0,
+        };
+        let tools = self.hub.function_tools();
+        let mut spoken_sentences: Vec<String> = Vec::new();
+        let mut round = 0;
+        'rounds: loop {
+            round += 1;
+            report.llm_calls += 1;
+            let mut stream = match self.llm.stream(&self.messages(), &tools, cancel).await {
+                Ok(stream) => stream,
+                Err(e) if cancel.is_cancelled() => {
+                    tracing::info!(error = %e, "turn cancelled");
+                    report.end = TurnEnd::Cancelled;
+                    break 'rounds;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "LLM failed");
+                    self.speak(APOLOGY_UNREACHABLE).await;
+                    report.end = TurnEnd::Failed(e.to_string());
+                    break 'rounds;
+                }
+            };
+            let mut splitter = SentenceSplitter::default();
+            let mut text = String::new();
+            let mut calls = Vec::new();
+            loop {
+                let event = tokio::select! {
+                    e = stream.recv() => e,
+                    _ = cancel.cancelled() => { report.end = TurnEnd::Cancelled; break; }
+                };
+                match event {
+                    Some(Ok(LlmEvent::Text(delta))) => {
+                        report.first_token_ms.get_or_insert(ms(Instant::now()));
+                        text.push_str(&delta);
+                        for sentence in splitter.push(&delta) {
+                            self.speak(&sentence).await;
+                            spoken_sentences.push(sentence);
+                        }
+                    }
+                    Some(Ok(LlmEvent::ToolCall(call))) => {
+                        report.first_token_ms.get_or_insert(ms(Instant::now()));
+                        calls.push(call);
+                    }
+                    Some(Ok(LlmEvent::Done { .. })) | None => break,
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "LLM stream failed");
+                        if text.is_empty() && calls.is_empty() {
+                            self.speak(APOLOGY_UNREACHABLE).await;
+                        }
+                        report.end = TurnEnd::Failed(e.to_string());
+                        break;
+                    }
+                }
+            }
+            // The stream also ends (closed) when the turn is cancelled.
+            if cancel.is_cancelled() {
+                report.end = TurnEnd::Cancelled;
+            }
+            let cancelled = report.end == TurnEnd::Cancelled;
+            if !cancelled && let Some(rest) = splitter.finish() {
+                self.speak(&rest).await;
+                spoken_sentences.push(rest);
+            }
+            if cancelled {
+                // Calls the model had not finished are not made.
+                calls.clear();
+            }
+            let mut assistant = ChatMessage::new(Role::Assistant, text.trim());
+            assistant.tool_calls = calls.clone();
+            self.history.push(assistant);
+            if cancelled || calls.is_empty() || matches!(report.end, TurnEnd::Failed(_)) {
+                break 'rounds;
+            }
+            // Tool round: concurrent calls, results in call order.
+            let hub_calls: Vec<ToolCall> = calls
+                .iter()
+                .map(|c| ToolCall {
+                    name: c.name.clone(),
+                    arguments: serde_json::from_str(&c.arguments).unwrap_or(Value::Null),
+                })
+                .collect();
+            let outcomes = tokio::select! {
+                o = self.hub.call_round(&hub_calls, cancel) => o,
+                _ = cancel.cancelled() => {
+                    // Every call gets an answer in history, as the chat API requires.
+                    for call in &calls {
+                        self.history.push(ChatMessage::tool(&call.id, "[cancelled]"));
+                    }
+                    report.end = TurnEnd::Cancelled;
+                    break 'rounds;
+                }
+            };
+            let mut facts = Vec::new();
+            for ((call, hub_call), mut outcome) in calls.iter().zip(&hub_calls).zip(outcomes) {
+                facts.push(outcome.facts());
+                let result = outcome.tool_message();
+                self.apply(&mut outcome).await;
+                report.tools.push(ToolReport {
+                    name: call.name.clone(),
+                    arguments: hub_call.arguments.clone(),
+                    server: outcome.server.clone(),
+                    is_error: outcome.is_error,
+                    result: result.clone(),
+                });
+                self.history.push(ChatMessage::tool(&call.id, result));
+            }
+            match decide(
+                &facts,
+                round,
+                self.settings.max_tool_rounds,
+                self.settings.continue_after_media,
+            ) {
+                Decision::CallLlm(_) => continue,
+                Decision::Stop(reason) => {
+                    if reason == StopReason::MaxRounds {
+                        self.speak(APOLOGY_ROUNDS).await;
+                        spoken_sentences.push(APOLOGY_ROUNDS.into());
+                    }
+                    report.end = TurnEnd::Stopped(reason);
+                    break 'rounds;
+                }
+            }
+        }
+        // What was actually said: every sentence, or on cancellation only those that started.
+        if report.end == TurnEnd::Cancelled {
+            let mut started = Vec::new();
+            while let Ok(event) = events.try_recv() {
+                if let QueueEvent::SegmentStart {
+                    segment: SegmentKind::Sentence { text },
+                    ..
+                } = event
+                {
+                    started.push(text);
+                }
+            }
+            report.said = started.join(" ");
+            if let Some(last) = self
+                .history
+                .iter_mut()
+                .rev()
+                .find(|m| m.role == Role::Assistant)
+            {
+                last.content = format!("{} [interrupted]", report.said).trim().to_string();
+            }
+        } else {
+            report.said = spoken_sentences.join(" ");
+        }
+        report.total_ms = ms(Instant::now());
+        if self.queue.is_busy() {
+            let wait = std::time::Duration::from_secs(10);
+            if let Ok(Ok(Some(at))) = tokio::time::timeout(wait, first_audio).await {
+                report.first_audio_ms = Some(ms(at));
+            }
+        } else {
+            first_audio.abort();
+        }
+        report
+    }
+
+    /// Plays the outcome's media and performs its action.
+    async fn apply(&mut self, outcome: &mut ToolOutcome) {
+        for media in std::mem::take(&mut outcome.media) {
+            let title = media.title.clone();
+            self.queue
+                .enqueue(SegmentKind::Media { title }, decode_media(media))
+                .await;
+        }
+        match &outcome.action {
+            Some(Action::SetVolume { volume }) => self.queue.set_volume(*volume),
+            Some(Action::StopPlayback) => self.queue.stop(QueueStop::StopCommand).await,
+            Some(Action::ExitConversation) => self.exit = true,
+            Some(Action::Other { name }) => {
+                tracing::warn!(action = %name, "unknown action, not performed")
+            }
+            None => {}
+        }
+    }
+}

@@ -1,0 +1,422 @@
+//! The turn loop against a scripted OpenAI-compatible endpoint on loopback (real HTTP and SSE,
+//! tool calls streamed in pieces), the real music server over stdio, espeak-ng, and a WAV sink
+//! whose PCM is checked.
+
+mod common;
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::header;
+use axum::response::IntoResponse;
+use common::*;
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use voxloop::config::{Config, LlmConfig, McpServerConfig};
+use voxloop::conversation::{Conversation, ConversationSettings, TurnEnd};
+use voxloop::llm::Role;
+use voxloop::llm::openai::OpenAiClient;
+use voxloop::pipeline::queue::{
+    PlaybackQueue, QueueEvent, QueueSettings, SegmentKind, StopReason as QueueStop,
+};
+use voxloop::pipeline::sink::{Sink, WavSink};
+use voxloop::pipeline::tts::Tts;
+use voxloop::tools::hub::ToolHub;
+use voxloop::tools::terminal::StopReason;
+
+/// One scripted reply: SSE chunks, each after a delay in ms.
+type Script = Vec<(Value, u64)>;
+
+fn text(t: &str) -> Script {
+    vec![
+        (
+            json!({"choices": [{"index": 0, "delta": {"content": t}, "finish_reason": null}]}),
+            0,
+        ),
+        (
+            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+            0,
+        ),
+    ]
+}
+
+/// A tool call whose arguments arrive in three pieces.
+fn tool(name: &str, arguments: Value) -> Script {
+    let args = arguments.to_string();
+    let third = args.len() / 3;
+    let piece = |i: usize, id: Option<&str>, name: Option<&str>, a: &str| {
+        let mut function = json!({"arguments": a});
+        if let Some(name) = name {
+            function["name"] = json!(name);
+        }
+        let mut call = json!({"index": 0, "type": "function", "function": function});
+        if let Some(id) = id {
+            call["id"] = json!(id);
+        }
+        let _ = i;
+        (
+            json!({"choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": null}]}),
+            0,
+        )
+    };
+    vec![
+        piece(0, Some("call_1"), Some(name), &args[..third]),
+        piece(1, None, None, &args[third..2 * third]),
+        piece(2, None, None, &args[2 * third..]),
+        (
+            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}),
+            0,
+        ),
+    ]
+}
+
+/// The scripted endpoint: each request gets the next script (then "Okay."); requests are kept.
+async fn scripted(scripts: Vec<Script>) -> (String, Arc<Mutex<Vec<Value>>>) {
+    let queue = Arc::new(Mutex::new(VecDeque::from(scripts)));
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let seen = requests.clone();
+    let router = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move |body: axum::Json<Value>| {
+            let queue = queue.clone();
+            let seen = seen.clone();
+            async move {
+                seen.lock().await.push(body.0);
+                let script = queue
+                    .lock()
+                    .await
+                    .pop_front()
+                    .unwrap_or_else(|| text("Okay."));
+                let stream =
+                    futures_util::stream::unfold(script.into_iter(), |mut it| async move {
+                        let (chunk, delay) = it.next()?;
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
+                        Some((Ok::<_, std::io::Error>(format!("data: {chunk}\n\n")), it))
+                    });
+                let done = futures_util::stream::once(async { Ok("data: [DONE]\n\n".to_string()) });
+                let body =
+                    axum::body::Body::from_stream(futures_util::StreamExt::chain(stream, done));
+                ([(header::CONTENT_TYPE, "text/event-stream")], body).into_response()
+            }
+        }),
+    );
+    (format!("{}/v1", serve_loopback(router).await), requests)
+}
+
+struct Rig {
+    conversation: Conversation,
+    requests: Arc<Mutex<Vec<Value>>>,
+    wav: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn rig(scripts: Vec<Script>, max_rounds: u32) -> Rig {
+    let (url, requests) = scripted(scripts).await;
+    rig_at(
+        LlmConfig {
+            url,
+            model: "scripted".into(),
+            retry_backoff_ms: 1,
+            ..LlmConfig::default()
+        },
+        requests,
+        max_rounds,
+    )
+    .await
+}
+
+async fn rig_at(llm: LlmConfig, requests: Arc<Mutex<Vec<Value>>>, max_rounds: u32) -> Rig {
+    let mut config = Config::default();
+    let music = McpServerConfig {
+        command: Some(music_server_bin().display().to_string()),
+        cwd: Some(repo_root()),
+        ..McpServerConfig::default()
+    };
+    config.mcp_servers.insert("music".into(), music);
+    config.tools.max_tool_rounds = max_rounds;
+    let hub = Arc::new(ToolHub::start(&config).await);
+    let dir = tempfile::tempdir().unwrap();
+    let wav = dir.path().join("reply.wav");
+    let queue = PlaybackQueue::new(
+        Sink::Wav(WavSink::create(&wav, 24_000, 1).unwrap()),
+        QueueSettings {
+            volume: 100,
+            ..QueueSettings::default()
+        },
+    );
+    let settings = ConversationSettings::from_config(&config);
+    let conversation = Conversation::new(
+        OpenAiClient::new(&llm),
+        hub,
+        Tts::new(&config.tts),
+        queue,
+        settings,
+    );
+    Rig {
+        conversation,
+        requests,
+        wav,
+        _dir: dir,
+    }
+}
+
+impl Rig {
+    async fn turn(&mut self, text: &str) -> voxloop::conversation::TurnReport {
+        self.conversation
+            .turn(text, &CancellationToken::new())
+            .await
+    }
+
+    /// Plays everything out and returns the WAV's samples.
+    async fn output(self) -> Vec<f32> {
+        let queue = self.conversation.queue().clone();
+        drop(self.conversation);
+        queue.close().await.unwrap();
+        hound::WavReader::open(&self.wav)
+            .unwrap()
+            .into_samples::<i16>()
+            .map(|s| s.unwrap() as f32 / 32768.0)
+            .collect()
+    }
+}
+
+fn rms(samples: &[f32]) -> f32 {
+    (samples.iter().map(|s| s * s).sum::<f32>() / samples.len().max(1) as f32).sqrt()
+}
+
+#[tokio::test]
+async fn a_text_turn_is_spoken() {
+    let mut rig = rig(vec![text("Hello there. How can I help you today?")], 5).await;
+    let report = rig.turn("Hi").await;
+    assert_eq!(report.end, TurnEnd::Answered);
+    assert_eq!(report.llm_calls, 1);
+    assert_eq!(report.said, "Hello there. How can I help you today?");
+    assert!(
+        report.first_token_ms.is_some() && report.first_audio_ms.is_some(),
+        "{report:?}"
+    );
+    let history = rig.conversation.history().to_vec();
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[1].content, "Hello there. How can I help you today?");
+    let audio = rig.output().await;
+    assert!(
+        audio.len() > 24_000 && rms(&audio) > 0.02,
+        "{} samples, rms {}",
+        audio.len(),
+        rms(&audio)
+    );
+}
+
+#[tokio::test]
+async fn a_tool_result_goes_back_to_the_model() {
+    let mut rig = rig(
+        vec![tool("get_current_time", json!({})), text("It is late.")],
+        5,
+    )
+    .await;
+    let report = rig.turn("What time is it?").await;
+    assert_eq!(report.llm_calls, 2);
+    assert_eq!(report.tools[0].name, "get_current_time");
+    assert_eq!(report.said, "It is late.");
+    let requests = rig.requests.lock().await.clone();
+    let messages = requests[1]["messages"].as_array().unwrap();
+    let tool_message = messages
+        .iter()
+        .find(|m| m["role"] == "tool")
+        .expect("a tool message");
+    assert!(
+        tool_message["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("It is "),
+        "{tool_message}"
+    );
+    assert_eq!(tool_message["tool_call_id"], "call_1");
+    assert_eq!(
+        requests[0]["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["function"]["name"] == "musicPlayer")
+            .count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_linked_track_plays_and_the_model_is_not_called_again() {
+    let mut rig = rig(
+        vec![tool("musicPlayer", json!({"query": "return to home"}))],
+        5,
+    )
+    .await;
+    let report = rig.turn("Play return to home").await;
+    assert_eq!(report.end, TurnEnd::Stopped(StopReason::Media));
+    assert_eq!(report.llm_calls, 1);
+    assert!(
+        report.tools[0]
+            .result
+            .contains("Playing \"Tumiki Return To Home\""),
+        "{:?}",
+        report.tools
+    );
+    let audio = rig.output().await;
+    // The track is what played: the output correlates with the decoded FLAC at 24 kHz.
+    let flac = std::fs::File::open(music_file("tumiki_return_to_home.flac")).unwrap();
+    let mut converter = voxloop::pipeline::convert::Converter::new(24_000, 1);
+    let mut track = Vec::new();
+    voxloop::pipeline::decode::decode(flac, "audio/flac", &mut |pcm| {
+        track.extend(converter.push(&pcm).unwrap());
+        true
+    })
+    .unwrap();
+    track.extend(converter.flush());
+    assert!(
+        (audio.len() as i64 - track.len() as i64).abs() < 2400,
+        "{} vs {}",
+        audio.len(),
+        track.len()
+    );
+    let window = 24_000 * 5..24_000 * 7;
+    let (a, b) = (&audio[window.clone()], &track[window]);
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let norm = (a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>()
+        * b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>())
+    .sqrt();
+    assert!(dot / norm > 0.99, "correlation {}", dot / norm);
+}
+
+#[tokio::test]
+async fn set_volume_changes_the_output_level_and_ends_the_turn() {
+    let mut rig = rig(vec![tool("set_volume", json!({"volume": 30}))], 5).await;
+    let report = rig.turn("Set the volume to thirty percent").await;
+    assert_eq!(report.end, TurnEnd::Stopped(StopReason::Flagged));
+    assert_eq!(report.llm_calls, 1);
+    assert_eq!(rig.conversation.queue().volume(), 30);
+}
+
+#[tokio::test]
+async fn exit_conversation_ends_the_session() {
+    let mut rig = rig(vec![tool("exit_conversation", json!({}))], 5).await;
+    let report = rig.turn("Goodbye").await;
+    assert_eq!(report.end, TurnEnd::Stopped(StopReason::ExitConversation));
+    assert!(rig.conversation.exit_requested());
+}
+
+#[tokio::test]
+async fn failing_tools_are_reported_to_the_model() {
+    let mut rig = rig(
+        vec![
+            tool("no_such_tool", json!({})),
+            text("Sorry, I could not do that."),
+        ],
+        5,
+    )
+    .await;
+    let report = rig.turn("Do something odd").await;
+    assert_eq!(report.llm_calls, 2);
+    assert!(report.tools[0].is_error);
+    let requests = rig.requests.lock().await.clone();
+    let tool_message = requests[1]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["role"] == "tool")
+        .unwrap()
+        .clone();
+    assert!(
+        tool_message["content"]
+            .as_str()
+            .unwrap()
+            .contains("there is no tool"),
+        "{tool_message}"
+    );
+    assert_eq!(report.said, "Sorry, I could not do that.");
+}
+
+#[tokio::test]
+async fn tool_rounds_stop_at_the_limit_with_a_spoken_fallback() {
+    let mut rig = rig(
+        vec![
+            tool("get_current_time", json!({})),
+            tool("get_current_time", json!({})),
+            tool("get_current_time", json!({})),
+        ],
+        2,
+    )
+    .await;
+    let report = rig.turn("Loop").await;
+    assert_eq!(report.end, TurnEnd::Stopped(StopReason::MaxRounds));
+    assert_eq!(report.llm_calls, 2);
+    assert!(report.said.contains("couldn't finish"), "{}", report.said);
+}
+
+#[tokio::test]
+async fn barge_in_mid_reply_keeps_only_what_was_said() {
+    let mut slow = text("First sentence here. ");
+    slow.insert(1, (json!({"choices": [{"index": 0, "delta": {"content": "Second sentence never heard."}, "finish_reason": null}]}), 3000));
+    let mut rig = rig(vec![slow], 5).await;
+    let queue = rig.conversation.queue().clone();
+    let cancel = CancellationToken::new();
+    let mut events = queue.events();
+    let barge = {
+        let cancel = cancel.clone();
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            while let Ok(event) = events.recv().await {
+                if matches!(
+                    event,
+                    QueueEvent::SegmentStart {
+                        segment: SegmentKind::Sentence { .. },
+                        ..
+                    }
+                ) {
+                    queue.stop(QueueStop::BargeIn).await;
+                    cancel.cancel();
+                    return;
+                }
+            }
+        })
+    };
+    let report = tokio::time::timeout(
+        Duration::from_secs(20),
+        rig.conversation.turn("Tell me two things", &cancel),
+    )
+    .await
+    .expect("the turn ends");
+    barge.await.unwrap();
+    assert_eq!(report.end, TurnEnd::Cancelled);
+    assert_eq!(report.said, "First sentence here.");
+    let last = rig
+        .conversation
+        .history()
+        .iter()
+        .rev()
+        .find(|m| m.role == Role::Assistant)
+        .unwrap()
+        .clone();
+    assert_eq!(last.content, "First sentence here. [interrupted]");
+}
+
+#[tokio::test]
+async fn an_unreachable_model_gets_a_spoken_apology_and_the_session_goes_on() {
+    let llm = LlmConfig {
+        url: "http://127.0.0.1:9/v1".into(),
+        retries: 0,
+        ..LlmConfig::default()
+    };
+    let mut rig = rig_at(llm, Arc::default(), 5).await;
+    let report = rig.turn("Hello?").await;
+    assert!(
+        matches!(&report.end, TurnEnd::Failed(e) if e.contains("unreachable")),
+        "{:?}",
+        report.end
+    );
+    let report = rig.turn("Still there?").await;
+    assert!(matches!(report.end, TurnEnd::Failed(_)));
+    let audio = rig.output().await;
+    assert!(rms(&audio) > 0.02, "the apology was spoken");
+}
