@@ -415,8 +415,15 @@ impl Config {
             },
             other => other,
         })?;
+        // Paths written in the file are relative to it; defaults stay relative to the current
+        // directory.
         let base = path.parent().unwrap_or(Path::new(""));
-        config.music.library = base.join(&config.music.library);
+        let table: toml::Table = toml::from_str(&text).unwrap_or_default();
+        let written =
+            |section: &str, key: &str| table.get(section).and_then(|s| s.get(key)).is_some();
+        if written("music", "library") {
+            config.music.library = base.join(&config.music.library);
+        }
         config.music.catalog = config.music.catalog.map(|c| base.join(c));
         config.asr.model = config.asr.model.map(|m| base.join(m));
         for server in config.mcp_servers.values_mut() {
@@ -903,6 +910,17 @@ mod tests {
             let err = Config::from_toml(bad).unwrap_err().to_string();
             assert!(err.contains(needle), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn default_paths_stay_relative_to_the_current_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("v.toml");
+        std::fs::write(&file, "[llm]\nmodel = \"m\"\n").unwrap();
+        assert_eq!(
+            Config::load(Some(&file)).unwrap().music.library,
+            PathBuf::from("assets/music")
+        );
     }
 
     #[test]

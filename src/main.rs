@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use voxloop::config::Config;
+use voxloop::conversation::{Conversation, ConversationSettings, TurnReport};
 use voxloop::pipeline::decode::decode_media;
 use voxloop::pipeline::queue::{PlaybackQueue, QueueEvent, QueueSettings, SegmentKind, StopReason};
 use voxloop::pipeline::sentence::SentenceSplitter;
@@ -78,6 +79,27 @@ enum Command {
         /// Print one JSON object per turn (start_ms, end_ms, text, language).
         #[arg(long)]
         json: bool,
+    },
+    /// The assistant with typed turns: each line of stdin (or --text) is a turn; replies are
+    /// spoken (or written to --output) and tool calls run through the configured MCP servers.
+    /// The chat model is the OpenAI-compatible endpoint of [llm].
+    Chat {
+        /// One turn's text instead of reading stdin.
+        #[arg(long)]
+        text: Option<String>,
+        /// Write what would play into this WAV file instead of the speaker.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// The assistant with speech in: the microphone (or --input FILE, each utterance a turn),
+    /// replies spoken (or into --output). The chat model is the endpoint of [llm].
+    Run {
+        /// Speech from this audio file instead of the microphone.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Write what would play into this WAV file instead of the speaker.
+        #[arg(long)]
+        output: Option<PathBuf>,
     },
     /// Model files: where they are, and fetching what is missing.
     #[command(subcommand)]
@@ -156,6 +178,16 @@ fn main() -> anyhow::Result<ExitCode> {
             runtime.block_on(tools(&config, command))
         }
         Command::Models(command) => models(command),
+        Command::Chat { text, output } => {
+            let config = load_config(&cli)?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(chat(&config, text.as_deref(), output.as_deref()))
+        }
+        Command::Run { input, output } => {
+            let config = load_config(&cli)?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(run(&config, input.as_deref(), output.as_deref()))
+        }
         Command::Listen {
             input,
             seconds,
@@ -226,6 +258,160 @@ fn transcribe(config: &Config, file: &Path, json: bool) -> anyhow::Result<ExitCo
         println!("{}", serde_json::to_string_pretty(&transcript)?);
     } else {
         println!("{}", transcript.text);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The assistant's parts: the tool hub (servers started), TTS, the playback queue into `output`
+/// or the speaker, and the chat model.
+async fn assistant(config: &Config, output: Option<&Path>) -> anyhow::Result<Conversation> {
+    let hub = std::sync::Arc::new(ToolHub::start(config).await);
+    for failure in hub.startup_failures() {
+        eprintln!("MCP server {} skipped: {}", failure.server, failure.error);
+    }
+    let queue = queue_for(config, open_sink(config, output)?);
+    Ok(Conversation::new(
+        voxloop::llm::openai::OpenAiClient::new(&config.llm),
+        hub,
+        Tts::new(&config.tts),
+        queue,
+        ConversationSettings::from_config(config),
+    ))
+}
+
+/// Prints a turn as it happened: what was heard, the tool calls, what was said, and timings.
+fn print_turn(report: &TurnReport, asr_ms: Option<u64>) {
+    println!("heard: {}", report.heard);
+    for tool in &report.tools {
+        let status = if tool.is_error { "error" } else { "ok" };
+        println!(
+            "  tool {}({}) [{}, {status}]: {}",
+            tool.name,
+            tool.arguments,
+            tool.server,
+            tool.result.replace('\n', " ")
+        );
+    }
+    if !report.said.is_empty() {
+        println!("said: {}", report.said);
+    }
+    let ms = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{v} ms"));
+    println!(
+        "  end: {:?}; timings: ASR {}, first LLM token {}, first audio {}, turn {} ms",
+        report.end,
+        ms(asr_ms),
+        ms(report.first_token_ms),
+        ms(report.first_audio_ms),
+        report.total_ms
+    );
+}
+
+async fn chat(
+    config: &Config,
+    text: Option<&str>,
+    output: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    let mut conversation = assistant(config, output).await?;
+    let lines: Vec<String> = match text {
+        Some(text) => vec![text.to_string()],
+        None => std::io::stdin().lines().collect::<Result<_, _>>()?,
+    };
+    for line in lines.iter().map(|l| l.trim()).filter(|l| !l.is_empty()) {
+        let report = conversation.turn(line, &CancellationToken::new()).await;
+        print_turn(&report, None);
+        if conversation.exit_requested() {
+            break;
+        }
+    }
+    conversation.queue().clone().close().await;
+    if let Some(path) = output {
+        println!("wrote {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run(
+    config: &Config,
+    input: Option<&Path>,
+    output: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    use voxloop::pipeline::asr::Asr;
+    use voxloop::pipeline::input::{Microphone, SpeechInput};
+    use voxloop::pipeline::vad::{BargeIn, TurnDetector, TurnEvent};
+    let asr = std::sync::Arc::new(Asr::load(&config.asr)?);
+    let mut conversation = assistant(config, output).await?;
+    let (mut blocks, _microphone) = match input {
+        Some(path) => {
+            let mut decoded = voxloop::pipeline::source::open(&path.to_string_lossy()).await?;
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            tokio::spawn(async move {
+                while let Some(Ok(pcm)) = decoded.recv().await {
+                    if tx.send(pcm).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            (rx, None)
+        }
+        None => {
+            let (microphone, rx) = Microphone::open()?;
+            eprintln!("listening on the microphone (Ctrl-C ends)");
+            (rx, Some(microphone))
+        }
+    };
+    let mut speech = SpeechInput::default();
+    let mut turns = TurnDetector::new(&config.vad);
+    let mut barge = BargeIn::new(&config.vad);
+    let queue = conversation.queue().clone();
+    loop {
+        let block = tokio::select! {
+            block = blocks.recv() => block,
+            _ = tokio::signal::ctrl_c() => None,
+        };
+        let ended = block.is_none();
+        let (mut events, frames) = match block {
+            Some(pcm) => turns.push(&speech.push(&pcm)?),
+            None => turns.push(&speech.finish()),
+        };
+        if ended {
+            events.extend(turns.finish());
+        }
+        // From a microphone, speech over the assistant's playback interrupts it.
+        if input.is_none() {
+            for frame in &frames {
+                if barge.on_frame(frame, queue.is_busy(), queue.output_level()) {
+                    queue
+                        .stop(voxloop::pipeline::queue::StopReason::BargeIn)
+                        .await;
+                }
+            }
+        }
+        for event in events {
+            if let TurnEvent::Utterance { pcm, .. } = event {
+                let started = std::time::Instant::now();
+                let asr = asr.clone();
+                let transcript =
+                    tokio::task::spawn_blocking(move || asr.transcribe(&pcm)).await??;
+                let asr_ms = started.elapsed().as_millis() as u64;
+                if transcript.text.is_empty() {
+                    continue;
+                }
+                let report = conversation
+                    .turn(&transcript.text, &CancellationToken::new())
+                    .await;
+                print_turn(&report, Some(asr_ms));
+                if conversation.exit_requested() {
+                    break;
+                }
+            }
+        }
+        if ended || conversation.exit_requested() {
+            break;
+        }
+    }
+    conversation.queue().clone().close().await;
+    if let Some(path) = output {
+        println!("wrote {}", path.display());
     }
     Ok(ExitCode::SUCCESS)
 }

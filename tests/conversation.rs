@@ -420,3 +420,99 @@ async fn an_unreachable_model_gets_a_spoken_apology_and_the_session_goes_on() {
     let audio = rig.output().await;
     assert!(rms(&audio) > 0.02, "the apology was spoken");
 }
+
+/// `voxloop` as a process, with a config whose [llm] is the scripted endpoint.
+async fn voxloop_with(url: &str, args: &[&str]) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("voxloop.toml");
+    std::fs::write(
+        &config,
+        format!("[llm]\nurl = {url:?}\nmodel = \"scripted\"\n[asr]\nlanguage = \"en\"\n"),
+    )
+    .unwrap();
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_voxloop"))
+        .arg("--config")
+        .arg(&config)
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn chat_runs_typed_turns_through_the_bundled_music_server() {
+    let (url, requests) = scripted(vec![tool(
+        "musicPlayer",
+        json!({"query": "return to home"}),
+    )])
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("reply.wav");
+    let output = voxloop_with(
+        &url,
+        &[
+            "chat",
+            "--text",
+            "Play return to home",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("tool musicPlayer({\"query\":\"return to home\"}) [music, ok]"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("end: Stopped(Media)"), "{stdout}");
+    assert_eq!(requests.lock().await.len(), 1);
+    let seconds = hound::WavReader::open(&out).unwrap().duration() as f64 / 24_000.0;
+    assert!((22.0..22.4).contains(&seconds), "{seconds} s: the track");
+}
+
+#[tokio::test]
+async fn run_hears_a_spoken_command_and_plays_the_track() {
+    let (url, requests) = scripted(vec![tool("musicPlayer", json!({"query": "horizon"}))]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("reply.wav");
+    let output = voxloop_with(
+        &url,
+        &[
+            "run",
+            "--input",
+            "assets/speech/cmd_play_horizon.wav",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("heard: Play the song just over the horizon."),
+        "{stdout}"
+    );
+    assert!(stdout.contains("tool musicPlayer"), "{stdout}");
+    // The model was asked with what was heard.
+    let request = requests.lock().await[0].clone();
+    let user = request["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["role"] == "user")
+        .unwrap()
+        .clone();
+    assert_eq!(user["content"], "Play the song just over the horizon.");
+    let seconds = hound::WavReader::open(&out).unwrap().duration() as f64 / 24_000.0;
+    assert!(seconds > 55.0, "{seconds} s: the 59 s track");
+}
