@@ -323,24 +323,19 @@ async fn chat(
             break;
         }
     }
-    conversation.queue().clone().close().await;
-    if let Some(path) = output {
-        println!("wrote {}", path.display());
-    }
-    Ok(ExitCode::SUCCESS)
+    finish_playback(conversation.queue().clone(), None, output, false).await
 }
 
-async fn run(
-    config: &Config,
+/// Blocks of speech: from `input` (a file, decoded as fast as it reads) or from the microphone
+/// (kept open while the returned handle lives).
+async fn speech_source(
     input: Option<&Path>,
-    output: Option<&Path>,
-) -> anyhow::Result<ExitCode> {
-    use voxloop::pipeline::asr::Asr;
-    use voxloop::pipeline::input::{Microphone, SpeechInput};
-    use voxloop::pipeline::vad::{BargeIn, TurnDetector, TurnEvent};
-    let asr = std::sync::Arc::new(Asr::load(&config.asr)?);
-    let mut conversation = assistant(config, output).await?;
-    let (mut blocks, _microphone) = match input {
+    seconds: Option<f64>,
+) -> anyhow::Result<(
+    tokio::sync::mpsc::Receiver<voxloop::pipeline::Pcm>,
+    Option<voxloop::pipeline::input::Microphone>,
+)> {
+    match input {
         Some(path) => {
             let mut decoded = voxloop::pipeline::source::open(&path.to_string_lossy()).await?;
             let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -351,14 +346,30 @@ async fn run(
                     }
                 }
             });
-            (rx, None)
+            Ok((rx, None))
         }
         None => {
-            let (microphone, rx) = Microphone::open()?;
-            eprintln!("listening on the microphone (Ctrl-C ends)");
-            (rx, Some(microphone))
+            let (microphone, rx) = voxloop::pipeline::input::Microphone::open()?;
+            let limit = seconds
+                .map(|s| format!(" for {s} s"))
+                .unwrap_or_else(|| " (Ctrl-C ends)".into());
+            eprintln!("listening on the microphone{limit}");
+            Ok((rx, Some(microphone)))
         }
-    };
+    }
+}
+
+async fn run(
+    config: &Config,
+    input: Option<&Path>,
+    output: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    use voxloop::pipeline::asr::Asr;
+    use voxloop::pipeline::input::SpeechInput;
+    use voxloop::pipeline::vad::{BargeIn, TurnDetector, TurnEvent};
+    let asr = std::sync::Arc::new(Asr::load(&config.asr)?);
+    let mut conversation = assistant(config, output).await?;
+    let (mut blocks, _microphone) = speech_source(input, None).await?;
     let mut speech = SpeechInput::default();
     let mut turns = TurnDetector::new(&config.vad);
     let mut barge = BargeIn::new(&config.vad);
@@ -409,11 +420,7 @@ async fn run(
             break;
         }
     }
-    conversation.queue().clone().close().await;
-    if let Some(path) = output {
-        println!("wrote {}", path.display());
-    }
-    Ok(ExitCode::SUCCESS)
+    finish_playback(conversation.queue().clone(), None, output, false).await
 }
 
 async fn listen(
@@ -423,33 +430,11 @@ async fn listen(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     use voxloop::pipeline::asr::Asr;
-    use voxloop::pipeline::input::{Microphone, SpeechInput};
+    use voxloop::pipeline::input::SpeechInput;
     use voxloop::pipeline::vad::{TurnDetector, TurnEvent, VAD_RATE};
     let asr = std::sync::Arc::new(Asr::load(&config.asr)?);
     // Blocks of PCM: from the file as fast as it decodes, or from the microphone.
-    let (mut blocks, _microphone) = match input {
-        Some(path) => {
-            let decoded = voxloop::pipeline::source::open(&path.to_string_lossy()).await?;
-            let (tx, rx) = tokio::sync::mpsc::channel(16);
-            tokio::spawn(async move {
-                let mut decoded = decoded;
-                while let Some(Ok(pcm)) = decoded.recv().await {
-                    if tx.send(pcm).await.is_err() {
-                        break;
-                    }
-                }
-            });
-            (rx, None)
-        }
-        None => {
-            let (microphone, rx) = Microphone::open()?;
-            eprintln!(
-                "listening on the microphone{}",
-                seconds.map(|s| format!(" for {s} s")).unwrap_or_default()
-            );
-            (rx, Some(microphone))
-        }
-    };
+    let (mut blocks, _microphone) = speech_source(input, seconds).await?;
     let limit = seconds.map(|s| (s * f64::from(VAD_RATE)) as usize);
     let mut speech = SpeechInput::default();
     let mut turns = TurnDetector::new(&config.vad);
@@ -641,18 +626,21 @@ async fn play(config: &Config, source: &str, output: Option<&Path>) -> anyhow::R
     let pcm = voxloop::pipeline::source::open(source).await?;
     let title = source.rsplit('/').next().map(String::from);
     queue.enqueue(SegmentKind::Media { title }, pcm).await;
-    finish_playback(queue, events, output, false).await
+    finish_playback(queue, Some(events), output, false).await
 }
 
 /// Waits for the queue to play out, reports the output file, and gives the exit code.
 async fn finish_playback(
     queue: PlaybackQueue,
-    events: tokio::task::JoinHandle<bool>,
+    events: Option<tokio::task::JoinHandle<bool>>,
     output: Option<&Path>,
     failed: bool,
 ) -> anyhow::Result<ExitCode> {
     queue.close().await;
-    let failed = failed | events.await.unwrap_or(true);
+    let failed = match events {
+        Some(events) => failed | events.await.unwrap_or(true),
+        None => failed,
+    };
     if let Some(path) = output {
         println!("wrote {}", path.display());
     }
@@ -688,7 +676,7 @@ async fn say(config: &Config, text: &str, output: Option<&Path>) -> anyhow::Resu
             }
         }
     }
-    finish_playback(queue, events, output, failed).await
+    finish_playback(queue, Some(events), output, failed).await
 }
 
 async fn tools(config: &Config, command: &ToolsCommand) -> anyhow::Result<ExitCode> {
