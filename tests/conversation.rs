@@ -440,6 +440,16 @@ async fn voxloop_with(url: &str, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// The stdout of a run that must have succeeded (else its stderr is the failure).
+fn succeeded(output: &std::process::Output) -> String {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 #[tokio::test]
 async fn chat_runs_typed_turns_through_the_bundled_music_server() {
     let (url, requests) = scripted(vec![tool(
@@ -460,12 +470,7 @@ async fn chat_runs_typed_turns_through_the_bundled_music_server() {
         ],
     )
     .await;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = succeeded(&output);
     assert!(
         stdout.contains("tool musicPlayer({\"query\":\"return to home\"}) [music, ok]"),
         "{stdout}"
@@ -492,12 +497,7 @@ async fn run_hears_a_spoken_command_and_plays_the_track() {
         ],
     )
     .await;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = succeeded(&output);
     assert!(
         stdout.contains("heard: Play the song just over the horizon."),
         "{stdout}"

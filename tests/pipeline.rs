@@ -262,6 +262,15 @@ fn tone(level: f32, frames: usize) -> PcmReceiver {
     rx
 }
 
+/// A queue at full volume playing into a 16 kHz mono WAV file in a temporary directory.
+fn wav_queue() -> (tempfile::TempDir, std::path::PathBuf, PlaybackQueue) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.wav");
+    let sink = Sink::Wav(WavSink::create(&path, 16_000, 1).unwrap());
+    let queue = PlaybackQueue::new(sink, settings(100));
+    (dir, path, queue)
+}
+
 fn settings(volume: u8) -> QueueSettings {
     QueueSettings {
         frame_ms: 20,
@@ -273,12 +282,7 @@ fn settings(volume: u8) -> QueueSettings {
 
 #[tokio::test]
 async fn the_queue_plays_segments_in_order_with_events() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("out.wav");
-    let queue = PlaybackQueue::new(
-        Sink::Wav(WavSink::create(&path, 16_000, 1).unwrap()),
-        settings(100),
-    );
+    let (_dir, path, queue) = wav_queue();
     let mut events = queue.events();
     for (i, level) in [0.1f32, 0.2, 0.3].into_iter().enumerate() {
         let kind = SegmentKind::Sentence {
@@ -382,12 +386,7 @@ async fn stop_silences_within_one_frame_and_drops_the_queue() {
 
 #[tokio::test]
 async fn volume_applies_at_once_with_a_ramp() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("out.wav");
-    let queue = PlaybackQueue::new(
-        Sink::Wav(WavSink::create(&path, 16_000, 1).unwrap()),
-        settings(100),
-    );
+    let (_dir, path, queue) = wav_queue();
     queue.set_volume(50);
     queue
         .enqueue(SegmentKind::Media { title: None }, tone(0.8, 1600))

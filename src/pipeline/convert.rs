@@ -160,8 +160,12 @@ impl Converter {
                 partial_len: Some(frames),
                 ..Indexing::default()
             };
-            let Ok(produced) = resampler.process(&input, Some(&indexing)) else {
-                break;
+            let produced = match resampler.process(&input, Some(&indexing)) {
+                Ok(produced) => produced,
+                Err(e) => {
+                    tracing::warn!(error = %e, "resampler tail lost");
+                    break;
+                }
             };
             push_skipping(
                 &mut out,

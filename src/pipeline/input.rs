@@ -125,7 +125,7 @@ pub fn opus_frames(
         while let Some(packet) = packets.recv().await {
             let pcm = decoder.decode(&packet).unwrap_or_else(|e| {
                 tracing::warn!(error = %e, bytes = packet.len(), "corrupt Opus frame; silence instead");
-                Pcm { rate, channels: 1, samples: vec![0.0; (rate / 1000 * frame_ms) as usize] }
+                Pcm::silence(rate, 1, std::time::Duration::from_millis(frame_ms.into()))
             });
             if tx.send(pcm).await.is_err() {
                 return;

@@ -32,6 +32,16 @@ impl Pcm {
         self.samples.len() / self.channels.max(1) as usize
     }
 
+    /// `duration` of silence at `rate` Hz, `channels`.
+    pub fn silence(rate: u32, channels: u16, duration: Duration) -> Pcm {
+        let frames = (f64::from(rate) * duration.as_secs_f64()).round() as usize;
+        Pcm {
+            rate,
+            channels,
+            samples: vec![0.0; frames * channels as usize],
+        }
+    }
+
     /// How long the block plays.
     pub fn duration(&self) -> Duration {
         Duration::from_secs_f64(self.frames() as f64 / self.rate.max(1) as f64)

@@ -5,12 +5,10 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
-use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::{Mutex, Notify, broadcast, watch};
 
-use super::Pcm;
 use super::convert::{Converter, Volume};
 use super::decode::PcmReceiver;
 use super::sink::Sink;
@@ -371,18 +369,6 @@ async fn play(shared: Arc<Shared>, mut sink: Sink, settings: QueueSettings) -> S
             if shared.pending.lock().await.is_empty() {
                 shared.busy.send_replace(false);
             }
-        }
-    }
-}
-
-impl Pcm {
-    /// Silence of `duration` at `rate` Hz, `channels`.
-    pub fn silence(rate: u32, channels: u16, duration: Duration) -> Pcm {
-        let frames = (rate as f64 * duration.as_secs_f64()) as usize;
-        Pcm {
-            rate,
-            channels,
-            samples: vec![0.0; frames * channels as usize],
         }
     }
 }

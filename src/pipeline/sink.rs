@@ -312,13 +312,18 @@ impl OpusSink {
 
     async fn write(&mut self, samples: &[f32]) -> Result<(), SinkError> {
         for packet in self.encoder.push(samples)? {
-            self.pacer.next().await;
-            self.frames
-                .send(packet)
-                .await
-                .map_err(|_| SinkError::Closed)?;
+            self.send_paced(packet).await?;
         }
         Ok(())
+    }
+
+    /// Sends one packet when the pacer lets it go.
+    async fn send_paced(&mut self, packet: Vec<u8>) -> Result<(), SinkError> {
+        self.pacer.next().await;
+        self.frames
+            .send(packet)
+            .await
+            .map_err(|_| SinkError::Closed)
     }
 
     fn clear(&mut self) {
@@ -328,14 +333,10 @@ impl OpusSink {
     }
 
     async fn finish(&mut self) -> Result<(), SinkError> {
-        if let Some(packet) = self.encoder.finish()? {
-            self.pacer.next().await;
-            self.frames
-                .send(packet)
-                .await
-                .map_err(|_| SinkError::Closed)?;
+        match self.encoder.finish()? {
+            Some(packet) => self.send_paced(packet).await,
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
