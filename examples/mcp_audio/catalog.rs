@@ -264,14 +264,42 @@ fn score(track: &Track, query: &str, query_words: &[String]) -> u32 {
         .sum()
 }
 
+/// Words of a spoken request that name no track ("play some music", "put on a song, please"):
+/// left out of the query words.
+const REQUEST_WORDS: &[&str] = &[
+    "a",
+    "an",
+    "any",
+    "me",
+    "music",
+    "on",
+    "play",
+    "please",
+    "put",
+    "some",
+    "something",
+    "song",
+    "songs",
+    "the",
+    "track",
+    "tune",
+];
+
 /// The best match for `query` on title, artist and file name (case-insensitive); ties go to the
-/// earlier track. No query (or a blank one): the first track. No word matching: `None`.
+/// earlier track. No query, a blank one, or one of only request words ("play some music"):
+/// the first track. No word matching: `None`.
 pub fn best_match<'a>(tracks: &'a [Track], query: Option<&str>) -> Option<&'a Track> {
     let query = query.map(str::trim).filter(|q| !q.is_empty());
     let Some(query) = query else {
         return tracks.first();
     };
-    let query_words = words(query);
+    let query_words: Vec<String> = words(query)
+        .into_iter()
+        .filter(|w| !REQUEST_WORDS.contains(&w.as_str()))
+        .collect();
+    if query_words.is_empty() {
+        return tracks.first();
+    }
     let mut best: Option<(&Track, u32)> = None;
     for track in tracks {
         let s = score(track, query, &query_words);
@@ -322,6 +350,17 @@ mod tests {
         assert_eq!(best_match(&tracks, None).unwrap().title, "Alpha");
         assert_eq!(best_match(&tracks, Some("  ")).unwrap().title, "Alpha");
         assert!(best_match(&tracks, Some("nothing like it")).is_none());
+        // Request words name no track.
+        assert_eq!(
+            best_match(&tracks, Some("Play some music")).unwrap().title,
+            "Alpha"
+        );
+        assert_eq!(
+            best_match(&tracks, Some("play the song gamma, please"))
+                .unwrap()
+                .title,
+            "Gamma"
+        );
         assert!(best_match(&[], None).is_none());
     }
 
