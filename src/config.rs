@@ -115,14 +115,65 @@ impl Default for AudioConfig {
     }
 }
 
-/// `[llm]`: an OpenAI-compatible chat completions endpoint (OpenAI, Ollama, vLLM, llama.cpp's
-/// server).
+/// Example exchanges for the local model, for the bundled music server's tools.
+pub const DEFAULT_TOOL_EXAMPLES: &str = r#"User: Play something by Queen.
+Assistant: <tool_call>{"name": "musicPlayer", "arguments": {"query": "Queen"}}
+User: Put some music on.
+Assistant: <tool_call>{"name": "musicPlayer", "arguments": {}}
+User: Hi!
+Assistant: Hello! What would you like to hear?
+User: Make it louder, 80 percent.
+Assistant: <tool_call>{"name": "set_volume", "arguments": {"volume": 80}}
+User: Stop the music.
+Assistant: <tool_call>{"name": "stop_playback", "arguments": {}}
+User: How far away is the moon?
+Assistant: About 384,000 kilometres."#;
+
+/// Which chat model `[llm]` uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LlmProvider {
+    /// The local GGUF model on the CPU (`local_model`).
+    Local,
+    /// An OpenAI-compatible endpoint (`url`, `model`, `api_key_env`).
+    Openai,
+}
+
+/// `[llm]`: the chat model: the local GGUF model (default), or an OpenAI-compatible chat
+/// completions endpoint (OpenAI, Ollama, vLLM, llama.cpp's server).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LlmConfig {
-    /// Base URL, up to `/v1`.
+    /// `local` or `openai`.
+    pub provider: LlmProvider,
+    /// The system prompt, first in every request.
+    pub system_prompt: String,
+    /// User turns kept in the history sent to the model (older turns are dropped with their
+    /// replies and tool results).
+    pub history_turns: u32,
+    /// Most tokens of history sent to the model (the current turn is always kept): counted by
+    /// the local model's tokenizer, estimated as 4 characters a token for an endpoint.
+    pub history_tokens: u32,
+    /// The local model: a llama-architecture GGUF file with a GPT-2 tokenizer and ChatML;
+    /// default: SmolLM2-135M-Instruct in the model directory (`voxloop models fetch smollm2`).
+    pub local_model: Option<PathBuf>,
+    /// Local model: how much more likely (in logits) a reply's first token may be text than the
+    /// start of a tool call, and the reply still be a tool call. Small models rarely start a
+    /// call on their own; 3.0 told SmolLM2-135M's requests from chat in our probes
+    /// (BENCHMARKS.md). 0 takes the model's own choice.
+    pub tool_call_bias: f32,
+    /// Local model: example exchanges shown after the tools (`User:` lines, then the reply or
+    /// `<tool_call>{...}`); those calling a tool that is not offered are left out.
+    pub tool_examples: String,
+    /// Local model: string arguments of a tool call are runs of 1 to 8 words of the user's
+    /// request (a song title, an artist), so a small model cannot invent them.
+    pub tool_strings_from_request: bool,
+    /// Local model: the longest string argument in characters, when they are not copied from
+    /// the request.
+    pub tool_string_max_chars: u32,
+    /// Base URL, up to `/v1` (provider `openai`).
     pub url: String,
-    /// Model name the endpoint knows.
+    /// Model name the endpoint knows (provider `openai`).
     pub model: String,
     /// Name of the environment variable holding the API key, if the endpoint needs one.
     pub api_key_env: Option<String>,
@@ -141,6 +192,15 @@ pub struct LlmConfig {
 impl Default for LlmConfig {
     fn default() -> Self {
         Self {
+            provider: LlmProvider::Local,
+            system_prompt: crate::conversation::DEFAULT_SYSTEM_PROMPT.into(),
+            history_turns: 10,
+            history_tokens: 2048,
+            local_model: None,
+            tool_call_bias: 3.0,
+            tool_examples: DEFAULT_TOOL_EXAMPLES.into(),
+            tool_strings_from_request: true,
+            tool_string_max_chars: 200,
             url: "http://127.0.0.1:11434/v1".into(),
             model: "llama3.2".into(),
             api_key_env: None,
@@ -150,6 +210,17 @@ impl Default for LlmConfig {
             retries: 3,
             retry_backoff_ms: 500,
         }
+    }
+}
+
+impl LlmConfig {
+    /// The local model file: `local_model`, else SmolLM2 in the model directory.
+    pub fn local_model_path(&self) -> PathBuf {
+        self.local_model.clone().unwrap_or_else(|| {
+            crate::models::spec("smollm2")
+                .map(crate::models::model_path)
+                .unwrap_or_default()
+        })
     }
 }
 
@@ -426,6 +497,7 @@ impl Config {
         }
         config.music.catalog = config.music.catalog.map(|c| base.join(c));
         config.asr.model = config.asr.model.map(|m| base.join(m));
+        config.llm.local_model = config.llm.local_model.map(|m| base.join(m));
         for server in config.mcp_servers.values_mut() {
             server.cwd = server.cwd.take().map(|c| base.join(c));
         }
@@ -673,6 +745,18 @@ impl Config {
             });
         }
         in_range("llm.temperature", llm.temperature, 0.0..=2.0, "")?;
+        in_range(
+            "llm.tool_call_bias",
+            llm.tool_call_bias,
+            0.0..=20.0,
+            "logits",
+        )?;
+        in_range(
+            "llm.tool_string_max_chars",
+            llm.tool_string_max_chars,
+            1..=4096,
+            "characters",
+        )?;
         in_range("llm.max_tokens", llm.max_tokens, 1..=32_768, "tokens")?;
         in_range(
             "llm.timeout_ms",

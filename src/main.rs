@@ -270,13 +270,17 @@ async fn assistant(config: &Config, output: Option<&Path>) -> anyhow::Result<Con
         eprintln!("MCP server {} skipped: {}", failure.server, failure.error);
     }
     let queue = queue_for(config, open_sink(config, output)?);
-    Ok(Conversation::new(
-        voxloop::llm::openai::OpenAiClient::new(&config.llm),
+    let llm = voxloop::llm::ChatModel::from_config(&config.llm)?;
+    tracing::info!(model = %llm.describe(), "chat model ready");
+    let conversation = Conversation::new(
+        llm,
         hub,
         Tts::new(&config.tts),
         queue,
         ConversationSettings::from_config(config),
-    ))
+    );
+    conversation.warm_up().await;
+    Ok(conversation)
 }
 
 /// Prints a turn as it happened: what was heard, the tool calls, what was said, and timings.

@@ -17,6 +17,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use voxloop::config::{Config, LlmConfig, McpServerConfig};
 use voxloop::conversation::{Conversation, ConversationSettings, TurnEnd};
+use voxloop::llm::ChatModel;
 use voxloop::llm::Role;
 use voxloop::llm::openai::OpenAiClient;
 use voxloop::pipeline::queue::{
@@ -129,7 +130,10 @@ async fn rig(scripts: Vec<Script>, max_rounds: u32) -> Rig {
 }
 
 async fn rig_at(llm: LlmConfig, requests: Arc<Mutex<Vec<Value>>>, max_rounds: u32) -> Rig {
-    let mut config = Config::default();
+    let mut config = Config {
+        llm: llm.clone(),
+        ..Config::default()
+    };
     let music = McpServerConfig {
         command: Some(music_server_bin().display().to_string()),
         cwd: Some(repo_root()),
@@ -149,7 +153,7 @@ async fn rig_at(llm: LlmConfig, requests: Arc<Mutex<Vec<Value>>>, max_rounds: u3
     );
     let settings = ConversationSettings::from_config(&config);
     let conversation = Conversation::new(
-        OpenAiClient::new(&llm),
+        ChatModel::OpenAi(OpenAiClient::new(&llm)),
         hub,
         Tts::new(&config.tts),
         queue,
@@ -185,6 +189,52 @@ impl Rig {
 
 fn rms(samples: &[f32]) -> f32 {
     (samples.iter().map(|s| s * s).sum::<f32>() / samples.len().max(1) as f32).sqrt()
+}
+
+#[tokio::test]
+async fn history_is_windowed_by_turns_and_by_tokens() {
+    let users = |request: &Value| -> Vec<String> {
+        request["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["role"] == "user")
+            .map(|m| m["content"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // Two turns kept.
+    let (url, requests) = scripted(vec![]).await;
+    let llm = LlmConfig {
+        url,
+        model: "scripted".into(),
+        system_prompt: "Be brief.".into(),
+        history_turns: 2,
+        ..LlmConfig::default()
+    };
+    let mut rig = rig_at(llm, requests.clone(), 5).await;
+    for text in ["one", "two", "three"] {
+        rig.turn(text).await;
+    }
+    let sent = requests.lock().await.clone();
+    assert_eq!(users(&sent[2]), ["two", "three"]);
+    assert_eq!(sent[2]["messages"][0]["content"], "Be brief.");
+    // A token window smaller than one long turn (300 bytes, an estimated 75 tokens): only the
+    // current turn is sent.
+    let (url, requests) = scripted(vec![]).await;
+    let llm = LlmConfig {
+        url,
+        model: "scripted".into(),
+        history_tokens: 64,
+        ..LlmConfig::default()
+    };
+    let mut rig = rig_at(llm, requests.clone(), 5).await;
+    let long = ["word"; 60].join(" ");
+    for text in [long.as_str(), long.as_str(), "short"] {
+        rig.turn(text).await;
+    }
+    let sent = requests.lock().await.clone();
+    assert_eq!(users(&sent[1]), [long.as_str()]);
+    assert_eq!(users(&sent[2]), ["short"]);
 }
 
 #[tokio::test]
@@ -427,7 +477,9 @@ async fn voxloop_with(url: &str, args: &[&str]) -> std::process::Output {
     let config = dir.path().join("voxloop.toml");
     std::fs::write(
         &config,
-        format!("[llm]\nurl = {url:?}\nmodel = \"scripted\"\n[asr]\nlanguage = \"en\"\n"),
+        format!(
+            "[llm]\nprovider = \"openai\"\nurl = {url:?}\nmodel = \"scripted\"\n[asr]\nlanguage = \"en\"\n"
+        ),
     )
     .unwrap();
     tokio::process::Command::new(env!("CARGO_BIN_EXE_voxloop"))

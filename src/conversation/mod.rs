@@ -12,8 +12,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::llm::openai::OpenAiClient;
-use crate::llm::{ChatMessage, LlmEvent, Role};
+use crate::llm::{ChatMessage, ChatModel, LlmEvent, Role};
 use crate::pipeline::decode::decode_media;
 use crate::pipeline::queue::{PlaybackQueue, QueueEvent, SegmentKind, StopReason as QueueStop};
 use crate::pipeline::sentence::SentenceSplitter;
@@ -29,6 +28,8 @@ pub struct ConversationSettings {
     pub system_prompt: String,
     /// User turns kept in history (older ones are dropped with their replies and tool results).
     pub history_turns: usize,
+    /// Most tokens of history sent to the model; the current turn is always kept.
+    pub history_tokens: usize,
     /// Tool rounds per turn before the spoken fallback.
     pub max_tool_rounds: u32,
     /// Call the model again after media started.
@@ -42,8 +43,9 @@ impl ConversationSettings {
     /// From the configuration.
     pub fn from_config(config: &Config) -> Self {
         Self {
-            system_prompt: DEFAULT_SYSTEM_PROMPT.into(),
-            history_turns: 10,
+            system_prompt: config.llm.system_prompt.clone(),
+            history_turns: config.llm.history_turns as usize,
+            history_tokens: config.llm.history_tokens as usize,
             max_tool_rounds: config.tools.max_tool_rounds,
             continue_after_media: config.tools.continue_after_media,
         }
@@ -91,7 +93,7 @@ pub struct TurnReport {
 
 /// A conversation: history, the model, the tools, and the playback queue it speaks into.
 pub struct Conversation {
-    llm: OpenAiClient,
+    llm: ChatModel,
     hub: Arc<ToolHub>,
     tts: Tts,
     queue: PlaybackQueue,
@@ -108,7 +110,7 @@ const APOLOGY_ROUNDS: &str = "Sorry, I couldn't finish that.";
 impl Conversation {
     /// A conversation over these parts.
     pub fn new(
-        llm: OpenAiClient,
+        llm: ChatModel,
         hub: Arc<ToolHub>,
         tts: Tts,
         queue: PlaybackQueue,
@@ -122,6 +124,19 @@ impl Conversation {
             settings,
             history: Vec::new(),
             exit: false,
+        }
+    }
+
+    /// Gets the chat model ready for the first turn (the local model computes the system
+    /// prompt and tools now, instead of in the first turn). A failure is logged; turns still
+    /// run.
+    pub async fn warm_up(&self) {
+        let system = [ChatMessage::new(
+            Role::System,
+            self.settings.system_prompt.clone(),
+        )];
+        if let Err(e) = self.llm.warm_up(&system, &self.hub.function_tools()).await {
+            tracing::warn!(error = %e, "chat model warm-up failed");
         }
     }
 
@@ -140,13 +155,24 @@ impl Conversation {
         &self.queue
     }
 
+    /// The request: the system prompt, then the history from the oldest user turn that fits
+    /// both windows (`history_turns`, `history_tokens`); the current turn always fits.
     fn messages(&self) -> Vec<ChatMessage> {
         let mut turns_seen = 0;
+        let mut tokens = 0;
         let mut start = self.history.len();
         for (i, m) in self.history.iter().enumerate().rev() {
+            tokens += self.llm.count_tokens(&m.content)
+                + m.tool_calls
+                    .iter()
+                    .map(|c| self.llm.count_tokens(&c.arguments) + 8)
+                    .sum::<usize>();
             if m.role == Role::User {
                 turns_seen += 1;
-                if turns_seen > self.settings.history_turns {
+                if turns_seen > 1
+                    && (turns_seen > self.settings.history_turns
+                        || tokens > self.settings.history_tokens)
+                {
                     break;
                 }
                 start = i;

@@ -2,8 +2,12 @@
 //! then the finish reason and token usage.
 //!
 //! [`openai`] talks to any OpenAI-compatible `/chat/completions` endpoint (OpenAI, Ollama, vLLM,
-//! llama.cpp's server) with server-sent events.
+//! llama.cpp's server) with server-sent events; [`local`] runs a small GGUF model on the CPU
+//! with candle, its tool calls decoded under [`constraint`]. [`ChatModel`] is either, as
+//! `[llm] provider` says.
 
+pub mod constraint;
+pub mod local;
 pub mod openai;
 
 use serde::{Deserialize, Serialize};
@@ -120,6 +124,97 @@ pub enum LlmError {
     Timeout { url: String, timeout_ms: u64 },
     #[error("LLM: environment variable {0} (API key) is not set")]
     MissingKey(String),
+    #[error("local model {path}: {reason}")]
+    Model { path: String, reason: String },
+}
+
+/// Events of one completion; an `Err` is the last item.
+pub type LlmStream = tokio::sync::mpsc::Receiver<Result<LlmEvent, LlmError>>;
+
+/// The chat model `[llm]` names: an OpenAI-compatible endpoint or the local GGUF model.
+#[derive(Clone)]
+pub enum ChatModel {
+    OpenAi(openai::OpenAiClient),
+    Local(local::LocalModel),
+}
+
+impl ChatModel {
+    /// The model `config` names; the local one is loaded now (about 0.3 s).
+    ///
+    /// # Errors
+    /// [`LlmError::Model`] when the local model file is missing or unreadable.
+    pub fn from_config(config: &crate::config::LlmConfig) -> Result<Self, LlmError> {
+        Ok(match config.provider {
+            crate::config::LlmProvider::Openai => Self::OpenAi(openai::OpenAiClient::new(config)),
+            crate::config::LlmProvider::Local => {
+                Self::Local(local::LocalModel::load(&config.local_model_path(), config)?)
+            }
+        })
+    }
+
+    /// Starts a completion of `messages` offering `tools`; see
+    /// [`openai::OpenAiClient::stream`] and [`local::LocalModel::stream`].
+    ///
+    /// # Errors
+    /// [`LlmError`] when the completion cannot start.
+    pub async fn stream(
+        &self,
+        messages: &[ChatMessage],
+        tools: &FunctionTools,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<LlmStream, LlmError> {
+        match self {
+            Self::OpenAi(client) => client.stream(messages, tools, cancel).await,
+            Self::Local(model) => model.stream(messages, tools, cancel).await,
+        }
+    }
+
+    /// Prepares for prompts that start with the system messages of `messages` and `tools`:
+    /// the local model computes their state now (seconds, on a blocking thread); an endpoint
+    /// needs nothing.
+    ///
+    /// # Errors
+    /// [`LlmError::Model`] when the local model fails.
+    pub async fn warm_up(
+        &self,
+        messages: &[ChatMessage],
+        tools: &FunctionTools,
+    ) -> Result<(), LlmError> {
+        match self {
+            Self::OpenAi(_) => Ok(()),
+            Self::Local(model) => {
+                let (model, messages, tools) = (model.clone(), messages.to_vec(), tools.to_vec());
+                tokio::task::spawn_blocking(move || model.warm_up(&messages, &tools))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(LlmError::Model {
+                            path: String::new(),
+                            reason: format!("warm-up thread: {e}"),
+                        })
+                    })
+            }
+        }
+    }
+
+    /// Tokens in `text`: counted by the local model's tokenizer; for an endpoint, whose
+    /// tokenizer is unknown here, estimated as one token per 4 bytes.
+    pub fn count_tokens(&self, text: &str) -> usize {
+        match self {
+            Self::OpenAi(_) => text.len().div_ceil(4),
+            Self::Local(model) => model
+                .tokenize(text)
+                .map(|ids| ids.len())
+                .unwrap_or_else(|_| text.len().div_ceil(4)),
+        }
+    }
+
+    /// What it is, for logs: the endpoint and model, or the model file.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::OpenAi(client) => client.describe(),
+            Self::Local(model) => format!("local {}", model.path().display()),
+        }
+    }
 }
 
 /// OpenAI-style function tools (`{"type": "function", "function": {...}}`), as the tool hub

@@ -25,8 +25,7 @@ pub struct OpenAiClient {
     config: LlmConfig,
 }
 
-/// Events of one completion; an `Err` is the last item.
-pub type LlmStream = mpsc::Receiver<Result<LlmEvent, LlmError>>;
+pub use super::LlmStream;
 
 /// The wire form of the messages.
 fn wire_messages(messages: &[ChatMessage]) -> Vec<Value> {
@@ -63,6 +62,11 @@ impl OpenAiClient {
             http,
             config: config.clone(),
         }
+    }
+
+    /// The endpoint and model, for logs.
+    pub fn describe(&self) -> String {
+        format!("{} model {:?}", self.config.url, self.config.model)
     }
 
     fn url(&self) -> String {

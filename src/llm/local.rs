@@ -1,0 +1,944 @@
+//! The local chat model: a llama-architecture GGUF (by default SmolLM2-135M-Instruct Q4_1,
+//! DESIGN §7) run on the CPU with candle, streaming the same [`LlmEvent`]s as the
+//! OpenAI-compatible client.
+//!
+//! - Tokenizer: built from the GGUF metadata (`tokenizer.ggml.tokens`, `.merges`,
+//!   `.token_type`): GPT-2 byte-level BPE without a prefix space, digits split one by one (as
+//!   SmolLM2's `tokenizer.json`), control tokens such as `<|im_end|>` kept whole.
+//! - Prompt: ChatML (`<|im_start|>role\n...<|im_end|>\n`), SmolLM2's chat template. The tools
+//!   are described in the system message; a call is written `<tool_call>{"name": ..,
+//!   "arguments": {..}}`, and a tool's answer comes back as a user message
+//!   `Tool result: ...`.
+//! - Tool calls: at the reply's first token the model chooses between text and a tool call (the
+//!   most likely first token decides). A call is then decoded greedily under
+//!   [`ToolGrammar`]: only tokens that keep it a valid call of an offered tool are allowed, so
+//!   the call is always well formed. Text is sampled at the configured temperature.
+//!
+//! Generation runs on a blocking thread; cancelling stops it between two tokens.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
+use serde_json::Value;
+use tokenizers::Tokenizer;
+use tokenizers::models::bpe::{BPE, Vocab};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, DecoderWrapper, PreTokenizerWrapper};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::constraint::{GrammarState, StringRule, TOOL_CALL_OPEN, ToolGrammar};
+use super::{ChatMessage, FunctionTools, LlmError, LlmEvent, Role, ToolCallRequest, Usage};
+use crate::config::LlmConfig;
+
+/// GGUF `tokenizer.ggml.token_type` of control tokens (llama.cpp's `LLAMA_TOKEN_TYPE_CONTROL`).
+const TOKEN_TYPE_CONTROL: i32 = 3;
+/// Where the model's reply starts.
+const ASSISTANT_HEADER: &str = "<|im_start|>assistant\n";
+/// Seed of the text sampler: the same prompt gives the same reply.
+const SEED: u64 = 299_792_458;
+
+/// A loaded model; cheap to clone (the weights are shared).
+#[derive(Clone)]
+pub struct LocalModel {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    weights: ModelWeights,
+    tokenizer: Tokenizer,
+    /// Each token's text (empty for control tokens), for the tool-call mask.
+    token_text: Vec<String>,
+    /// The token texts as a character trie, for the tool-call mask.
+    trie: Vec<TrieNode>,
+    /// Tokens that end a reply (`<|im_end|>`, the end-of-text token).
+    stop: Vec<u32>,
+    config: LlmConfig,
+    /// Model states after earlier prompts, to resume from: the warm-up prefix first, then the
+    /// latest prompt.
+    cache: std::sync::Mutex<Vec<CachedPrompt>>,
+}
+
+/// A node of the vocabulary trie: the tokens spelled by the path to it, and its children.
+#[derive(Default)]
+struct TrieNode {
+    tokens: Vec<u32>,
+    children: Vec<(char, u32)>,
+}
+
+/// The trie of `texts` (token id = index); empty texts are left out.
+fn token_trie(texts: &[String]) -> Vec<TrieNode> {
+    let mut nodes = vec![TrieNode::default()];
+    for (id, text) in texts.iter().enumerate() {
+        if text.is_empty() {
+            continue;
+        }
+        let mut node = 0;
+        for c in text.chars() {
+            node = match nodes[node].children.iter().find(|(x, _)| *x == c) {
+                Some(&(_, child)) => child as usize,
+                None => {
+                    nodes.push(TrieNode::default());
+                    let child = nodes.len() - 1;
+                    nodes[node].children.push((c, child as u32));
+                    child
+                }
+            };
+        }
+        nodes[node].tokens.push(id as u32);
+    }
+    nodes
+}
+
+/// The model's state (its KV cache) after a prompt, and the logits for the next token.
+#[derive(Clone)]
+struct CachedPrompt {
+    ids: Vec<u32>,
+    model: ModelWeights,
+    logits: Vec<f32>,
+}
+
+/// Timing of one completion (also logged).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    /// Prompt tokens whose state came from an earlier prompt (not computed again).
+    pub cached_tokens: usize,
+    pub generated_tokens: usize,
+    /// Time to run the prompt through the model, in ms.
+    pub prefill_ms: f64,
+    /// Time for the generated tokens after the first, in ms.
+    pub decode_ms: f64,
+}
+
+impl GenerationStats {
+    /// Prompt tokens computed per second.
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        (self.prompt_tokens - self.cached_tokens) as f64 / (self.prefill_ms / 1000.0)
+    }
+    /// Generated tokens per second, after the first.
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        (self.generated_tokens.saturating_sub(1)) as f64 / (self.decode_ms / 1000.0)
+    }
+}
+
+fn model_error(path: &Path, reason: impl std::fmt::Display) -> LlmError {
+    LlmError::Model {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn metadata_strings(content: &gguf_file::Content, key: &str) -> Result<Vec<String>, String> {
+    let values = content
+        .metadata
+        .get(key)
+        .ok_or_else(|| format!("no {key} in the GGUF metadata"))?
+        .to_vec()
+        .map_err(|e| format!("{key}: {e}"))?;
+    values
+        .iter()
+        .map(|v| v.to_string().cloned().map_err(|e| format!("{key}: {e}")))
+        .collect()
+}
+
+/// The tokenizer described by the GGUF metadata, and the ids of its control tokens.
+fn tokenizer_from_gguf(content: &gguf_file::Content) -> Result<(Tokenizer, Vec<u32>), String> {
+    let model = content
+        .metadata
+        .get("tokenizer.ggml.model")
+        .and_then(|v| v.to_string().ok().cloned())
+        .unwrap_or_default();
+    if model != "gpt2" {
+        return Err(format!(
+            "tokenizer.ggml.model is {model:?}; only byte-level BPE (\"gpt2\") is supported"
+        ));
+    }
+    let tokens = metadata_strings(content, "tokenizer.ggml.tokens")?;
+    let merges = metadata_strings(content, "tokenizer.ggml.merges")?;
+    let types: Vec<i32> = content
+        .metadata
+        .get("tokenizer.ggml.token_type")
+        .and_then(|v| v.to_vec().ok())
+        .map(|v| v.iter().map(|t| t.to_i32().unwrap_or(1)).collect())
+        .unwrap_or_default();
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let merges = merges
+        .iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| format!("merge without a space: {m:?}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| format!("BPE: {e}"))?;
+    let mut tokenizer = Tokenizer::new(bpe);
+    tokenizer.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(vec![
+        PreTokenizerWrapper::Digits(Digits::new(true)),
+        PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
+    ]))));
+    tokenizer.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
+    let control: Vec<u32> = types
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| **t == TOKEN_TYPE_CONTROL)
+        .map(|(i, _)| i as u32)
+        .collect();
+    let special: Vec<AddedToken> = control
+        .iter()
+        .map(|&i| AddedToken::from(tokens[i as usize].clone(), true))
+        .collect();
+    tokenizer
+        .add_special_tokens(special)
+        .map_err(|e| format!("control tokens: {e}"))?;
+    Ok((tokenizer, control))
+}
+
+impl LocalModel {
+    /// Loads the GGUF file at `path` (llama architecture, GPT-2 tokenizer) for `config`'s
+    /// sampling settings. About 0.3 s for the 98 MB SmolLM2 file.
+    ///
+    /// # Errors
+    /// [`LlmError::Model`] naming the file when it cannot be read or is not such a model.
+    pub fn load(path: &Path, config: &LlmConfig) -> Result<Self, LlmError> {
+        let mut file = std::fs::File::open(path).map_err(|e| {
+            model_error(
+                path,
+                format!("{e} (fetch it with `voxloop models fetch smollm2`)"),
+            )
+        })?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| model_error(path, e))?;
+        let (tokenizer, control) =
+            tokenizer_from_gguf(&content).map_err(|e| model_error(path, e))?;
+        let mut stop = Vec::new();
+        for name in ["<|im_end|>", "<|endoftext|>"] {
+            if let Some(id) = tokenizer.token_to_id(name) {
+                stop.push(id);
+            }
+        }
+        if let Some(eos) = content
+            .metadata
+            .get("tokenizer.ggml.eos_token_id")
+            .and_then(|v| v.to_u32().ok())
+            && !stop.contains(&eos)
+        {
+            stop.push(eos);
+        }
+        if tokenizer.token_to_id("<|im_start|>").is_none() {
+            return Err(model_error(
+                path,
+                "no <|im_start|> token: not a ChatML model",
+            ));
+        }
+        let weights = ModelWeights::from_gguf(content, &mut file, &Device::Cpu)
+            .map_err(|e| model_error(path, e))?;
+        let size = tokenizer.get_vocab_size(true);
+        let mut token_text = Vec::with_capacity(size);
+        for id in 0..size as u32 {
+            let text = if control.contains(&id) {
+                String::new()
+            } else {
+                tokenizer.decode(&[id], false).unwrap_or_default()
+            };
+            token_text.push(text);
+        }
+        let trie = token_trie(&token_text);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                weights,
+                tokenizer,
+                token_text,
+                trie,
+                stop,
+                config: config.clone(),
+                cache: Default::default(),
+            }),
+        })
+    }
+
+    /// The model file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The prompt for `messages` and `tools` in ChatML, ending with the assistant's header.
+    ///
+    /// The system message is the tools section (each tool, how to call one, and the examples
+    /// of `tool_examples` whose calls name an offered tool), then the system prompt: with the
+    /// tools and examples first, SmolLM2-135M told requests for a tool from chat more clearly
+    /// (BENCHMARKS.md).
+    pub fn render_prompt(
+        messages: &[ChatMessage],
+        tools: &FunctionTools,
+        tool_examples: &str,
+    ) -> String {
+        let mut out = String::new();
+        let mut system = String::new();
+        let mut rest = messages;
+        if !tools.is_empty() {
+            system.push_str(&tools_prompt(tools, tool_examples));
+        }
+        if let Some((first, tail)) = messages.split_first()
+            && first.role == Role::System
+        {
+            if !system.is_empty() {
+                system.push_str("\n\n");
+            }
+            system.push_str(&first.content);
+            rest = tail;
+        }
+        if !system.is_empty() {
+            chatml(&mut out, "system", &system);
+        }
+        for m in rest {
+            match m.role {
+                Role::System => chatml(&mut out, "system", &m.content),
+                Role::User => chatml(&mut out, "user", &m.content),
+                Role::Assistant => {
+                    let mut content = m.content.clone();
+                    for call in &m.tool_calls {
+                        if !content.is_empty() {
+                            content.push('\n');
+                        }
+                        content.push_str(&format!(
+                            "{TOOL_CALL_OPEN}{{\"name\": {}, \"arguments\": {}}}",
+                            Value::String(call.name.clone()),
+                            call.arguments
+                        ));
+                    }
+                    chatml(&mut out, "assistant", &content);
+                }
+                Role::Tool => chatml(&mut out, "user", &format!("Tool result: {}", m.content)),
+            }
+        }
+        out.push_str(ASSISTANT_HEADER);
+        out
+    }
+
+    /// Starts a completion of `messages`, offering `tools`; the reply streams through the
+    /// receiver, like [`super::openai::OpenAiClient::stream`]. Cancelling `cancel` (or
+    /// dropping the receiver) stops generation before the next token.
+    ///
+    /// # Errors
+    /// [`LlmError::Model`] when the prompt cannot be tokenized or does not fit the context.
+    pub async fn stream(
+        &self,
+        messages: &[ChatMessage],
+        tools: &FunctionTools,
+        cancel: &CancellationToken,
+    ) -> Result<super::openai::LlmStream, LlmError> {
+        let prompt = Self::render_prompt(messages, tools, &self.inner.config.tool_examples);
+        let grammar = self.grammar(messages, tools);
+        let inner = self.inner.clone();
+        let ids = inner
+            .tokenizer
+            .encode_fast(prompt.as_str(), false)
+            .map_err(|e| model_error(&inner.path, format!("tokenizing the prompt: {e}")))?
+            .get_ids()
+            .to_vec();
+        let max_new = inner.config.max_tokens as usize;
+        if ids.len() + max_new > MAX_SEQ_LEN {
+            return Err(model_error(
+                &inner.path,
+                format!(
+                    "the prompt has {} tokens; with max_tokens {max_new} it exceeds the model's {MAX_SEQ_LEN}",
+                    ids.len()
+                ),
+            ));
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let cancel = cancel.clone();
+        std::thread::Builder::new()
+            .name("voxloop-llm".into())
+            .spawn(move || {
+                let result = inner.generate(&ids, grammar.as_ref(), &tx, &cancel);
+                match result {
+                    Ok(Some((finish_reason, stats))) => {
+                        tracing::debug!(
+                            prompt_tokens = stats.prompt_tokens,
+                            cached = stats.cached_tokens,
+                            generated = stats.generated_tokens,
+                            prefill_ms = format!("{:.0}", stats.prefill_ms),
+                            decode_tok_s = format!("{:.1}", stats.decode_tokens_per_s()),
+                            "local model reply"
+                        );
+                        let _ = tx.blocking_send(Ok(LlmEvent::Done {
+                            finish_reason,
+                            usage: Some(Usage {
+                                prompt_tokens: stats.prompt_tokens as u64,
+                                completion_tokens: stats.generated_tokens as u64,
+                            }),
+                        }));
+                    }
+                    Ok(None) => {} // cancelled or the receiver is gone
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(model_error(&inner.path, e)));
+                    }
+                }
+            })
+            .map_err(|e| model_error(&self.inner.path, format!("starting a thread: {e}")))?;
+        Ok(rx)
+    }
+
+    /// Runs a completion to its end, for benchmarks and tests: the events and the timings.
+    ///
+    /// # Errors
+    /// As [`Self::stream`], and a failure during generation.
+    pub fn complete_blocking(
+        &self,
+        messages: &[ChatMessage],
+        tools: &FunctionTools,
+    ) -> Result<(Vec<LlmEvent>, GenerationStats), LlmError> {
+        let prompt = Self::render_prompt(messages, tools, &self.inner.config.tool_examples);
+        let grammar = self.grammar(messages, tools);
+        let ids = self
+            .inner
+            .tokenizer
+            .encode_fast(prompt.as_str(), false)
+            .map_err(|e| model_error(&self.inner.path, e))?
+            .get_ids()
+            .to_vec();
+        let (tx, mut rx) = mpsc::channel(4096);
+        let result = self
+            .inner
+            .generate(&ids, grammar.as_ref(), &tx, &CancellationToken::new());
+        drop(tx);
+        let (finish_reason, stats) = match result {
+            Ok(Some(done)) => done,
+            Ok(None) => return Err(model_error(&self.inner.path, "generation stopped")),
+            Err(e) => return Err(model_error(&self.inner.path, e)),
+        };
+        let mut events = Vec::new();
+        while let Ok(Ok(event)) = rx.try_recv() {
+            events.push(event);
+        }
+        events.push(LlmEvent::Done {
+            finish_reason,
+            usage: None,
+        });
+        Ok((events, stats))
+    }
+
+    /// Runs the system message (the system prompt in `messages`, and `tools`) through the model
+    /// and keeps the state, so that the first turn's prompt resumes from it. Blocking: about
+    /// 3 s for SmolLM2's 270-token system message on 2 cores; run it while nobody is talking.
+    ///
+    /// # Errors
+    /// [`LlmError::Model`] when the model fails.
+    pub fn warm_up(&self, messages: &[ChatMessage], tools: &FunctionTools) -> Result<(), LlmError> {
+        let system: Vec<ChatMessage> = messages
+            .iter()
+            .take_while(|m| m.role == Role::System)
+            .cloned()
+            .collect();
+        let prompt = Self::render_prompt(&system, tools, &self.inner.config.tool_examples);
+        let prefix = prompt
+            .strip_suffix(ASSISTANT_HEADER)
+            .unwrap_or(&prompt)
+            .to_string();
+        let ids = self.tokenize(&prefix)?;
+        let mut stats = GenerationStats::default();
+        let started = Instant::now();
+        self.inner
+            .prefill(&ids, &mut stats)
+            .map_err(|e| model_error(&self.inner.path, e))?;
+        let mut cache = self.inner.cache.lock().unwrap_or_else(|e| e.into_inner());
+        // The warm-up prefix goes first, where it stays.
+        let warm = cache.pop();
+        cache.clear();
+        cache.extend(warm);
+        tracing::debug!(
+            tokens = ids.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "local model warmed up"
+        );
+        Ok(())
+    }
+
+    /// The text of token ids (control tokens included).
+    ///
+    /// # Errors
+    /// [`LlmError::Model`] when an id is not in the vocabulary.
+    pub fn detokenize(&self, ids: &[u32]) -> Result<String, LlmError> {
+        self.inner
+            .tokenizer
+            .decode(ids, false)
+            .map_err(|e| model_error(&self.inner.path, e))
+    }
+
+    /// The id of a token written as text, such as `<|im_end|>`.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.tokenizer.token_to_id(token)
+    }
+
+    /// The tool-call grammar for this request: none once a tool has answered (the last
+    /// message is a tool result), so that a small model replies in words instead of calling
+    /// again; a request gets at most one tool round from the local model.
+    fn grammar(&self, messages: &[ChatMessage], tools: &FunctionTools) -> Option<ToolGrammar> {
+        match messages.last() {
+            Some(m) if m.role == Role::Tool => None,
+            _ => ToolGrammar::new(tools, self.string_rule(messages)),
+        }
+    }
+
+    /// How string arguments may be written: spans of the last user message when
+    /// `tool_strings_from_request` is on, else free strings of up to `tool_string_max_chars`.
+    fn string_rule(&self, messages: &[ChatMessage]) -> StringRule {
+        let config = &self.inner.config;
+        let request = messages.iter().rev().find(|m| m.role == Role::User);
+        match request {
+            Some(m) if config.tool_strings_from_request => StringRule::SpansOf(m.content.clone()),
+            _ => StringRule::Free {
+                max_chars: config.tool_string_max_chars as usize,
+            },
+        }
+    }
+
+    /// Token ids of `text` (no special tokens added).
+    ///
+    /// # Errors
+    /// [`LlmError::Model`] when the tokenizer fails.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, LlmError> {
+        Ok(self
+            .inner
+            .tokenizer
+            .encode_fast(text, false)
+            .map_err(|e| model_error(&self.inner.path, e))?
+            .get_ids()
+            .to_vec())
+    }
+}
+
+fn chatml(out: &mut String, role: &str, content: &str) {
+    out.push_str("<|im_start|>");
+    out.push_str(role);
+    out.push('\n');
+    out.push_str(content);
+    out.push_str("<|im_end|>\n");
+}
+
+/// The tools section of the system message: each tool with its parameters, how to call one,
+/// and the examples whose calls name an offered tool.
+fn tools_prompt(tools: &FunctionTools, examples: &str) -> String {
+    let mut out = String::from("You can call these tools:\n");
+    for tool in tools {
+        let function = tool.get("function").unwrap_or(tool);
+        let name = function.get("name").and_then(Value::as_str).unwrap_or("");
+        let description = function
+            .get("description")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let params: Vec<String> = function
+            .get("parameters")
+            .and_then(|p| p.get("properties"))
+            .and_then(Value::as_object)
+            .map(|p| {
+                p.iter()
+                    .map(|(k, v)| {
+                        let t = match v.get("type") {
+                            Some(Value::String(t)) => t.clone(),
+                            Some(Value::Array(ts)) => ts
+                                .iter()
+                                .filter_map(Value::as_str)
+                                .find(|t| *t != "null")
+                                .unwrap_or("string")
+                                .to_string(),
+                            _ => "string".into(),
+                        };
+                        format!("{k}: {t}")
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push_str(&format!("- {name}({}): {description}\n", params.join(", ")));
+    }
+    out.push_str(&format!(
+        "To call a tool, reply with only {TOOL_CALL_OPEN}{{\"name\": \"TOOL\", \"arguments\": {{...}}}}. Otherwise reply in plain words."
+    ));
+    let offered: Vec<&str> = tools
+        .iter()
+        .filter_map(|t| t.get("function").unwrap_or(t).get("name")?.as_str())
+        .collect();
+    let kept = offered_examples(examples, &offered);
+    if !kept.is_empty() {
+        out.push_str("\n\nExamples:\n");
+        out.push_str(&kept);
+    }
+    out
+}
+
+/// The exchanges of `examples` (blocks of a `User:` line and the lines after it) whose tool
+/// calls, if any, name an offered tool.
+fn offered_examples(examples: &str, offered: &[&str]) -> String {
+    let mut kept = Vec::new();
+    let mut block: Vec<&str> = Vec::new();
+    let flush = |block: &mut Vec<&str>, kept: &mut Vec<String>| {
+        let text = block.join("\n");
+        let calls_offered = text.match_indices(TOOL_CALL_OPEN).all(|(i, _)| {
+            let call = &text[i + TOOL_CALL_OPEN.len()..];
+            offered.iter().any(|name| {
+                call.starts_with(&format!("{{\"name\": {}", Value::String(name.to_string())))
+            })
+        });
+        if !text.trim().is_empty() && calls_offered {
+            kept.push(text.trim().to_string());
+        }
+        block.clear();
+    };
+    for line in examples.lines() {
+        if line.starts_with("User:") {
+            flush(&mut block, &mut kept);
+        }
+        block.push(line);
+    }
+    flush(&mut block, &mut kept);
+    kept.join("\n")
+}
+
+/// `ln softmax(logits)[index]`.
+fn log_softmax_at(logits: &[f32], index: usize) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+    logits[index] - max - sum.ln()
+}
+
+/// Index of the largest value among `allowed` (all when `None`).
+fn argmax(logits: &[f32], allowed: impl Iterator<Item = usize>) -> Option<usize> {
+    let mut best: Option<(usize, f32)> = None;
+    for i in allowed {
+        let v = logits[i];
+        if best.is_none_or(|(_, b)| v > b) {
+            best = Some((i, v));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+impl Inner {
+    fn forward(
+        &self,
+        model: &mut ModelWeights,
+        ids: &[u32],
+        pos: usize,
+    ) -> Result<Vec<f32>, String> {
+        let input = Tensor::new(ids, &Device::Cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .map_err(|e| e.to_string())?;
+        let logits = model.forward(&input, pos).map_err(|e| e.to_string())?;
+        logits
+            .squeeze(0)
+            .and_then(|l| l.to_dtype(candle_core::DType::F32))
+            .and_then(|l| l.to_vec1())
+            .map_err(|e| e.to_string())
+    }
+
+    /// The model state and logits after `ids`: from the longest cached prompt that starts
+    /// `ids`, feeding the rest one token at a time, or from scratch in one batch when that is
+    /// cheaper. The state after `ids` is cached for the next call (whose prompt usually
+    /// extends this one).
+    fn prefill(
+        &self,
+        ids: &[u32],
+        stats: &mut GenerationStats,
+    ) -> Result<(ModelWeights, Vec<f32>), String> {
+        let cached = {
+            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache
+                .iter()
+                .filter(|c| c.ids.len() <= ids.len() && ids.starts_with(&c.ids))
+                .max_by_key(|c| c.ids.len())
+                .cloned()
+        };
+        // candle's llama runs several tokens at once only from position 0, and one at a time
+        // costs about twice a batched token: resume when that is still cheaper.
+        let (model, logits) = match cached {
+            Some(c) if (ids.len() - c.ids.len()) * 2 < ids.len() => {
+                let mut model = c.model;
+                let mut logits = c.logits;
+                for (pos, &id) in ids.iter().enumerate().skip(c.ids.len()) {
+                    logits = self.forward(&mut model, &[id], pos)?;
+                }
+                stats.cached_tokens = c.ids.len();
+                (model, logits)
+            }
+            _ => {
+                let mut model = self.weights.clone();
+                let logits = self.forward(&mut model, ids, 0)?;
+                (model, logits)
+            }
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        // Keep the warm-up prefix (the first entry) and the latest prompt.
+        cache.truncate(1);
+        cache.push(CachedPrompt {
+            ids: ids.to_vec(),
+            model: model.clone(),
+            logits: logits.clone(),
+        });
+        Ok((model, logits))
+    }
+
+    /// Tokens allowed after `state`, as indices: a walk of the vocabulary's trie that drops a
+    /// whole subtree as soon as its prefix leaves the grammar.
+    fn allowed(&self, grammar: &ToolGrammar, state: &GrammarState) -> Vec<usize> {
+        let mut allowed = Vec::new();
+        let mut stack = vec![(0u32, state.clone())];
+        while let Some((node, state)) = stack.pop() {
+            for &(c, child) in &self.trie[node as usize].children {
+                let next = grammar.advance(&state, c);
+                if next.is_dead() {
+                    continue;
+                }
+                allowed.extend(self.trie[child as usize].tokens.iter().map(|&t| t as usize));
+                stack.push((child, next));
+            }
+        }
+        allowed
+    }
+
+    /// Generates a reply to the prompt `ids`, sending events on `tx`. Returns the finish
+    /// reason and timings, or `None` when cancelled or the receiver went away.
+    fn generate(
+        &self,
+        ids: &[u32],
+        grammar: Option<&ToolGrammar>,
+        tx: &mpsc::Sender<Result<LlmEvent, LlmError>>,
+        cancel: &CancellationToken,
+    ) -> Result<Option<(String, GenerationStats)>, String> {
+        let mut stats = GenerationStats {
+            prompt_tokens: ids.len(),
+            ..Default::default()
+        };
+        let started = Instant::now();
+        let (mut model, mut logits) = self.prefill(ids, &mut stats)?;
+        stats.prefill_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let decode_started = Instant::now();
+        let mut pos = ids.len();
+        let max_new = self.config.max_tokens as usize;
+
+        // The first token chooses: a tool call, or text.
+        let tool_state = grammar.map(|g| (g, g.start()));
+        if let Some((g, start)) = &tool_state {
+            let tool_starts = self.allowed(g, start);
+            let best = argmax(&logits, 0..logits.len()).unwrap_or(0);
+            let best_tool = argmax(&logits, tool_starts.iter().copied()).unwrap_or(0);
+            let bias = self.config.tool_call_bias;
+            let choose_tool = logits[best_tool] + bias >= logits[best];
+            tracing::debug!(
+                best = %self.token_text[best],
+                gap = logits[best] - logits[best_tool],
+                bias,
+                tool_call = choose_tool,
+                "first token: text or tool call"
+            );
+            if choose_tool {
+                let call = self.decode_call(
+                    g,
+                    &mut model,
+                    &mut logits,
+                    &mut pos,
+                    max_new,
+                    &mut stats,
+                    cancel,
+                )?;
+                stats.decode_ms = decode_started.elapsed().as_secs_f64() * 1000.0;
+                let Some(call) = call else { return Ok(None) };
+                if tx.blocking_send(Ok(LlmEvent::ToolCall(call))).is_err() {
+                    return Ok(None);
+                }
+                return Ok(Some(("tool_calls".into(), stats)));
+            }
+        }
+
+        let temperature = f64::from(self.config.temperature);
+        let sampling = if temperature <= 0.0 {
+            Sampling::ArgMax
+        } else {
+            Sampling::All { temperature }
+        };
+        let mut sampler = LogitsProcessor::from_sampling(SEED, sampling);
+        let mut generated: Vec<u32> = Vec::new();
+        let mut sent = 0; // bytes of the decoded text already sent
+        let mut finish = "length";
+        while generated.len() < max_new {
+            if cancel.is_cancelled() || tx.is_closed() {
+                return Ok(None);
+            }
+            if generated.is_empty() {
+                // A reply in words does not start like a tool call (after a tool's answer the
+                // model tends to write one out as text).
+                for (id, text) in self.token_text.iter().enumerate() {
+                    if text.starts_with('<') {
+                        logits[id] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            let tensor = Tensor::new(logits.as_slice(), &Device::Cpu).map_err(|e| e.to_string())?;
+            let mut next = sampler.sample(&tensor).map_err(|e| e.to_string())?;
+            // A tool call is only chosen at the start; later control tokens other than the
+            // stops end the reply too.
+            if self.token_text[next as usize].is_empty() && !self.stop.contains(&next) {
+                next = self.stop[0];
+            }
+            if self.stop.contains(&next) {
+                finish = "stop";
+                break;
+            }
+            generated.push(next);
+            stats.generated_tokens += 1;
+            let text = self
+                .tokenizer
+                .decode(&generated, false)
+                .map_err(|e| e.to_string())?;
+            // Hold back a partial UTF-8 sequence until its last byte arrives.
+            if text.len() > sent && !text.ends_with('\u{FFFD}') {
+                let delta = text[sent..].to_string();
+                sent = text.len();
+                if tx.blocking_send(Ok(LlmEvent::Text(delta))).is_err() {
+                    return Ok(None);
+                }
+            }
+            if generated.len() >= max_new {
+                break;
+            }
+            logits = self.forward(&mut model, &[next], pos)?;
+            pos += 1;
+        }
+        stats.decode_ms = decode_started.elapsed().as_secs_f64() * 1000.0;
+        Ok(Some((finish.into(), stats)))
+    }
+
+    /// Decodes a tool call under `grammar`; `logits` are those for its first token. The opening
+    /// `<tool_call>{"name": "` is written as is; the tool is the offered name the model finds
+    /// most likely as a whole (the sum of its tokens' log-probabilities: a small model's first
+    /// name token alone picks poorly); the arguments are decoded greedily under the mask.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_call(
+        &self,
+        grammar: &ToolGrammar,
+        model: &mut ModelWeights,
+        logits: &mut Vec<f32>,
+        pos: &mut usize,
+        max_new: usize,
+        stats: &mut GenerationStats,
+        cancel: &CancellationToken,
+    ) -> Result<Option<ToolCallRequest>, String> {
+        let mut state = grammar.start();
+        let mut text = String::new();
+        let mut feed = |this: &Self,
+                        model: &mut ModelWeights,
+                        logits: &mut Vec<f32>,
+                        pos: &mut usize,
+                        piece: &str|
+         -> Result<(), String> {
+            let ids = this
+                .tokenizer
+                .encode_fast(piece, false)
+                .map_err(|e| e.to_string())?
+                .get_ids()
+                .to_vec();
+            for id in ids {
+                *logits = this.forward(model, &[id], *pos)?;
+                *pos += 1;
+                stats.generated_tokens += 1;
+            }
+            Ok(())
+        };
+        let open = format!("{TOOL_CALL_OPEN}{{\"name\": \"");
+        feed(self, model, logits, pos, &open)?;
+        text.push_str(&open);
+        state = grammar
+            .advance_str(&state, &open)
+            .ok_or("the grammar refused the opening of a call")?;
+        // Score each name (with its closing quote) from the same state.
+        let mut best: Option<(f32, String, ModelWeights, Vec<f32>, usize)> = None;
+        for name in grammar.names() {
+            if cancel.is_cancelled() {
+                return Ok(None);
+            }
+            let quoted = Value::String(name.clone()).to_string();
+            let piece = &quoted[1..];
+            let ids = self
+                .tokenizer
+                .encode_fast(piece, false)
+                .map_err(|e| e.to_string())?
+                .get_ids()
+                .to_vec();
+            let mut candidate = model.clone();
+            let mut candidate_logits = logits.clone();
+            let mut candidate_pos = *pos;
+            let mut score = 0.0;
+            for &id in &ids {
+                score += log_softmax_at(&candidate_logits, id as usize);
+                candidate_logits = self.forward(&mut candidate, &[id], candidate_pos)?;
+                candidate_pos += 1;
+            }
+            tracing::debug!(tool = %name, score, "tool name score");
+            if best.as_ref().is_none_or(|(b, ..)| score > *b) {
+                best = Some((
+                    score,
+                    piece.to_string(),
+                    candidate,
+                    candidate_logits,
+                    candidate_pos,
+                ));
+            }
+        }
+        let (_, piece, chosen, chosen_logits, chosen_pos) = best.ok_or("no tool name to choose")?;
+        stats.generated_tokens += chosen_pos - *pos;
+        (*model, *logits, *pos) = (chosen, chosen_logits, chosen_pos);
+        state = grammar
+            .advance_str(&state, &piece)
+            .ok_or("the grammar refused an offered name")?;
+        text.push_str(&piece);
+        loop {
+            if cancel.is_cancelled() {
+                return Ok(None);
+            }
+            if stats.generated_tokens >= max_new {
+                return Err(format!(
+                    "the tool call did not finish within max_tokens ({max_new}): {text}"
+                ));
+            }
+            let allowed = self.allowed(grammar, &state);
+            let next = argmax(logits, allowed.into_iter())
+                .ok_or_else(|| format!("no token can continue the tool call {text:?}"))?;
+            let piece = &self.token_text[next];
+            state = grammar
+                .advance_str(&state, piece)
+                .ok_or("the tool-call mask let an invalid token through")?;
+            text.push_str(piece);
+            stats.generated_tokens += 1;
+            if grammar.is_complete(&state) {
+                break;
+            }
+            *logits = self.forward(model, &[next as u32], *pos)?;
+            *pos += 1;
+        }
+        let json = text
+            .strip_prefix(TOOL_CALL_OPEN)
+            .ok_or("the tool call lost its opening tag")?;
+        let call: Value = serde_json::from_str(json).map_err(|e| format!("{e}: {json}"))?;
+        Ok(Some(ToolCallRequest {
+            id: format!("call_{}", stats.prompt_tokens + stats.generated_tokens),
+            name: call["name"].as_str().unwrap_or_default().to_string(),
+            arguments: call["arguments"].to_string(),
+        }))
+    }
+}
