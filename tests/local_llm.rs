@@ -1,0 +1,298 @@
+//! The local chat model with the real SmolLM2-135M-Instruct GGUF: its tokenizer, a greeting
+//! answered in words, tool calls decoded under the grammar and run on the real music server,
+//! cancellation, and the main job (`voxloop run` on a recorded command) end to end.
+//!
+//! The model must be present (`voxloop models fetch smollm2`; scripts/test fetches it once).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use voxloop::config::{Config, LlmConfig, McpServerConfig};
+use voxloop::conversation::DEFAULT_SYSTEM_PROMPT;
+use voxloop::llm::local::LocalModel;
+use voxloop::llm::{ChatMessage, LlmError, LlmEvent, Role, ToolCallRequest};
+use voxloop::models;
+use voxloop::tools::hub::{ToolCall, ToolHub};
+
+fn model_path() -> PathBuf {
+    let path = models::model_path(models::spec("smollm2").unwrap());
+    assert!(
+        path.exists(),
+        "{} is missing: run `voxloop models fetch smollm2` (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// One loaded model for all tests.
+fn model() -> &'static LocalModel {
+    static MODEL: OnceLock<LocalModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let config = LlmConfig {
+            max_tokens: 48,
+            ..LlmConfig::default()
+        };
+        LocalModel::load(&model_path(), &config).unwrap()
+    })
+}
+
+/// The tool hub over the real music server (stdio), as the assistant has it.
+async fn hub() -> Arc<ToolHub> {
+    let mut config = Config::default();
+    let music = McpServerConfig {
+        command: Some(music_server_bin().display().to_string()),
+        cwd: Some(repo_root()),
+        ..McpServerConfig::default()
+    };
+    config.mcp_servers.insert("music".into(), music);
+    Arc::new(ToolHub::start(&config).await)
+}
+
+fn request(user: &str) -> Vec<ChatMessage> {
+    vec![
+        ChatMessage::new(Role::System, DEFAULT_SYSTEM_PROMPT),
+        ChatMessage::new(Role::User, user),
+    ]
+}
+
+/// Runs a completion through the streaming interface: the text, the tool calls and the finish
+/// reason.
+async fn complete(
+    messages: &[ChatMessage],
+    tools: &[Value],
+) -> (String, Vec<ToolCallRequest>, String) {
+    let mut rx = model()
+        .stream(messages, tools, &CancellationToken::new())
+        .await
+        .unwrap();
+    let (mut text, mut calls) = (String::new(), Vec::new());
+    while let Some(event) = rx.recv().await {
+        match event.unwrap() {
+            LlmEvent::Text(t) => text.push_str(&t),
+            LlmEvent::ToolCall(c) => calls.push(c),
+            LlmEvent::Done { finish_reason, .. } => return (text, calls, finish_reason),
+        }
+    }
+    panic!("the stream ended without Done; text so far {text:?}");
+}
+
+#[test]
+fn the_tokenizer_comes_from_the_gguf_metadata() {
+    let model = model();
+    let text = "<|im_start|>user\nPlay track 42, héllo!<|im_end|>\n";
+    let ids = model.tokenize(text).unwrap();
+    let start = model.token_id("<|im_start|>").unwrap();
+    let end = model.token_id("<|im_end|>").unwrap();
+    // Control tokens stay whole, digits are split one by one, and the text comes back intact.
+    assert_eq!(ids[0], start);
+    assert!(ids.contains(&end));
+    let four = model.tokenize("4").unwrap();
+    let two = model.tokenize("2").unwrap();
+    assert_eq!((four.len(), two.len()), (1, 1));
+    assert!(ids.windows(2).any(|w| w == [four[0], two[0]]), "{ids:?}");
+    assert_eq!(model.detokenize(&ids).unwrap(), text);
+    // No prefix space: "Play" at the start is the same token as after a newline.
+    let play = model.tokenize("Play").unwrap();
+    assert!(ids.windows(play.len()).any(|w| w == play.as_slice()));
+}
+
+#[tokio::test]
+async fn a_greeting_is_answered_in_words() {
+    let hub = hub().await;
+    let (text, calls, finish) =
+        complete(&request("Hello, how are you?"), &hub.function_tools()).await;
+    assert!(calls.is_empty(), "{calls:?}");
+    assert!(text.split_whitespace().count() >= 2, "{text:?}");
+    assert!(["stop", "length"].contains(&finish.as_str()), "{finish}");
+}
+
+#[tokio::test]
+async fn play_some_music_calls_the_music_player_and_the_call_runs() {
+    let hub = hub().await;
+    let (text, calls, finish) = complete(&request("Play some music."), &hub.function_tools()).await;
+    assert_eq!(finish, "tool_calls");
+    assert!(text.is_empty(), "{text:?}");
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].name, "musicPlayer");
+    let arguments: Value = serde_json::from_str(&calls[0].arguments).unwrap();
+    // The schema's only property is an optional string query, copied from the request.
+    let object = arguments.as_object().unwrap();
+    assert!(object.keys().all(|k| k == "query"), "{arguments}");
+    if let Some(query) = object.get("query") {
+        assert!(
+            "Play some music".contains(query.as_str().unwrap()),
+            "{arguments}"
+        );
+    }
+    // The server accepts the call and links a track.
+    let outcome = hub
+        .call_round(
+            &[ToolCall {
+                name: calls[0].name.clone(),
+                arguments,
+            }],
+            &CancellationToken::new(),
+        )
+        .await
+        .remove(0);
+    assert!(!outcome.is_error, "{:?}", outcome.tool_message());
+    assert_eq!(outcome.media.len(), 1);
+}
+
+#[tokio::test]
+async fn a_constrained_integer_stays_in_the_schema_range() {
+    let hub = hub().await;
+    let tools: Vec<Value> = hub
+        .function_tools()
+        .into_iter()
+        .filter(|t| t["function"]["name"] == "set_volume")
+        .collect();
+    let (_, calls, finish) = complete(&request("Set the volume to 30."), &tools).await;
+    assert_eq!(finish, "tool_calls");
+    assert_eq!(calls[0].name, "set_volume");
+    let arguments: Value = serde_json::from_str(&calls[0].arguments).unwrap();
+    let volume = arguments["volume"].as_i64().unwrap();
+    assert!((1..=100).contains(&volume), "{arguments}");
+    let outcome = hub
+        .call_round(
+            &[ToolCall {
+                name: "set_volume".into(),
+                arguments,
+            }],
+            &CancellationToken::new(),
+        )
+        .await
+        .remove(0);
+    assert!(!outcome.is_error, "{:?}", outcome.tool_message());
+    assert!(outcome.action.is_some());
+}
+
+#[tokio::test]
+async fn cancelling_stops_generation_before_the_end() {
+    let cancel = CancellationToken::new();
+    let mut rx = model()
+        .stream(&request("Tell me a long story about a cat."), &[], &cancel)
+        .await
+        .unwrap();
+    let first = rx.recv().await.unwrap().unwrap();
+    assert!(matches!(first, LlmEvent::Text(_)), "{first:?}");
+    cancel.cancel();
+    // At most one token was on its way; then the stream closes without a Done.
+    let rest = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut rest = Vec::new();
+        while let Some(event) = rx.recv().await {
+            rest.push(event.unwrap());
+        }
+        rest
+    })
+    .await
+    .unwrap();
+    assert!(rest.len() <= 2, "{rest:?}");
+    assert!(!rest.iter().any(|e| matches!(e, LlmEvent::Done { .. })));
+}
+
+#[test]
+fn a_missing_model_file_names_the_fetch_command() {
+    let Err(error) = LocalModel::load(
+        std::path::Path::new("/nonexistent/model.gguf"),
+        &LlmConfig::default(),
+    ) else {
+        panic!("loaded a missing file");
+    };
+    assert!(matches!(error, LlmError::Model { .. }));
+    assert!(
+        error.to_string().contains("voxloop models fetch smollm2"),
+        "{error}"
+    );
+    // A file that is not GGUF.
+    let Err(error) = LocalModel::load(
+        &music_file("tumiki_return_to_home.flac"),
+        &LlmConfig::default(),
+    ) else {
+        panic!("loaded a FLAC file as a model");
+    };
+    assert!(
+        error.to_string().contains("tumiki_return_to_home.flac"),
+        "{error}"
+    );
+}
+
+/// The README's main job on its built-in defaults: whisper base hears the recorded command, the
+/// local model calls musicPlayer on the bundled server, and the track is in the output WAV.
+#[test]
+fn the_main_job_plays_the_requested_track_into_a_wav() {
+    model_path();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("reply.wav");
+    let run = Command::new(env!("CARGO_BIN_EXE_voxloop"))
+        .args([
+            "run",
+            "--input",
+            "assets/speech/cmd_play_horizon.wav",
+            "--output",
+        ])
+        .arg(&out)
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        stdout.contains("heard: Play the song just over the horizon"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("tool musicPlayer("), "{stdout}");
+    assert!(
+        stdout.contains("Playing \"Tumiki Just Over The Horizon\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("first LLM token"), "{stdout}");
+
+    // The track is the end of the WAV: it correlates with the decoded MP3 at 24 kHz.
+    let audio: Vec<f32> = hound::WavReader::open(&out)
+        .unwrap()
+        .into_samples::<i16>()
+        .map(|s| f32::from(s.unwrap()) / 32768.0)
+        .collect();
+    let mp3 = std::fs::File::open(music_file("tumiki_just_over_the_horizon.mp3")).unwrap();
+    let mut converter = voxloop::pipeline::convert::Converter::new(24_000, 1);
+    let mut track = Vec::new();
+    voxloop::pipeline::decode::decode(mp3, "audio/mpeg", &mut |pcm| {
+        track.extend(converter.push(&pcm).unwrap());
+        true
+    })
+    .unwrap();
+    track.extend(converter.flush());
+    assert!(
+        audio.len() + 2400 >= track.len(),
+        "{} < {}",
+        audio.len(),
+        track.len()
+    );
+    let offset = audio.len().saturating_sub(track.len());
+    let window = 24_000 * 5..24_000 * 7;
+    let b = &track[window.clone()];
+    let best = (offset.saturating_sub(2400)..=offset + 2400)
+        .filter(|start| start + window.end <= audio.len())
+        .map(|start| {
+            let a = &audio[start + window.start..start + window.end];
+            let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            let norm = (a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>()
+                * b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>())
+            .sqrt();
+            dot / norm
+        })
+        .fold(f64::MIN, f64::max);
+    assert!(best > 0.99, "correlation {best}");
+}
