@@ -1,6 +1,6 @@
-//! The local chat model's speed: prompt tokens per second (prefill) and generated tokens per
-//! second (decode), for a text reply and for a constrained tool call, with the music server's
-//! two tools offered as in a real turn.
+//! The local chat model's speed: the prompt in one batch (cold) and resumed after the warm-up,
+//! and generated tokens per second for a text reply and for a constrained tool call (whose
+//! count includes the forced and scored tokens), with the music server's two tools offered.
 //!
 //! Needs the model: `voxloop models fetch smollm2` (or `VOXLOOP_MODELS` pointing at it).
 //! Run: `cargo bench --bench llm`.
@@ -43,30 +43,52 @@ fn main() {
             "parameters": {"type": "object", "properties": {"volume": {"type": "integer",
             "minimum": 1, "maximum": 100}}, "required": ["volume"]}}}),
     ];
-    let rounds = std::env::var("ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let rounds = std::env::var("ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let system = vec![ChatMessage::new(Role::System, DEFAULT_SYSTEM_PROMPT)];
+    let request = |user: &str| {
+        let mut m = system.clone();
+        m.push(ChatMessage::new(Role::User, user));
+        m
+    };
+    // Cold: the whole prompt in one batch (a fresh model has nothing cached).
+    let cold = LocalModel::load(&path, &config).expect("model");
+    let (_, stats) = cold
+        .complete_blocking(&request("Play the song just over the horizon."), &tools)
+        .expect("completion");
+    println!(
+        "cold prompt: {} tokens in {:.0} ms ({:.1} tokens/s, one batch)",
+        stats.prompt_tokens,
+        stats.prefill_ms,
+        stats.prefill_tokens_per_s()
+    );
+    // Warm: the system message computed ahead, the request resumed from it token by token.
+    let started = Instant::now();
+    model.warm_up(&system, &tools).expect("warm-up");
+    println!(
+        "warm-up (system prompt and tools): {:.0} ms",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
     for (label, user) in [
         ("text reply", "Tell me a short story about a cat."),
         ("tool call", "Play the song just over the horizon."),
     ] {
-        let messages = vec![
-            ChatMessage::new(Role::System, DEFAULT_SYSTEM_PROMPT),
-            ChatMessage::new(Role::User, user),
-        ];
+        let messages = request(user);
         let mut prefill = Vec::new();
         let mut decode = Vec::new();
         let mut last = Vec::new();
         for _ in 0..rounds {
-            let (events, stats) = model
-                .complete_blocking(&messages, &tools)
-                .expect("completion");
-            prefill.push(stats.prefill_tokens_per_s());
+            // Back to the system message alone, as before a new request.
+            model.warm_up(&system, &tools).expect("warm-up");
+            let (events, stats) = model.complete_blocking(&messages, &tools).expect("completion");
+            prefill.push(stats.prefill_ms);
             decode.push(stats.decode_tokens_per_s());
             println!(
-                "  {label}: {} prompt tokens in {:.0} ms, {} generated in {:.0} ms",
-                stats.prompt_tokens, stats.prefill_ms, stats.generated_tokens, stats.decode_ms
+                "  {label}: {} prompt tokens ({} cached) in {:.0} ms, {} generated in {:.0} ms",
+                stats.prompt_tokens,
+                stats.cached_tokens,
+                stats.prefill_ms,
+                stats.generated_tokens,
+                stats.decode_ms
             );
             last = events;
         }
@@ -75,7 +97,7 @@ fn main() {
             v[v.len() / 2]
         };
         println!(
-            "{label}: prefill {:.1} tokens/s, decode {:.1} tokens/s (median of {rounds})",
+            "{label}: prompt after warm-up {:.0} ms, decode {:.1} tokens/s (median of {rounds})",
             median(&mut prefill),
             median(&mut decode)
         );
