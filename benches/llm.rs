@@ -43,7 +43,10 @@ fn main() {
             "parameters": {"type": "object", "properties": {"volume": {"type": "integer",
             "minimum": 1, "maximum": 100}}, "required": ["volume"]}}}),
     ];
-    let rounds = std::env::var("ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let rounds = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
     let system = vec![ChatMessage::new(Role::System, DEFAULT_SYSTEM_PROMPT)];
     let request = |user: &str| {
         let mut m = system.clone();
@@ -79,7 +82,9 @@ fn main() {
         for _ in 0..rounds {
             // Back to the system message alone, as before a new request.
             model.warm_up(&system, &tools).expect("warm-up");
-            let (events, stats) = model.complete_blocking(&messages, &tools).expect("completion");
+            let (events, stats) = model
+                .complete_blocking(&messages, &tools)
+                .expect("completion");
             prefill.push(stats.prefill_ms);
             decode.push(stats.decode_tokens_per_s());
             println!(

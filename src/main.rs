@@ -368,19 +368,45 @@ async fn run(
     input: Option<&Path>,
     output: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use voxloop::pipeline::asr::Asr;
     use voxloop::pipeline::input::SpeechInput;
+    use voxloop::pipeline::queue::StopReason as QueueStop;
     use voxloop::pipeline::vad::{BargeIn, TurnDetector, TurnEvent};
-    let asr = std::sync::Arc::new(Asr::load(&config.asr)?);
+    let asr = Arc::new(Asr::load(&config.asr)?);
     let mut conversation = assistant(config, output).await?;
     let (mut blocks, _microphone) = speech_source(input, None).await?;
     let mut speech = SpeechInput::default();
     let mut turns = TurnDetector::new(&config.vad);
     let mut barge = BargeIn::new(&config.vad);
     let queue = conversation.queue().clone();
-    loop {
+    let from_microphone = input.is_none();
+
+    // Turns run on their own task, so that the microphone is heard while the model thinks, a
+    // tool runs or a reply plays: speech then cancels the turn (barge-in).
+    let (turn_tx, mut turn_rx) = tokio::sync::mpsc::channel::<(String, u64, CancellationToken)>(4);
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<bool>(4);
+    let turn_running = Arc::new(AtomicBool::new(false));
+    let running = turn_running.clone();
+    let turn_task = tokio::spawn(async move {
+        while let Some((text, asr_ms, cancel)) = turn_rx.recv().await {
+            let report = conversation.turn(&text, &cancel).await;
+            running.store(false, Ordering::SeqCst);
+            print_turn(&report, Some(asr_ms));
+            let exit = conversation.exit_requested();
+            let _ = done_tx.send(exit).await;
+            if exit {
+                break;
+            }
+        }
+        conversation
+    });
+    let mut current_turn = CancellationToken::new();
+    'blocks: loop {
         let block = tokio::select! {
             block = blocks.recv() => block,
+            Some(true) = done_rx.recv() => break 'blocks,
             _ = tokio::signal::ctrl_c() => None,
         };
         let ended = block.is_none();
@@ -391,13 +417,14 @@ async fn run(
         if ended {
             events.extend(turns.finish());
         }
-        // From a microphone, speech over the assistant's playback interrupts it.
-        if input.is_none() {
+        // From a microphone, speech over the assistant (thinking, calling a tool, or playing)
+        // interrupts it.
+        if from_microphone {
             for frame in &frames {
-                if barge.on_frame(frame, queue.is_busy(), queue.output_level()) {
-                    queue
-                        .stop(voxloop::pipeline::queue::StopReason::BargeIn)
-                        .await;
+                let busy = queue.is_busy() || turn_running.load(Ordering::SeqCst);
+                if barge.on_frame(frame, busy, queue.output_level()) {
+                    current_turn.cancel();
+                    queue.stop(QueueStop::BargeIn).await;
                 }
             }
         }
@@ -411,19 +438,29 @@ async fn run(
                 if transcript.text.is_empty() {
                     continue;
                 }
-                let report = conversation
-                    .turn(&transcript.text, &CancellationToken::new())
-                    .await;
-                print_turn(&report, Some(asr_ms));
-                if conversation.exit_requested() {
-                    break;
+                // A new request supersedes a turn still running.
+                current_turn.cancel();
+                current_turn = CancellationToken::new();
+                turn_running.store(true, Ordering::SeqCst);
+                if turn_tx
+                    .send((transcript.text, asr_ms, current_turn.clone()))
+                    .await
+                    .is_err()
+                {
+                    break 'blocks;
+                }
+                // A file's utterances are turns one after another.
+                if !from_microphone && done_rx.recv().await != Some(false) {
+                    break 'blocks;
                 }
             }
         }
-        if ended || conversation.exit_requested() {
+        if ended {
             break;
         }
     }
+    drop(turn_tx);
+    let conversation = turn_task.await?;
     finish_playback(conversation.queue().clone(), None, output, false).await
 }
 
