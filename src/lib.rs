@@ -6,11 +6,14 @@
 //! - [`tools`]: the tool hub: MCP servers, built-in tools, routing of results, paged media.
 //! - [`pipeline`]: audio: decode, resample, volume, Opus, playback queue, sinks, TTS, ASR, VAD.
 //! - [`models`]: model files and fetching them from the package registries.
-//! - [`llm`]: chat models as a stream of text and tool calls (OpenAI-compatible endpoints).
+//! - [`llm`]: chat models as a stream of text and tool calls (the local GGUF model, or
+//!   OpenAI-compatible endpoints).
 //! - [`conversation`]: the turn loop joining the model, the tools and the playback queue.
+//! - [`device`]: the smart-speaker device protocol (xiaozhi-esp32 WebSocket).
 
 pub mod config;
 pub mod conversation;
+pub mod device;
 pub mod llm;
 pub mod models;
 pub mod pipeline;

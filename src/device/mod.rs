@@ -1,0 +1,5 @@
+//! The smart-speaker device server (DESIGN §5): the xiaozhi-esp32 WebSocket protocol.
+//!
+//! [`protocol`] holds the messages and the binary framing of protocol versions 1 to 3.
+
+pub mod protocol;

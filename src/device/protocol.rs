@@ -1,0 +1,428 @@
+//! The xiaozhi-esp32 WebSocket protocol's messages and binary frames (DESIGN §5; the firmware's
+//! `docs/websocket.md`).
+//!
+//! Text frames are JSON objects tagged by `type`. Binary frames carry Opus packets, framed by
+//! protocol version (from the `Protocol-Version` header):
+//! - v1: the frame is one raw Opus packet;
+//! - v2: a 16-byte big-endian header `u16 version, u16 type (0 Opus, 1 JSON), u32 reserved,
+//!   u32 timestamp_ms, u32 payload_size`, then the payload;
+//! - v3: a 4-byte big-endian header `u8 type (0 Opus, 1 JSON), u8 reserved, u16 payload_size`,
+//!   then the payload.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Binary framing, from the `Protocol-Version` header or query parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum ProtocolVersion {
+    V1,
+    V2,
+    V3,
+}
+
+/// A binary frame that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("unsupported protocol version {0:?} (1, 2 or 3)")]
+    Version(String),
+    #[error("binary frame of {len} bytes is shorter than the v{version} header ({header} bytes)")]
+    Short {
+        version: u8,
+        len: usize,
+        header: usize,
+    },
+    #[error("binary frame header says {declared} payload bytes, the frame has {actual}")]
+    Size { declared: usize, actual: usize },
+    #[error("binary frame header says protocol version {0}, the session uses 2")]
+    HeaderVersion(u16),
+    #[error("binary frame type {0} is neither 0 (Opus) nor 1 (JSON)")]
+    Type(u16),
+    #[error("empty binary frame")]
+    Empty,
+    #[error("JSON in a binary frame is not UTF-8")]
+    Utf8,
+}
+
+/// What a binary frame carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BinaryFrame {
+    /// One Opus packet (one frame of audio, 20 or 60 ms).
+    Opus(Vec<u8>),
+    /// A JSON message (v2 and v3 only).
+    Json(String),
+}
+
+/// v2's header length in bytes.
+pub const V2_HEADER: usize = 16;
+/// v3's header length in bytes.
+pub const V3_HEADER: usize = 4;
+
+impl ProtocolVersion {
+    /// From a header or query value; missing means 1.
+    ///
+    /// # Errors
+    /// [`FrameError::Version`] for anything but 1, 2 or 3.
+    pub fn parse(value: Option<&str>) -> Result<Self, FrameError> {
+        match value.map(str::trim) {
+            None | Some("") | Some("1") => Ok(Self::V1),
+            Some("2") => Ok(Self::V2),
+            Some("3") => Ok(Self::V3),
+            Some(other) => Err(FrameError::Version(other.to_string())),
+        }
+    }
+
+    /// The version number.
+    pub fn number(self) -> u8 {
+        match self {
+            Self::V1 => 1,
+            Self::V2 => 2,
+            Self::V3 => 3,
+        }
+    }
+
+    /// Frames an Opus packet; `timestamp_ms` is used by v2 only.
+    pub fn encode_opus(self, packet: &[u8], timestamp_ms: u32) -> Vec<u8> {
+        self.encode(0, packet, timestamp_ms)
+    }
+
+    fn encode(self, kind: u8, payload: &[u8], timestamp_ms: u32) -> Vec<u8> {
+        match self {
+            Self::V1 => payload.to_vec(),
+            Self::V2 => {
+                let mut out = Vec::with_capacity(V2_HEADER + payload.len());
+                out.extend_from_slice(&2u16.to_be_bytes());
+                out.extend_from_slice(&u16::from(kind).to_be_bytes());
+                out.extend_from_slice(&0u32.to_be_bytes());
+                out.extend_from_slice(&timestamp_ms.to_be_bytes());
+                out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+                out.extend_from_slice(payload);
+                out
+            }
+            Self::V3 => {
+                let mut out = Vec::with_capacity(V3_HEADER + payload.len());
+                out.push(kind);
+                out.push(0);
+                // A v3 payload is at most 65535 bytes; an Opus packet is at most 1275.
+                out.extend_from_slice(&(payload.len().min(u16::MAX as usize) as u16).to_be_bytes());
+                out.extend_from_slice(&payload[..payload.len().min(u16::MAX as usize)]);
+                out
+            }
+        }
+    }
+
+    /// Frames a JSON message in a binary frame (v2 and v3; v1 has no such frame).
+    pub fn encode_json(self, json: &str, timestamp_ms: u32) -> Option<Vec<u8>> {
+        (self != Self::V1).then(|| self.encode(1, json.as_bytes(), timestamp_ms))
+    }
+
+    /// Reads a binary frame.
+    ///
+    /// # Errors
+    /// [`FrameError`] naming what is wrong: too short for the header, a payload size that
+    /// does not match, an unknown type, a v2 header with another version, or an empty frame.
+    pub fn decode(self, frame: &[u8]) -> Result<BinaryFrame, FrameError> {
+        let (kind, payload) = match self {
+            Self::V1 => {
+                if frame.is_empty() {
+                    return Err(FrameError::Empty);
+                }
+                return Ok(BinaryFrame::Opus(frame.to_vec()));
+            }
+            Self::V2 => {
+                if frame.len() < V2_HEADER {
+                    return Err(FrameError::Short {
+                        version: 2,
+                        len: frame.len(),
+                        header: V2_HEADER,
+                    });
+                }
+                let version = u16::from_be_bytes([frame[0], frame[1]]);
+                if version != 2 {
+                    return Err(FrameError::HeaderVersion(version));
+                }
+                let kind = u16::from_be_bytes([frame[2], frame[3]]);
+                let size =
+                    u32::from_be_bytes([frame[12], frame[13], frame[14], frame[15]]) as usize;
+                (kind, check_size(size, &frame[V2_HEADER..])?)
+            }
+            Self::V3 => {
+                if frame.len() < V3_HEADER {
+                    return Err(FrameError::Short {
+                        version: 3,
+                        len: frame.len(),
+                        header: V3_HEADER,
+                    });
+                }
+                let size = u16::from_be_bytes([frame[2], frame[3]]) as usize;
+                (u16::from(frame[0]), check_size(size, &frame[V3_HEADER..])?)
+            }
+        };
+        match kind {
+            0 if payload.is_empty() => Err(FrameError::Empty),
+            0 => Ok(BinaryFrame::Opus(payload.to_vec())),
+            1 => String::from_utf8(payload.to_vec())
+                .map(BinaryFrame::Json)
+                .map_err(|_| FrameError::Utf8),
+            other => Err(FrameError::Type(other)),
+        }
+    }
+}
+
+fn check_size(declared: usize, payload: &[u8]) -> Result<&[u8], FrameError> {
+    if declared != payload.len() {
+        return Err(FrameError::Size {
+            declared,
+            actual: payload.len(),
+        });
+    }
+    Ok(payload)
+}
+
+/// Audio format of one direction (`audio_params`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AudioParams {
+    /// Always `opus`.
+    #[serde(default = "opus")]
+    pub format: String,
+    /// Sample rate in Hz (uplink 16000; downlink often 24000).
+    pub sample_rate: u32,
+    /// Channels (1).
+    #[serde(default = "one")]
+    pub channels: u16,
+    /// Frame duration in ms (20 or 60).
+    #[serde(default = "sixty")]
+    pub frame_duration: u32,
+}
+
+fn opus() -> String {
+    "opus".into()
+}
+fn one() -> u16 {
+    1
+}
+fn sixty() -> u32 {
+    60
+}
+
+/// The device's announced features.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Features {
+    /// The device runs an MCP server over this socket.
+    #[serde(default)]
+    pub mcp: bool,
+    /// The device cancels its own echo (realtime listening is safe).
+    #[serde(default)]
+    pub aec: bool,
+}
+
+/// `listen.state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenState {
+    /// The user starts speaking (audio frames follow).
+    Start,
+    /// The device stopped listening (manual mode: the turn ends).
+    Stop,
+    /// A wake word was detected; `text` holds it.
+    Detect,
+}
+
+/// `listen.mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenMode {
+    /// The server's VAD ends the turn.
+    #[default]
+    Auto,
+    /// The device ends the turn with `listen stop`.
+    Manual,
+    /// Continuous listening; speech over playback interrupts it.
+    Realtime,
+}
+
+/// A text message from the device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum DeviceMessage {
+    Hello {
+        #[serde(default)]
+        version: Option<u32>,
+        #[serde(default)]
+        features: Features,
+        #[serde(default)]
+        transport: Option<String>,
+        audio_params: Option<AudioParams>,
+    },
+    Listen {
+        state: ListenState,
+        #[serde(default)]
+        mode: Option<ListenMode>,
+        #[serde(default)]
+        text: Option<String>,
+    },
+    Abort {
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    Mcp {
+        payload: Value,
+    },
+}
+
+/// `tts.state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TtsState {
+    Start,
+    SentenceStart,
+    Stop,
+}
+
+/// A text message to the device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ServerMessage {
+    Hello {
+        transport: String,
+        session_id: String,
+        audio_params: AudioParams,
+    },
+    Stt {
+        session_id: String,
+        text: String,
+    },
+    Llm {
+        session_id: String,
+        emotion: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        text: Option<String>,
+    },
+    Tts {
+        session_id: String,
+        state: TtsState,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        text: Option<String>,
+    },
+    Mcp {
+        session_id: String,
+        payload: Value,
+    },
+    System {
+        session_id: String,
+        command: String,
+    },
+    Alert {
+        session_id: String,
+        status: String,
+        message: String,
+        emotion: String,
+    },
+}
+
+impl ServerMessage {
+    /// The JSON text.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("server messages serialise")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_in_every_version() {
+        let packet = vec![0xF8, 1, 2, 3, 4];
+        for v in [
+            ProtocolVersion::V1,
+            ProtocolVersion::V2,
+            ProtocolVersion::V3,
+        ] {
+            let frame = v.encode_opus(&packet, 1234);
+            assert_eq!(v.decode(&frame).unwrap(), BinaryFrame::Opus(packet.clone()));
+        }
+        let v2 = ProtocolVersion::V2.encode_opus(&packet, 0x01020304);
+        assert_eq!(&v2[..4], &[0, 2, 0, 0]);
+        assert_eq!(&v2[8..16], &[1, 2, 3, 4, 0, 0, 0, 5]);
+        let v3 = ProtocolVersion::V3.encode_opus(&packet, 0);
+        assert_eq!(&v3[..4], &[0, 0, 0, 5]);
+        let json = ProtocolVersion::V3
+            .encode_json("{\"type\":\"abort\"}", 0)
+            .unwrap();
+        assert_eq!(
+            ProtocolVersion::V3.decode(&json).unwrap(),
+            BinaryFrame::Json("{\"type\":\"abort\"}".into())
+        );
+        assert!(ProtocolVersion::V1.encode_json("{}", 0).is_none());
+    }
+
+    #[test]
+    fn bad_frames_are_named() {
+        let v2 = ProtocolVersion::V2;
+        assert!(matches!(
+            v2.decode(&[0, 2, 0]),
+            Err(FrameError::Short { .. })
+        ));
+        let mut frame = v2.encode_opus(&[1, 2, 3], 0);
+        frame.push(9);
+        assert_eq!(
+            v2.decode(&frame),
+            Err(FrameError::Size {
+                declared: 3,
+                actual: 4
+            })
+        );
+        let mut frame = v2.encode_opus(&[1, 2, 3], 0);
+        frame[1] = 3;
+        assert_eq!(v2.decode(&frame), Err(FrameError::HeaderVersion(3)));
+        let mut frame = ProtocolVersion::V3.encode_opus(&[1], 0);
+        frame[0] = 7;
+        assert_eq!(ProtocolVersion::V3.decode(&frame), Err(FrameError::Type(7)));
+        assert_eq!(ProtocolVersion::V1.decode(&[]), Err(FrameError::Empty));
+        assert_eq!(
+            ProtocolVersion::parse(Some("4")),
+            Err(FrameError::Version("4".into()))
+        );
+        assert_eq!(ProtocolVersion::parse(None), Ok(ProtocolVersion::V1));
+    }
+
+    #[test]
+    fn messages_parse_as_the_firmware_writes_them() {
+        let hello: DeviceMessage = serde_json::from_str(
+            r#"{"type":"hello","version":1,"features":{"mcp":true},"transport":"websocket","audio_params":{"format":"opus","sample_rate":16000,"channels":1,"frame_duration":60}}"#,
+        )
+        .unwrap();
+        let DeviceMessage::Hello {
+            features,
+            audio_params,
+            ..
+        } = hello
+        else {
+            panic!("not a hello");
+        };
+        assert!(features.mcp && !features.aec);
+        assert_eq!(audio_params.unwrap().sample_rate, 16_000);
+        let listen: DeviceMessage = serde_json::from_str(
+            r#"{"session_id":"x","type":"listen","state":"start","mode":"manual"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            listen,
+            DeviceMessage::Listen {
+                state: ListenState::Start,
+                mode: Some(ListenMode::Manual),
+                text: None
+            }
+        );
+        let tts = ServerMessage::Tts {
+            session_id: "s".into(),
+            state: TtsState::SentenceStart,
+            text: Some("Hi.".into()),
+        };
+        assert_eq!(
+            tts.to_json(),
+            r#"{"type":"tts","session_id":"s","state":"sentence_start","text":"Hi."}"#
+        );
+        assert!(serde_json::from_str::<DeviceMessage>(r#"{"type":"dance"}"#).is_err());
+    }
+}
