@@ -64,6 +64,10 @@ pub struct Config {
     pub llm: LlmConfig,
     /// `[vad]`: voice activity, turns and barge-in.
     pub vad: VadConfig,
+    /// `[device]`: the smart-speaker server (`voxloop serve`).
+    pub device: DeviceConfig,
+    /// `[auth]`: who may connect to the device server.
+    pub auth: AuthConfig,
     /// The file this configuration was read from, if any (not a key).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -364,6 +368,68 @@ pub struct McpServerConfig {
     pub headers: BTreeMap<String, String>,
     /// Name of an environment variable holding a bearer token for `Authorization`.
     pub bearer_token_env: Option<String>,
+}
+
+/// `[device]`: the xiaozhi-esp32 WebSocket server (DESIGN §5). Durations in ms, sizes in bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// Address and port to listen on.
+    pub bind: String,
+    /// The WebSocket endpoint's path.
+    pub path: String,
+    /// The OTA endpoint's path (`POST`): where the firmware learns the WebSocket URL.
+    pub ota_path: String,
+    /// The WebSocket URL the OTA endpoint gives devices; default `ws://{bind}{path}`.
+    pub public_url: Option<String>,
+    /// Firmware version the OTA endpoint offers.
+    pub firmware_version: String,
+    /// Firmware download URL the OTA endpoint offers (empty: none).
+    pub firmware_url: String,
+    /// Time a device has to send its hello after connecting.
+    pub hello_timeout_ms: u64,
+    /// A session with no message from the device for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Interval of WebSocket pings to the device.
+    pub ping_interval_ms: u64,
+    /// Largest message (text or binary) a device may send.
+    pub max_message_bytes: usize,
+    /// Most sessions at once.
+    pub max_sessions: u32,
+    /// Most sessions at once from one IP address.
+    pub max_sessions_per_ip: u32,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:8000".into(),
+            path: "/xiaozhi/v1/".into(),
+            ota_path: "/xiaozhi/ota/".into(),
+            public_url: None,
+            firmware_version: "1.0.0".into(),
+            firmware_url: String::new(),
+            hello_timeout_ms: 10_000,
+            idle_timeout_ms: 120_000,
+            ping_interval_ms: 30_000,
+            max_message_bytes: 65_536,
+            max_sessions: 1024,
+            max_sessions_per_ip: 16,
+        }
+    }
+}
+
+/// `[auth]`: bearer tokens for the device server. A device whose id has its own token must
+/// present that one; any other device one of `tokens`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Tokens any device may present.
+    pub tokens: Vec<String>,
+    /// Per-device tokens, by `Device-Id`.
+    pub device_tokens: BTreeMap<String, String>,
+    /// Accept devices without a token (only when set).
+    pub allow_anonymous: bool,
 }
 
 /// `[tools]`: limits of the tool hub. Every duration is in milliseconds, every size in bytes.
@@ -771,6 +837,59 @@ impl Config {
             llm.retry_backoff_ms,
             0..=60_000,
             "milliseconds",
+        )?;
+        let d = &self.device;
+        if d.bind.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::Invalid {
+                key: "device.bind".into(),
+                value: format!("{:?}", d.bind),
+                allowed: "an address and port such as \"127.0.0.1:8000\"".into(),
+            });
+        }
+        for (key, path) in [("device.path", &d.path), ("device.ota_path", &d.ota_path)] {
+            if !path.starts_with('/') {
+                return Err(ConfigError::Invalid {
+                    key: key.into(),
+                    value: format!("{path:?}"),
+                    allowed: "a path starting with /".into(),
+                });
+            }
+        }
+        in_range(
+            "device.hello_timeout_ms",
+            d.hello_timeout_ms,
+            100..=600_000,
+            "milliseconds",
+        )?;
+        in_range(
+            "device.idle_timeout_ms",
+            d.idle_timeout_ms,
+            1_000..=86_400_000,
+            "milliseconds",
+        )?;
+        in_range(
+            "device.ping_interval_ms",
+            d.ping_interval_ms,
+            100..=3_600_000,
+            "milliseconds",
+        )?;
+        in_range(
+            "device.max_message_bytes",
+            d.max_message_bytes,
+            1_024..=16_777_216,
+            "bytes",
+        )?;
+        in_range(
+            "device.max_sessions",
+            d.max_sessions,
+            1..=100_000,
+            "sessions",
+        )?;
+        in_range(
+            "device.max_sessions_per_ip",
+            d.max_sessions_per_ip,
+            1..=100_000,
+            "sessions",
         )?;
         let v = &self.vad;
         in_range("vad.threshold", v.threshold, 0.0..=1.0, "(a probability)")?;

@@ -1,5 +1,7 @@
 //! The smart-speaker device server (DESIGN §5): the xiaozhi-esp32 WebSocket protocol.
 //!
-//! [`protocol`] holds the messages and the binary framing of protocol versions 1 to 3.
+//! [`protocol`] holds the messages and the binary framing of protocol versions 1 to 3;
+//! [`server`] the WebSocket and OTA endpoints, the hello, session limits and keep-alive.
 
 pub mod protocol;
+pub mod server;

@@ -1,0 +1,378 @@
+//! The device server's front door (DESIGN §5): the WebSocket endpoint with its checks before the
+//! upgrade (token, protocol version, session limits), the hello exchange, the session's
+//! keep-alive and limits, and the OTA endpoint that tells firmware where the server is.
+//!
+//! Close codes a device may see (RFC 6455 §7.4.1): 1008 (policy: no hello in time, or binary
+//! before the hello), 1007 (a binary frame whose header does not match the protocol version),
+//! 1009 (a message over `max_message_bytes`), 1000 with reason `idle timeout`. A text message
+//! that is not a known JSON message gets an `alert` back and the session goes on. Refusals before
+//! the upgrade are HTTP: 401 (token), 400 (protocol version), 503 (session limits).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use super::protocol::{AudioParams, BinaryFrame, DeviceMessage, ProtocolVersion, ServerMessage};
+use crate::config::{AuthConfig, Config, DeviceConfig};
+
+/// Close code: policy violation (RFC 6455 §7.4.1).
+pub const CLOSE_POLICY: u16 = 1008;
+/// Close code: data inconsistent with the message type.
+pub const CLOSE_INVALID: u16 = 1007;
+/// Close code: a message too big to process.
+pub const CLOSE_TOO_BIG: u16 = 1009;
+/// Close code: normal closure.
+pub const CLOSE_NORMAL: u16 = 1000;
+
+/// Who connected, from headers or (for browsers) query parameters.
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    pub device_id: Option<String>,
+    pub client_id: Option<String>,
+    pub version: ProtocolVersion,
+    pub peer: SocketAddr,
+}
+
+/// Shared by every session.
+struct ServerState {
+    device: DeviceConfig,
+    auth: AuthConfig,
+    /// Sessions open, by peer IP.
+    sessions: Mutex<HashMap<IpAddr, u32>>,
+    next_session: AtomicU64,
+    /// Downlink audio format announced in the server hello.
+    downlink: AudioParams,
+}
+
+/// A session slot; freed on drop.
+struct Slot {
+    state: Arc<ServerState>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut sessions = self
+            .state
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = sessions.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                sessions.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl ServerState {
+    /// Takes a session slot for `ip`, or says which limit refuses it.
+    fn take_slot(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, String> {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let total: u32 = sessions.values().sum();
+        if total >= self.device.max_sessions {
+            return Err(format!(
+                "the server has its maximum of {} sessions (device.max_sessions)",
+                self.device.max_sessions
+            ));
+        }
+        let here = sessions.entry(ip).or_insert(0);
+        if *here >= self.device.max_sessions_per_ip {
+            return Err(format!(
+                "{ip} has its maximum of {} sessions (device.max_sessions_per_ip)",
+                self.device.max_sessions_per_ip
+            ));
+        }
+        *here += 1;
+        Ok(Slot {
+            state: self.clone(),
+            ip,
+        })
+    }
+
+    /// Whether `token` admits `device_id`.
+    fn admits(&self, device_id: Option<&str>, token: Option<&str>) -> bool {
+        if self.auth.allow_anonymous {
+            return true;
+        }
+        let Some(token) = token else {
+            return false;
+        };
+        match device_id.and_then(|id| self.auth.device_tokens.get(id)) {
+            Some(own) => own == token,
+            None => self.auth.tokens.iter().any(|t| t == token),
+        }
+    }
+}
+
+/// A header, else the query parameter of the same meaning.
+fn field(
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+    header: &str,
+    param: &str,
+) -> Option<String> {
+    headers
+        .get(header)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| query.get(param).cloned())
+}
+
+/// The device server's routes: the WebSocket endpoint at `device.path` and the OTA endpoint at
+/// `device.ota_path`. Serve with `into_make_service_with_connect_info::<SocketAddr>()`.
+pub fn router(config: &Config) -> Router {
+    let state = Arc::new(ServerState {
+        device: config.device.clone(),
+        auth: config.auth.clone(),
+        sessions: Mutex::new(HashMap::new()),
+        next_session: AtomicU64::new(1),
+        downlink: AudioParams {
+            format: "opus".into(),
+            sample_rate: config.audio.device_rate,
+            channels: 1,
+            frame_duration: config.audio.device_frame_ms,
+        },
+    });
+    Router::new()
+        .route(&config.device.path, get(upgrade))
+        .route(&config.device.ota_path, post(ota))
+        .with_state(state)
+}
+
+async fn upgrade(
+    State(state): State<Arc<ServerState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let token = field(&headers, &query, "authorization", "authorization").map(|t| {
+        t.strip_prefix("Bearer ")
+            .or_else(|| t.strip_prefix("bearer "))
+            .unwrap_or(&t)
+            .trim()
+            .to_string()
+    });
+    let device_id = field(&headers, &query, "device-id", "device-id");
+    if !state.admits(device_id.as_deref(), token.as_deref()) {
+        tracing::warn!(%peer, device = ?device_id, "device refused: missing or wrong token");
+        return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
+    }
+    let version = match ProtocolVersion::parse(
+        field(&headers, &query, "protocol-version", "protocol-version").as_deref(),
+    ) {
+        Ok(v) => v,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    };
+    let slot = match state.take_slot(peer.ip()) {
+        Ok(slot) => slot,
+        Err(why) => {
+            tracing::warn!(%peer, "device refused: {why}");
+            return (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response();
+        }
+    };
+    let info = DeviceInfo {
+        device_id,
+        client_id: field(&headers, &query, "client-id", "client-id"),
+        version,
+        peer,
+    };
+    let max = state.device.max_message_bytes;
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| async move {
+            session(socket, info, state).await;
+            drop(slot);
+        })
+}
+
+/// What the firmware's OTA check expects (xiaozhi-esp32 `docs/`): where the WebSocket server
+/// is and with which token, the server time, and the firmware on offer. The token is the one
+/// configured for the asking `Device-Id`, if any (a device id is a MAC address and can be
+/// spoofed: do not expose this endpoint beyond the devices' network).
+async fn ota(State(state): State<Arc<ServerState>>, headers: HeaderMap) -> Json<serde_json::Value> {
+    let device = &state.device;
+    let url = device
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("ws://{}{}", device.bind, device.path));
+    let token = headers
+        .get("device-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|id| state.auth.device_tokens.get(id))
+        .cloned()
+        .unwrap_or_default();
+    let now = chrono::Local::now();
+    Json(json!({
+        "websocket": {"url": url, "token": token},
+        "server_time": {
+            "timestamp": now.timestamp_millis(),
+            "timezone_offset": now.offset().local_minus_utc() / 60,
+        },
+        "firmware": {"version": device.firmware_version, "url": device.firmware_url},
+    }))
+}
+
+async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
+    tracing::info!(code, reason, "closing device session");
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await;
+}
+
+/// One device: the hello, then messages until it leaves, idles out or breaks the protocol.
+async fn session(mut socket: WebSocket, info: DeviceInfo, state: Arc<ServerState>) {
+    let device = &state.device;
+    let hello_timeout = Duration::from_millis(device.hello_timeout_ms);
+    let hello = tokio::time::timeout(hello_timeout, socket.recv()).await;
+    let features = match hello {
+        Err(_) => {
+            let reason = format!("no hello within {} ms", device.hello_timeout_ms);
+            return close(&mut socket, CLOSE_POLICY, &reason).await;
+        }
+        Ok(None) | Ok(Some(Err(_))) => return,
+        Ok(Some(Ok(Message::Text(text)))) => match serde_json::from_str(&text) {
+            Ok(DeviceMessage::Hello { features, .. }) => features,
+            _ => {
+                return close(
+                    &mut socket,
+                    CLOSE_POLICY,
+                    "the first message must be a hello",
+                )
+                .await;
+            }
+        },
+        Ok(Some(Ok(Message::Binary(_)))) => {
+            return close(&mut socket, CLOSE_POLICY, "binary frame before the hello").await;
+        }
+        Ok(Some(Ok(_))) => {
+            return close(
+                &mut socket,
+                CLOSE_POLICY,
+                "the first message must be a hello",
+            )
+            .await;
+        }
+    };
+    let session_id = format!(
+        "{:08x}-{:04x}",
+        chrono::Utc::now().timestamp_subsec_nanos(),
+        state.next_session.fetch_add(1, Ordering::Relaxed)
+    );
+    let hello = ServerMessage::Hello {
+        transport: "websocket".into(),
+        session_id: session_id.clone(),
+        audio_params: state.downlink.clone(),
+    };
+    if socket
+        .send(Message::Text(hello.to_json().into()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    tracing::info!(
+        session = %session_id,
+        device = ?info.device_id,
+        client = ?info.client_id,
+        peer = %info.peer,
+        version = info.version.number(),
+        mcp = features.mcp,
+        "device session started"
+    );
+    let idle = Duration::from_millis(device.idle_timeout_ms);
+    let mut ping = tokio::time::interval(Duration::from_millis(device.ping_interval_ms));
+    ping.tick().await;
+    loop {
+        let message = tokio::select! {
+            m = tokio::time::timeout(idle, socket.recv()) => m,
+            _ = ping.tick() => {
+                if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
+        let message = match message {
+            Err(_) => return close(&mut socket, CLOSE_NORMAL, "idle timeout").await,
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                // tungstenite refuses an oversized message before it is read.
+                let text = e.to_string();
+                if text.contains("too long")
+                    || text.contains("too big")
+                    || text.contains("Space limit")
+                {
+                    let reason = format!(
+                        "message over {} bytes (device.max_message_bytes)",
+                        device.max_message_bytes
+                    );
+                    return close(&mut socket, CLOSE_TOO_BIG, &reason).await;
+                }
+                tracing::info!(session = %session_id, error = %e, "device socket failed");
+                break;
+            }
+            Ok(Some(Ok(m))) => m,
+        };
+        match message {
+            Message::Text(text) => {
+                if let Err(e) = on_text(&text) {
+                    let alert = ServerMessage::Alert {
+                        session_id: session_id.clone(),
+                        status: "error".into(),
+                        message: e,
+                        emotion: "confused".into(),
+                    };
+                    if socket
+                        .send(Message::Text(alert.to_json().into()))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+            Message::Binary(bytes) => match info.version.decode(&bytes) {
+                Ok(BinaryFrame::Opus(_)) => {}
+                Ok(BinaryFrame::Json(text)) => {
+                    if let Err(e) = on_text(&text) {
+                        tracing::info!(session = %session_id, error = %e, "bad JSON frame");
+                    }
+                }
+                Err(e) => {
+                    let reason = format!("bad v{} binary frame: {e}", info.version.number());
+                    return close(&mut socket, CLOSE_INVALID, &reason).await;
+                }
+            },
+            Message::Close(_) => break,
+            Message::Ping(_) | Message::Pong(_) => {}
+        }
+    }
+    tracing::info!(session = %session_id, "device session ended");
+}
+
+/// A text message after the hello.
+///
+/// # Errors
+/// What is wrong with it, for an `alert`.
+fn on_text(text: &str) -> Result<DeviceMessage, String> {
+    serde_json::from_str::<DeviceMessage>(text).map_err(|e| {
+        let shown: String = text.chars().take(80).collect();
+        format!("not a valid message ({e}): {shown}")
+    })
+}
