@@ -91,6 +91,9 @@ enum Command {
         #[arg(long)]
         output: Option<PathBuf>,
     },
+    /// The smart-speaker server: xiaozhi-esp32 devices connect over WebSocket ([device],
+    /// [auth]) and each holds a conversation.
+    Serve,
     /// The assistant with speech in: the microphone (or --input FILE, each utterance a turn),
     /// replies spoken (or into --output). The chat model is the endpoint of [llm].
     Run {
@@ -182,6 +185,11 @@ fn main() -> anyhow::Result<ExitCode> {
             let config = load_config(&cli)?;
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(chat(&config, text.as_deref(), output.as_deref()))
+        }
+        Command::Serve => {
+            let config = load_config(&cli)?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(serve(config))
         }
         Command::Run { input, output } => {
             let config = load_config(&cli)?;
@@ -361,6 +369,45 @@ async fn speech_source(
             Ok((rx, Some(microphone)))
         }
     }
+}
+
+/// `voxloop serve`: the device server on `[device] bind`, until Ctrl-C.
+async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    use voxloop::device::session::Assistant;
+    if config.auth.tokens.is_empty()
+        && config.auth.device_tokens.is_empty()
+        && !config.auth.allow_anonymous
+    {
+        anyhow::bail!(
+            "no device could connect: set [auth] tokens (or device_tokens), or allow_anonymous = true"
+        );
+    }
+    let asr = std::sync::Arc::new(voxloop::pipeline::asr::Asr::load(&config.asr)?);
+    let hub = std::sync::Arc::new(ToolHub::start(&config).await);
+    for failure in hub.startup_failures() {
+        eprintln!("MCP server {} skipped: {}", failure.server, failure.error);
+    }
+    let llm = voxloop::llm::ChatModel::from_config(&config.llm)?;
+    let assistant = Assistant {
+        config: std::sync::Arc::new(config.clone()),
+        asr,
+        llm,
+        hub,
+    };
+    let listener = tokio::net::TcpListener::bind(&config.device.bind)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.device.bind))?;
+    let addr = listener.local_addr()?;
+    println!("device server: ws://{addr}{}", config.device.path);
+    println!("OTA: http://{addr}{}", config.device.ota_path);
+    let app = voxloop::device::server::router(&config, Some(assistant))
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn run(
@@ -613,16 +660,7 @@ fn open_sink(config: &Config, output: Option<&Path>) -> anyhow::Result<Sink> {
 }
 
 fn queue_for(config: &Config, sink: Sink) -> PlaybackQueue {
-    let audio = &config.audio;
-    PlaybackQueue::new(
-        sink,
-        QueueSettings {
-            frame_ms: audio.frame_ms,
-            volume: audio.volume,
-            ramp_ms: audio.volume_ramp_ms,
-            overlap_turns: audio.overlap_turns,
-        },
-    )
+    PlaybackQueue::new(sink, QueueSettings::from_config(&config.audio))
 }
 
 /// Prints the queue's events until it stops; returns whether any segment failed.

@@ -20,9 +20,14 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
+use tokio::sync::mpsc;
 
-use super::protocol::{AudioParams, BinaryFrame, DeviceMessage, ProtocolVersion, ServerMessage};
+use super::protocol::{
+    AudioParams, BinaryFrame, DeviceMessage, ListenState, ProtocolVersion, ServerMessage,
+};
+use super::session::{Assistant, DeviceConversation};
 use crate::config::{AuthConfig, Config, DeviceConfig};
 
 /// Close code: policy violation (RFC 6455 §7.4.1).
@@ -33,6 +38,8 @@ pub const CLOSE_INVALID: u16 = 1007;
 pub const CLOSE_TOO_BIG: u16 = 1009;
 /// Close code: normal closure.
 pub const CLOSE_NORMAL: u16 = 1000;
+/// Close code: the server hit a condition it cannot handle.
+pub const CLOSE_INTERNAL: u16 = 1011;
 
 /// Who connected, from headers or (for browsers) query parameters.
 #[derive(Debug, Clone)]
@@ -52,6 +59,8 @@ struct ServerState {
     next_session: AtomicU64,
     /// Downlink audio format announced in the server hello.
     downlink: AudioParams,
+    /// The conversation behind each session; `None` answers the protocol only.
+    assistant: Option<Assistant>,
 }
 
 /// A session slot; freed on drop.
@@ -131,8 +140,10 @@ fn field(
 }
 
 /// The device server's routes: the WebSocket endpoint at `device.path` and the OTA endpoint at
-/// `device.ota_path`. Serve with `into_make_service_with_connect_info::<SocketAddr>()`.
-pub fn router(config: &Config) -> Router {
+/// `device.ota_path`. Each session holds a conversation with `assistant`; without one, sessions
+/// answer the protocol only (hello, limits, errors) and ignore audio. Serve with
+/// `into_make_service_with_connect_info::<SocketAddr>()`.
+pub fn router(config: &Config, assistant: Option<Assistant>) -> Router {
     let state = Arc::new(ServerState {
         device: config.device.clone(),
         auth: config.auth.clone(),
@@ -144,6 +155,7 @@ pub fn router(config: &Config) -> Router {
             channels: 1,
             frame_duration: config.audio.device_frame_ms,
         },
+        assistant,
     });
     Router::new()
         .route(&config.device.path, get(upgrade))
@@ -227,12 +239,14 @@ async fn ota(State(state): State<Arc<ServerState>>, headers: HeaderMap) -> Json<
 
 async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
     tracing::info!(code, reason, "closing device session");
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        })))
-        .await;
+    let _ = socket.send(close_message(code, reason)).await;
+}
+
+fn close_message(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }))
 }
 
 /// One device: the hello, then messages until it leaves, idles out or breaks the protocol.
@@ -295,22 +309,65 @@ async fn session(mut socket: WebSocket, info: DeviceInfo, state: Arc<ServerState
         mcp = features.mcp,
         "device session started"
     );
+    // One writer for everything the session sends: replies, audio frames, pings, the close.
+    let (mut sender, mut receiver) = socket.split();
+    let (out, mut out_rx) = mpsc::channel::<Message>(64);
+    let writer = tokio::spawn(async move {
+        while let Some(message) = out_rx.recv().await {
+            let last = matches!(message, Message::Close(_));
+            if sender.send(message).await.is_err() || last {
+                break;
+            }
+        }
+    });
+    let mut conversation = match &state.assistant {
+        Some(assistant) => match DeviceConversation::start(
+            assistant.clone(),
+            session_id.clone(),
+            info.version,
+            out.clone(),
+        ) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::error!(session = %session_id, error = %e, "device playback setup failed");
+                let _ = out
+                    .send(close_message(CLOSE_INTERNAL, "audio setup failed"))
+                    .await;
+                drop(out);
+                let _ = writer.await;
+                return;
+            }
+        },
+        None => None,
+    };
+    let alert = |message: String| {
+        Message::Text(
+            ServerMessage::Alert {
+                session_id: session_id.clone(),
+                status: "error".into(),
+                message,
+                emotion: "confused".into(),
+            }
+            .to_json()
+            .into(),
+        )
+    };
     let idle = Duration::from_millis(device.idle_timeout_ms);
     let mut ping = tokio::time::interval(Duration::from_millis(device.ping_interval_ms));
     ping.tick().await;
-    loop {
+    let closing = loop {
         let message = tokio::select! {
-            m = tokio::time::timeout(idle, socket.recv()) => m,
+            m = tokio::time::timeout(idle, receiver.next()) => m,
             _ = ping.tick() => {
-                if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
-                    break;
+                if out.send(Message::Ping(Vec::new().into())).await.is_err() {
+                    break None;
                 }
                 continue;
             }
         };
         let message = match message {
-            Err(_) => return close(&mut socket, CLOSE_NORMAL, "idle timeout").await,
-            Ok(None) => break,
+            Err(_) => break Some((CLOSE_NORMAL, "idle timeout".to_string())),
+            Ok(None) => break None,
             Ok(Some(Err(e))) => {
                 // tungstenite refuses an oversized message before it is read.
                 let text = e.to_string();
@@ -322,47 +379,76 @@ async fn session(mut socket: WebSocket, info: DeviceInfo, state: Arc<ServerState
                         "message over {} bytes (device.max_message_bytes)",
                         device.max_message_bytes
                     );
-                    return close(&mut socket, CLOSE_TOO_BIG, &reason).await;
+                    break Some((CLOSE_TOO_BIG, reason));
                 }
                 tracing::info!(session = %session_id, error = %e, "device socket failed");
-                break;
+                break None;
             }
             Ok(Some(Ok(m))) => m,
         };
-        match message {
-            Message::Text(text) => {
-                if let Err(e) = on_text(&text) {
-                    let alert = ServerMessage::Alert {
-                        session_id: session_id.clone(),
-                        status: "error".into(),
-                        message: e,
-                        emotion: "confused".into(),
-                    };
-                    if socket
-                        .send(Message::Text(alert.to_json().into()))
-                        .await
-                        .is_err()
+        let text = match message {
+            Message::Text(text) => text.to_string(),
+            Message::Binary(bytes) => match info.version.decode(&bytes) {
+                Ok(BinaryFrame::Opus(packet)) => {
+                    if let Some(c) = conversation.as_mut()
+                        && let Err(e) = c.audio(&packet).await
+                        && out.send(alert(e)).await.is_err()
                     {
-                        break;
+                        break None;
+                    }
+                    continue;
+                }
+                Ok(BinaryFrame::Json(text)) => text,
+                Err(e) => {
+                    break Some((
+                        CLOSE_INVALID,
+                        format!("bad v{} binary frame: {e}", info.version.number()),
+                    ));
+                }
+            },
+            Message::Close(_) => break None,
+            Message::Ping(_) | Message::Pong(_) => continue,
+        };
+        match on_text(&text) {
+            Err(e) => {
+                if out.send(alert(e)).await.is_err() {
+                    break None;
+                }
+            }
+            Ok(message) => {
+                if let Some(c) = conversation.as_mut() {
+                    match message {
+                        DeviceMessage::Listen {
+                            state: ListenState::Start,
+                            mode,
+                            ..
+                        } => c.listen_start(mode.unwrap_or_default()),
+                        DeviceMessage::Listen {
+                            state: ListenState::Stop,
+                            ..
+                        } => c.listen_stop().await,
+                        DeviceMessage::Abort { .. } => c.abort().await,
+                        DeviceMessage::Listen {
+                            state: ListenState::Detect,
+                            ..
+                        }
+                        | DeviceMessage::Hello { .. }
+                        | DeviceMessage::Mcp { .. } => {}
                     }
                 }
             }
-            Message::Binary(bytes) => match info.version.decode(&bytes) {
-                Ok(BinaryFrame::Opus(_)) => {}
-                Ok(BinaryFrame::Json(text)) => {
-                    if let Err(e) = on_text(&text) {
-                        tracing::info!(session = %session_id, error = %e, "bad JSON frame");
-                    }
-                }
-                Err(e) => {
-                    let reason = format!("bad v{} binary frame: {e}", info.version.number());
-                    return close(&mut socket, CLOSE_INVALID, &reason).await;
-                }
-            },
-            Message::Close(_) => break,
-            Message::Ping(_) | Message::Pong(_) => {}
         }
+    };
+    if let Some(c) = conversation.as_mut() {
+        c.abort().await;
     }
+    drop(conversation);
+    if let Some((code, reason)) = closing {
+        tracing::info!(session = %session_id, code, reason, "closing device session");
+        let _ = out.send(close_message(code, &reason)).await;
+    }
+    drop(out);
+    let _ = writer.await;
     tracing::info!(session = %session_id, "device session ended");
 }
 

@@ -72,6 +72,18 @@ pub struct QueueSettings {
     pub overlap_turns: bool,
 }
 
+impl QueueSettings {
+    /// From `[audio]`.
+    pub fn from_config(audio: &crate::config::AudioConfig) -> Self {
+        Self {
+            frame_ms: audio.frame_ms,
+            volume: audio.volume,
+            ramp_ms: audio.volume_ramp_ms,
+            overlap_turns: audio.overlap_turns,
+        }
+    }
+}
+
 impl Default for QueueSettings {
     fn default() -> Self {
         Self {
@@ -262,6 +274,11 @@ async fn play(shared: Arc<Shared>, mut sink: Sink, settings: QueueSettings) -> S
         let Some(mut segment) = next else {
             shared.level.store(0, Ordering::SeqCst);
             recent.clear();
+            if *shared.busy.borrow()
+                && let Err(e) = sink.flush().await
+            {
+                tracing::error!(error = %e, "flushing the audio output");
+            }
             let was_busy = shared.busy.send_replace(false);
             match shared.take_reason() {
                 Some(reason) => shared.emit(QueueEvent::Stopped { reason }),

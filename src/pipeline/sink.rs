@@ -82,6 +82,19 @@ impl Sink {
         }
     }
 
+    /// Sends what waits for a whole frame, padded with silence: a device's Opus stream must not
+    /// keep the end of a reply until more audio comes. The sink stays open. Other sinks have
+    /// nothing waiting.
+    ///
+    /// # Errors
+    /// [`SinkError`] when the output fails.
+    pub async fn flush(&mut self) -> Result<(), SinkError> {
+        match self {
+            Sink::Opus(s) => s.finish().await,
+            Sink::Speaker(_) | Sink::Wav(_) | Sink::Null(_) => Ok(()),
+        }
+    }
+
     /// Plays out what is buffered and closes the output (finalizes the WAV header).
     ///
     /// # Errors

@@ -1,0 +1,278 @@
+//! A device's conversation (DESIGN §5): the device's Opus frames are decoded at 16 kHz, turns
+//! end by the server's VAD (`listen` mode `auto` and `realtime`) or by the device's `listen
+//! stop` (`manual`), whisper hears them (`stt`), and the reply plays into an Opus stream paced
+//! at real time, `[audio] device_lead_ms` ahead, framed by the session's protocol version, with
+//! `tts start`, `sentence_start {text}` and `stop` around it. `abort`, or in `realtime` mode
+//! speech over the reply, cancels the turn and stops the frames within one frame time.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::Message;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::protocol::{ListenMode, ProtocolVersion, ServerMessage, TtsState};
+use crate::config::Config;
+use crate::conversation::{Conversation, ConversationSettings};
+use crate::llm::ChatModel;
+use crate::pipeline::asr::Asr;
+use crate::pipeline::input::SpeechInput;
+use crate::pipeline::opus::FrameDecoder;
+use crate::pipeline::queue::{
+    PlaybackQueue, QueueEvent, QueueSettings, SegmentKind, StopReason as QueueStop,
+};
+use crate::pipeline::sink::{OpusSink, Sink};
+use crate::pipeline::tts::Tts;
+use crate::pipeline::vad::{BargeIn, TurnDetector, TurnEvent};
+use crate::tools::hub::ToolHub;
+
+/// Uplink sample rate in Hz (the firmware's `audio_params`; whisper's rate too).
+pub const UPLINK_RATE: u32 = 16_000;
+
+/// What device sessions share to hold conversations: the configuration, whisper, the chat
+/// model and the tool hub.
+#[derive(Clone)]
+pub struct Assistant {
+    pub config: Arc<Config>,
+    pub asr: Arc<Asr>,
+    pub llm: ChatModel,
+    pub hub: Arc<ToolHub>,
+}
+
+/// One device's side of the conversation, fed by the session's receive loop.
+pub struct DeviceConversation {
+    assistant: Assistant,
+    session_id: String,
+    out: mpsc::Sender<Message>,
+    decoder: FrameDecoder,
+    speech: SpeechInput,
+    turns: TurnDetector,
+    barge: BargeIn,
+    listening: bool,
+    mode: ListenMode,
+    /// Manual mode: the utterance so far (16 kHz mono).
+    manual: Vec<f32>,
+    queue: PlaybackQueue,
+    turn_tx: mpsc::Sender<(String, CancellationToken)>,
+    current: CancellationToken,
+}
+
+fn text(message: ServerMessage) -> Message {
+    Message::Text(message.to_json().into())
+}
+
+impl DeviceConversation {
+    /// Starts the session's playback (Opus frames into `out`) and its turn task.
+    ///
+    /// # Errors
+    /// A setup libopus refuses (the configured downlink rate or frame length).
+    pub fn start(
+        assistant: Assistant,
+        session_id: String,
+        version: ProtocolVersion,
+        out: mpsc::Sender<Message>,
+    ) -> Result<Self, String> {
+        let config = assistant.config.clone();
+        let audio = &config.audio;
+        let (frames_tx, mut frames_rx) = mpsc::channel::<Vec<u8>>(8);
+        let sink = OpusSink::new(
+            audio.device_rate,
+            audio.device_frame_ms,
+            audio.device_bitrate,
+            Duration::from_millis(audio.device_lead_ms.into()),
+            frames_tx,
+        )
+        .map_err(|e| e.to_string())?;
+        let queue = PlaybackQueue::new(Sink::Opus(sink), QueueSettings::from_config(audio));
+        // Downlink frames, framed by protocol version.
+        let frames_out = out.clone();
+        let started = Instant::now();
+        tokio::spawn(async move {
+            while let Some(packet) = frames_rx.recv().await {
+                let timestamp = started.elapsed().as_millis() as u32;
+                let frame = version.encode_opus(&packet, timestamp);
+                if frames_out
+                    .send(Message::Binary(frame.into()))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        // Sentences as they start playing.
+        let mut events = queue.events();
+        let (events_out, id) = (out.clone(), session_id.clone());
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(QueueEvent::SegmentStart {
+                        segment: SegmentKind::Sentence { text: sentence },
+                        ..
+                    }) => {
+                        let message = text(ServerMessage::Tts {
+                            session_id: id.clone(),
+                            state: TtsState::SentenceStart,
+                            text: Some(sentence),
+                        });
+                        if events_out.send(message).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => break,
+                }
+            }
+        });
+        let mut conversation = Conversation::new(
+            assistant.llm.clone(),
+            assistant.hub.clone(),
+            Tts::new(&config.tts),
+            queue.clone(),
+            ConversationSettings::from_config(&config),
+        );
+        let (turn_tx, mut turn_rx) = mpsc::channel::<(String, CancellationToken)>(4);
+        let (turn_out, id, turn_queue) = (out.clone(), session_id.clone(), queue.clone());
+        tokio::spawn(async move {
+            conversation.warm_up().await;
+            while let Some((heard, cancel)) = turn_rx.recv().await {
+                let tts = |state| {
+                    text(ServerMessage::Tts {
+                        session_id: id.clone(),
+                        state,
+                        text: None,
+                    })
+                };
+                if turn_out.send(tts(TtsState::Start)).await.is_err() {
+                    break;
+                }
+                let report = conversation.turn(&heard, &cancel).await;
+                tracing::info!(
+                    session = %id,
+                    heard = %report.heard,
+                    said = %report.said,
+                    tools = report.tools.len(),
+                    end = ?report.end,
+                    first_audio_ms = ?report.first_audio_ms,
+                    "device turn"
+                );
+                tokio::select! {
+                    _ = turn_queue.idle() => {}
+                    _ = cancel.cancelled() => {}
+                }
+                if turn_out.send(tts(TtsState::Stop)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self {
+            decoder: FrameDecoder::new(UPLINK_RATE, 1).map_err(|e| e.to_string())?,
+            speech: SpeechInput::default(),
+            turns: TurnDetector::new(&config.vad),
+            barge: BargeIn::new(&config.vad),
+            listening: false,
+            mode: ListenMode::Auto,
+            manual: Vec::new(),
+            queue,
+            turn_tx,
+            current: CancellationToken::new(),
+            assistant,
+            session_id,
+            out,
+        })
+    }
+
+    /// `listen start`: audio frames follow.
+    pub fn listen_start(&mut self, mode: ListenMode) {
+        self.listening = true;
+        self.mode = mode;
+        self.manual.clear();
+        self.speech = SpeechInput::default();
+        self.turns = TurnDetector::new(&self.assistant.config.vad);
+    }
+
+    /// `listen stop`: in manual mode the utterance so far is the turn.
+    pub async fn listen_stop(&mut self) {
+        self.listening = false;
+        if self.mode == ListenMode::Manual {
+            let mut pcm = std::mem::take(&mut self.manual);
+            pcm.extend(self.speech.finish());
+            if !pcm.is_empty() {
+                self.hear(pcm).await;
+            }
+        }
+    }
+
+    /// `abort` (or speech over the reply): the turn is cancelled and the frames stop.
+    pub async fn abort(&mut self) {
+        self.current.cancel();
+        self.queue.stop(QueueStop::BargeIn).await;
+    }
+
+    /// One Opus packet from the device.
+    ///
+    /// # Errors
+    /// A packet libopus cannot decode (the session tells the device and goes on).
+    pub async fn audio(&mut self, packet: &[u8]) -> Result<(), String> {
+        if !self.listening {
+            return Ok(());
+        }
+        let pcm = self
+            .decoder
+            .decode(packet)
+            .map_err(|e| format!("undecodable Opus packet: {e}"))?;
+        let samples = self.speech.push(&pcm).map_err(|e| e.to_string())?;
+        if self.mode == ListenMode::Manual {
+            self.manual.extend(samples);
+            return Ok(());
+        }
+        let (events, frames) = self.turns.push(&samples);
+        if self.mode == ListenMode::Realtime {
+            for frame in &frames {
+                if self
+                    .barge
+                    .on_frame(frame, self.queue.is_busy(), self.queue.output_level())
+                {
+                    self.abort().await;
+                }
+            }
+        }
+        for event in events {
+            if let TurnEvent::Utterance { pcm, .. } = event {
+                self.hear(pcm).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Transcribes an utterance, tells the device (`stt`), and starts its turn (a running
+    /// turn is superseded).
+    async fn hear(&mut self, pcm: Vec<f32>) {
+        let asr = self.assistant.asr.clone();
+        let heard = match tokio::task::spawn_blocking(move || asr.transcribe(&pcm)).await {
+            Ok(Ok(transcript)) => transcript.text,
+            Ok(Err(e)) => {
+                tracing::error!(session = %self.session_id, error = %e, "ASR failed");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(session = %self.session_id, error = %e, "ASR task failed");
+                return;
+            }
+        };
+        if heard.is_empty() {
+            return;
+        }
+        let stt = text(ServerMessage::Stt {
+            session_id: self.session_id.clone(),
+            text: heard.clone(),
+        });
+        if self.out.send(stt).await.is_err() {
+            return;
+        }
+        self.current.cancel();
+        self.current = CancellationToken::new();
+        let _ = self.turn_tx.send((heard, self.current.clone())).await;
+    }
+}

@@ -1,0 +1,290 @@
+//! A device's conversation through the device server, with a device simulator
+//! (tokio-tungstenite, Opus through libopus) speaking each protocol version: hello, listen
+//! start, the Opus frames of a spoken command from assets/speech, then `stt`, `tts start`,
+//! `sentence_start`, paced Opus frames (decoded: not silent; never more than the lead plus one
+//! frame ahead of real time) and `tts stop`; and `abort` in mid-reply. Real whisper (base, the
+//! model scripts/test fetches), real espeak-ng, a scripted OpenAI-compatible endpoint.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use voxloop::config::{Config, LlmProvider, McpServerConfig};
+use voxloop::device::protocol::{BinaryFrame, ProtocolVersion};
+use voxloop::device::session::Assistant;
+use voxloop::pipeline::opus::{FrameDecoder, FrameEncoder};
+
+use common::*;
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// An OpenAI-compatible endpoint that streams `reply` word by word to every request.
+async fn scripted_llm(reply: &'static str) -> String {
+    let router = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move || async move {
+            let mut body = String::new();
+            for word in reply.split_inclusive(' ') {
+                let chunk = json!({"choices": [{"index": 0, "delta": {"content": word}, "finish_reason": null}]});
+                body.push_str(&format!("data: {chunk}\n\n"));
+            }
+            let end = json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
+            body.push_str(&format!("data: {end}\n\ndata: [DONE]\n\n"));
+            ([(axum::http::header::CONTENT_TYPE, "text/event-stream")], body)
+        }),
+    );
+    format!("{}/v1", serve_loopback(router).await)
+}
+
+async fn serve(reply: &'static str) -> SocketAddr {
+    let mut config = Config::default();
+    config.auth.allow_anonymous = true;
+    config.llm.provider = LlmProvider::Openai;
+    config.llm.url = scripted_llm(reply).await;
+    config.llm.model = "scripted".into();
+    config.asr.language = "en".into();
+    config.mcp_servers.insert(
+        "music".into(),
+        McpServerConfig {
+            command: Some(music_server_bin().display().to_string()),
+            cwd: Some(repo_root()),
+            ..McpServerConfig::default()
+        },
+    );
+    let assistant = Assistant {
+        asr: Arc::new(voxloop::pipeline::asr::Asr::load(&config.asr).unwrap()),
+        llm: voxloop::llm::ChatModel::from_config(&config.llm).unwrap(),
+        hub: Arc::new(voxloop::tools::hub::ToolHub::start(&config).await),
+        config: Arc::new(config.clone()),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = voxloop::device::server::router(&config, Some(assistant))
+        .into_make_service_with_connect_info::<SocketAddr>();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+async fn device(addr: SocketAddr, version: ProtocolVersion) -> Socket {
+    let mut request = format!("ws://{addr}/xiaozhi/v1/")
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        "protocol-version",
+        version.number().to_string().parse().unwrap(),
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let hello = json!({"type": "hello", "version": version.number(), "transport": "websocket",
+        "audio_params": {"format": "opus", "sample_rate": 16000, "channels": 1, "frame_duration": 60}});
+    socket.send(Message::text(hello.to_string())).await.unwrap();
+    let reply = next(&mut socket).await;
+    assert!(
+        matches!(reply, Event::Json(ref v) if v["type"] == "hello"),
+        "{reply:?}"
+    );
+    socket
+}
+
+/// The spoken command as the firmware sends it: 16 kHz mono Opus in 60 ms frames, then 1.2 s
+/// of silence for the server's VAD to end the turn.
+fn command_frames(name: &str) -> Vec<Vec<u8>> {
+    let mut samples: Vec<f32> =
+        hound::WavReader::open(repo_root().join("assets/speech").join(name))
+            .unwrap()
+            .into_samples::<i16>()
+            .map(|s| f32::from(s.unwrap()) / 32768.0)
+            .collect();
+    samples.extend(vec![0.0; 16_000 * 6 / 5]);
+    let mut encoder = FrameEncoder::new(16_000, 1, 60).unwrap();
+    let mut frames = encoder.push(&samples).unwrap();
+    frames.extend(encoder.finish().unwrap());
+    frames
+}
+
+#[derive(Debug)]
+enum Event {
+    Json(Value),
+    Opus(Vec<u8>),
+}
+
+async fn next(socket: &mut Socket) -> Event {
+    next_framed(socket, ProtocolVersion::V1).await
+}
+
+async fn next_framed(socket: &mut Socket, version: ProtocolVersion) -> Event {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(30), socket.next())
+            .await
+            .expect("a message within 30 s")
+            .expect("the socket is open")
+            .unwrap();
+        match message {
+            Message::Text(text) => return Event::Json(serde_json::from_str(&text).unwrap()),
+            Message::Binary(bytes) => match version.decode(&bytes).unwrap() {
+                BinaryFrame::Opus(packet) => return Event::Opus(packet),
+                BinaryFrame::Json(text) => {
+                    return Event::Json(serde_json::from_str(&text).unwrap());
+                }
+            },
+            _ => continue,
+        }
+    }
+}
+
+const REPLY: &str = "It is ten o'clock in the morning. Is there anything else?";
+
+#[tokio::test]
+async fn a_spoken_command_gets_stt_and_a_paced_spoken_reply_in_every_version() {
+    let addr = serve(REPLY).await;
+    for version in [
+        ProtocolVersion::V1,
+        ProtocolVersion::V2,
+        ProtocolVersion::V3,
+    ] {
+        let mut socket = device(addr, version).await;
+        socket
+            .send(Message::text(
+                r#"{"type":"listen","state":"start","mode":"auto"}"#,
+            ))
+            .await
+            .unwrap();
+        for frame in command_frames("cmd_what_time.wav") {
+            socket
+                .send(Message::binary(version.encode_opus(&frame, 0)))
+                .await
+                .unwrap();
+        }
+        let mut texts = Vec::new();
+        let mut frames: Vec<(Instant, Vec<u8>)> = Vec::new();
+        loop {
+            match next_framed(&mut socket, version).await {
+                Event::Json(v) => {
+                    let done = v["type"] == "tts" && v["state"] == "stop";
+                    texts.push(v);
+                    if done {
+                        break;
+                    }
+                }
+                Event::Opus(packet) => frames.push((Instant::now(), packet)),
+            }
+        }
+        let kinds: Vec<String> = texts
+            .iter()
+            .map(|v| {
+                format!(
+                    "{} {}",
+                    v["type"].as_str().unwrap(),
+                    v["state"].as_str().unwrap_or("")
+                )
+            })
+            .collect();
+        assert_eq!(kinds[0], "stt ", "{texts:?}");
+        assert!(
+            texts[0]["text"]
+                .as_str()
+                .unwrap()
+                .to_lowercase()
+                .contains("what time"),
+            "{texts:?}"
+        );
+        assert_eq!(kinds[1], "tts start", "{texts:?}");
+        assert_eq!(kinds.last().unwrap(), "tts stop");
+        let sentences: Vec<&str> = texts
+            .iter()
+            .filter(|v| v["state"] == "sentence_start")
+            .map(|v| v["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            sentences,
+            [
+                "It is ten o'clock in the morning.",
+                "Is there anything else?"
+            ]
+        );
+        // The frames decode to speech, about as long as espeak-ng's (a few seconds).
+        let mut decoder = FrameDecoder::new(24_000, 1).unwrap();
+        let mut pcm = Vec::new();
+        for (_, packet) in &frames {
+            pcm.extend(decoder.decode(packet).unwrap().samples);
+        }
+        let seconds = pcm.len() as f64 / 24_000.0;
+        assert!((2.0..10.0).contains(&seconds), "{seconds} s of reply");
+        let rms = (pcm.iter().map(|s| (*s as f64).powi(2)).sum::<f64>() / pcm.len() as f64).sqrt();
+        assert!(rms > 0.01, "rms {rms}");
+        // Paced: frame i never arrives more than the lead (120 ms) plus one frame (60 ms) ahead
+        // of real time, counted from the first frame.
+        let first = frames[0].0;
+        for (i, (at, _)) in frames.iter().enumerate() {
+            let due_ms = i as f64 * 60.0;
+            let arrived_ms = at.duration_since(first).as_secs_f64() * 1000.0;
+            assert!(
+                due_ms - arrived_ms <= 180.0,
+                "frame {i} arrived at {arrived_ms:.0} ms, {:.0} ms ahead",
+                due_ms - arrived_ms
+            );
+        }
+        // And not in a burst: the reply took about its own duration to arrive.
+        let span = frames.last().unwrap().0.duration_since(first).as_secs_f64();
+        assert!(
+            span > seconds - 0.3,
+            "{span} s to send {seconds} s of audio"
+        );
+    }
+}
+
+#[tokio::test]
+async fn abort_stops_the_frames_within_one_frame_time() {
+    const LONG: &str = "Once upon a time there was a small speaker on a kitchen shelf. \
+        It told long stories every evening. It knew the names of all the stars. \
+        It sang to the plants when nobody was home. It was a very patient speaker.";
+    let addr = serve(LONG).await;
+    let mut socket = device(addr, ProtocolVersion::V3).await;
+    socket
+        .send(Message::text(
+            r#"{"type":"listen","state":"start","mode":"auto"}"#,
+        ))
+        .await
+        .unwrap();
+    for frame in command_frames("cmd_what_time.wav") {
+        socket
+            .send(Message::binary(ProtocolVersion::V3.encode_opus(&frame, 0)))
+            .await
+            .unwrap();
+    }
+    let mut received = 0;
+    while received < 10 {
+        if let Event::Opus(_) = next_framed(&mut socket, ProtocolVersion::V3).await {
+            received += 1;
+        }
+    }
+    socket
+        .send(Message::text(
+            r#"{"type":"abort","reason":"wake_word_detected"}"#,
+        ))
+        .await
+        .unwrap();
+    let aborted = Instant::now();
+    let mut late = Vec::new();
+    loop {
+        match next_framed(&mut socket, ProtocolVersion::V3).await {
+            Event::Opus(_) => late.push(aborted.elapsed()),
+            Event::Json(v) if v["type"] == "tts" && v["state"] == "stop" => break,
+            Event::Json(_) => {}
+        }
+    }
+    // Frames already on the wire may still arrive; none is sent a frame time after the abort
+    // (60 ms, with 40 ms for the loopback and the scheduler).
+    assert!(
+        late.iter().all(|d| *d <= Duration::from_millis(100)),
+        "frames after the abort at {late:?}"
+    );
+    assert!(aborted.elapsed() < Duration::from_secs(2));
+}
