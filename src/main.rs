@@ -273,13 +273,8 @@ fn transcribe(config: &Config, file: &Path, json: bool) -> anyhow::Result<ExitCo
 /// The assistant's parts: the tool hub (servers started), TTS, the playback queue into `output`
 /// or the speaker, and the chat model.
 async fn assistant(config: &Config, output: Option<&Path>) -> anyhow::Result<Conversation> {
-    let hub = std::sync::Arc::new(ToolHub::start(config).await);
-    for failure in hub.startup_failures() {
-        eprintln!("MCP server {} skipped: {}", failure.server, failure.error);
-    }
     let queue = queue_for(config, open_sink(config, output)?);
-    let llm = voxloop::llm::ChatModel::from_config(&config.llm)?;
-    tracing::info!(model = %llm.describe(), "chat model ready");
+    let (hub, llm) = tools_and_model(config).await?;
     let conversation = Conversation::new(
         llm,
         hub,
@@ -289,6 +284,19 @@ async fn assistant(config: &Config, output: Option<&Path>) -> anyhow::Result<Con
     );
     conversation.warm_up().await;
     Ok(conversation)
+}
+
+/// The tool hub (servers started; those that failed are named on stderr) and the chat model.
+async fn tools_and_model(
+    config: &Config,
+) -> anyhow::Result<(std::sync::Arc<ToolHub>, voxloop::llm::ChatModel)> {
+    let hub = std::sync::Arc::new(ToolHub::start(config).await);
+    for failure in hub.startup_failures() {
+        eprintln!("MCP server {} skipped: {}", failure.server, failure.error);
+    }
+    let llm = voxloop::llm::ChatModel::from_config(&config.llm)?;
+    tracing::info!(model = %llm.describe(), "chat model ready");
+    Ok((hub, llm))
 }
 
 /// Prints a turn as it happened: what was heard, the tool calls, what was said, and timings.
@@ -383,11 +391,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         );
     }
     let asr = std::sync::Arc::new(voxloop::pipeline::asr::Asr::load(&config.asr)?);
-    let hub = std::sync::Arc::new(ToolHub::start(&config).await);
-    for failure in hub.startup_failures() {
-        eprintln!("MCP server {} skipped: {}", failure.server, failure.error);
-    }
-    let llm = voxloop::llm::ChatModel::from_config(&config.llm)?;
+    let (hub, llm) = tools_and_model(&config).await?;
     let assistant = Assistant {
         config: std::sync::Arc::new(config.clone()),
         asr,

@@ -339,23 +339,18 @@ async fn ota_tells_the_firmware_where_the_server_is() {
     config.device.public_url = Some("ws://speaker-server.local:8000/xiaozhi/v1/".into());
     config.device.firmware_version = "1.6.2".into();
     let addr = serve(config).await;
-    let client = reqwest::Client::new();
-    let ota = |device: &'static str| {
-        client
+    // The firmware's OTA check: a POST with its Device-Id, answered in JSON.
+    let ota = async |device: &str| -> Value {
+        let answer = reqwest::Client::new()
             .post(format!("http://{addr}/xiaozhi/ota/"))
             .header("device-id", device)
             .body("{}")
             .send()
+            .await
+            .unwrap();
+        serde_json::from_str(&answer.text().await.unwrap()).unwrap()
     };
-    let answer: Value = serde_json::from_str(
-        &ota("aa:bb:cc:dd:ee:ff")
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let answer = ota("aa:bb:cc:dd:ee:ff").await;
     assert_eq!(
         answer["websocket"],
         json!({"url": "ws://speaker-server.local:8000/xiaozhi/v1/", "token": "own-token"})
@@ -364,14 +359,6 @@ async fn ota_tells_the_firmware_where_the_server_is() {
     let now = chrono::Utc::now().timestamp_millis();
     assert!((answer["server_time"]["timestamp"].as_i64().unwrap() - now).abs() < 10_000);
     // A device without its own token is not given the shared one.
-    let answer: Value = serde_json::from_str(
-        &ota("00:00:00:00:00:01")
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let answer = ota("00:00:00:00:00:01").await;
     assert_eq!(answer["websocket"]["token"], "");
 }

@@ -96,17 +96,28 @@ async fn device(addr: SocketAddr, version: ProtocolVersion) -> Socket {
 /// The spoken command as the firmware sends it: 16 kHz mono Opus in 60 ms frames, then 1.2 s
 /// of silence for the server's VAD to end the turn.
 fn command_frames(name: &str) -> Vec<Vec<u8>> {
-    let mut samples: Vec<f32> =
-        hound::WavReader::open(repo_root().join("assets/speech").join(name))
-            .unwrap()
-            .into_samples::<i16>()
-            .map(|s| f32::from(s.unwrap()) / 32768.0)
-            .collect();
+    let mut samples = read_wav(&repo_root().join("assets/speech").join(name));
     samples.extend(vec![0.0; 16_000 * 6 / 5]);
     let mut encoder = FrameEncoder::new(16_000, 1, 60).unwrap();
     let mut frames = encoder.push(&samples).unwrap();
     frames.extend(encoder.finish().unwrap());
     frames
+}
+
+/// `listen start` in auto mode, then the spoken command's frames.
+async fn say(socket: &mut Socket, version: ProtocolVersion, name: &str) {
+    socket
+        .send(Message::text(
+            r#"{"type":"listen","state":"start","mode":"auto"}"#,
+        ))
+        .await
+        .unwrap();
+    for frame in command_frames(name) {
+        socket
+            .send(Message::binary(version.encode_opus(&frame, 0)))
+            .await
+            .unwrap();
+    }
 }
 
 #[derive(Debug)]
@@ -150,18 +161,7 @@ async fn a_spoken_command_gets_stt_and_a_paced_spoken_reply_in_every_version() {
         ProtocolVersion::V3,
     ] {
         let mut socket = device(addr, version).await;
-        socket
-            .send(Message::text(
-                r#"{"type":"listen","state":"start","mode":"auto"}"#,
-            ))
-            .await
-            .unwrap();
-        for frame in command_frames("cmd_what_time.wav") {
-            socket
-                .send(Message::binary(version.encode_opus(&frame, 0)))
-                .await
-                .unwrap();
-        }
+        say(&mut socket, version, "cmd_what_time.wav").await;
         let mut texts = Vec::new();
         let mut frames: Vec<(Instant, Vec<u8>)> = Vec::new();
         loop {
@@ -247,18 +247,7 @@ async fn abort_stops_the_frames_within_one_frame_time() {
         It sang to the plants when nobody was home. It was a very patient speaker.";
     let addr = serve(LONG).await;
     let mut socket = device(addr, ProtocolVersion::V3).await;
-    socket
-        .send(Message::text(
-            r#"{"type":"listen","state":"start","mode":"auto"}"#,
-        ))
-        .await
-        .unwrap();
-    for frame in command_frames("cmd_what_time.wav") {
-        socket
-            .send(Message::binary(ProtocolVersion::V3.encode_opus(&frame, 0)))
-            .await
-            .unwrap();
-    }
+    say(&mut socket, ProtocolVersion::V3, "cmd_what_time.wav").await;
     let mut received = 0;
     while received < 10 {
         if let Event::Opus(_) = next_framed(&mut socket, ProtocolVersion::V3).await {
@@ -287,4 +276,84 @@ async fn abort_stops_the_frames_within_one_frame_time() {
         "frames after the abort at {late:?}"
     );
     assert!(aborted.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn a_corrupt_opus_packet_gets_an_alert_and_the_session_goes_on() {
+    let addr = serve(REPLY).await;
+    let mut socket = device(addr, ProtocolVersion::V1).await;
+    socket
+        .send(Message::text(
+            r#"{"type":"listen","state":"start","mode":"auto"}"#,
+        ))
+        .await
+        .unwrap();
+    // Code 3 (several frames) with a frame count of 0: no valid Opus packet (RFC 6716 3.2.5).
+    socket
+        .send(Message::binary(vec![0x03, 0x00]))
+        .await
+        .unwrap();
+    let Event::Json(alert) = next(&mut socket).await else {
+        panic!("expected an alert");
+    };
+    assert_eq!(alert["type"], "alert");
+    assert!(
+        alert["message"]
+            .as_str()
+            .unwrap()
+            .contains("undecodable Opus packet"),
+        "{alert}"
+    );
+    // The same session still hears the command.
+    say(&mut socket, ProtocolVersion::V1, "cmd_what_time.wav").await;
+    loop {
+        if let Event::Json(v) = next(&mut socket).await
+            && v["type"] == "stt"
+        {
+            assert!(
+                v["text"]
+                    .as_str()
+                    .unwrap()
+                    .to_lowercase()
+                    .contains("what time")
+            );
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn manual_mode_ends_the_turn_at_listen_stop() {
+    let addr = serve(REPLY).await;
+    let mut socket = device(addr, ProtocolVersion::V2).await;
+    socket
+        .send(Message::text(
+            r#"{"type":"listen","state":"start","mode":"manual"}"#,
+        ))
+        .await
+        .unwrap();
+    // The command without its trailing silence: only listen stop can end the turn.
+    let frames = command_frames("cmd_what_time.wav");
+    for frame in &frames[..frames.len() - 20] {
+        socket
+            .send(Message::binary(ProtocolVersion::V2.encode_opus(frame, 0)))
+            .await
+            .unwrap();
+    }
+    socket
+        .send(Message::text(r#"{"type":"listen","state":"stop"}"#))
+        .await
+        .unwrap();
+    let Event::Json(stt) = next_framed(&mut socket, ProtocolVersion::V2).await else {
+        panic!("expected stt");
+    };
+    assert_eq!(stt["type"], "stt");
+    assert!(
+        stt["text"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("what time"),
+        "{stt}"
+    );
 }

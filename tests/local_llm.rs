@@ -18,17 +18,10 @@ use voxloop::config::{Config, LlmConfig, McpServerConfig};
 use voxloop::conversation::DEFAULT_SYSTEM_PROMPT;
 use voxloop::llm::local::LocalModel;
 use voxloop::llm::{ChatMessage, LlmError, LlmEvent, Role, ToolCallRequest};
-use voxloop::models;
 use voxloop::tools::hub::{ToolCall, ToolHub};
 
 fn model_path() -> PathBuf {
-    let path = models::model_path(models::spec("smollm2").unwrap());
-    assert!(
-        path.exists(),
-        "{} is missing: run `voxloop models fetch smollm2` (scripts/test does)",
-        path.display()
-    );
-    path
+    model_file("smollm2")
 }
 
 /// One loaded model for all tests.
@@ -260,20 +253,8 @@ fn the_main_job_plays_the_requested_track_into_a_wav() {
     assert!(stdout.contains("first LLM token"), "{stdout}");
 
     // The track is the end of the WAV: it correlates with the decoded MP3 at 24 kHz.
-    let audio: Vec<f32> = hound::WavReader::open(&out)
-        .unwrap()
-        .into_samples::<i16>()
-        .map(|s| f32::from(s.unwrap()) / 32768.0)
-        .collect();
-    let mp3 = std::fs::File::open(music_file("tumiki_just_over_the_horizon.mp3")).unwrap();
-    let mut converter = voxloop::pipeline::convert::Converter::new(24_000, 1);
-    let mut track = Vec::new();
-    voxloop::pipeline::decode::decode(mp3, "audio/mpeg", &mut |pcm| {
-        track.extend(converter.push(&pcm).unwrap());
-        true
-    })
-    .unwrap();
-    track.extend(converter.flush());
+    let audio = read_wav(&out);
+    let track = track_at_24k("tumiki_just_over_the_horizon.mp3", "audio/mpeg");
     assert!(
         audio.len() + 2400 >= track.len(),
         "{} < {}",
@@ -282,17 +263,10 @@ fn the_main_job_plays_the_requested_track_into_a_wav() {
     );
     let offset = audio.len().saturating_sub(track.len());
     let window = 24_000 * 5..24_000 * 7;
-    let b = &track[window.clone()];
-    let best = (offset.saturating_sub(2400)..=offset + 2400)
-        .filter(|start| start + window.end <= audio.len())
-        .map(|start| {
-            let a = &audio[start + window.start..start + window.end];
-            let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
-            let norm = (a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>()
-                * b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>())
-            .sqrt();
-            dot / norm
-        })
-        .fold(f64::MIN, f64::max);
-    assert!(best > 0.99, "correlation {best}");
+    let (r, lag) = best_correlation(
+        &track[window.clone()],
+        &audio[offset + window.start..],
+        2400,
+    );
+    assert!(r > 0.99, "correlation {r} at lag {lag}");
 }

@@ -113,29 +113,6 @@ fn decoding_from_1_kib_pieces_gives_the_same_pcm() {
     }
 }
 
-/// Normalized cross-correlation of `a` and `b` at the best lag in `-max_lag..=max_lag`.
-fn best_correlation(a: &[f32], b: &[f32], max_lag: i64) -> (f64, i64) {
-    let mut best = (f64::MIN, 0);
-    for lag in -max_lag..=max_lag {
-        let (mut ab, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64);
-        for i in 0..a.len() as i64 {
-            let j = i + lag;
-            if j < 0 || j >= b.len() as i64 {
-                continue;
-            }
-            let (x, y) = (a[i as usize] as f64, b[j as usize] as f64);
-            ab += x * y;
-            aa += x * x;
-            bb += y * y;
-        }
-        let r = ab / (aa.sqrt() * bb.sqrt()).max(1e-12);
-        if r > best.0 {
-            best = (r, lag);
-        }
-    }
-    best
-}
-
 #[test]
 fn flac_and_vorbis_of_one_track_agree() {
     let flac = decode_asset("tumiki_return_to_home.flac", "audio/flac");
@@ -624,4 +601,25 @@ async fn device_frames_are_paced_never_more_than_the_lead_ahead() {
     }
     assert_eq!(received, 34, "2 s in 60 ms frames, the last one padded");
     closing.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_device_stream_sends_its_last_partial_frame_when_playback_ends() {
+    use voxloop::pipeline::sink::OpusSink;
+    let (tx, mut rx) = mpsc::channel(1024);
+    let sink = OpusSink::new(24_000, 60, 64_000, Duration::from_millis(120), tx).unwrap();
+    let queue = PlaybackQueue::new(Sink::Opus(sink), settings(100));
+    // 100 ms at 16 kHz: one whole 60 ms frame and 40 ms that wait for more.
+    queue
+        .enqueue(SegmentKind::Media { title: None }, tone(0.5, 1600))
+        .await;
+    queue.idle().await;
+    let mut frames = 0;
+    while rx.try_recv().is_ok() {
+        frames += 1;
+    }
+    assert_eq!(
+        frames, 2,
+        "the 40 ms tail must go out padded, not wait for the next reply"
+    );
 }

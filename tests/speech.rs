@@ -17,13 +17,7 @@ use voxloop::pipeline::asr::{ASR_RATE, Asr, AsrError};
 use voxloop::pipeline::convert::Converter;
 
 fn model() -> PathBuf {
-    let path = models::model_path(models::spec("whisper-base").unwrap());
-    assert!(
-        path.exists(),
-        "{} is missing: run `voxloop models fetch whisper-base` (scripts/test does)",
-        path.display()
-    );
-    path
+    model_file("whisper-base")
 }
 
 /// One loaded model for all tests (loading takes a second).

@@ -244,6 +244,7 @@ pub enum ListenMode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum DeviceMessage {
+    /// The first message: protocol version, features, uplink audio format.
     Hello {
         #[serde(default)]
         version: Option<u32>,
@@ -253,6 +254,7 @@ pub enum DeviceMessage {
         transport: Option<String>,
         audio_params: Option<AudioParams>,
     },
+    /// The device starts or stops sending audio, or heard its wake word (`text`).
     Listen {
         state: ListenState,
         #[serde(default)]
@@ -260,13 +262,13 @@ pub enum DeviceMessage {
         #[serde(default)]
         text: Option<String>,
     },
+    /// Stop speaking (a button, a wake word): barge-in.
     Abort {
         #[serde(default)]
         reason: Option<String>,
     },
-    Mcp {
-        payload: Value,
-    },
+    /// A JSON-RPC 2.0 message of the device's MCP server.
+    Mcp { payload: Value },
 }
 
 /// `tts.state`.
@@ -282,35 +284,34 @@ pub enum TtsState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum ServerMessage {
+    /// The answer to the device's hello: the session and the downlink audio format.
     Hello {
         transport: String,
         session_id: String,
         audio_params: AudioParams,
     },
-    Stt {
-        session_id: String,
-        text: String,
-    },
+    /// What was heard.
+    Stt { session_id: String, text: String },
+    /// The assistant's mood (an emotion name such as `happy` or `thinking` that the
+    /// display shows), with optional text.
     Llm {
         session_id: String,
         emotion: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         text: Option<String>,
     },
+    /// Speech around the Opus frames: `start`, each sentence as it begins, `stop`.
     Tts {
         session_id: String,
         state: TtsState,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         text: Option<String>,
     },
-    Mcp {
-        session_id: String,
-        payload: Value,
-    },
-    System {
-        session_id: String,
-        command: String,
-    },
+    /// A JSON-RPC 2.0 message to the device's MCP server.
+    Mcp { session_id: String, payload: Value },
+    /// A device command (`reboot`, ...).
+    System { session_id: String, command: String },
+    /// A message to show: here, what was wrong with the device's last message.
     Alert {
         session_id: String,
         status: String,

@@ -44,9 +44,13 @@ pub const CLOSE_INTERNAL: u16 = 1011;
 /// Who connected, from headers or (for browsers) query parameters.
 #[derive(Debug, Clone)]
 pub struct DeviceInfo {
+    /// `Device-Id`: the device's MAC address.
     pub device_id: Option<String>,
+    /// `Client-Id`: a UUID the firmware keeps.
     pub client_id: Option<String>,
+    /// `Protocol-Version`: the binary framing.
     pub version: ProtocolVersion,
+    /// The TCP peer.
     pub peer: SocketAddr,
 }
 
@@ -369,12 +373,10 @@ async fn session(mut socket: WebSocket, info: DeviceInfo, state: Arc<ServerState
             Err(_) => break Some((CLOSE_NORMAL, "idle timeout".to_string())),
             Ok(None) => break None,
             Ok(Some(Err(e))) => {
-                // tungstenite refuses an oversized message before it is read.
-                let text = e.to_string();
-                if text.contains("too long")
-                    || text.contains("too big")
-                    || text.contains("Space limit")
-                {
+                // tungstenite refuses an oversized message or frame before reading it, as its
+                // `Error::Capacity` ("Space limit exceeded: Message too long: N > MAX"); axum
+                // passes it on as text only.
+                if e.to_string().contains("Space limit exceeded") {
                     let reason = format!(
                         "message over {} bytes (device.max_message_bytes)",
                         device.max_message_bytes

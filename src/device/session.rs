@@ -34,9 +34,13 @@ pub const UPLINK_RATE: u32 = 16_000;
 /// model and the tool hub.
 #[derive(Clone)]
 pub struct Assistant {
+    /// The configuration (`[audio] device_*`, `[vad]`, `[tts]`, `[llm]` settings per session).
     pub config: Arc<Config>,
+    /// Whisper, shared (transcriptions run one at a time).
     pub asr: Arc<Asr>,
+    /// The chat model, shared.
     pub llm: ChatModel,
+    /// The MCP servers and built-in tools, shared.
     pub hub: Arc<ToolHub>,
 }
 
@@ -192,13 +196,23 @@ impl DeviceConversation {
         self.turns = TurnDetector::new(&self.assistant.config.vad);
     }
 
-    /// `listen stop`: in manual mode the utterance so far is the turn.
+    /// `listen stop`: the utterance so far is a turn (in manual mode the only way one ends; in
+    /// the others speech cut short by the device).
     pub async fn listen_stop(&mut self) {
         self.listening = false;
+        let rest = self.speech.finish();
         if self.mode == ListenMode::Manual {
             let mut pcm = std::mem::take(&mut self.manual);
-            pcm.extend(self.speech.finish());
+            pcm.extend(rest);
             if !pcm.is_empty() {
+                self.hear(pcm).await;
+            }
+            return;
+        }
+        let (mut events, _) = self.turns.push(&rest);
+        events.extend(self.turns.finish());
+        for event in events {
+            if let TurnEvent::Utterance { pcm, .. } = event {
                 self.hear(pcm).await;
             }
         }

@@ -73,7 +73,7 @@ enum Inst {
 #[derive(Debug, Clone)]
 pub struct ToolGrammar {
     program: Vec<Inst>,
-    /// Where each tool's arguments start, by name (for tests and reports).
+    /// The offered tool names, in order.
     names: Vec<String>,
 }
 

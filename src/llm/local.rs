@@ -98,20 +98,30 @@ fn token_trie(texts: &[String]) -> Vec<TrieNode> {
     nodes
 }
 
-/// The model's state (its KV cache) after a prompt, and the logits for the next token.
+/// Where generation stands: the model with its KV cache, the logits for the next token, and
+/// that token's position.
+#[derive(Clone)]
+struct Cursor {
+    model: ModelWeights,
+    logits: Vec<f32>,
+    pos: usize,
+}
+
+/// The state after a prompt's tokens `ids`.
 #[derive(Clone)]
 struct CachedPrompt {
     ids: Vec<u32>,
-    model: ModelWeights,
-    logits: Vec<f32>,
+    cursor: Cursor,
 }
 
 /// Timing of one completion (also logged).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct GenerationStats {
+    /// Tokens of the prompt.
     pub prompt_tokens: usize,
     /// Prompt tokens whose state came from an earlier prompt (not computed again).
     pub cached_tokens: usize,
+    /// Tokens of the reply, forced and scored tool-call tokens included.
     pub generated_tokens: usize,
     /// Time to run the prompt through the model, in ms.
     pub prefill_ms: f64,
@@ -280,9 +290,9 @@ impl LocalModel {
     /// The prompt for `messages` and `tools` in ChatML, ending with the assistant's header.
     ///
     /// The system message is the tools section (each tool, how to call one, and the examples
-    /// of `tool_examples` whose calls name an offered tool), then the system prompt: with the
-    /// tools and examples first, SmolLM2-135M told requests for a tool from chat more clearly
-    /// (BENCHMARKS.md).
+    /// of `tool_examples` whose calls name an offered tool), then the system prompt. (Putting
+    /// the system prompt first made no clear difference to SmolLM2-135M's choice between a
+    /// call and words in a probe of 10 requests.)
     pub fn render_prompt(
         messages: &[ChatMessage],
         tools: &FunctionTools,
@@ -342,26 +352,9 @@ impl LocalModel {
         messages: &[ChatMessage],
         tools: &FunctionTools,
         cancel: &CancellationToken,
-    ) -> Result<super::openai::LlmStream, LlmError> {
-        let prompt = Self::render_prompt(messages, tools, &self.inner.config.tool_examples);
-        let grammar = self.grammar(messages, tools);
+    ) -> Result<super::LlmStream, LlmError> {
+        let (ids, grammar) = self.prepare(messages, tools)?;
         let inner = self.inner.clone();
-        let ids = inner
-            .tokenizer
-            .encode_fast(prompt.as_str(), false)
-            .map_err(|e| model_error(&inner.path, format!("tokenizing the prompt: {e}")))?
-            .get_ids()
-            .to_vec();
-        let max_new = inner.config.max_tokens as usize;
-        if ids.len() + max_new > MAX_SEQ_LEN {
-            return Err(model_error(
-                &inner.path,
-                format!(
-                    "the prompt has {} tokens; with max_tokens {max_new} it exceeds the model's {MAX_SEQ_LEN}",
-                    ids.len()
-                ),
-            ));
-        }
         let (tx, rx) = mpsc::channel(64);
         let cancel = cancel.clone();
         std::thread::Builder::new()
@@ -405,16 +398,9 @@ impl LocalModel {
         messages: &[ChatMessage],
         tools: &FunctionTools,
     ) -> Result<(Vec<LlmEvent>, GenerationStats), LlmError> {
-        let prompt = Self::render_prompt(messages, tools, &self.inner.config.tool_examples);
-        let grammar = self.grammar(messages, tools);
-        let ids = self
-            .inner
-            .tokenizer
-            .encode_fast(prompt.as_str(), false)
-            .map_err(|e| model_error(&self.inner.path, e))?
-            .get_ids()
-            .to_vec();
-        let (tx, mut rx) = mpsc::channel(4096);
+        let (ids, grammar) = self.prepare(messages, tools)?;
+        // Room for every event of the reply: nothing reads them until it is done.
+        let (tx, mut rx) = mpsc::channel(self.inner.config.max_tokens as usize + 2);
         let result = self
             .inner
             .generate(&ids, grammar.as_ref(), &tx, &CancellationToken::new());
@@ -485,6 +471,31 @@ impl LocalModel {
     /// The id of a token written as text, such as `<|im_end|>`.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.tokenizer.token_to_id(token)
+    }
+
+    /// The prompt's token ids for `messages` and `tools`, and the tool-call grammar.
+    ///
+    /// # Errors
+    /// [`LlmError::Model`] when the prompt cannot be tokenized, or with `max_tokens` does not
+    /// fit the model's context.
+    fn prepare(
+        &self,
+        messages: &[ChatMessage],
+        tools: &FunctionTools,
+    ) -> Result<(Vec<u32>, Option<ToolGrammar>), LlmError> {
+        let prompt = Self::render_prompt(messages, tools, &self.inner.config.tool_examples);
+        let ids = self.tokenize(&prompt)?;
+        let max_new = self.inner.config.max_tokens as usize;
+        if ids.len() + max_new > MAX_SEQ_LEN {
+            return Err(model_error(
+                &self.inner.path,
+                format!(
+                    "the prompt has {} tokens; with max_tokens {max_new} it exceeds the model's {MAX_SEQ_LEN}",
+                    ids.len()
+                ),
+            ));
+        }
+        Ok((ids, self.grammar(messages, tools)))
     }
 
     /// The tool-call grammar for this request: none once a tool has answered (the last
@@ -631,6 +642,7 @@ fn argmax(logits: &[f32], allowed: impl Iterator<Item = usize>) -> Option<usize>
 }
 
 impl Inner {
+    /// Runs `ids` through `model` from position `pos`: the logits for the token after them.
     fn forward(
         &self,
         model: &mut ModelWeights,
@@ -648,50 +660,54 @@ impl Inner {
             .map_err(|e| e.to_string())
     }
 
-    /// The model state and logits after `ids`: from the longest cached prompt that starts
-    /// `ids`, feeding the rest one token at a time, or from scratch in one batch when that is
-    /// cheaper. The state after `ids` is cached for the next call (whose prompt usually
-    /// extends this one).
-    fn prefill(
-        &self,
-        ids: &[u32],
-        stats: &mut GenerationStats,
-    ) -> Result<(ModelWeights, Vec<f32>), String> {
+    /// Feeds one token at the cursor.
+    fn step(&self, cursor: &mut Cursor, id: u32) -> Result<(), String> {
+        cursor.logits = self.forward(&mut cursor.model, &[id], cursor.pos)?;
+        cursor.pos += 1;
+        Ok(())
+    }
+
+    /// The cursor after `ids`: from the longest cached prompt that starts `ids`, feeding the
+    /// rest one token at a time, or from scratch in one batch when that is cheaper. The state
+    /// after `ids` is cached for the next call (whose prompt usually extends this one).
+    fn prefill(&self, ids: &[u32], stats: &mut GenerationStats) -> Result<Cursor, String> {
         let cached = {
             let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
             cache
                 .iter()
-                .filter(|c| c.ids.len() <= ids.len() && ids.starts_with(&c.ids))
+                .filter(|c| ids.starts_with(&c.ids))
                 .max_by_key(|c| c.ids.len())
                 .cloned()
         };
         // candle's llama runs several tokens at once only from position 0, and one at a time
         // costs about twice a batched token: resume when that is still cheaper.
-        let (model, logits) = match cached {
+        let cursor = match cached {
             Some(c) if (ids.len() - c.ids.len()) * 2 < ids.len() => {
-                let mut model = c.model;
-                let mut logits = c.logits;
-                for (pos, &id) in ids.iter().enumerate().skip(c.ids.len()) {
-                    logits = self.forward(&mut model, &[id], pos)?;
+                let mut cursor = c.cursor;
+                for &id in &ids[c.ids.len()..] {
+                    self.step(&mut cursor, id)?;
                 }
                 stats.cached_tokens = c.ids.len();
-                (model, logits)
+                cursor
             }
             _ => {
                 let mut model = self.weights.clone();
                 let logits = self.forward(&mut model, ids, 0)?;
-                (model, logits)
+                Cursor {
+                    model,
+                    logits,
+                    pos: ids.len(),
+                }
             }
         };
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        // Keep the warm-up prefix (the first entry) and the latest prompt.
+        // Keep the first entry (the warm-up prefix, once there is one) and the latest prompt.
         cache.truncate(1);
         cache.push(CachedPrompt {
             ids: ids.to_vec(),
-            model: model.clone(),
-            logits: logits.clone(),
+            cursor: cursor.clone(),
         });
-        Ok((model, logits))
+        Ok(cursor)
     }
 
     /// Tokens allowed after `state`, as indices: a walk of the vocabulary's trie that drops a
@@ -726,44 +742,22 @@ impl Inner {
             ..Default::default()
         };
         let started = Instant::now();
-        let (mut model, mut logits) = self.prefill(ids, &mut stats)?;
+        let mut cursor = self.prefill(ids, &mut stats)?;
         stats.prefill_ms = started.elapsed().as_secs_f64() * 1000.0;
         let decode_started = Instant::now();
-        let mut pos = ids.len();
         let max_new = self.config.max_tokens as usize;
 
         // The first token chooses: a tool call, or text.
-        let tool_state = grammar.map(|g| (g, g.start()));
-        if let Some((g, start)) = &tool_state {
-            let tool_starts = self.allowed(g, start);
-            let best = argmax(&logits, 0..logits.len()).unwrap_or(0);
-            let best_tool = argmax(&logits, tool_starts.iter().copied()).unwrap_or(0);
-            let bias = self.config.tool_call_bias;
-            let choose_tool = logits[best_tool] + bias >= logits[best];
-            tracing::debug!(
-                best = %self.token_text[best],
-                gap = logits[best] - logits[best_tool],
-                bias,
-                tool_call = choose_tool,
-                "first token: text or tool call"
-            );
-            if choose_tool {
-                let call = self.decode_call(
-                    g,
-                    &mut model,
-                    &mut logits,
-                    &mut pos,
-                    max_new,
-                    &mut stats,
-                    cancel,
-                )?;
-                stats.decode_ms = decode_started.elapsed().as_secs_f64() * 1000.0;
-                let Some(call) = call else { return Ok(None) };
-                if tx.blocking_send(Ok(LlmEvent::ToolCall(call))).is_err() {
-                    return Ok(None);
-                }
-                return Ok(Some(("tool_calls".into(), stats)));
+        if let Some(grammar) = grammar
+            && self.starts_tool_call(grammar, &cursor.logits)
+        {
+            let call = self.decode_call(grammar, &mut cursor, max_new, &mut stats, cancel)?;
+            stats.decode_ms = decode_started.elapsed().as_secs_f64() * 1000.0;
+            let Some(call) = call else { return Ok(None) };
+            if tx.blocking_send(Ok(LlmEvent::ToolCall(call))).is_err() {
+                return Ok(None);
             }
+            return Ok(Some(("tool_calls".into(), stats)));
         }
 
         let temperature = f64::from(self.config.temperature);
@@ -773,6 +767,13 @@ impl Inner {
             Sampling::All { temperature }
         };
         let mut sampler = LogitsProcessor::from_sampling(SEED, sampling);
+        // A reply in words does not start like a tool call (after a tool's answer the model
+        // tends to write one out as text).
+        for (id, text) in self.token_text.iter().enumerate() {
+            if text.starts_with('<') {
+                cursor.logits[id] = f32::NEG_INFINITY;
+            }
+        }
         let mut generated: Vec<u32> = Vec::new();
         let mut sent = 0; // bytes of the decoded text already sent
         let mut finish = "length";
@@ -780,19 +781,10 @@ impl Inner {
             if cancel.is_cancelled() || tx.is_closed() {
                 return Ok(None);
             }
-            if generated.is_empty() {
-                // A reply in words does not start like a tool call (after a tool's answer the
-                // model tends to write one out as text).
-                for (id, text) in self.token_text.iter().enumerate() {
-                    if text.starts_with('<') {
-                        logits[id] = f32::NEG_INFINITY;
-                    }
-                }
-            }
-            let tensor = Tensor::new(logits.as_slice(), &Device::Cpu).map_err(|e| e.to_string())?;
+            let tensor =
+                Tensor::new(cursor.logits.as_slice(), &Device::Cpu).map_err(|e| e.to_string())?;
             let mut next = sampler.sample(&tensor).map_err(|e| e.to_string())?;
-            // A tool call is only chosen at the start; later control tokens other than the
-            // stops end the reply too.
+            // Control tokens other than the stops end the reply too.
             if self.token_text[next as usize].is_empty() && !self.stop.contains(&next) {
                 next = self.stop[0];
             }
@@ -814,95 +806,85 @@ impl Inner {
                     return Ok(None);
                 }
             }
-            if generated.len() >= max_new {
-                break;
+            if generated.len() < max_new {
+                self.step(&mut cursor, next)?;
             }
-            logits = self.forward(&mut model, &[next], pos)?;
-            pos += 1;
         }
         stats.decode_ms = decode_started.elapsed().as_secs_f64() * 1000.0;
         Ok(Some((finish.into(), stats)))
     }
 
-    /// Decodes a tool call under `grammar`; `logits` are those for its first token. The opening
-    /// `<tool_call>{"name": "` is written as is; the tool is the offered name the model finds
-    /// most likely as a whole (the sum of its tokens' log-probabilities: a small model's first
-    /// name token alone picks poorly); the arguments are decoded greedily under the mask.
-    #[allow(clippy::too_many_arguments)]
+    /// Whether the reply starts with a tool call: the most likely token that can start one,
+    /// given `tool_call_bias` more logits, is at least as likely as the most likely token.
+    fn starts_tool_call(&self, grammar: &ToolGrammar, logits: &[f32]) -> bool {
+        let tool_starts = self.allowed(grammar, &grammar.start());
+        let best = argmax(logits, 0..logits.len()).unwrap_or(0);
+        let Some(best_tool) = argmax(logits, tool_starts.into_iter()) else {
+            return false;
+        };
+        let bias = self.config.tool_call_bias;
+        let choose = logits[best_tool] + bias >= logits[best];
+        tracing::debug!(
+            best = %self.token_text[best],
+            gap = logits[best] - logits[best_tool],
+            bias,
+            tool_call = choose,
+            "first token: text or tool call"
+        );
+        choose
+    }
+
+    /// Decodes a tool call under `grammar` from `cursor` (at the reply's first token). The
+    /// opening `<tool_call>{"name": "` is written as is; the tool is the offered name the model
+    /// finds most likely as a whole (the sum of its tokens' log-probabilities: a small model's
+    /// first name token alone picks poorly); the arguments are decoded greedily under the mask.
+    /// `None` when cancelled.
     fn decode_call(
         &self,
         grammar: &ToolGrammar,
-        model: &mut ModelWeights,
-        logits: &mut Vec<f32>,
-        pos: &mut usize,
+        cursor: &mut Cursor,
         max_new: usize,
         stats: &mut GenerationStats,
         cancel: &CancellationToken,
     ) -> Result<Option<ToolCallRequest>, String> {
-        let mut state = grammar.start();
-        let mut text = String::new();
-        let mut feed = |this: &Self,
-                        model: &mut ModelWeights,
-                        logits: &mut Vec<f32>,
-                        pos: &mut usize,
-                        piece: &str|
-         -> Result<(), String> {
-            let ids = this
+        let tokenize = |text: &str| -> Result<Vec<u32>, String> {
+            Ok(self
                 .tokenizer
-                .encode_fast(piece, false)
+                .encode_fast(text, false)
                 .map_err(|e| e.to_string())?
                 .get_ids()
-                .to_vec();
-            for id in ids {
-                *logits = this.forward(model, &[id], *pos)?;
-                *pos += 1;
-                stats.generated_tokens += 1;
-            }
-            Ok(())
+                .to_vec())
         };
-        let open = format!("{TOOL_CALL_OPEN}{{\"name\": \"");
-        feed(self, model, logits, pos, &open)?;
-        text.push_str(&open);
-        state = grammar
-            .advance_str(&state, &open)
+        let mut text = format!("{TOOL_CALL_OPEN}{{\"name\": \"");
+        for id in tokenize(&text)? {
+            self.step(cursor, id)?;
+            stats.generated_tokens += 1;
+        }
+        let mut state = grammar
+            .advance_str(&grammar.start(), &text)
             .ok_or("the grammar refused the opening of a call")?;
         // Score each name (with its closing quote) from the same state.
-        let mut best: Option<(f32, String, ModelWeights, Vec<f32>, usize)> = None;
+        let mut best: Option<(f32, String, Cursor)> = None;
         for name in grammar.names() {
             if cancel.is_cancelled() {
                 return Ok(None);
             }
             let quoted = Value::String(name.clone()).to_string();
             let piece = &quoted[1..];
-            let ids = self
-                .tokenizer
-                .encode_fast(piece, false)
-                .map_err(|e| e.to_string())?
-                .get_ids()
-                .to_vec();
-            let mut candidate = model.clone();
-            let mut candidate_logits = logits.clone();
-            let mut candidate_pos = *pos;
+            let mut candidate = cursor.clone();
             let mut score = 0.0;
-            for &id in &ids {
-                score += log_softmax_at(&candidate_logits, id as usize);
-                candidate_logits = self.forward(&mut candidate, &[id], candidate_pos)?;
-                candidate_pos += 1;
+            for id in tokenize(piece)? {
+                score += log_softmax_at(&candidate.logits, id as usize);
+                self.step(&mut candidate, id)?;
             }
             tracing::debug!(tool = %name, score, "tool name score");
             if best.as_ref().is_none_or(|(b, ..)| score > *b) {
-                best = Some((
-                    score,
-                    piece.to_string(),
-                    candidate,
-                    candidate_logits,
-                    candidate_pos,
-                ));
+                best = Some((score, piece.to_string(), candidate));
             }
         }
-        let (_, piece, chosen, chosen_logits, chosen_pos) = best.ok_or("no tool name to choose")?;
-        stats.generated_tokens += chosen_pos - *pos;
-        (*model, *logits, *pos) = (chosen, chosen_logits, chosen_pos);
+        let (_, piece, chosen) = best.ok_or("no tool name to choose")?;
+        stats.generated_tokens += chosen.pos - cursor.pos;
+        *cursor = chosen;
         state = grammar
             .advance_str(&state, &piece)
             .ok_or("the grammar refused an offered name")?;
@@ -917,7 +899,7 @@ impl Inner {
                 ));
             }
             let allowed = self.allowed(grammar, &state);
-            let next = argmax(logits, allowed.into_iter())
+            let next = argmax(&cursor.logits, allowed.into_iter())
                 .ok_or_else(|| format!("no token can continue the tool call {text:?}"))?;
             let piece = &self.token_text[next];
             state = grammar
@@ -928,8 +910,7 @@ impl Inner {
             if grammar.is_complete(&state) {
                 break;
             }
-            *logits = self.forward(model, &[next as u32], *pos)?;
-            *pos += 1;
+            self.step(cursor, next as u32)?;
         }
         let json = text
             .strip_prefix(TOOL_CALL_OPEN)

@@ -134,7 +134,9 @@ pub type LlmStream = tokio::sync::mpsc::Receiver<Result<LlmEvent, LlmError>>;
 /// The chat model `[llm]` names: an OpenAI-compatible endpoint or the local GGUF model.
 #[derive(Clone)]
 pub enum ChatModel {
+    /// An OpenAI-compatible endpoint.
     OpenAi(openai::OpenAiClient),
+    /// The local GGUF model.
     Local(local::LocalModel),
 }
 

@@ -274,12 +274,12 @@ async fn play(shared: Arc<Shared>, mut sink: Sink, settings: QueueSettings) -> S
         let Some(mut segment) = next else {
             shared.level.store(0, Ordering::SeqCst);
             recent.clear();
-            if *shared.busy.borrow()
-                && let Err(e) = sink.flush().await
-            {
+            // Nothing more to play: what waits for a whole frame goes out now.
+            let was_busy = *shared.busy.borrow();
+            if was_busy && let Err(e) = sink.flush().await {
                 tracing::error!(error = %e, "flushing the audio output");
             }
-            let was_busy = shared.busy.send_replace(false);
+            shared.busy.send_replace(false);
             match shared.take_reason() {
                 Some(reason) => shared.emit(QueueEvent::Stopped { reason }),
                 None if was_busy => shared.emit(QueueEvent::Stopped {

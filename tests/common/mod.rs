@@ -162,3 +162,62 @@ impl Hits {
         self.0.load(Ordering::SeqCst)
     }
 }
+
+/// A model file of `voxloop models` (`whisper-base`, `smollm2`), which must be present.
+pub fn model_file(name: &str) -> PathBuf {
+    let models = voxloop::models::spec(name).unwrap();
+    let path = voxloop::models::model_path(models);
+    assert!(
+        path.exists(),
+        "{} is missing: run `voxloop models fetch {name}` (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// The samples of a 16-bit WAV file as f32 in -1..1 (interleaved if it has channels).
+pub fn read_wav(path: &std::path::Path) -> Vec<f32> {
+    hound::WavReader::open(path)
+        .unwrap()
+        .into_samples::<i16>()
+        .map(|s| f32::from(s.unwrap()) / 32768.0)
+        .collect()
+}
+
+/// A bundled track decoded as the playback queue plays it: 24 kHz mono.
+pub fn track_at_24k(name: &str, mime: &str) -> Vec<f32> {
+    let file = std::fs::File::open(music_file(name)).unwrap();
+    let mut converter = voxloop::pipeline::convert::Converter::new(24_000, 1);
+    let mut pcm = Vec::new();
+    voxloop::pipeline::decode::decode(file, mime, &mut |block| {
+        pcm.extend(converter.push(&block).unwrap());
+        true
+    })
+    .unwrap();
+    pcm.extend(converter.flush());
+    pcm
+}
+
+/// Normalized cross-correlation of `a` and `b` at the best lag in `-max_lag..=max_lag`
+/// (`b[i + lag]` against `a[i]`): the correlation and the lag.
+pub fn best_correlation(a: &[f32], b: &[f32], max_lag: i64) -> (f64, i64) {
+    let mut best = (f64::MIN, 0);
+    for lag in -max_lag..=max_lag {
+        let (mut ab, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64);
+        for i in 0..a.len() as i64 {
+            let j = i + lag;
+            if j < 0 || j >= b.len() as i64 {
+                continue;
+            }
+            let (x, y) = (a[i as usize] as f64, b[j as usize] as f64);
+            ab += x * y;
+            aa += x * x;
+            bb += y * y;
+        }
+        let r = ab / (aa.sqrt() * bb.sqrt()).max(1e-12);
+        if r > best.0 {
+            best = (r, lag);
+        }
+    }
+    best
+}
