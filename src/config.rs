@@ -398,6 +398,15 @@ pub struct DeviceConfig {
     pub max_sessions: u32,
     /// Most sessions at once from one IP address.
     pub max_sessions_per_ip: u32,
+    /// Device-side MCP: how long the device has to answer one request (`initialize`,
+    /// `tools/list`, `tools/call`) before it fails with a timeout error.
+    pub mcp_request_timeout_ms: u64,
+    /// Device-side MCP: most `tools/list` pages read (cursor after cursor) at session start.
+    pub mcp_max_list_pages: u32,
+    /// `listen detect` texts that are only the wake word (compared without case and
+    /// punctuation): the device starts listening next, so no turn runs. Any other detect text is
+    /// the user's request, as if heard.
+    pub wake_words: Vec<String>,
 }
 
 impl Default for DeviceConfig {
@@ -415,6 +424,9 @@ impl Default for DeviceConfig {
             max_message_bytes: 65_536,
             max_sessions: 1024,
             max_sessions_per_ip: 16,
+            mcp_request_timeout_ms: 5_000,
+            mcp_max_list_pages: 16,
+            wake_words: vec!["你好小智".into(), "hi esp".into(), "hey voxloop".into()],
         }
     }
 }
@@ -890,6 +902,18 @@ impl Config {
             d.max_sessions_per_ip,
             1..=100_000,
             "sessions",
+        )?;
+        in_range(
+            "device.mcp_request_timeout_ms",
+            d.mcp_request_timeout_ms,
+            100..=600_000,
+            "milliseconds",
+        )?;
+        in_range(
+            "device.mcp_max_list_pages",
+            d.mcp_max_list_pages,
+            1..=1_000,
+            "pages",
         )?;
         let v = &self.vad;
         in_range("vad.threshold", v.threshold, 0.0..=1.0, "(a probability)")?;

@@ -404,13 +404,10 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let addr = listener.local_addr()?;
     println!("device server: ws://{addr}{}", config.device.path);
     println!("OTA: http://{addr}{}", config.device.ota_path);
-    let app = voxloop::device::server::router(&config, Some(assistant))
-        .into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    voxloop::device::server::serve(listener, &config, Some(assistant), shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 

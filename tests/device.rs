@@ -34,9 +34,8 @@ fn config() -> Config {
 async fn serve(config: Config) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = voxloop::device::server::router(&config, None)
-        .into_make_service_with_connect_info::<SocketAddr>();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let serve = voxloop::device::server::serve(listener, &config, None, std::future::pending());
+    tokio::spawn(async move { serve.await.unwrap() });
     addr
 }
 

@@ -8,7 +8,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -26,29 +26,74 @@ use common::*;
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// An OpenAI-compatible endpoint that streams `reply` word by word to every request.
-async fn scripted_llm(reply: &'static str) -> String {
+/// One scripted LLM reply: streamed words, or one tool call.
+#[derive(Clone)]
+enum Reply {
+    Words(&'static str),
+    Call(&'static str, Value),
+}
+
+/// An OpenAI-compatible endpoint: each request gets the next reply (the last one repeats);
+/// the requests are kept.
+async fn scripted_llm(replies: Vec<Reply>) -> (String, Arc<Mutex<Vec<Value>>>) {
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let seen = requests.clone();
     let router = axum::Router::new().route(
         "/v1/chat/completions",
-        axum::routing::post(move || async move {
-            let mut body = String::new();
-            for word in reply.split_inclusive(' ') {
-                let chunk = json!({"choices": [{"index": 0, "delta": {"content": word}, "finish_reason": null}]});
-                body.push_str(&format!("data: {chunk}\n\n"));
+        axum::routing::post(move |body: axum::Json<Value>| {
+            let (replies, seen) = (replies.clone(), seen.clone());
+            async move {
+                let n = {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push(body.0);
+                    seen.len()
+                };
+                let reply = replies[(n - 1).min(replies.len() - 1)].clone();
+                let chunk = |delta: Value, finish: Value| {
+                    let chunk =
+                        json!({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+                    format!("data: {chunk}\n\n")
+                };
+                let mut body = String::new();
+                match reply {
+                    Reply::Words(text) => {
+                        for word in text.split_inclusive(' ') {
+                            body.push_str(&chunk(json!({"content": word}), Value::Null));
+                        }
+                        body.push_str(&chunk(json!({}), json!("stop")));
+                    }
+                    Reply::Call(name, arguments) => {
+                        let call = json!({"index": 0, "id": "call_1", "type": "function",
+                            "function": {"name": name, "arguments": arguments.to_string()}});
+                        body.push_str(&chunk(json!({"tool_calls": [call]}), Value::Null));
+                        body.push_str(&chunk(json!({}), json!("tool_calls")));
+                    }
+                }
+                body.push_str("data: [DONE]\n\n");
+                (
+                    [(axum::http::header::CONTENT_TYPE, "text/event-stream")],
+                    body,
+                )
             }
-            let end = json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
-            body.push_str(&format!("data: {end}\n\ndata: [DONE]\n\n"));
-            ([(axum::http::header::CONTENT_TYPE, "text/event-stream")], body)
         }),
     );
-    format!("{}/v1", serve_loopback(router).await)
+    (format!("{}/v1", serve_loopback(router).await), requests)
 }
 
 async fn serve(reply: &'static str) -> SocketAddr {
+    serve_with(vec![Reply::Words(reply)], |_| {}).await.0
+}
+
+/// The device server with the scripted LLM and the music server; `tweak` adjusts the config.
+async fn serve_with(
+    replies: Vec<Reply>,
+    tweak: impl FnOnce(&mut Config),
+) -> (SocketAddr, Arc<Mutex<Vec<Value>>>) {
     let mut config = Config::default();
     config.auth.allow_anonymous = true;
     config.llm.provider = LlmProvider::Openai;
-    config.llm.url = scripted_llm(reply).await;
+    let (url, requests) = scripted_llm(replies).await;
+    config.llm.url = url;
     config.llm.model = "scripted".into();
     config.asr.language = "en".into();
     config.mcp_servers.insert(
@@ -59,6 +104,7 @@ async fn serve(reply: &'static str) -> SocketAddr {
             ..McpServerConfig::default()
         },
     );
+    tweak(&mut config);
     let assistant = Assistant {
         asr: Arc::new(voxloop::pipeline::asr::Asr::load(&config.asr).unwrap()),
         llm: voxloop::llm::ChatModel::from_config(&config.llm).unwrap(),
@@ -67,13 +113,17 @@ async fn serve(reply: &'static str) -> SocketAddr {
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = voxloop::device::server::router(&config, Some(assistant))
-        .into_make_service_with_connect_info::<SocketAddr>();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
+    let serve =
+        voxloop::device::server::serve(listener, &config, Some(assistant), std::future::pending());
+    tokio::spawn(async move { serve.await.unwrap() });
+    (addr, requests)
 }
 
 async fn device(addr: SocketAddr, version: ProtocolVersion) -> Socket {
+    device_with(addr, version, false).await
+}
+
+async fn device_with(addr: SocketAddr, version: ProtocolVersion, mcp: bool) -> Socket {
     let mut request = format!("ws://{addr}/xiaozhi/v1/")
         .into_client_request()
         .unwrap();
@@ -81,8 +131,11 @@ async fn device(addr: SocketAddr, version: ProtocolVersion) -> Socket {
         "protocol-version",
         version.number().to_string().parse().unwrap(),
     );
-    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let (mut socket, _) = tokio_tungstenite::connect_async_with_config(request, None, true)
+        .await
+        .unwrap();
     let hello = json!({"type": "hello", "version": version.number(), "transport": "websocket",
+        "features": {"mcp": mcp},
         "audio_params": {"format": "opus", "sample_rate": 16000, "channels": 1, "frame_duration": 60}});
     socket.send(Message::text(hello.to_string())).await.unwrap();
     let reply = next(&mut socket).await;
@@ -356,4 +409,214 @@ async fn manual_mode_ends_the_turn_at_listen_stop() {
             .contains("what time"),
         "{stt}"
     );
+}
+
+/// The device's side of device-side MCP, as the xiaozhi-esp32 firmware answers: `initialize`,
+/// `tools/list` in two pages (a `nextCursor` after the first), and `tools/call` (answered with
+/// `true`, as the firmware's set_volume does, unless `answer_calls` is false). Returns the
+/// calls' params.
+async fn device_mcp(socket: &mut Socket, payload: &Value, answer_calls: bool) -> Option<Value> {
+    let id = payload.get("id").cloned();
+    let result = match payload["method"].as_str().unwrap() {
+        "initialize" => {
+            assert_eq!(payload["params"]["protocolVersion"], "2024-11-05");
+            json!({"protocolVersion": "2024-11-05", "capabilities": {"tools": {}},
+                "serverInfo": {"name": "xiaozhi-simulator", "version": "1.0"}})
+        }
+        "notifications/initialized" => {
+            assert!(id.is_none());
+            return None;
+        }
+        "tools/list" if payload["params"].get("cursor").is_none() => json!({
+            "tools": [{"name": "self.get_device_status", "description": "The device's status.",
+                "inputSchema": {"type": "object", "properties": {}}}],
+            "nextCursor": "self.audio_speaker.set_volume",
+        }),
+        "tools/list" => {
+            assert_eq!(payload["params"]["cursor"], "self.audio_speaker.set_volume");
+            json!({"tools": [{"name": "self.audio_speaker.set_volume",
+                "description": "Set the speaker's volume.",
+                "inputSchema": {"type": "object", "required": ["volume"], "properties":
+                    {"volume": {"type": "integer", "minimum": 0, "maximum": 100}}}}]})
+        }
+        "tools/call" => {
+            if answer_calls {
+                let result =
+                    json!({"content": [{"type": "text", "text": "true"}], "isError": false});
+                let answer = json!({"type": "mcp", "payload":
+                    {"jsonrpc": "2.0", "id": id, "result": result}});
+                socket
+                    .send(Message::text(answer.to_string()))
+                    .await
+                    .unwrap();
+            }
+            return Some(payload["params"].clone());
+        }
+        other => panic!("unexpected device MCP method {other}"),
+    };
+    let answer = json!({"type": "mcp", "payload": {"jsonrpc": "2.0", "id": id, "result": result}});
+    socket
+        .send(Message::text(answer.to_string()))
+        .await
+        .unwrap();
+    None
+}
+
+/// Answers the server's device-side MCP discovery: until the last `tools/list` page is sent.
+async fn answer_discovery(socket: &mut Socket) {
+    let mut methods = Vec::new();
+    while methods.len() < 4 {
+        let Event::Json(v) = next(socket).await else {
+            panic!("audio before the device's tools were listed");
+        };
+        assert_eq!(v["type"], "mcp", "{v}");
+        methods.push(v["payload"]["method"].as_str().unwrap().to_string());
+        device_mcp(socket, &v["payload"], true).await;
+    }
+    assert_eq!(
+        methods,
+        [
+            "initialize",
+            "notifications/initialized",
+            "tools/list",
+            "tools/list"
+        ]
+    );
+}
+
+/// Until `tts stop`: answers device MCP; returns the tool calls' params and the sentences.
+async fn converse_with_mcp(socket: &mut Socket, answer_calls: bool) -> (Vec<Value>, Vec<String>) {
+    let (mut calls, mut sentences) = (Vec::new(), Vec::new());
+    loop {
+        match next(socket).await {
+            Event::Json(v) if v["type"] == "mcp" => {
+                calls.extend(device_mcp(socket, &v["payload"], answer_calls).await);
+            }
+            Event::Json(v) if v["type"] == "tts" && v["state"] == "sentence_start" => {
+                sentences.push(v["text"].as_str().unwrap().to_string());
+            }
+            Event::Json(v) if v["type"] == "tts" && v["state"] == "stop" => break,
+            _ => {}
+        }
+    }
+    (calls, sentences)
+}
+
+#[tokio::test]
+async fn the_llm_calls_the_devices_own_tools_over_device_side_mcp() {
+    let replies = vec![
+        Reply::Call(
+            "device_self_audio_speaker_set_volume",
+            json!({"volume": 30}),
+        ),
+        Reply::Words("The volume is now thirty percent."),
+    ];
+    let (addr, requests) = serve_with(replies, |_| {}).await;
+    let mut socket = device_with(addr, ProtocolVersion::V1, true).await;
+    // A notification from the device (no id) is accepted: the session goes on.
+    let note = json!({"type": "mcp", "payload": {"jsonrpc": "2.0", "method": "notifications/message",
+        "params": {"level": "info", "data": "booted"}}});
+    socket.send(Message::text(note.to_string())).await.unwrap();
+    answer_discovery(&mut socket).await;
+    say(&mut socket, ProtocolVersion::V1, "cmd_set_volume_30.wav").await;
+    let (calls, sentences) = converse_with_mcp(&mut socket, true).await;
+    assert_eq!(
+        calls,
+        [json!({"name": "self.audio_speaker.set_volume", "arguments": {"volume": 30}})]
+    );
+    assert_eq!(sentences, ["The volume is now thirty percent."]);
+    let requests = requests.lock().unwrap().clone();
+    // Both pages of device tools were offered beside the music server's.
+    let offered: Vec<&str> = requests[0]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["function"]["name"].as_str().unwrap())
+        .collect();
+    for name in [
+        "device_self_get_device_status",
+        "device_self_audio_speaker_set_volume",
+        "musicPlayer",
+    ] {
+        assert!(offered.contains(&name), "{name} not in {offered:?}");
+    }
+    let heard = requests[0]["messages"].as_array().unwrap().last().unwrap()["content"]
+        .as_str()
+        .unwrap()
+        .to_lowercase();
+    assert!(heard.contains("volume"), "{heard}");
+    // The device's answer went back to the LLM as the tool message.
+    let tool_message = requests[1]["messages"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(tool_message["role"], "tool");
+    assert_eq!(tool_message["content"], "true");
+}
+
+#[tokio::test]
+async fn a_device_tool_call_without_an_answer_times_out_and_the_llm_hears_why() {
+    let replies = vec![
+        Reply::Call(
+            "device_self_audio_speaker_set_volume",
+            json!({"volume": 30}),
+        ),
+        Reply::Words("Sorry, the speaker did not respond."),
+    ];
+    let (addr, requests) = serve_with(replies, |c| c.device.mcp_request_timeout_ms = 300).await;
+    let mut socket = device_with(addr, ProtocolVersion::V1, true).await;
+    answer_discovery(&mut socket).await;
+    say(&mut socket, ProtocolVersion::V1, "cmd_set_volume_30.wav").await;
+    let (calls, sentences) = converse_with_mcp(&mut socket, false).await;
+    assert_eq!(calls.len(), 1);
+    assert_eq!(sentences, ["Sorry, the speaker did not respond."]);
+    let requests = requests.lock().unwrap().clone();
+    let tool_message = requests[1]["messages"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    let content = tool_message["content"].as_str().unwrap();
+    assert!(
+        content.contains("did not answer tools/call within 300 ms"),
+        "{content}"
+    );
+}
+
+#[tokio::test]
+async fn listen_detect_text_is_a_request_unless_it_is_the_wake_word() {
+    let (addr, requests) = serve_with(vec![Reply::Words("Here you go.")], |_| {}).await;
+    let mut socket = device(addr, ProtocolVersion::V3).await;
+    let detect = |text: &str| {
+        Message::text(json!({"type": "listen", "state": "detect", "text": text}).to_string())
+    };
+    socket.send(detect("你好小智")).await.unwrap();
+    socket.send(detect("Hey, voxloop!")).await.unwrap();
+    socket.send(detect("Tell me a joke")).await.unwrap();
+    let Event::Json(stt) = next_framed(&mut socket, ProtocolVersion::V3).await else {
+        panic!("expected stt");
+    };
+    assert_eq!(stt["type"], "stt");
+    assert_eq!(stt["text"], "Tell me a joke");
+    loop {
+        if let Event::Json(v) = next_framed(&mut socket, ProtocolVersion::V3).await
+            && v["type"] == "tts"
+            && v["state"] == "stop"
+        {
+            break;
+        }
+    }
+    // Only the request reached the LLM.
+    let requests = requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), 1);
+    let last = requests[0]["messages"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last["content"], "Tell me a joke");
 }

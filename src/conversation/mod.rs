@@ -7,17 +7,19 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::future::join_all;
 use serde::Serialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::device::mcp::DeviceMcp;
 use crate::llm::{ChatMessage, ChatModel, LlmEvent, Role};
 use crate::pipeline::decode::decode_media;
 use crate::pipeline::queue::{PlaybackQueue, QueueEvent, SegmentKind, StopReason as QueueStop};
 use crate::pipeline::sentence::SentenceSplitter;
 use crate::pipeline::tts::Tts;
-use crate::tools::hub::{ToolCall, ToolHub};
+use crate::tools::hub::{ToolCall, ToolHub, ToolSpec};
 use crate::tools::outcome::{Action, ToolOutcome};
 use crate::tools::terminal::{Decision, StopReason, decide};
 
@@ -100,6 +102,8 @@ pub struct Conversation {
     settings: ConversationSettings,
     history: Vec<ChatMessage>,
     exit: bool,
+    /// A device's own tools (device-side MCP) and the client that calls them.
+    device: Option<(Arc<DeviceMcp>, Vec<ToolSpec>)>,
 }
 
 /// Spoken when the model cannot be reached.
@@ -124,7 +128,38 @@ impl Conversation {
             settings,
             history: Vec::new(),
             exit: false,
+            device: None,
         }
+    }
+
+    /// Offers a device's tools (from [`DeviceMcp::discover`]) in this conversation's turns,
+    /// beside the hub's; calls to them go to the device.
+    pub fn set_device_tools(&mut self, mcp: Arc<DeviceMcp>, tools: Vec<ToolSpec>) {
+        self.device = Some((mcp, tools));
+    }
+
+    /// Every tool offered to the LLM, in OpenAI's function-tool form: the hub's, then the
+    /// device's.
+    pub fn function_tools(&self) -> Vec<Value> {
+        let mut tools = self.hub.function_tools();
+        if let Some((_, device)) = &self.device {
+            tools.extend(device.iter().map(ToolSpec::function_tool));
+        }
+        tools
+    }
+
+    /// One round's calls, concurrently; outcomes in call order. A device tool's call goes over
+    /// the device's socket, any other to the hub.
+    async fn call_round(&self, calls: &[ToolCall], cancel: &CancellationToken) -> Vec<ToolOutcome> {
+        join_all(calls.iter().map(|call| async move {
+            if let Some((mcp, tools)) = &self.device
+                && let Some(spec) = tools.iter().find(|t| t.name == call.name)
+            {
+                return mcp.call(spec, call, cancel).await;
+            }
+            self.hub.call(call, cancel).await
+        }))
+        .await
     }
 
     /// Gets the chat model ready for the first turn (the local model computes the system
@@ -135,7 +170,7 @@ impl Conversation {
             Role::System,
             self.settings.system_prompt.clone(),
         )];
-        if let Err(e) = self.llm.warm_up(&system, &self.hub.function_tools()).await {
+        if let Err(e) = self.llm.warm_up(&system, &self.function_tools()).await {
             tracing::warn!(error = %e, "chat model warm-up failed");
         }
     }
@@ -231,7 +266,7 @@ impl Conversation {
             first_audio_ms: None,
             total_ms: 0,
         };
-        let tools = self.hub.function_tools();
+        let tools = self.function_tools();
         let mut spoken_sentences: Vec<String> = Vec::new();
         let mut round = 0;
         'rounds: loop {
@@ -311,7 +346,7 @@ impl Conversation {
                 })
                 .collect();
             let outcomes = tokio::select! {
-                o = self.hub.call_round(&hub_calls, cancel) => o,
+                o = self.call_round(&hub_calls, cancel) => o,
                 _ = cancel.cancelled() => {
                     // Every call gets an answer in history, as the chat API requires.
                     for call in &calls {

@@ -1,8 +1,10 @@
 //! The smart-speaker device server (DESIGN §5): the xiaozhi-esp32 WebSocket protocol.
 //!
 //! [`protocol`] holds the messages and the binary framing of protocol versions 1 to 3;
-//! [`server`] the WebSocket and OTA endpoints, the hello, session limits and keep-alive.
+//! [`server`] the WebSocket and OTA endpoints, the hello, session limits and keep-alive;
+//! [`session`] a device's conversation; [`mcp`] the MCP client that reaches the device's tools.
 
+pub mod mcp;
 pub mod protocol;
 pub mod server;
 pub mod session;

@@ -12,6 +12,7 @@ use axum::extract::ws::Message;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::mcp::DeviceMcp;
 use super::protocol::{ListenMode, ProtocolVersion, ServerMessage, TtsState};
 use crate::config::Config;
 use crate::conversation::{Conversation, ConversationSettings};
@@ -60,6 +61,8 @@ pub struct DeviceConversation {
     queue: PlaybackQueue,
     turn_tx: mpsc::Sender<(String, CancellationToken)>,
     current: CancellationToken,
+    /// The device's MCP server, when its hello announced `features.mcp`.
+    mcp: Option<Arc<DeviceMcp>>,
 }
 
 fn text(message: ServerMessage) -> Message {
@@ -67,7 +70,10 @@ fn text(message: ServerMessage) -> Message {
 }
 
 impl DeviceConversation {
-    /// Starts the session's playback (Opus frames into `out`) and its turn task.
+    /// Starts the session's playback (Opus frames into `out`) and its turn task. With
+    /// `device_mcp` (the hello announced `features.mcp`) the turn task first lists the device's
+    /// tools and offers them in every turn; a device that does not answer is logged and the
+    /// session goes on without them.
     ///
     /// # Errors
     /// A setup libopus refuses (the configured downlink rate or frame length).
@@ -76,6 +82,7 @@ impl DeviceConversation {
         session_id: String,
         version: ProtocolVersion,
         out: mpsc::Sender<Message>,
+        device_mcp: bool,
     ) -> Result<Self, String> {
         let config = assistant.config.clone();
         let audio = &config.audio;
@@ -136,9 +143,30 @@ impl DeviceConversation {
             queue.clone(),
             ConversationSettings::from_config(&config),
         );
+        let mcp = device_mcp.then(|| {
+            DeviceMcp::new(
+                session_id.clone(),
+                out.clone(),
+                Duration::from_millis(config.device.mcp_request_timeout_ms),
+                (&config.tools).into(),
+            )
+        });
         let (turn_tx, mut turn_rx) = mpsc::channel::<(String, CancellationToken)>(4);
         let (turn_out, id, turn_queue) = (out.clone(), session_id.clone(), queue.clone());
+        let (turn_mcp, max_pages) = (mcp.clone(), config.device.mcp_max_list_pages);
         tokio::spawn(async move {
+            if let Some(mcp) = turn_mcp {
+                match mcp.discover(max_pages).await {
+                    Ok(tools) => {
+                        let names: Vec<&str> = tools.iter().map(|t| t.tool.as_str()).collect();
+                        tracing::info!(session = %id, tools = ?names, "device tools");
+                        conversation.set_device_tools(mcp.clone(), tools);
+                    }
+                    Err(e) => {
+                        tracing::warn!(session = %id, error = %e, "device tools unavailable")
+                    }
+                }
+            }
             conversation.warm_up().await;
             while let Some((heard, cancel)) = turn_rx.recv().await {
                 let tts = |state| {
@@ -181,6 +209,7 @@ impl DeviceConversation {
             queue,
             turn_tx,
             current: CancellationToken::new(),
+            mcp,
             assistant,
             session_id,
             out,
@@ -214,6 +243,44 @@ impl DeviceConversation {
         for event in events {
             if let TurnEvent::Utterance { pcm, .. } = event {
                 self.hear(pcm).await;
+            }
+        }
+    }
+
+    /// `listen detect {text}`: a wake word alone (`[device] wake_words`) starts nothing; any
+    /// other text is the user's request, as if heard.
+    pub async fn detect(&mut self, text: &str) {
+        let words = |s: &str| -> String {
+            s.chars()
+                .filter(|c| c.is_alphanumeric() || c.is_whitespace())
+                .collect::<String>()
+                .to_lowercase()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let said = words(text);
+        if said.is_empty()
+            || self
+                .assistant
+                .config
+                .device
+                .wake_words
+                .iter()
+                .any(|w| words(w) == said)
+        {
+            tracing::info!(session = %self.session_id, text, "wake word");
+            return;
+        }
+        self.start_turn(text.trim().to_string()).await;
+    }
+
+    /// An `mcp` payload from the device (a response to one of our requests, or a notification).
+    pub async fn mcp(&mut self, payload: serde_json::Value) {
+        match &self.mcp {
+            Some(mcp) => mcp.on_payload(payload).await,
+            None => {
+                tracing::info!(session = %self.session_id, "mcp message from a device that did not announce features.mcp; ignored")
             }
         }
     }
@@ -260,8 +327,7 @@ impl DeviceConversation {
         Ok(())
     }
 
-    /// Transcribes an utterance, tells the device (`stt`), and starts its turn (a running
-    /// turn is superseded).
+    /// Transcribes an utterance and starts its turn.
     async fn hear(&mut self, pcm: Vec<f32>) {
         let asr = self.assistant.asr.clone();
         let heard = match tokio::task::spawn_blocking(move || asr.transcribe(&pcm)).await {
@@ -275,9 +341,14 @@ impl DeviceConversation {
                 return;
             }
         };
-        if heard.is_empty() {
-            return;
+        if !heard.is_empty() {
+            self.start_turn(heard).await;
         }
+    }
+
+    /// Tells the device what was heard (`stt`) and starts its turn (a running turn is
+    /// superseded).
+    async fn start_turn(&mut self, heard: String) {
         let stt = text(ServerMessage::Stt {
             session_id: self.session_id.clone(),
             text: heard.clone(),

@@ -35,6 +35,17 @@ pub struct ToolSpec {
     pub input_schema: Arc<JsonObject>,
 }
 
+impl ToolSpec {
+    /// The tool in OpenAI's function-tool form:
+    /// `{"type": "function", "function": {"name", "description", "parameters"}}`.
+    pub fn function_tool(&self) -> Value {
+        json!({"type": "function", "function": {
+            "name": self.name, "description": self.description,
+            "parameters": Value::Object((*self.input_schema).clone()),
+        }})
+    }
+}
+
 /// One tool call as the LLM made it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ToolCall {
@@ -157,14 +168,7 @@ impl ToolHub {
     /// The tools in OpenAI's function-tool form:
     /// `{"type": "function", "function": {"name", "description", "parameters"}}`.
     pub fn function_tools(&self) -> Vec<Value> {
-        self.tools
-            .iter()
-            .map(|t| {
-                json!({"type": "function", "function": {
-                    "name": t.name, "description": t.description, "parameters": Value::Object((*t.input_schema).clone()),
-                }})
-            })
-            .collect()
+        self.tools.iter().map(ToolSpec::function_tool).collect()
     }
 
     /// Calls the tool offered as `call.name`. Never fails: an unknown tool, bad arguments or a
