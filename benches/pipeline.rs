@@ -2,7 +2,9 @@
 //!
 //! 1. Decode + resample to 24 kHz mono + Opus encode (60 ms frames, the device downlink), per
 //!    format, on one thread: seconds of audio per second of work (a multiple of real time).
-//! 2. Time from a sentence to its first TTS audio with espeak-ng: from `Tts::synthesize` to the
+//! 2. Opus encode alone by complexity (24 kHz mono music, 60 ms frames, 64 kb/s), the ratio to
+//!    libopus's default 10 measured side by side.
+//! 3. Time from a sentence to its first TTS audio with espeak-ng: from `Tts::synthesize` to the
 //!    first decoded PCM block.
 
 use std::io::Cursor;
@@ -87,6 +89,42 @@ async fn main() {
             seconds.0,
             seconds.1,
             median(factors)
+        );
+    }
+
+    // The FLAC at 24 kHz mono, in memory; each complexity encodes it 5 times, interleaved.
+    let flac = std::fs::read(format!("{root}/assets/music/tumiki_return_to_home.flac")).unwrap();
+    let mut converter = Converter::new(24_000, 1);
+    let mut music = Vec::new();
+    decode(Cursor::new(flac), "audio/flac", &mut |pcm| {
+        music.extend(converter.push(&pcm).unwrap());
+        true
+    })
+    .unwrap();
+    music.extend(converter.flush());
+    let complexities = [10, 8, 7, 6, 5, 4, 3, 2, 1, 0];
+    let mut times = vec![Vec::new(); complexities.len()];
+    for _ in 0..5 {
+        for (i, c) in complexities.iter().enumerate() {
+            let start = Instant::now();
+            let mut encoder = FrameEncoder::new(24_000, 1, 60).unwrap();
+            encoder.set_complexity(*c).unwrap();
+            assert!(!encoder.push(&music).unwrap().is_empty());
+            times[i].push(start.elapsed().as_secs_f64());
+        }
+    }
+    let seconds = music.len() as f64 / 24_000.0;
+    let base = median(times[0].clone());
+    println!("\nOpus encode alone, {seconds:.1} s of music at 24 kHz mono, median of 5");
+    println!("| complexity | work (ms) | times real time | speed vs 10 |");
+    println!("|---:|---:|---:|---:|");
+    for (c, t) in complexities.iter().zip(times) {
+        let t = median(t);
+        println!(
+            "| {c} | {:.1} | {:.0}x | {:.2}x |",
+            t * 1000.0,
+            seconds / t,
+            base / t
         );
     }
 

@@ -99,6 +99,10 @@ pub struct AudioConfig {
     pub device_lead_ms: u32,
     /// Opus bit rate to devices, bits per second.
     pub device_bitrate: i32,
+    /// Opus encoder complexity for devices, 0..=10 (libopus's own default is 10). The encoder is
+    /// most of a device session's CPU; 4 encodes 1.8 times as fast as 10 at 0.4 dB less SNR
+    /// (BENCHMARKS.md, "Device server load").
+    pub device_opus_complexity: i32,
 }
 
 impl Default for AudioConfig {
@@ -115,6 +119,7 @@ impl Default for AudioConfig {
             device_frame_ms: 60,
             device_lead_ms: 120,
             device_bitrate: crate::pipeline::opus::DEFAULT_BITRATE,
+            device_opus_complexity: 4,
         }
     }
 }
@@ -802,6 +807,12 @@ impl Config {
             a.device_bitrate,
             6_000..=256_000,
             "bits per second",
+        )?;
+        in_range(
+            "audio.device_opus_complexity",
+            a.device_opus_complexity,
+            0..=10,
+            "(0 cheapest, 10 best)",
         )?;
         in_range("asr.threads", self.asr.threads, 1..=64, "threads")?;
         in_range("asr.beam_size", self.asr.beam_size, 0..=16, "beams")?;

@@ -397,6 +397,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         asr,
         llm,
         hub,
+        tts: Tts::new(&config.tts),
     };
     let listener = tokio::net::TcpListener::bind(&config.device.bind)
         .await

@@ -109,6 +109,7 @@ async fn serve_with(
         asr: Arc::new(voxloop::pipeline::asr::Asr::load(&config.asr).unwrap()),
         llm: voxloop::llm::ChatModel::from_config(&config.llm).unwrap(),
         hub: Arc::new(voxloop::tools::hub::ToolHub::start(&config).await),
+        tts: voxloop::pipeline::tts::Tts::new(&config.tts),
         config: Arc::new(config.clone()),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

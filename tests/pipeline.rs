@@ -146,24 +146,32 @@ fn opus_round_trip_keeps_over_20_db_snr() {
         })
         .unwrap();
     input.extend(converter.flush());
-    let mut encoder = FrameEncoder::new(24_000, 1, 60).unwrap();
-    let mut decoder = FrameDecoder::new(24_000, 1).unwrap();
-    let mut packets = encoder.push(&input).unwrap();
-    packets.extend(encoder.finish().unwrap());
-    let mut output = Vec::new();
-    for packet in &packets {
-        output.extend(decoder.decode(packet).unwrap().samples);
+    // libopus's own complexity, and the device downlink's default.
+    let device = voxloop::config::AudioConfig::default().device_opus_complexity;
+    for complexity in [10, device] {
+        let mut encoder = FrameEncoder::new(24_000, 1, 60).unwrap();
+        encoder.set_complexity(complexity).unwrap();
+        let mut decoder = FrameDecoder::new(24_000, 1).unwrap();
+        let mut packets = encoder.push(&input).unwrap();
+        packets.extend(encoder.finish().unwrap());
+        let mut output = Vec::new();
+        for packet in &packets {
+            output.extend(decoder.decode(packet).unwrap().samples);
+        }
+        // Align for the codec's look-ahead, then compare 8 s.
+        let reference = &input[24_000..24_000 * 9];
+        let (_, lag) = best_correlation(&reference[..4800], &output[24_000..24_000 + 4800], 400);
+        let start = (24_000 + lag) as usize;
+        let snr = snr_db(reference, &output[start..start + reference.len()]);
+        println!(
+            "Opus 24 kHz mono, 60 ms frames, {} b/s, complexity {complexity}: SNR {snr:.1} dB",
+            voxloop::pipeline::opus::DEFAULT_BITRATE
+        );
+        assert!(
+            snr > 20.0,
+            "complexity {complexity}: SNR {snr:.1} dB (lag {lag})"
+        );
     }
-    // Align for the codec's look-ahead, then compare 8 s.
-    let reference = &input[24_000..24_000 * 9];
-    let (_, lag) = best_correlation(&reference[..4800], &output[24_000..24_000 + 4800], 400);
-    let start = (24_000 + lag) as usize;
-    let snr = snr_db(reference, &output[start..start + reference.len()]);
-    println!(
-        "Opus 24 kHz mono, 60 ms frames, {} b/s: SNR {snr:.1} dB",
-        voxloop::pipeline::opus::DEFAULT_BITRATE
-    );
-    assert!(snr > 20.0, "SNR {snr:.1} dB (lag {lag})");
 }
 
 #[test]

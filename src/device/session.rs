@@ -43,6 +43,8 @@ pub struct Assistant {
     pub llm: ChatModel,
     /// The MCP servers and built-in tools, shared.
     pub hub: Arc<ToolHub>,
+    /// Text to speech, cloned into each session (its HTTP client is shared).
+    pub tts: Tts,
 }
 
 /// One device's side of the conversation, fed by the session's receive loop.
@@ -87,7 +89,7 @@ impl DeviceConversation {
         let config = assistant.config.clone();
         let audio = &config.audio;
         let (frames_tx, mut frames_rx) = mpsc::channel::<Vec<u8>>(8);
-        let sink = OpusSink::new(
+        let mut sink = OpusSink::new(
             audio.device_rate,
             audio.device_frame_ms,
             audio.device_bitrate,
@@ -95,6 +97,8 @@ impl DeviceConversation {
             frames_tx,
         )
         .map_err(|e| e.to_string())?;
+        sink.set_complexity(audio.device_opus_complexity)
+            .map_err(|e| e.to_string())?;
         let queue = PlaybackQueue::new(Sink::Opus(sink), QueueSettings::from_config(audio));
         // Downlink frames, framed by protocol version.
         let frames_out = out.clone();
@@ -139,7 +143,7 @@ impl DeviceConversation {
         let mut conversation = Conversation::new(
             assistant.llm.clone(),
             assistant.hub.clone(),
-            Tts::new(&config.tts),
+            assistant.tts.clone(),
             queue.clone(),
             ConversationSettings::from_config(&config),
         );

@@ -121,6 +121,17 @@ impl FrameEncoder {
         Ok(())
     }
 
+    /// Sets the encoder's complexity, 0 (cheapest) to 10 (libopus's default, best). Below 7
+    /// libopus skips its tonality analysis and searches pitch less; BENCHMARKS.md ("Device
+    /// server load") has the cost and the quality of each.
+    ///
+    /// # Errors
+    /// [`OpusError::Codec`] outside 0..=10.
+    pub fn set_complexity(&mut self, complexity: i32) -> Result<(), OpusError> {
+        self.encoder.set_complexity(complexity)?;
+        Ok(())
+    }
+
     /// Drops samples waiting for a whole frame (after a stop).
     pub fn clear(&mut self) {
         self.pending.clear();

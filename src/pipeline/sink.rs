@@ -323,6 +323,14 @@ impl OpusSink {
         })
     }
 
+    /// Sets the encoder's complexity (0..=10, see [`FrameEncoder::set_complexity`]).
+    ///
+    /// # Errors
+    /// [`SinkError::Opus`] outside 0..=10.
+    pub fn set_complexity(&mut self, complexity: i32) -> Result<(), SinkError> {
+        Ok(self.encoder.set_complexity(complexity)?)
+    }
+
     async fn write(&mut self, samples: &[f32]) -> Result<(), SinkError> {
         for packet in self.encoder.push(samples)? {
             self.send_paced(packet).await?;

@@ -1,0 +1,373 @@
+//! Device server load: simulated devices receiving paced music (issue 7's benchmark).
+//!
+//! ```text
+//! cargo bench --bench device_load                  # steps 25 50 100 200 300 400 600 800 1000
+//! cargo bench --bench device_load -- 100 200       # chosen session counts
+//! ```
+//!
+//! The server is the real `voxloop serve` in its own process (with the bundled music server as
+//! its MCP server, a third process); this process is the load generator and the far end of the
+//! LLM API (a scripted OpenAI-compatible endpoint on loopback that answers every request with
+//! `musicPlayer {"query": "horizon"}`, then with words after the tool's result). For each
+//! session count N, a fresh server; N devices connect (protocol v3), say hello and send
+//! `listen detect {text: "play horizon"}`: each turn calls the LLM, the music server's tool,
+//! reads the track (59 s MP3) page by page through `resources/read`, decodes, resamples to
+//! 24 kHz and sends 60 ms Opus frames paced `device_lead_ms` (120 ms) ahead.
+//!
+//! Frame lateness, from the device's side: frame i is due `max(0, i * 60 - 120)` ms after the
+//! session's first frame arrived (the server's pacing schedule); lateness = arrival - due. Each
+//! device records `WINDOW` seconds from its first frame; p50/p99/max over every frame of every
+//! session, and the time from the request to its first frame. CPU: user+system time (from /proc) of the server, the music server and this load
+//! generator over the step, in % of one core; per session for the server. Memory: the server's resident set during the window minus after start,
+//! per session. A step passes with every session playing and p99 lateness < 20 ms; the
+//! steps stop after the first that fails. Bounded: at most 1000 sessions, 20 s per step.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::AsyncBufReadExt;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// Seconds each device records after its first frame.
+const WINDOW: Duration = Duration::from_secs(20);
+/// Frame length and lead of the downlink (the defaults of `[audio]`).
+const FRAME_MS: f64 = 60.0;
+const LEAD_MS: f64 = 120.0;
+/// The pass mark for p99 lateness.
+const P99_LIMIT_MS: f64 = 20.0;
+const MAX_SESSIONS: usize = 1000;
+
+/// The scripted LLM: a musicPlayer call, or words once the tool has answered.
+async fn scripted_llm() -> String {
+    let router = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(|body: axum::Json<Value>| async move {
+            let after_tool = body.0["messages"]
+                .as_array()
+                .and_then(|m| m.last())
+                .is_some_and(|m| m["role"] == "tool");
+            let chunk = |delta: Value, finish: Value| {
+                let chunk =
+                    json!({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+                format!("data: {chunk}\n\n")
+            };
+            let body = if after_tool {
+                chunk(json!({"content": "Enjoy."}), Value::Null) + &chunk(json!({}), json!("stop"))
+            } else {
+                let call = json!({"index": 0, "id": "call_1", "type": "function",
+                    "function": {"name": "musicPlayer", "arguments": "{\"query\": \"horizon\"}"}});
+                chunk(json!({"tool_calls": [call]}), Value::Null)
+                    + &chunk(json!({}), json!("tool_calls"))
+            } + "data: [DONE]\n\n";
+            (
+                [(axum::http::header::CONTENT_TYPE, "text/event-stream")],
+                body,
+            )
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    format!("http://{addr}/v1")
+}
+
+/// `voxloop serve` in its own process: (child, its WebSocket URL).
+async fn start_server(llm_url: &str, dir: &std::path::Path) -> (tokio::process::Child, String) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let config = format!(
+        r#"
+[llm]
+provider = "openai"
+url = "{llm_url}"
+model = "scripted"
+
+[asr]
+language = "en"
+
+[device]
+bind = "127.0.0.1:0"
+idle_timeout_ms = 600000
+max_sessions = 5000
+max_sessions_per_ip = 5000
+
+[auth]
+allow_anonymous = true
+
+[mcp_servers.music]
+command = "{music}"
+cwd = "{root}"
+"#,
+        music = env!("CARGO_BIN_EXE_mcp_audio"),
+    );
+    let path = dir.join("load.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_voxloop"))
+        .arg("--config")
+        .arg(&path)
+        .arg("serve")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("voxloop serve starts");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("voxloop serve prints its URL");
+        if let Some(url) = line.strip_prefix("device server: ") {
+            // Keep reading: a closed pipe would fail the server's next print.
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            return (child, url.to_string());
+        }
+    }
+}
+
+/// Ids of `pid`'s children (the music server).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// User + system CPU seconds of a process.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which ends with the last ')'): utime is field 14, stime 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields
+        .get(11..13)
+        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
+        .unwrap_or(0.0);
+    ticks / 100.0 // USER_HZ
+}
+
+/// Resident set of a process, MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// One device: connects, asks for music, and returns its frames' lateness in ms (empty when no
+/// music arrived before `deadline`).
+async fn device(url: String, deadline: Instant) -> Result<(f64, Vec<(usize, f64)>), String> {
+    let request = url.into_client_request().map_err(|e| e.to_string())?;
+    let mut request = request;
+    request
+        .headers_mut()
+        .insert("protocol-version", "3".parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async_with_config(request, None, true)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let hello = json!({"type": "hello", "version": 3, "transport": "websocket",
+        "audio_params": {"format": "opus", "sample_rate": 16000, "channels": 1, "frame_duration": 60}});
+    socket
+        .send(Message::text(hello.to_string()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let detect = json!({"type": "listen", "state": "detect", "text": "play horizon"});
+    let asked = Instant::now();
+    socket
+        .send(Message::text(detect.to_string()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut arrivals: Vec<Instant> = Vec::new();
+    loop {
+        let timeout = match arrivals.first() {
+            Some(first) => (*first + WINDOW).min(deadline),
+            None => deadline,
+        };
+        let message = match tokio::time::timeout_at(timeout.into(), socket.next()).await {
+            Err(_) => break,
+            Ok(None) => return Err("the server closed the socket".into()),
+            Ok(Some(Err(e))) => return Err(e.to_string()),
+            Ok(Some(Ok(m))) => m,
+        };
+        // v3 binary: type 0 is Opus.
+        if let Message::Binary(bytes) = message
+            && bytes.first() == Some(&0)
+        {
+            arrivals.push(Instant::now());
+        }
+    }
+    let _ = socket.close(None).await;
+    let Some(first) = arrivals.first().copied() else {
+        return Ok((f64::NAN, Vec::new()));
+    };
+    let first_ms = first.duration_since(asked).as_secs_f64() * 1000.0;
+    Ok((
+        first_ms,
+        arrivals
+            .iter()
+            .enumerate()
+            .map(|(i, at)| {
+                let due_ms = (i as f64 * FRAME_MS - LEAD_MS).max(0.0);
+                (i, at.duration_since(first).as_secs_f64() * 1000.0 - due_ms)
+            })
+            .collect(),
+    ))
+}
+
+struct Step {
+    sessions: usize,
+    playing: usize,
+    errors: Vec<String>,
+    p50: f64,
+    p99: f64,
+    p99_settled: f64,
+    first_p50: f64,
+    first_max: f64,
+    max: f64,
+    frames: usize,
+    server_cpu_pct: f64,
+    music_cpu_pct: f64,
+    generator_cpu_pct: f64,
+    rss_start_mib: f64,
+    rss_peak_mib: f64,
+}
+
+async fn step(sessions: usize, llm_url: &str, dir: &std::path::Path) -> Step {
+    let (child, url) = start_server(llm_url, dir).await;
+    let pid = child.id().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let music: Vec<u32> = children(pid);
+    let rss_start_mib = rss_mib(pid);
+    let started = Instant::now();
+    let cpu0 = cpu_seconds(pid);
+    let music0: f64 = music.iter().map(|p| cpu_seconds(*p)).sum();
+    let generator0 = cpu_seconds(std::process::id());
+    // Every device gets 15 s to start playing, then the window.
+    let deadline = started + Duration::from_secs(15) + WINDOW;
+    let peak = Arc::new(Mutex::new(rss_start_mib));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let mut peak = peak.lock().unwrap();
+                *peak = peak.max(rss_mib(pid));
+            }
+        })
+    };
+    let tasks: Vec<_> = (0..sessions)
+        .map(|_| tokio::spawn(device(url.clone(), deadline)))
+        .collect();
+    let mut lateness = Vec::new();
+    // Frames after each session's first 5 s of music.
+    let mut settled = Vec::new();
+    let mut firsts = Vec::new();
+    let (mut playing, mut errors) = (0, Vec::new());
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok((first_ms, l)) if !l.is_empty() => {
+                playing += 1;
+                firsts.push(first_ms);
+                let after = (5000.0 / FRAME_MS) as usize;
+                settled.extend(l.iter().filter(|(i, _)| *i >= after).map(|(_, x)| *x));
+                lateness.extend(l.into_iter().map(|(_, x)| x));
+            }
+            Ok(_) => errors.push("no music before the deadline".to_string()),
+            Err(e) => errors.push(e),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid) - cpu0;
+    let music_cpu: f64 = music.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - music0;
+    let generator_cpu = cpu_seconds(std::process::id()) - generator0;
+    sampler.abort();
+    drop(child);
+    lateness.sort_by(f64::total_cmp);
+    settled.sort_by(f64::total_cmp);
+    firsts.sort_by(f64::total_cmp);
+    let q = |v: &[f64], p: f64| {
+        v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let rss_peak_mib = *peak.lock().unwrap();
+    Step {
+        sessions,
+        playing,
+        errors,
+        p50: q(&lateness, 0.5),
+        p99: q(&lateness, 0.99),
+        p99_settled: q(&settled, 0.99),
+        first_p50: q(&firsts, 0.5),
+        first_max: firsts.last().copied().unwrap_or(f64::NAN),
+        max: lateness.last().copied().unwrap_or(f64::NAN),
+        frames: lateness.len(),
+        server_cpu_pct: 100.0 * cpu / elapsed,
+        music_cpu_pct: 100.0 * music_cpu / elapsed,
+        generator_cpu_pct: 100.0 * generator_cpu / elapsed,
+        rss_start_mib,
+        rss_peak_mib,
+    }
+}
+
+fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let counts = if args.is_empty() {
+        vec![25, 50, 100, 200, 300, 400, 600, 800, 1000]
+    } else {
+        args
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let llm_url = scripted_llm().await;
+        let dir = std::env::temp_dir().join(format!("voxloop-load-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        println!(
+            "| sessions | playing | frames | lateness p50 / p99 / max (ms) | p99 after 5 s (ms) | request to first frame p50 / max (s) | server CPU (% of a core) | per session | music server CPU | load generator CPU | server RSS start / peak (MiB) | per session (MiB) |"
+        );
+        println!("|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---|---:|");
+        for sessions in counts.into_iter().filter(|n| *n <= MAX_SESSIONS) {
+            let s = step(sessions, &llm_url, &dir).await;
+            println!(
+                "| {} | {} | {} | {:.1} / {:.1} / {:.1} | {:.1} | {:.2} / {:.2} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} / {:.0} | {:.2} |",
+                s.sessions,
+                s.playing,
+                s.frames,
+                s.p50,
+                s.p99,
+                s.max,
+                s.p99_settled,
+                s.first_p50 / 1000.0,
+                s.first_max / 1000.0,
+                s.server_cpu_pct,
+                s.server_cpu_pct / s.sessions as f64,
+                s.music_cpu_pct,
+                s.generator_cpu_pct,
+                s.rss_start_mib,
+                s.rss_peak_mib,
+                (s.rss_peak_mib - s.rss_start_mib) / s.sessions as f64,
+            );
+            if !s.errors.is_empty() {
+                let mut shown = s.errors.clone();
+                shown.sort();
+                shown.dedup();
+                println!("  {} sessions failed: {:?}", s.errors.len(), &shown[..shown.len().min(3)]);
+            }
+            if s.playing < s.sessions || s.p99 >= P99_LIMIT_MS {
+                println!("  stop: p99 {:.1} ms (limit {P99_LIMIT_MS}), {} of {} playing", s.p99, s.playing, s.sessions);
+                break;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}
