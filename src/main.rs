@@ -403,8 +403,14 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.device.bind))?;
     let addr = listener.local_addr()?;
-    println!("device server: ws://{addr}{}", config.device.path);
-    println!("OTA: http://{addr}{}", config.device.ota_path);
+    // A closed stdout (`serve | head -1`) must not stop the server: println! would panic.
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "device server: ws://{addr}{}", config.device.path);
+        let _ = writeln!(out, "OTA: http://{addr}{}", config.device.ota_path);
+        let _ = out.flush();
+    }
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
