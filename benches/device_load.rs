@@ -164,8 +164,7 @@ fn rss_mib(pid: u32) -> f64 {
 /// One device: connects, asks for music, and returns its frames' lateness in ms (empty when no
 /// music arrived before `deadline`).
 async fn device(url: String, deadline: Instant) -> Result<(f64, Vec<(usize, f64)>), String> {
-    let request = url.into_client_request().map_err(|e| e.to_string())?;
-    let mut request = request;
+    let mut request = url.into_client_request().map_err(|e| e.to_string())?;
     request
         .headers_mut()
         .insert("protocol-version", "3".parse().unwrap());

@@ -100,8 +100,8 @@ pub struct AudioConfig {
     /// Opus bit rate to devices, bits per second.
     pub device_bitrate: i32,
     /// Opus encoder complexity for devices, 0..=10 (libopus's own default is 10). The encoder is
-    /// most of a device session's CPU; 4 encodes 1.8 times as fast as 10 at 0.4 dB less SNR
-    /// (BENCHMARKS.md, "Device server load").
+    /// most of a playing device session's CPU; 4 encodes 1.79 times as fast as 10 at 0.4 dB less
+    /// SNR (BENCHMARKS.md, "Audio pipeline": the complexity table).
     pub device_opus_complexity: i32,
 }
 

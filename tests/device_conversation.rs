@@ -158,14 +158,23 @@ fn command_frames(name: &str) -> Vec<Vec<u8>> {
     frames
 }
 
-/// `listen start` in auto mode, then the spoken command's frames.
-async fn say(socket: &mut Socket, version: ProtocolVersion, name: &str) {
+/// `listen start` in `mode` (auto, manual or realtime).
+async fn listen_start(socket: &mut Socket, mode: &str) {
+    let listen = json!({"type": "listen", "state": "start", "mode": mode});
     socket
-        .send(Message::text(
-            r#"{"type":"listen","state":"start","mode":"auto"}"#,
-        ))
+        .send(Message::text(listen.to_string()))
         .await
         .unwrap();
+}
+
+/// A message's `text`, lower case (what whisper heard, to compare with the spoken command).
+fn heard(message: &Value) -> String {
+    message["text"].as_str().unwrap_or_default().to_lowercase()
+}
+
+/// `listen start` in auto mode, then the spoken command's frames.
+async fn say(socket: &mut Socket, version: ProtocolVersion, name: &str) {
+    listen_start(socket, "auto").await;
     for frame in command_frames(name) {
         socket
             .send(Message::binary(version.encode_opus(&frame, 0)))
@@ -241,14 +250,7 @@ async fn a_spoken_command_gets_stt_and_a_paced_spoken_reply_in_every_version() {
             })
             .collect();
         assert_eq!(kinds[0], "stt ", "{texts:?}");
-        assert!(
-            texts[0]["text"]
-                .as_str()
-                .unwrap()
-                .to_lowercase()
-                .contains("what time"),
-            "{texts:?}"
-        );
+        assert!(heard(&texts[0]).contains("what time"), "{texts:?}");
         assert_eq!(kinds[1], "tts start", "{texts:?}");
         assert_eq!(kinds.last().unwrap(), "tts stop");
         let sentences: Vec<&str> = texts
@@ -336,12 +338,7 @@ async fn abort_stops_the_frames_within_one_frame_time() {
 async fn a_corrupt_opus_packet_gets_an_alert_and_the_session_goes_on() {
     let addr = serve(REPLY).await;
     let mut socket = device(addr, ProtocolVersion::V1).await;
-    socket
-        .send(Message::text(
-            r#"{"type":"listen","state":"start","mode":"auto"}"#,
-        ))
-        .await
-        .unwrap();
+    listen_start(&mut socket, "auto").await;
     // Code 3 (several frames) with a frame count of 0: no valid Opus packet (RFC 6716 3.2.5).
     socket
         .send(Message::binary(vec![0x03, 0x00]))
@@ -364,13 +361,7 @@ async fn a_corrupt_opus_packet_gets_an_alert_and_the_session_goes_on() {
         if let Event::Json(v) = next(&mut socket).await
             && v["type"] == "stt"
         {
-            assert!(
-                v["text"]
-                    .as_str()
-                    .unwrap()
-                    .to_lowercase()
-                    .contains("what time")
-            );
+            assert!(heard(&v).contains("what time"), "{v}");
             break;
         }
     }
@@ -380,12 +371,7 @@ async fn a_corrupt_opus_packet_gets_an_alert_and_the_session_goes_on() {
 async fn manual_mode_ends_the_turn_at_listen_stop() {
     let addr = serve(REPLY).await;
     let mut socket = device(addr, ProtocolVersion::V2).await;
-    socket
-        .send(Message::text(
-            r#"{"type":"listen","state":"start","mode":"manual"}"#,
-        ))
-        .await
-        .unwrap();
+    listen_start(&mut socket, "manual").await;
     // The command without its trailing silence: only listen stop can end the turn.
     let frames = command_frames("cmd_what_time.wav");
     for frame in &frames[..frames.len() - 20] {
@@ -402,14 +388,7 @@ async fn manual_mode_ends_the_turn_at_listen_stop() {
         panic!("expected stt");
     };
     assert_eq!(stt["type"], "stt");
-    assert!(
-        stt["text"]
-            .as_str()
-            .unwrap()
-            .to_lowercase()
-            .contains("what time"),
-        "{stt}"
-    );
+    assert!(heard(&stt).contains("what time"), "{stt}");
 }
 
 /// The device's side of device-side MCP, as the xiaozhi-esp32 firmware answers: `initialize`,
@@ -541,11 +520,11 @@ async fn the_llm_calls_the_devices_own_tools_over_device_side_mcp() {
     ] {
         assert!(offered.contains(&name), "{name} not in {offered:?}");
     }
-    let heard = requests[0]["messages"].as_array().unwrap().last().unwrap()["content"]
+    let request = requests[0]["messages"].as_array().unwrap().last().unwrap()["content"]
         .as_str()
         .unwrap()
         .to_lowercase();
-    assert!(heard.contains("volume"), "{heard}");
+    assert!(request.contains("volume"), "{request}");
     // The device's answer went back to the LLM as the tool message.
     let tool_message = requests[1]["messages"]
         .as_array()

@@ -222,16 +222,9 @@ impl DeviceMcp {
         call: &ToolCall,
         cancel: &CancellationToken,
     ) -> ToolOutcome {
-        let arguments = match &call.arguments {
-            Value::Object(map) => Value::Object(map.clone()),
-            Value::Null => json!({}),
-            other => {
-                return ToolOutcome::failed(
-                    &spec.name,
-                    DEVICE_SERVER,
-                    format!("arguments must be a JSON object, got {other}"),
-                );
-            }
+        let arguments = match call.arguments_object() {
+            Ok(arguments) => arguments,
+            Err(e) => return ToolOutcome::failed(&spec.name, DEVICE_SERVER, e),
         };
         let params = json!({"name": spec.tool, "arguments": arguments});
         let started = std::time::Instant::now();

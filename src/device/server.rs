@@ -242,8 +242,8 @@ async fn ota(State(state): State<Arc<ServerState>>, headers: HeaderMap) -> Json<
 }
 
 /// Serves [`router`] on `listener` until `shutdown` completes. Sockets get `TCP_NODELAY`: a
-/// 60 ms Opus frame or an MCP answer is a small write, and Nagle's algorithm would hold it until
-/// the previous one is acknowledged (seen: 40 ms per device-side MCP round trip without it).
+/// 60 ms Opus frame or an MCP request is a small write, and Nagle's algorithm would hold it
+/// until the previous one is acknowledged (RFC 896; with delayed ACKs, tens of ms).
 ///
 /// # Errors
 /// The accept loop's I/O error.

@@ -121,9 +121,10 @@ impl FrameEncoder {
         Ok(())
     }
 
-    /// Sets the encoder's complexity, 0 (cheapest) to 10 (libopus's default, best). Below 7
-    /// libopus skips its tonality analysis and searches pitch less; BENCHMARKS.md ("Device
-    /// server load") has the cost and the quality of each.
+    /// Sets the encoder's complexity, 0 (cheapest) to 10 (libopus's default, best). Below 7 a
+    /// float build of libopus skips its tonality analysis (`run_analysis` in
+    /// `opus_encoder.c`); BENCHMARKS.md ("Audio pipeline", the complexity table) has the speed
+    /// and SNR of each.
     ///
     /// # Errors
     /// [`OpusError::Codec`] outside 0..=10.

@@ -55,6 +55,21 @@ pub struct ToolCall {
     pub arguments: Value,
 }
 
+impl ToolCall {
+    /// The arguments as MCP's `tools/call` takes them: a JSON object (`null`, as some models
+    /// send for a tool without parameters, is the empty object).
+    ///
+    /// # Errors
+    /// Anything else, as a message for the LLM.
+    pub fn arguments_object(&self) -> Result<JsonObject, String> {
+        match &self.arguments {
+            Value::Object(map) => Ok(map.clone()),
+            Value::Null => Ok(JsonObject::new()),
+            other => Err(format!("arguments must be a JSON object, got {other}")),
+        }
+    }
+}
+
 /// A server that did not start, as reported at session start.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StartupFailure {
@@ -186,16 +201,9 @@ impl ToolHub {
                 ),
             );
         };
-        let arguments = match &call.arguments {
-            Value::Object(map) => map.clone(),
-            Value::Null => JsonObject::new(),
-            other => {
-                return ToolOutcome::failed(
-                    &spec.name,
-                    &spec.server,
-                    format!("arguments must be a JSON object, got {other}"),
-                );
-            }
+        let arguments = match call.arguments_object() {
+            Ok(arguments) => arguments,
+            Err(e) => return ToolOutcome::failed(&spec.name, &spec.server, e),
         };
         if spec.server == BUILTIN_SERVER {
             return builtin_call(&spec.tool, &arguments);
