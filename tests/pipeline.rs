@@ -483,7 +483,8 @@ fn the_speaker_path_runs_on_alsas_null_device() {
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(result.status.success(), "{stderr}");
     assert!(stderr.contains("speaker open"), "{stderr}");
-    assert!(String::from_utf8_lossy(&result.stdout).contains("played 0.50 s"));
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(stdout.contains("played 0.50 s"), "{stdout}\n{stderr}");
 }
 
 #[tokio::test]

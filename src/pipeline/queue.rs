@@ -197,12 +197,13 @@ impl PlaybackQueue {
     /// Queues a segment behind what is queued; returns its id.
     pub async fn enqueue(&self, kind: SegmentKind, pcm: PcmReceiver) -> u64 {
         let id = self.shared.next_id.fetch_add(1, Ordering::SeqCst);
-        self.shared.busy.send_replace(true);
-        self.shared
-            .pending
-            .lock()
-            .await
-            .push_back(Pending { id, kind, pcm });
+        {
+            // `busy` changes only under the pending lock, so the player never sees it set
+            // before the segment is there (it would report Stopped and idle with it queued).
+            let mut pending = self.shared.pending.lock().await;
+            pending.push_back(Pending { id, kind, pcm });
+            self.shared.busy.send_replace(true);
+        }
         self.shared.wake.notify_one();
         id
     }
@@ -279,7 +280,14 @@ async fn play(shared: Arc<Shared>, mut sink: Sink, settings: QueueSettings) -> S
             if was_busy && let Err(e) = sink.flush().await {
                 tracing::error!(error = %e, "flushing the audio output");
             }
-            shared.busy.send_replace(false);
+            {
+                let pending = shared.pending.lock().await;
+                if !pending.is_empty() {
+                    // Queued while this task looked or flushed: play it, stay busy.
+                    continue;
+                }
+                shared.busy.send_replace(false);
+            }
             match shared.take_reason() {
                 Some(reason) => shared.emit(QueueEvent::Stopped { reason }),
                 None if was_busy => shared.emit(QueueEvent::Stopped {
@@ -383,9 +391,56 @@ async fn play(shared: Arc<Shared>, mut sink: Sink, settings: QueueSettings) -> S
             if let Some(reason) = shared.take_reason() {
                 shared.emit(QueueEvent::Stopped { reason });
             }
-            if shared.pending.lock().await.is_empty() {
+            let pending = shared.pending.lock().await;
+            if pending.is_empty() {
                 shared.busy.send_replace(false);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::Pcm;
+    use crate::pipeline::sink::NullSink;
+
+    /// `voxloop play` enqueues and closes at once. The player once saw `busy` set before the
+    /// segment was queued, reported `Stopped` and went idle with the segment still waiting
+    /// (CI: "played 0.50 s" missing). Every run must report the segment, then `Stopped`; the
+    /// window is narrow, so it runs many times (before the fix: caught within 20 000 runs in
+    /// each of 3 tries).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_segment_queued_then_closed_is_reported_before_stopped() {
+        for run in 0..20_000 {
+            let queue = PlaybackQueue::new(
+                Sink::Null(NullSink::new(16_000, 1, false)),
+                QueueSettings::default(),
+            );
+            let mut events = queue.events();
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tx.send(Ok(Pcm {
+                rate: 16_000,
+                channels: 1,
+                samples: vec![0.1; 800],
+            }))
+            .await
+            .unwrap();
+            drop(tx);
+            queue.enqueue(SegmentKind::Media { title: None }, rx).await;
+            let Some(Sink::Null(sink)) = queue.close().await else {
+                panic!("run {run}: no sink back");
+            };
+            assert_eq!(sink.frames, 800, "run {run}");
+            let mut seen = Vec::new();
+            while let Ok(event) = events.try_recv() {
+                seen.push(match event {
+                    QueueEvent::SegmentStart { .. } => "start",
+                    QueueEvent::SegmentEnd { .. } => "end",
+                    QueueEvent::Stopped { .. } => "stopped",
+                });
+            }
+            assert_eq!(seen, ["start", "end", "stopped"], "run {run}");
         }
     }
 }
