@@ -14,6 +14,7 @@
 pub mod config;
 pub mod conversation;
 pub mod device;
+pub mod duplex;
 pub mod llm;
 pub mod models;
 pub mod pipeline;

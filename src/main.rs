@@ -232,29 +232,9 @@ fn main() -> anyhow::Result<ExitCode> {
 
 fn transcribe(config: &Config, file: &Path, json: bool) -> anyhow::Result<ExitCode> {
     use voxloop::pipeline::asr::{ASR_RATE, Asr};
-    use voxloop::pipeline::convert::Converter;
     let asr = Asr::load(&config.asr)?;
-    let input = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-    let name = file.to_string_lossy();
-    let mime =
-        voxloop::pipeline::source::mime_for_extension(&name).unwrap_or("application/octet-stream");
-    let mut converter = Converter::new(ASR_RATE, 1);
-    let mut pcm = Vec::new();
-    let mut convert_error = None;
-    voxloop::pipeline::decode::decode(input, mime, &mut |block| match converter.push(&block) {
-        Ok(samples) => {
-            pcm.extend(samples);
-            true
-        }
-        Err(e) => {
-            convert_error = Some(e);
-            false
-        }
-    })?;
-    if let Some(e) = convert_error {
-        return Err(e.into());
-    }
-    pcm.extend(converter.flush());
+    let pcm = voxloop::pipeline::decode::decode_file(file, ASR_RATE)
+        .with_context(|| format!("reading {}", file.display()))?;
     let started = std::time::Instant::now();
     let transcript = asr.transcribe(&pcm)?;
     tracing::info!(

@@ -108,6 +108,42 @@ fn check_params(rate: u32, channels: u16) -> Result<(), DecodeError> {
     Ok(())
 }
 
+/// Decodes the audio file at `path` (format from its extension, else sniffed) to mono samples
+/// at `rate` Hz. Blocking.
+///
+/// # Errors
+/// [`DecodeError::Input`] when the file cannot be opened; any [`DecodeError`] of [`decode`];
+/// [`DecodeError::Corrupt`] when resampling fails.
+pub fn decode_file(path: &std::path::Path, rate: u32) -> Result<Vec<f32>, DecodeError> {
+    let input = std::fs::File::open(path).map_err(|e| DecodeError::Input {
+        frames: 0,
+        reason: format!("{}: {e}", path.display()),
+    })?;
+    let mime = super::source::mime_for_extension(&path.to_string_lossy())
+        .unwrap_or("application/octet-stream");
+    let mut converter = super::convert::Converter::new(rate, 1);
+    let mut pcm = Vec::new();
+    let mut convert_error = None;
+    decode(input, mime, &mut |block| match converter.push(&block) {
+        Ok(samples) => {
+            pcm.extend(samples);
+            true
+        }
+        Err(e) => {
+            convert_error = Some(e);
+            false
+        }
+    })?;
+    if let Some(e) = convert_error {
+        return Err(DecodeError::Corrupt {
+            frames: pcm.len() as u64,
+            reason: e.to_string(),
+        });
+    }
+    pcm.extend(converter.flush());
+    Ok(pcm)
+}
+
 /// Decodes `input` (read in order; reads may block while bytes arrive) as `mime`, calling `out`
 /// with each block of PCM in order. `out` returning `false` stops decoding (no error).
 ///

@@ -1,0 +1,428 @@
+//! Loading PersonaPlex and running it: the system prompts, then one 80 ms step per frame of the
+//! user's audio, full duplex.
+//!
+//! Streams and delays (the fork's `_lm_kwargs.delays`, DESIGN §6): 17 token streams, text, the
+//! agent's 8 codebooks, the user's 8; text and each codebook 0 have delay 0, the other codebooks
+//! delay 1. Step `c` reads token column `c` and writes column `c + 1`; frame `f` of a stream is
+//! its codebook 0 in column `f` and its other codebooks in column `f + 1`, so the agent's frame
+//! `c` is complete after step `c`, aligned with the user's frame `c`. Columns before a stream's
+//! delay hold the initial tokens (text: `text_card`, audio: `card`, the padding token).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+
+use super::arch::{Arch, PyTorchLayout};
+use super::tokenizer::TextTokenizer;
+use super::{DuplexError, FRAME_SAMPLES, MIMI_FILE, MODEL_FILE, SAMPLE_RATE, TOKENIZER_FILE};
+
+/// The text pad token (the fork's `existing_text_padding_id`): "nothing said this frame".
+pub const TEXT_PAD: u32 = 3;
+/// Frames of silence around the text prompt (0.5 s at 12.5 Hz, DESIGN §6).
+pub const SILENCE_FRAMES: usize = 6;
+
+/// Token streams: text, then the agent's codebooks, then the user's.
+fn streams(arch: &Arch) -> usize {
+    1 + 2 * arch.codebooks
+}
+
+/// Sampling temperatures and top-k (the reference server's defaults).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingSettings {
+    /// Text temperature.
+    pub text_temperature: f64,
+    /// Text top-k.
+    pub text_top_k: usize,
+    /// Audio temperature.
+    pub audio_temperature: f64,
+    /// Audio top-k.
+    pub audio_top_k: usize,
+}
+
+impl Default for SamplingSettings {
+    fn default() -> Self {
+        Self {
+            text_temperature: 0.7,
+            text_top_k: 25,
+            audio_temperature: 0.8,
+            audio_top_k: 250,
+        }
+    }
+}
+
+/// What conditions a conversation: the voice, the role, the random seed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Prompt {
+    /// A WAV (any format the decoder reads) of the voice to speak in, encoded with Mimi and fed
+    /// as the agent's audio before the conversation.
+    pub voice_wav: Option<PathBuf>,
+    /// The role, wrapped in `<system>` tokens and fed one token per frame.
+    pub text: Option<String>,
+    /// Seed of the samplers.
+    pub seed: u64,
+    /// Sampling settings.
+    pub sampling: SamplingSettings,
+}
+
+/// One step's output: 80 ms of the agent's voice and the text it chose.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepOutput {
+    /// [`FRAME_SAMPLES`] mono samples at [`SAMPLE_RATE`]; silence while the model has no complete
+    /// frame yet.
+    pub pcm: Vec<f32>,
+    /// The text token's piece (`" hello"`), empty for padding.
+    pub text: String,
+}
+
+/// A loaded PersonaPlex: the LM, Mimi and the text tokenizer, on one device.
+pub struct Engine {
+    arch: Arch,
+    lm: moshi::lm::LmModel,
+    mimi: moshi::mimi::Mimi,
+    tokenizer: TextTokenizer,
+    device: Device,
+    dtype: DType,
+    dir: PathBuf,
+}
+
+impl Engine {
+    /// Loads the model in `dir` (the Hugging Face repo's file names; [`Arch::of_dir`]) onto
+    /// `device`, the LM's weights in `dtype` (Mimi in f32).
+    ///
+    /// # Errors
+    /// [`DuplexError::MissingFile`] naming the first absent file; [`DuplexError::Load`] when a
+    /// file has the wrong tensors or shapes.
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self, DuplexError> {
+        let file = |name: &str| {
+            let path = dir.join(name);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(DuplexError::MissingFile(path))
+            }
+        };
+        let (model, mimi_file, tokenizer_file) =
+            (file(MODEL_FILE)?, file(MIMI_FILE)?, file(TOKENIZER_FILE)?);
+        let arch = Arch::of_dir(dir).map_err(|reason| DuplexError::Load {
+            file: dir.join(super::arch::ARCH_FILE),
+            reason,
+        })?;
+        let load_error = |file: &Path| {
+            let file = file.to_path_buf();
+            move |e: candle_core::Error| DuplexError::Load {
+                file: file.clone(),
+                reason: e.to_string(),
+            }
+        };
+        let tensors =
+            candle_core::safetensors::load(&model, &Device::Cpu).map_err(load_error(&model))?;
+        let backend = PyTorchLayout::new(tensors, &arch);
+        let vb = candle_nn::VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+        let lm = moshi::lm::LmModel::new(
+            &arch.lm_config(),
+            moshi::nn::MaybeQuantizedVarBuilder::Real(vb),
+        )
+        .map_err(load_error(&model))?;
+        // SAFETY: the file is mapped read-only and not modified while the model lives.
+        let mimi_vb = unsafe {
+            candle_nn::VarBuilder::from_mmaped_safetensors(&[&mimi_file], DType::F32, device)
+        }
+        .map_err(load_error(&mimi_file))?;
+        let mimi =
+            moshi::mimi::Mimi::new(arch.mimi_config(), mimi_vb).map_err(load_error(&mimi_file))?;
+        let tokenizer = TextTokenizer::load(&tokenizer_file)?;
+        Ok(Self {
+            arch,
+            lm,
+            mimi,
+            tokenizer,
+            device: device.clone(),
+            dtype,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The model's shapes.
+    pub fn arch(&self) -> &Arch {
+        &self.arch
+    }
+
+    /// The device the model is on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The directory it was loaded from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The LM weights' dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Starts a conversation: resets every stream state and runs the system prompts (voice, 0.5 s
+    /// silence, the `<system>`-wrapped text one token per frame, 0.5 s silence).
+    ///
+    /// # Errors
+    /// [`DuplexError::Audio`] when the voice WAV cannot be read; [`DuplexError::Compute`].
+    pub fn start(&mut self, prompt: &Prompt) -> Result<Session<'_>, DuplexError> {
+        let voice = match &prompt.voice_wav {
+            Some(path) => Some(
+                crate::pipeline::decode::decode_file(path, SAMPLE_RATE).map_err(|e| {
+                    DuplexError::Audio(format!("voice prompt {}: {e}", path.display()))
+                })?,
+            ),
+            None => None,
+        };
+        self.lm.reset_state();
+        self.mimi.reset_state();
+        let silence = self.encode_frame(&vec![0.0; FRAME_SAMPLES])?;
+        let sine: Vec<f32> = (0..FRAME_SAMPLES)
+            .map(|i| {
+                0.5 * (2.0 * std::f32::consts::PI * 440.0 * i as f32 / SAMPLE_RATE as f32).sin()
+            })
+            .collect();
+        let sine = self.encode_frame(&sine)?;
+        let voice_frames = match voice {
+            Some(pcm) if !pcm.is_empty() => self.encode_all(&pcm)?,
+            _ => Vec::new(),
+        };
+        let text_tokens = match prompt.text.as_deref().map(str::trim) {
+            Some(text) if !text.is_empty() => {
+                self.tokenizer.encode(&format!("<system> {text} <system>"))
+            }
+            _ => Vec::new(),
+        };
+        self.mimi.reset_state();
+        let s = prompt.sampling;
+        let mut session = Session {
+            streams: streams(&self.arch),
+            cur: vec![None; streams(&self.arch)],
+            next: vec![None; streams(&self.arch)],
+            step: 0,
+            text_lp: LogitsProcessor::from_sampling(
+                prompt.seed,
+                Sampling::TopK {
+                    k: s.text_top_k,
+                    temperature: s.text_temperature,
+                },
+            ),
+            audio_lp: LogitsProcessor::from_sampling(
+                prompt.seed.wrapping_add(1),
+                Sampling::TopK {
+                    k: s.audio_top_k,
+                    temperature: s.audio_temperature,
+                },
+            ),
+            engine: self,
+        };
+        for frame in &voice_frames {
+            session.step_tokens(&sine, Some(frame), Some(TEXT_PAD))?;
+        }
+        for _ in 0..SILENCE_FRAMES {
+            session.step_tokens(&sine, Some(&silence), Some(TEXT_PAD))?;
+        }
+        for &token in &text_tokens {
+            session.step_tokens(&sine, Some(&silence), Some(token))?;
+        }
+        for _ in 0..SILENCE_FRAMES {
+            session.step_tokens(&sine, Some(&silence), Some(TEXT_PAD))?;
+        }
+        // The prompts' agent frames are not played: the conversation's audio starts fresh.
+        session.engine.mimi.reset_state();
+        Ok(session)
+    }
+
+    /// Mimi codes of one frame (non-streaming), `codebooks` values.
+    fn encode_frame(&mut self, pcm: &[f32]) -> Result<Vec<u32>, DuplexError> {
+        Ok(self.encode_all(pcm)?.into_iter().next().unwrap_or_default())
+    }
+
+    /// Mimi codes of `pcm`, one `codebooks`-long vector per whole 80 ms frame (the tail padded).
+    fn encode_all(&mut self, pcm: &[f32]) -> Result<Vec<Vec<u32>>, DuplexError> {
+        let frames = pcm.len().div_ceil(FRAME_SAMPLES).max(1);
+        let mut padded = pcm.to_vec();
+        padded.resize(frames * FRAME_SAMPLES, 0.0);
+        let input = Tensor::from_vec(padded, (1, 1, frames * FRAME_SAMPLES), &self.device)?;
+        let codes = self.mimi.encode(&input)?.i(0)?.to_dtype(DType::U32)?;
+        let codes: Vec<Vec<u32>> = codes.to_vec2()?;
+        let n = codes.first().map_or(0, Vec::len);
+        Ok((0..n)
+            .map(|t| codes.iter().map(|cb| cb[t]).collect())
+            .collect())
+    }
+}
+
+/// A conversation on an [`Engine`]: one [`Session::step`] per 80 ms frame of the user's audio.
+pub struct Session<'a> {
+    engine: &'a mut Engine,
+    streams: usize,
+    cur: Vec<Option<u32>>,
+    next: Vec<Option<u32>>,
+    step: usize,
+    text_lp: LogitsProcessor,
+    audio_lp: LogitsProcessor,
+}
+
+impl Session<'_> {
+    /// Feeds one frame of the user's voice ([`FRAME_SAMPLES`] mono samples at [`SAMPLE_RATE`];
+    /// shorter is padded with silence) and returns the agent's frame for the same 80 ms.
+    ///
+    /// # Errors
+    /// [`DuplexError::Audio`] for a frame longer than [`FRAME_SAMPLES`];
+    /// [`DuplexError::Compute`].
+    pub fn step(&mut self, pcm: &[f32]) -> Result<StepOutput, DuplexError> {
+        if pcm.len() > FRAME_SAMPLES {
+            return Err(DuplexError::Audio(format!(
+                "a frame is {FRAME_SAMPLES} samples, got {}",
+                pcm.len()
+            )));
+        }
+        let mut frame = pcm.to_vec();
+        frame.resize(FRAME_SAMPLES, 0.0);
+        let input = Tensor::from_vec(frame, (1, 1, FRAME_SAMPLES), &self.engine.device)?;
+        let codes = self.engine.mimi.encode_step(&input.into(), &().into())?;
+        let user = match codes.as_option() {
+            Some(codes) => codes
+                .i((0, .., 0))?
+                .to_dtype(DType::U32)?
+                .to_vec1::<u32>()?,
+            // Mimi's first call may hold its output back: the user's stream gets padding.
+            None => vec![self.engine.arch.card as u32; self.engine.arch.codebooks],
+        };
+        let (text, agent) = self.step_tokens(&user, None, None)?;
+        let pcm = match agent {
+            Some(agent) => {
+                let n = agent.len();
+                let codes = Tensor::from_vec(agent, (1, n, 1), &self.engine.device)?;
+                let out = self.engine.mimi.decode_step(&codes.into(), &().into())?;
+                match out.as_option() {
+                    Some(pcm) => {
+                        let mut pcm = pcm.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                        pcm.resize(FRAME_SAMPLES, 0.0);
+                        pcm
+                    }
+                    None => vec![0.0; FRAME_SAMPLES],
+                }
+            }
+            None => vec![0.0; FRAME_SAMPLES],
+        };
+        let text = if text == TEXT_PAD {
+            String::new()
+        } else {
+            self.engine.tokenizer.piece_text(text)
+        };
+        Ok(StepOutput { pcm, text })
+    }
+
+    /// Steps taken so far, prompts included.
+    pub fn steps(&self) -> usize {
+        self.step
+    }
+
+    /// One LM step: the user's frame codes, the agent's if provided (a voice prompt), the text
+    /// token if forced. Returns the text token and the agent's frame if complete and decodable.
+    fn step_tokens(
+        &mut self,
+        user: &[u32],
+        agent: Option<&[u32]>,
+        text: Option<u32>,
+    ) -> Result<(u32, Option<Vec<u32>>), DuplexError> {
+        let arch = &self.engine.arch;
+        let (cb, card) = (arch.codebooks, arch.card as u32);
+        let (agent0, user0) = (1, 1 + cb);
+        // Provided tokens: codebook 0 in this column, the others in the next.
+        for (k, &token) in user.iter().enumerate().take(cb) {
+            let column = if k == 0 {
+                &mut self.cur
+            } else {
+                &mut self.next
+            };
+            column[user0 + k] = Some(token);
+        }
+        if let Some(agent) = agent {
+            for (k, &token) in agent.iter().enumerate().take(cb) {
+                let column = if k == 0 {
+                    &mut self.cur
+                } else {
+                    &mut self.next
+                };
+                column[agent0 + k] = Some(token);
+            }
+        }
+        let delay = |s: usize| usize::from(s != 0 && s != agent0 && s != user0);
+        let initial = |s: usize| if s == 0 { arch.text_card as u32 } else { card };
+        let input: Vec<u32> = (0..self.streams)
+            .map(|s| {
+                if self.step <= delay(s) {
+                    initial(s)
+                } else {
+                    self.cur[s].unwrap_or(initial(s))
+                }
+            })
+            .collect();
+        let device = self.engine.device.clone();
+        let id = |t: u32| Tensor::from_vec(vec![t], (1, 1), &device);
+        let audio = input[1..]
+            .iter()
+            .map(|&t| id(t).map(Some))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (logits, ys) = self
+            .engine
+            .lm
+            .forward(Some(id(input[0])?), audio, &().into())?;
+        let text = match text {
+            Some(t) => t,
+            None => self.text_lp.sample(&logits.i((0, 0))?)?,
+        };
+        let forced: Vec<Option<u32>> = (1..self.streams).map(|s| self.next[s]).collect();
+        let sampled = self
+            .engine
+            .lm
+            .depformer_sample(&ys, Some(text), &forced, &mut self.audio_lp)?
+            .unwrap_or_default();
+        self.next[0] = Some(text);
+        for (k, token) in sampled.into_iter().enumerate() {
+            self.next[1 + k].get_or_insert(token);
+        }
+        let frame = if self.step >= 1 {
+            let tokens: Vec<u32> = (0..cb)
+                .map(|k| {
+                    let column = if k == 0 { &self.cur } else { &self.next };
+                    column[agent0 + k].unwrap_or(card)
+                })
+                .collect();
+            tokens.iter().all(|&t| t < card).then_some(tokens)
+        } else {
+            None
+        };
+        self.cur = std::mem::replace(&mut self.next, vec![None; self.streams]);
+        self.step += 1;
+        Ok((text, frame))
+    }
+}
+
+/// Offline inference (DESIGN §6): the agent's reply to `input` (mono at [`SAMPLE_RATE`]), exactly
+/// as long as the input, and its text.
+///
+/// # Errors
+/// As [`Engine::start`] and [`Session::step`].
+pub fn process(
+    engine: &mut Engine,
+    input: &[f32],
+    prompt: &Prompt,
+) -> Result<(Vec<f32>, String), DuplexError> {
+    let mut session = engine.start(prompt)?;
+    let mut pcm = Vec::with_capacity(input.len() + FRAME_SAMPLES);
+    let mut text = String::new();
+    for frame in input.chunks(FRAME_SAMPLES) {
+        let out = session.step(frame)?;
+        pcm.extend(out.pcm);
+        text.push_str(&out.text);
+    }
+    pcm.truncate(input.len());
+    Ok((pcm, text.trim().to_string()))
+}
