@@ -4,8 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
+use std::time::Duration;
 use voxloop::duplex::arch::{Arch, write_random_model};
 use voxloop::duplex::engine::{Engine, Prompt, process};
+use voxloop::duplex::lifecycle::{Location, ModelManager, Settings};
 use voxloop::duplex::{DuplexError, FRAME_SAMPLES, MODEL_FILE, SAMPLE_RATE};
 
 fn speech(name: &str) -> PathBuf {
@@ -132,4 +134,144 @@ fn a_missing_or_broken_file_is_named() {
     let mut engine = Engine::load(good.path(), &Device::Cpu, DType::F32).unwrap();
     let err = engine.start(&voice).err().unwrap();
     assert!(err.to_string().contains("no-such-voice.wav"), "{err}");
+}
+
+fn manager(dir: &Path, idle_timeout_s: u64) -> std::sync::Arc<ModelManager> {
+    ModelManager::new(Settings {
+        model_dir: Some(dir.to_path_buf()),
+        device: Device::Cpu,
+        dtype: DType::F32,
+        idle_timeout_s,
+    })
+    .unwrap()
+}
+
+/// Lets the monitor's work (a move runs on a blocking thread) finish: paused time advances only
+/// while every task waits.
+async fn settle(manager: &ModelManager, location: Location) {
+    for _ in 0..2000 {
+        if manager.status().location == location {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("still {:?}, wanted {location:?}", manager.status().location);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_model_loads_on_first_use_parks_when_idle_and_comes_back() {
+    let dir = tiny_model(16);
+    let manager = manager(dir.path(), 300);
+    let monitor = manager.spawn_monitor();
+    assert_eq!(manager.status().location, Location::Unloaded);
+
+    let mut lease = manager.lease().await.unwrap();
+    let (out, _) = process(
+        lease.engine(),
+        &vec![0.0; FRAME_SAMPLES],
+        &Prompt::default(),
+    )
+    .unwrap();
+    assert_eq!(out.len(), FRAME_SAMPLES);
+    assert_eq!(manager.status().active_connections, 1);
+    // A session holds the model: no second conversation, no transition under it.
+    assert!(manager.try_lease().await.unwrap().is_none());
+    assert!(matches!(manager.offload().await, Err(DuplexError::Busy)));
+    assert!(matches!(manager.release().await, Err(DuplexError::Busy)));
+    // An active session is never parked, however long it lasts.
+    tokio::time::sleep(Duration::from_secs(1000)).await;
+    assert_eq!(manager.status().location, Location::Gpu);
+    drop(lease);
+
+    tokio::time::sleep(Duration::from_secs(299)).await;
+    assert_eq!(manager.status().location, Location::Gpu);
+    assert!(manager.status().idle_time >= 299.0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    settle(&manager, Location::Cpu).await;
+
+    let lease = manager.lease().await.unwrap();
+    assert_eq!(manager.status().location, Location::Gpu);
+    drop(lease);
+    assert!(manager.release().await.unwrap());
+    assert!(!manager.release().await.unwrap(), "nothing left to release");
+    assert_eq!(manager.status().location, Location::Unloaded);
+    let stats = manager.status().statistics;
+    assert_eq!(
+        (
+            stats.total_loads,
+            stats.gpu_to_cpu,
+            stats.cpu_to_gpu,
+            stats.full_releases
+        ),
+        (1, 1, 1, 1)
+    );
+    monitor.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_requests_load_once_and_take_turns() {
+    let dir = tiny_model(16);
+    let manager = manager(dir.path(), 300);
+    let tasks: Vec<_> = (0..6)
+        .map(|i| {
+            let manager = manager.clone();
+            tokio::spawn(async move {
+                let mut lease = manager.lease().await.unwrap();
+                let prompt = Prompt {
+                    seed: i,
+                    ..Prompt::default()
+                };
+                process(lease.engine(), &vec![0.0; FRAME_SAMPLES], &prompt)
+                    .unwrap()
+                    .0
+                    .len()
+            })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), FRAME_SAMPLES);
+    }
+    let status = manager.status();
+    assert_eq!(status.statistics.total_loads, 1);
+    assert_eq!(status.active_connections, 0);
+    assert_eq!(manager.offload().await.unwrap(), Location::Cpu);
+    assert_eq!(
+        manager.offload().await.unwrap(),
+        Location::Cpu,
+        "already parked"
+    );
+    assert_eq!(manager.status().statistics.gpu_to_cpu, 1);
+}
+
+#[tokio::test]
+async fn bad_timeouts_and_a_missing_model_are_clear_errors() {
+    let dir = tiny_model(16);
+    let manager = manager(dir.path(), 300);
+    for bad in [-5, 0, 86_401, i64::MAX] {
+        let err = manager.set_idle_timeout(bad).unwrap_err();
+        assert!(
+            matches!(err, DuplexError::BadTimeout(v) if v == bad),
+            "{err}"
+        );
+    }
+    manager.set_idle_timeout(10).unwrap();
+    assert_eq!(manager.status().idle_timeout, 10);
+
+    let empty = tempfile::tempdir().unwrap();
+    let nothing = self::manager(empty.path(), 300);
+    let err = nothing.lease().await.err().unwrap();
+    assert!(err.to_string().contains(MODEL_FILE), "{err}");
+    assert_eq!(nothing.status().location, Location::Unloaded);
+    assert_eq!(nothing.status().active_connections, 0);
+    let unset = ModelManager::new(Settings {
+        model_dir: None,
+        device: Device::Cpu,
+        dtype: DType::F32,
+        idle_timeout_s: 300,
+    })
+    .unwrap();
+    assert!(matches!(
+        unset.lease().await.err().unwrap(),
+        DuplexError::NoModelDir
+    ));
 }

@@ -309,32 +309,56 @@ pub fn pytorch_source(name: &str, dd: usize) -> Source {
     }
 }
 
-/// A `candle_nn` backend serving the `moshi` crate's tensor names from PyTorch-layout tensors.
+/// A `candle_nn` backend serving the `moshi` crate's tensor names from a memory-mapped
+/// PyTorch-layout `model.safetensors`. Each tensor is read when the model asks for it; a stacked
+/// per-step weight is read once and kept until the model is built (the backend is dropped).
 pub struct PyTorchLayout {
-    tensors: HashMap<String, Tensor>,
+    file: candle_core::safetensors::MmapedSafetensors,
+    stacked: std::sync::Mutex<HashMap<String, Tensor>>,
     depformer_dim: usize,
 }
 
 impl PyTorchLayout {
-    /// Over `tensors` (as read from `model.safetensors`).
-    pub fn new(tensors: HashMap<String, Tensor>, arch: &Arch) -> Self {
-        Self {
-            tensors,
+    /// Maps `path`.
+    ///
+    /// # Errors
+    /// When the file cannot be mapped or is not safetensors.
+    pub fn open(path: &Path, arch: &Arch) -> candle_core::Result<Self> {
+        // SAFETY: the file is mapped read-only; voxloop does not write model files it loads.
+        let file = unsafe { candle_core::safetensors::MmapedSafetensors::new(path)? };
+        Ok(Self {
+            file,
+            stacked: std::sync::Mutex::new(HashMap::new()),
             depformer_dim: arch.depformer_dim,
-        }
+        })
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.file.get(name).is_ok()
     }
 
     fn lookup(&self, name: &str) -> candle_core::Result<Tensor> {
         let source = pytorch_source(name, self.depformer_dim);
-        let tensor = self.tensors.get(&source.name).ok_or_else(|| {
-            candle_core::Error::Msg(format!(
+        if !self.has(&source.name) {
+            candle_core::bail!(
                 "model.safetensors has no tensor {} (wanted for {name})",
                 source.name
-            ))
-        })?;
+            );
+        }
         match source.rows {
-            None => Ok(tensor.clone()),
-            Some((start, len)) => tensor.narrow(0, start, len),
+            None => self.file.load(&source.name, &Device::Cpu),
+            Some((start, len)) => {
+                let mut stacked = self.stacked.lock().expect("stacked lock");
+                let tensor = match stacked.get(&source.name) {
+                    Some(t) => t.clone(),
+                    None => {
+                        let t = self.file.load(&source.name, &Device::Cpu)?;
+                        stacked.insert(source.name.clone(), t.clone());
+                        t
+                    }
+                };
+                tensor.narrow(0, start, len)
+            }
         }
     }
 }
@@ -363,8 +387,7 @@ impl SimpleBackend for PyTorchLayout {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        let source = pytorch_source(name, self.depformer_dim);
-        self.tensors.contains_key(&source.name)
+        self.has(&pytorch_source(name, self.depformer_dim).name)
     }
 }
 

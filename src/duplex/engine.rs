@@ -115,9 +115,7 @@ impl Engine {
                 reason: e.to_string(),
             }
         };
-        let tensors =
-            candle_core::safetensors::load(&model, &Device::Cpu).map_err(load_error(&model))?;
-        let backend = PyTorchLayout::new(tensors, &arch);
+        let backend = PyTorchLayout::open(&model, &arch).map_err(load_error(&model))?;
         let vb = candle_nn::VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
         let lm = moshi::lm::LmModel::new(
             &arch.lm_config(),

@@ -4,10 +4,12 @@
 //! - [`arch`]: the model's shapes and the checkpoint layout of the Hugging Face repo.
 //! - [`engine`]: loading, the system prompts (voice, silence, `<system>` text) and the
 //!   80 ms streaming step; offline processing of a whole file.
+//! - [`lifecycle`]: where the model lives (GPU, CPU, unloaded) and when it moves.
 //! - [`tokenizer`]: the SentencePiece text tokenizer.
 
 pub mod arch;
 pub mod engine;
+pub mod lifecycle;
 pub mod tokenizer;
 
 use std::path::PathBuf;
@@ -48,6 +50,12 @@ pub enum DuplexError {
     /// Audio input that cannot be used.
     #[error("bad audio input: {0}")]
     Audio(String),
+    /// A conversation holds the model (one per model instance).
+    #[error("the model is busy with another conversation")]
+    Busy,
+    /// An idle timeout outside 1..=86400 seconds.
+    #[error("idle timeout {0} s is out of range (1 to 86400 seconds)")]
+    BadTimeout(i64),
     /// A tensor operation failed (out of memory, a device error).
     #[error("model computation failed: {0}")]
     Compute(String),
