@@ -68,6 +68,8 @@ pub struct Config {
     pub device: DeviceConfig,
     /// `[auth]`: who may connect to the device server.
     pub auth: AuthConfig,
+    /// `[duplex]`: the PersonaPlex co-host.
+    pub duplex: DuplexConfig,
     /// The file this configuration was read from, if any (not a key).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -373,6 +375,41 @@ pub struct McpServerConfig {
     pub headers: BTreeMap<String, String>,
     /// Name of an environment variable holding a bearer token for `Authorization`.
     pub bearer_token_env: Option<String>,
+}
+
+/// `[duplex]`: the PersonaPlex co-host (DESIGN §6). Durations in seconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DuplexConfig {
+    /// Directory with the files of nvidia/personaplex-7b-v1 (`model.safetensors`, Mimi's
+    /// `tokenizer-e351c8d8-checkpoint125.safetensors`, `tokenizer_spm_32k_3.model`, `voices/`).
+    /// Env `PERSONAPLEX_MODEL_DIR` overrides it.
+    pub model_dir: Option<PathBuf>,
+    /// Compute device: `auto` (the GPU when built with the `cuda` feature and one is there, else
+    /// the CPU), `cpu` or `cuda`.
+    pub device: String,
+    /// LM weights' dtype: `auto` (bf16 on a GPU, f32 on the CPU), `bf16` or `f32`.
+    pub dtype: String,
+    /// Seconds without a request before the model is parked in host memory (1..=86400). Env
+    /// `GPU_IDLE_TIMEOUT` overrides it.
+    pub idle_timeout_s: u64,
+    /// The voice when none is asked for (an id of `assets/duplex/voices.toml`).
+    pub default_voice: String,
+    /// Sampling seed when none is asked for.
+    pub seed: u64,
+}
+
+impl Default for DuplexConfig {
+    fn default() -> Self {
+        Self {
+            model_dir: None,
+            device: "auto".into(),
+            dtype: "auto".into(),
+            idle_timeout_s: 300,
+            default_voice: "NATF2".into(),
+            seed: 42_424_242,
+        }
+    }
 }
 
 /// `[device]`: the xiaozhi-esp32 WebSocket server (DESIGN §5). Durations in ms, sizes in bytes.
@@ -861,6 +898,25 @@ impl Config {
             0..=60_000,
             "milliseconds",
         )?;
+        let x = &self.duplex;
+        in_range(
+            "duplex.idle_timeout_s",
+            x.idle_timeout_s,
+            1..=86_400,
+            "seconds",
+        )?;
+        for (key, value, allowed) in [
+            ("duplex.device", &x.device, ["auto", "cpu", "cuda"]),
+            ("duplex.dtype", &x.dtype, ["auto", "bf16", "f32"]),
+        ] {
+            if !allowed.contains(&value.as_str()) {
+                return Err(ConfigError::Invalid {
+                    key: key.into(),
+                    value: format!("{value:?}"),
+                    allowed: allowed.join(", "),
+                });
+            }
+        }
         let d = &self.device;
         if d.bind.parse::<std::net::SocketAddr>().is_err() {
             return Err(ConfigError::Invalid {

@@ -107,6 +107,9 @@ enum Command {
     /// Model files: where they are, and fetching what is missing.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// The PersonaPlex co-host: full-duplex speech-to-speech (needs the model files, [duplex]).
+    #[command(subcommand)]
+    Duplex(DuplexCommand),
     /// Speak text with the configured TTS, sentence by sentence.
     Say {
         /// The text.
@@ -114,6 +117,44 @@ enum Command {
         /// Write the speech into this WAV file instead of the speaker.
         #[arg(long)]
         output: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DuplexCommand {
+    /// Offline: the model's spoken reply to a recording, as long as the recording, and its text
+    /// beside it (OUTPUT with .txt).
+    Process {
+        /// Any audio file the decoder reads, any sample rate (resampled to 24 kHz mono).
+        #[arg(long)]
+        input: PathBuf,
+        /// The reply, a 24 kHz mono 16-bit WAV.
+        #[arg(long)]
+        output: PathBuf,
+        /// A voice id (`voxloop duplex voices`) or a WAV of the voice; default [duplex] default_voice.
+        #[arg(long)]
+        voice: Option<String>,
+        /// The role text (wrapped in <system> tokens).
+        #[arg(long)]
+        prompt: Option<String>,
+        /// Sampling seed; default [duplex] seed.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+    /// The 18 voices.
+    Voices,
+    /// The example role prompts.
+    Prompts,
+    /// Write a random-weights model with PersonaPlex's file names (tests and benchmarks).
+    RandomModel {
+        /// Target directory.
+        dir: PathBuf,
+        /// The tiny test shape instead of the real 7B one.
+        #[arg(long)]
+        tiny: bool,
+        /// Seed of the weights.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
 }
 
@@ -185,6 +226,10 @@ fn main() -> anyhow::Result<ExitCode> {
             let config = load_config(&cli)?;
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(chat(&config, text.as_deref(), output.as_deref()))
+        }
+        Command::Duplex(command) => {
+            let config = load_config(&cli)?;
+            duplex(&config, command)
         }
         Command::Serve => {
             let config = load_config(&cli)?;
@@ -744,6 +789,89 @@ async fn say(config: &Config, text: &str, output: Option<&Path>) -> anyhow::Resu
         }
     }
     finish_playback(queue, Some(events), output, failed).await
+}
+
+fn duplex(config: &Config, command: &DuplexCommand) -> anyhow::Result<ExitCode> {
+    use voxloop::duplex::{self, SAMPLE_RATE, engine};
+    match command {
+        DuplexCommand::Voices => {
+            for voice in duplex::voices() {
+                println!("{:6} {}", voice.id, voice.description);
+            }
+        }
+        DuplexCommand::Prompts => {
+            for prompt in duplex::prompt_examples() {
+                println!("{}: {}", prompt.id, prompt.text);
+            }
+        }
+        DuplexCommand::RandomModel { dir, tiny, seed } => {
+            let arch = if *tiny {
+                duplex::arch::Arch::tiny()
+            } else {
+                duplex::arch::Arch::personaplex_7b()
+            };
+            let dtype = if *tiny {
+                candle_core::DType::F32
+            } else {
+                candle_core::DType::BF16
+            };
+            duplex::arch::write_random_model(dir, &arch, 2 * arch.codebooks, dtype, *seed)
+                .map_err(anyhow::Error::msg)?;
+            println!("wrote {}", dir.display());
+        }
+        DuplexCommand::Process {
+            input,
+            output,
+            voice,
+            prompt,
+            seed,
+        } => {
+            let settings = duplex::settings(&config.duplex)?;
+            let dir = settings
+                .model_dir
+                .clone()
+                .ok_or(duplex::DuplexError::NoModelDir)?;
+            let voice = voice.as_deref().unwrap_or(&config.duplex.default_voice);
+            let prompt = engine::Prompt {
+                voice_wav: Some(duplex::voice_prompt(&dir, voice)?),
+                text: prompt.clone(),
+                seed: seed.unwrap_or(config.duplex.seed),
+                ..engine::Prompt::default()
+            };
+            let pcm = voxloop::pipeline::decode::decode_file(input, SAMPLE_RATE)
+                .with_context(|| format!("reading {}", input.display()))?;
+            let started = std::time::Instant::now();
+            let mut model = engine::Engine::load(&dir, &settings.device, settings.dtype)?;
+            let loaded = started.elapsed();
+            let (reply, text) = engine::process(&mut model, &pcm, &prompt)?;
+            let took = started.elapsed() - loaded;
+            let spec = hound::WavSpec {
+                channels: 1,
+                sample_rate: SAMPLE_RATE,
+                bits_per_sample: 16,
+                sample_format: hound::SampleFormat::Int,
+            };
+            let mut wav = hound::WavWriter::create(output, spec)
+                .with_context(|| format!("writing {}", output.display()))?;
+            for sample in &reply {
+                wav.write_sample((sample.clamp(-1.0, 1.0) * 32767.0) as i16)?;
+            }
+            wav.finalize()?;
+            let text_path = output.with_extension("txt");
+            std::fs::write(&text_path, format!("{text}\n"))
+                .with_context(|| format!("writing {}", text_path.display()))?;
+            let seconds = pcm.len() as f64 / f64::from(SAMPLE_RATE);
+            println!(
+                "wrote {} ({seconds:.2} s) and {}; load {:.1} s, processing {:.1} s (real-time factor {:.2})",
+                output.display(),
+                text_path.display(),
+                loaded.as_secs_f64(),
+                took.as_secs_f64(),
+                took.as_secs_f64() / seconds.max(1e-9),
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn tools(config: &Config, command: &ToolsCommand) -> anyhow::Result<ExitCode> {

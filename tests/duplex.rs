@@ -275,3 +275,66 @@ async fn bad_timeouts_and_a_missing_model_are_clear_errors() {
         DuplexError::NoModelDir
     ));
 }
+
+#[test]
+fn duplex_process_writes_a_reply_as_long_as_the_input_and_its_text() {
+    let dir = tiny_model(16);
+    std::fs::create_dir(dir.path().join("voices")).unwrap();
+    std::fs::copy(
+        speech("cmd_stop_music.wav"),
+        dir.path().join("voices/NATF2.wav"),
+    )
+    .unwrap();
+    let out = dir.path().join("reply.wav");
+    let run = |voice: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_voxloop"))
+            .args(["duplex", "process", "--input"])
+            .arg(speech("cmd_what_time.wav"))
+            .arg("--output")
+            .arg(&out)
+            .args(["--voice", voice, "--prompt", "Be brief."])
+            .env("PERSONAPLEX_MODEL_DIR", dir.path())
+            .env_remove("VOXLOOP_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let result = run("NATF2");
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    // The input is 16 kHz: the reply is the same duration at 24 kHz.
+    let input = hound::WavReader::open(speech("cmd_what_time.wav")).unwrap();
+    let seconds = input.duration() as f64 / f64::from(input.spec().sample_rate);
+    let reply = hound::WavReader::open(&out).unwrap();
+    assert_eq!(reply.spec().sample_rate, SAMPLE_RATE);
+    let reply_seconds = reply.duration() as f64 / f64::from(SAMPLE_RATE);
+    assert!(
+        (reply_seconds - seconds).abs() < 1e-3,
+        "{reply_seconds} vs {seconds}"
+    );
+    assert!(dir.path().join("reply.txt").is_file());
+
+    let result = run("NOPE");
+    assert!(!result.status.success());
+    assert!(String::from_utf8_lossy(&result.stderr).contains("unknown voice \"NOPE\""));
+    // A known voice whose prompt file is absent is named.
+    std::fs::remove_file(dir.path().join("voices/NATF2.wav")).unwrap();
+    let result = run("NATF2");
+    assert!(String::from_utf8_lossy(&result.stderr).contains("voices/NATF2.wav"));
+}
+
+#[test]
+fn the_voices_and_prompts_are_the_documented_ones() {
+    let voices = voxloop::duplex::voices();
+    assert_eq!(voices.len(), 18);
+    for id in ["NATF0", "NATF3", "NATM3", "VARF4", "VARM0", "VARM4"] {
+        assert!(voices.iter().any(|v| v.id == id), "{id}");
+    }
+    let prompts: Vec<String> = voxloop::duplex::prompt_examples()
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(prompts, ["assistant", "customer_service", "casual"]);
+}

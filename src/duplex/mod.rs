@@ -66,3 +66,111 @@ impl From<candle_core::Error> for DuplexError {
         DuplexError::Compute(e.to_string())
     }
 }
+
+/// One of PersonaPlex's voices (`assets/duplex/voices.toml`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Voice {
+    /// The id, e.g. `NATF2`.
+    pub id: String,
+    /// A display name.
+    pub name: String,
+    /// What it sounds like, as far as its id says.
+    pub description: String,
+}
+
+/// An example text prompt (`assets/duplex/prompts.toml`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PromptExample {
+    /// The id, e.g. `assistant`.
+    pub id: String,
+    /// A display name.
+    pub name: String,
+    /// The role text.
+    pub text: String,
+}
+
+#[derive(serde::Deserialize)]
+struct VoiceFile {
+    voice: Vec<Voice>,
+}
+
+#[derive(serde::Deserialize)]
+struct PromptFile {
+    prompt: Vec<PromptExample>,
+}
+
+/// The 18 voices, in file order.
+pub fn voices() -> Vec<Voice> {
+    toml::from_str::<VoiceFile>(include_str!("../../assets/duplex/voices.toml"))
+        .expect("assets/duplex/voices.toml is valid")
+        .voice
+}
+
+/// The prompt examples (assistant, customer service, casual).
+pub fn prompt_examples() -> Vec<PromptExample> {
+    toml::from_str::<PromptFile>(include_str!("../../assets/duplex/prompts.toml"))
+        .expect("assets/duplex/prompts.toml is valid")
+        .prompt
+}
+
+/// The voice prompt WAV for `voice`: a voice id (`{model_dir}/voices/{id}.wav`) or a path to an
+/// audio file.
+///
+/// # Errors
+/// [`DuplexError::UnknownVoice`] when it is neither a known id nor an existing file;
+/// [`DuplexError::MissingFile`] when a known id's WAV is absent (the repo's `.pt` prompts are
+/// not read: convert one to WAV, or give a WAV of the voice).
+pub fn voice_prompt(model_dir: &std::path::Path, voice: &str) -> Result<PathBuf, DuplexError> {
+    if voices().iter().any(|v| v.id == voice) {
+        let wav = model_dir.join("voices").join(format!("{voice}.wav"));
+        return if wav.is_file() {
+            Ok(wav)
+        } else {
+            Err(DuplexError::MissingFile(wav))
+        };
+    }
+    let path = PathBuf::from(voice);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(DuplexError::UnknownVoice(voice.to_string()))
+    }
+}
+
+/// The lifecycle settings of `[duplex]`, with `PERSONAPLEX_MODEL_DIR` and `GPU_IDLE_TIMEOUT`
+/// applied and the device chosen.
+///
+/// # Errors
+/// [`DuplexError::Load`] for a bad `GPU_IDLE_TIMEOUT` or a `cuda` device this build or machine
+/// lacks.
+pub fn settings(config: &crate::config::DuplexConfig) -> Result<lifecycle::Settings, DuplexError> {
+    let model_dir = std::env::var_os("PERSONAPLEX_MODEL_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| config.model_dir.clone());
+    let idle_timeout_s = match std::env::var("GPU_IDLE_TIMEOUT") {
+        Ok(v) if !v.trim().is_empty() => v.trim().parse().map_err(|_| DuplexError::Load {
+            file: PathBuf::from("GPU_IDLE_TIMEOUT"),
+            reason: format!("{v:?} is not a number of seconds"),
+        })?,
+        _ => config.idle_timeout_s,
+    };
+    let device = match config.device.as_str() {
+        "cpu" => candle_core::Device::Cpu,
+        "cuda" => candle_core::Device::new_cuda(0).map_err(|e| DuplexError::Load {
+            file: PathBuf::from("duplex.device"),
+            reason: format!("no CUDA device (build with --features cuda): {e}"),
+        })?,
+        _ => candle_core::Device::cuda_if_available(0).unwrap_or(candle_core::Device::Cpu),
+    };
+    let dtype = match (config.dtype.as_str(), device.is_cpu()) {
+        ("bf16", _) | ("auto", false) => candle_core::DType::BF16,
+        _ => candle_core::DType::F32,
+    };
+    Ok(lifecycle::Settings {
+        model_dir,
+        device,
+        dtype,
+        idle_timeout_s,
+    })
+}
