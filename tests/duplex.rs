@@ -16,6 +16,16 @@ fn speech(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// A spoken command at 24 kHz.
+fn speech_pcm(name: &str) -> Vec<f32> {
+    voxloop::pipeline::decode::decode_file(&speech(name), SAMPLE_RATE).unwrap()
+}
+
+/// The tiny model, loaded on the CPU.
+fn tiny_engine(dir: &tempfile::TempDir) -> Engine {
+    Engine::load(dir.path(), &Device::Cpu, DType::F32).unwrap()
+}
+
 fn tiny_model(steps_in_file: usize) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     write_random_model(dir.path(), &Arch::tiny(), steps_in_file, DType::F32, 7).unwrap();
@@ -29,9 +39,8 @@ fn rms(pcm: &[f32]) -> f32 {
 #[test]
 fn offline_processing_keeps_the_length_and_speaks() {
     let dir = tiny_model(16);
-    let mut engine = Engine::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
-    let input =
-        voxloop::pipeline::decode::decode_file(&speech("cmd_what_time.wav"), SAMPLE_RATE).unwrap();
+    let mut engine = tiny_engine(&dir);
+    let input = speech_pcm("cmd_what_time.wav");
     let prompt = Prompt {
         voice_wav: Some(speech("cmd_stop_music.wav")),
         text: Some("You are a helpful assistant.".into()),
@@ -57,9 +66,8 @@ fn offline_processing_keeps_the_length_and_speaks() {
 #[test]
 fn streaming_steps_give_what_offline_processing_gives() {
     let dir = tiny_model(16);
-    let mut engine = Engine::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
-    let input =
-        voxloop::pipeline::decode::decode_file(&speech("cmd_stop_music.wav"), SAMPLE_RATE).unwrap();
+    let mut engine = tiny_engine(&dir);
+    let input = speech_pcm("cmd_stop_music.wav");
     let prompt = Prompt {
         text: Some("Be brief.".into()),
         seed: 5,
@@ -131,7 +139,7 @@ fn a_missing_or_broken_file_is_named() {
         ..Prompt::default()
     };
     let good = tiny_model(16);
-    let mut engine = Engine::load(good.path(), &Device::Cpu, DType::F32).unwrap();
+    let mut engine = tiny_engine(&good);
     let err = engine.start(&voice).err().unwrap();
     assert!(err.to_string().contains("no-such-voice.wav"), "{err}");
 }
@@ -319,6 +327,21 @@ fn duplex_process_writes_a_reply_as_long_as_the_input_and_its_text() {
     let result = run("NOPE");
     assert!(!result.status.success());
     assert!(String::from_utf8_lossy(&result.stderr).contains("unknown voice \"NOPE\""));
+    // A GPU_IDLE_TIMEOUT that is not a number is named.
+    let result = std::process::Command::new(env!("CARGO_BIN_EXE_voxloop"))
+        .args([
+            "duplex", "process", "--input", "in.wav", "--output", "out.wav",
+        ])
+        .env("PERSONAPLEX_MODEL_DIR", dir.path())
+        .env("GPU_IDLE_TIMEOUT", "soon")
+        .output()
+        .unwrap();
+    assert!(!result.status.success());
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        stderr.contains("GPU_IDLE_TIMEOUT: \"soon\" is not a number"),
+        "{stderr}"
+    );
     // A known voice whose prompt file is absent is named.
     std::fs::remove_file(dir.path().join("voices/NATF2.wav")).unwrap();
     let result = run("NATF2");

@@ -445,27 +445,13 @@ pub fn write_random_model(
         .save(dir.join(super::MIMI_FILE))
         .map_err(|e| e.to_string())?;
 
+    // A SentencePiece model of `text_card` pieces: specials, letters, the space, filler words.
+    use super::tokenizer::Piece;
     let mut pieces = vec![
-        super::tokenizer::Piece {
-            text: "<unk>".into(),
-            score: 0.0,
-            kind: 2,
-        },
-        super::tokenizer::Piece {
-            text: "<s>".into(),
-            score: 0.0,
-            kind: 3,
-        },
-        super::tokenizer::Piece {
-            text: "</s>".into(),
-            score: 0.0,
-            kind: 3,
-        },
-        super::tokenizer::Piece {
-            text: "<pad>".into(),
-            score: 0.0,
-            kind: 3,
-        },
+        Piece::new("<unk>", 0.0, 2),
+        Piece::new("<s>", 0.0, 3),
+        Piece::new("</s>", 0.0, 3),
+        Piece::new("<pad>", 0.0, 3),
     ];
     let letters = "abcdefghijklmnopqrstuvwxyz<>";
     for (i, c) in letters
@@ -473,24 +459,11 @@ pub fn write_random_model(
         .enumerate()
         .take(arch.text_card.saturating_sub(5))
     {
-        pieces.push(super::tokenizer::Piece {
-            text: c.to_string(),
-            score: -(i as f32) * 0.01 - 3.0,
-            kind: 1,
-        });
+        pieces.push(Piece::new(c, -(i as f32) * 0.01 - 3.0, 1));
     }
-    pieces.push(super::tokenizer::Piece {
-        text: "▁".into(),
-        score: -2.0,
-        kind: 1,
-    });
+    pieces.push(Piece::new("▁", -2.0, 1));
     while pieces.len() < arch.text_card {
-        let n = pieces.len();
-        pieces.push(super::tokenizer::Piece {
-            text: format!("▁w{n}"),
-            score: -10.0,
-            kind: 1,
-        });
+        pieces.push(Piece::new(format!("▁w{}", pieces.len()), -10.0, 1));
     }
     std::fs::write(
         dir.join(super::TOKENIZER_FILE),

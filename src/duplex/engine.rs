@@ -19,6 +19,13 @@ use super::{DuplexError, FRAME_SAMPLES, MIMI_FILE, MODEL_FILE, SAMPLE_RATE, TOKE
 
 /// The text pad token (the fork's `existing_text_padding_id`): "nothing said this frame".
 pub const TEXT_PAD: u32 = 3;
+/// Mimi codes of an 80 ms frame of silence with PersonaPlex's Mimi: the agent's audio during
+/// the silence and text prompts (the fork's `SILENCE_TOKENS`, `moshi/models/lm.py`).
+pub const SILENCE_TOKENS: [u32; 8] = [948, 243, 1178, 546, 1736, 1030, 1978, 2008];
+/// Mimi codes of an 80 ms frame of a 440 Hz tone with PersonaPlex's Mimi: the user's audio
+/// during every system prompt (the fork's `SINE_TOKENS`, `moshi/models/lm.py`).
+pub const SINE_TOKENS: [u32; 8] = [430, 1268, 381, 1611, 1095, 1495, 56, 472];
+
 /// Frames of silence around the text prompt (0.5 s at 12.5 Hz, DESIGN §6).
 pub const SILENCE_FRAMES: usize = 6;
 
@@ -73,6 +80,13 @@ pub struct StepOutput {
     pub pcm: Vec<f32>,
     /// The text token's piece (`" hello"`), empty for padding.
     pub text: String,
+}
+
+/// [`SILENCE_TOKENS`] and [`SINE_TOKENS`] when `arch` has PersonaPlex's Mimi (2048 entries,
+/// 8 codebooks), whose codes they are.
+fn fixed_prompt_codes(arch: &Arch) -> Option<(Vec<u32>, Vec<u32>)> {
+    (arch.card == 2048 && arch.codebooks == SILENCE_TOKENS.len())
+        .then(|| (SILENCE_TOKENS.to_vec(), SINE_TOKENS.to_vec()))
 }
 
 /// A loaded PersonaPlex: the LM, Mimi and the text tokenizer, on one device.
@@ -177,13 +191,7 @@ impl Engine {
         };
         self.lm.reset_state();
         self.mimi.reset_state();
-        let silence = self.encode_frame(&vec![0.0; FRAME_SAMPLES])?;
-        let sine: Vec<f32> = (0..FRAME_SAMPLES)
-            .map(|i| {
-                0.5 * (2.0 * std::f32::consts::PI * 440.0 * i as f32 / SAMPLE_RATE as f32).sin()
-            })
-            .collect();
-        let sine = self.encode_frame(&sine)?;
+        let (silence, sine) = self.prompt_codes()?;
         let voice_frames = match voice {
             Some(pcm) if !pcm.is_empty() => self.encode_all(&pcm)?,
             _ => Vec::new(),
@@ -234,9 +242,20 @@ impl Engine {
         Ok(session)
     }
 
-    /// Mimi codes of one frame (non-streaming), `codebooks` values.
-    fn encode_frame(&mut self, pcm: &[f32]) -> Result<Vec<u32>, DuplexError> {
-        Ok(self.encode_all(pcm)?.into_iter().next().unwrap_or_default())
+    /// The agent's silence frame and the user's tone frame for the system prompts: the fork's
+    /// fixed codes with PersonaPlex's Mimi (2048 entries, 8 codebooks); another Mimi (test
+    /// models) encodes silence and a 440 Hz tone of amplitude 0.5 itself.
+    fn prompt_codes(&mut self) -> Result<(Vec<u32>, Vec<u32>), DuplexError> {
+        if let Some(fixed) = fixed_prompt_codes(&self.arch) {
+            return Ok(fixed);
+        }
+        let tone: Vec<f32> = (0..FRAME_SAMPLES)
+            .map(|i| 0.5 * (std::f32::consts::TAU * 440.0 * i as f32 / SAMPLE_RATE as f32).sin())
+            .collect();
+        let mut first = |pcm: &[f32]| -> Result<Vec<u32>, DuplexError> {
+            Ok(self.encode_all(pcm)?.swap_remove(0))
+        };
+        Ok((first(&[0.0; FRAME_SAMPLES])?, first(&tone)?))
     }
 
     /// Mimi codes of `pcm`, one `codebooks`-long vector per whole 80 ms frame (the tail padded).
@@ -321,6 +340,19 @@ impl Session<'_> {
         self.step
     }
 
+    /// Writes one frame's codes of the stream whose codebook 0 is `first`: codebook 0 into this
+    /// column, the delayed codebooks into the next.
+    fn provide(&mut self, first: usize, codes: &[u32]) {
+        for (k, &token) in codes.iter().enumerate().take(self.engine.arch.codebooks) {
+            let column = if k == 0 {
+                &mut self.cur
+            } else {
+                &mut self.next
+            };
+            column[first + k] = Some(token);
+        }
+    }
+
     /// One LM step: the user's frame codes, the agent's if provided (a voice prompt), the text
     /// token if forced. Returns the text token and the agent's frame if complete and decodable.
     fn step_tokens(
@@ -329,30 +361,17 @@ impl Session<'_> {
         agent: Option<&[u32]>,
         text: Option<u32>,
     ) -> Result<(u32, Option<Vec<u32>>), DuplexError> {
-        let arch = &self.engine.arch;
-        let (cb, card) = (arch.codebooks, arch.card as u32);
+        let (cb, card, text_card) = {
+            let arch = &self.engine.arch;
+            (arch.codebooks, arch.card as u32, arch.text_card as u32)
+        };
         let (agent0, user0) = (1, 1 + cb);
-        // Provided tokens: codebook 0 in this column, the others in the next.
-        for (k, &token) in user.iter().enumerate().take(cb) {
-            let column = if k == 0 {
-                &mut self.cur
-            } else {
-                &mut self.next
-            };
-            column[user0 + k] = Some(token);
-        }
+        self.provide(user0, user);
         if let Some(agent) = agent {
-            for (k, &token) in agent.iter().enumerate().take(cb) {
-                let column = if k == 0 {
-                    &mut self.cur
-                } else {
-                    &mut self.next
-                };
-                column[agent0 + k] = Some(token);
-            }
+            self.provide(agent0, agent);
         }
         let delay = |s: usize| usize::from(s != 0 && s != agent0 && s != user0);
-        let initial = |s: usize| if s == 0 { arch.text_card as u32 } else { card };
+        let initial = |s: usize| if s == 0 { text_card } else { card };
         let input: Vec<u32> = (0..self.streams)
             .map(|s| {
                 if self.step <= delay(s) {
@@ -423,4 +442,17 @@ pub fn process(
     }
     pcm.truncate(input.len());
     Ok((pcm, text.trim().to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_real_mimi_uses_the_forks_prompt_codes_a_test_mimi_its_own() {
+        let (silence, sine) = fixed_prompt_codes(&Arch::personaplex_7b()).unwrap();
+        assert_eq!(silence, SILENCE_TOKENS);
+        assert_eq!(sine, SINE_TOKENS);
+        assert!(fixed_prompt_codes(&Arch::tiny()).is_none());
+    }
 }

@@ -53,7 +53,8 @@ pub struct Statistics {
 /// What `get_gpu_status` and `GET /api/gpu/status` report.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Status {
-    /// Where the model is.
+    /// Where the model is after the last finished transition (a move in progress shows where it
+    /// comes from).
     pub location: Location,
     /// Seconds since the last request ended (or since start).
     pub idle_time: f64,
@@ -85,15 +86,18 @@ pub struct Settings {
     pub idle_timeout_s: u64,
 }
 
+/// What the transition lock guards: the model, if loaded.
 struct State {
     engine: Option<Engine>,
-    location: Location,
 }
 
 /// Owns the model and moves it between [`Location`]s.
 pub struct ModelManager {
     settings: Settings,
     state: Arc<Mutex<State>>,
+    /// Where the model is after the last finished transition; written only under `state`'s lock,
+    /// read without it (a status never waits on a move).
+    location: std::sync::Mutex<Location>,
     statistics: std::sync::Mutex<Statistics>,
     active: AtomicUsize,
     idle_timeout_s: AtomicU64,
@@ -130,16 +134,14 @@ impl ModelManager {
     /// A manager with nothing loaded. Call [`ModelManager::spawn_monitor`] to park it when idle.
     ///
     /// # Errors
-    /// [`DuplexError::Load`] when the idle timeout is out of range.
+    /// [`DuplexError::BadTimeout`] when the idle timeout is outside 1..=[`MAX_IDLE_TIMEOUT_S`].
     pub fn new(settings: Settings) -> Result<Arc<Self>, DuplexError> {
         check_timeout(settings.idle_timeout_s)?;
         Ok(Arc::new(Self {
             idle_timeout_s: AtomicU64::new(settings.idle_timeout_s),
             settings,
-            state: Arc::new(Mutex::new(State {
-                engine: None,
-                location: Location::Unloaded,
-            })),
+            state: Arc::new(Mutex::new(State { engine: None })),
+            location: std::sync::Mutex::new(Location::Unloaded),
             statistics: std::sync::Mutex::new(Statistics::default()),
             active: AtomicUsize::new(0),
             last_used: std::sync::Mutex::new(Instant::now()),
@@ -160,7 +162,7 @@ impl ModelManager {
                     wake.await;
                 } else if Instant::now() >= due {
                     if let Ok(state) = manager.state.clone().try_lock_owned()
-                        && state.location == Location::Gpu
+                        && manager.location() == Location::Gpu
                     {
                         tracing::info!(idle_s = timeout.as_secs(), "parking the duplex model");
                         if let Err(e) = manager.park(state).await {
@@ -206,13 +208,13 @@ impl ModelManager {
     ) -> Result<Lease, DuplexError> {
         // Active from now: the monitor leaves a loading model alone.
         self.active.fetch_add(1, Ordering::SeqCst);
-        let moved = match state.location {
+        let moved = match self.location() {
             Location::Gpu => Ok(()),
             // From nothing, or back from host memory; on failure (out of GPU memory) a parked
             // copy stays parked.
             from => self.load(self.settings.device.clone()).await.map(|engine| {
                 state.engine = Some(engine);
-                state.location = Location::Gpu;
+                self.set_location(Location::Gpu);
                 self.count(|s| match from {
                     Location::Cpu => s.cpu_to_gpu += 1,
                     _ => s.total_loads += 1,
@@ -245,12 +247,12 @@ impl ModelManager {
         match self.load(Device::Cpu).await {
             Ok(engine) => {
                 state.engine = Some(engine);
-                state.location = Location::Cpu;
+                self.set_location(Location::Cpu);
                 self.count(|s| s.gpu_to_cpu += 1);
                 Ok(())
             }
             Err(e) => {
-                state.location = Location::Unloaded;
+                self.set_location(Location::Unloaded);
                 Err(e)
             }
         }
@@ -267,12 +269,10 @@ impl ModelManager {
             .clone()
             .try_lock_owned()
             .map_err(|_| DuplexError::Busy)?;
-        if state.location == Location::Gpu {
+        if self.location() == Location::Gpu {
             self.park(state).await?;
-            Ok(Location::Cpu)
-        } else {
-            Ok(state.location)
         }
+        Ok(self.location())
     }
 
     /// Drops the model from memory. Returns whether one was loaded.
@@ -285,9 +285,9 @@ impl ModelManager {
             .clone()
             .try_lock_owned()
             .map_err(|_| DuplexError::Busy)?;
-        let was_loaded = state.location != Location::Unloaded;
+        let was_loaded = self.location() != Location::Unloaded;
         state.engine = None;
-        state.location = Location::Unloaded;
+        self.set_location(Location::Unloaded);
         if was_loaded {
             self.count(|s| s.full_releases += 1);
         }
@@ -308,11 +308,7 @@ impl ModelManager {
 
     /// Where the model is, how idle, and the transition counts. Never waits on a transition.
     pub fn status(&self) -> Status {
-        let location = match self.state.try_lock() {
-            Ok(state) => state.location,
-            // Held by a session or a transition: a session holds it on the compute device.
-            Err(_) => Location::Gpu,
-        };
+        let location = self.location();
         let active = self.active.load(Ordering::SeqCst);
         let idle_time = if active > 0 {
             0.0
@@ -333,6 +329,14 @@ impl ModelManager {
             gpu_memory_reserved_gb: None,
             statistics: *self.statistics.lock().expect("statistics lock"),
         }
+    }
+
+    fn location(&self) -> Location {
+        *self.location.lock().expect("location lock")
+    }
+
+    fn set_location(&self, location: Location) {
+        *self.location.lock().expect("location lock") = location;
     }
 
     fn count(&self, f: impl FnOnce(&mut Statistics)) {

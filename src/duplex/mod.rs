@@ -50,6 +50,14 @@ pub enum DuplexError {
     /// Audio input that cannot be used.
     #[error("bad audio input: {0}")]
     Audio(String),
+    /// A setting (config key or environment variable) that cannot be used.
+    #[error("{key}: {reason}")]
+    Config {
+        /// The config key or environment variable.
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// A conversation holds the model (one per model instance).
     #[error("the model is busy with another conversation")]
     Busy,
@@ -141,24 +149,24 @@ pub fn voice_prompt(model_dir: &std::path::Path, voice: &str) -> Result<PathBuf,
 /// applied and the device chosen.
 ///
 /// # Errors
-/// [`DuplexError::Load`] for a bad `GPU_IDLE_TIMEOUT` or a `cuda` device this build or machine
-/// lacks.
+/// [`DuplexError::Config`] for a `GPU_IDLE_TIMEOUT` that is not a number or a `cuda` device this
+/// build or machine lacks. (The timeout's range is checked by [`lifecycle::ModelManager::new`].)
 pub fn settings(config: &crate::config::DuplexConfig) -> Result<lifecycle::Settings, DuplexError> {
     let model_dir = std::env::var_os("PERSONAPLEX_MODEL_DIR")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .or_else(|| config.model_dir.clone());
     let idle_timeout_s = match std::env::var("GPU_IDLE_TIMEOUT") {
-        Ok(v) if !v.trim().is_empty() => v.trim().parse().map_err(|_| DuplexError::Load {
-            file: PathBuf::from("GPU_IDLE_TIMEOUT"),
+        Ok(v) if !v.trim().is_empty() => v.trim().parse().map_err(|_| DuplexError::Config {
+            key: "GPU_IDLE_TIMEOUT",
             reason: format!("{v:?} is not a number of seconds"),
         })?,
         _ => config.idle_timeout_s,
     };
     let device = match config.device.as_str() {
         "cpu" => candle_core::Device::Cpu,
-        "cuda" => candle_core::Device::new_cuda(0).map_err(|e| DuplexError::Load {
-            file: PathBuf::from("duplex.device"),
+        "cuda" => candle_core::Device::new_cuda(0).map_err(|e| DuplexError::Config {
+            key: "duplex.device",
             reason: format!("no CUDA device (build with --features cuda): {e}"),
         })?,
         _ => candle_core::Device::cuda_if_available(0).unwrap_or(candle_core::Device::Cpu),

@@ -19,6 +19,17 @@ pub struct Piece {
     pub kind: u32,
 }
 
+impl Piece {
+    /// A piece of `kind` (1 normal, 2 unknown, 3 control, 4 user defined, 6 byte).
+    pub fn new(text: impl Into<String>, score: f32, kind: u32) -> Self {
+        Self {
+            text: text.into(),
+            score,
+            kind,
+        }
+    }
+}
+
 /// Text to token ids and back, for the `<system>`-wrapped text prompt and the model's inner
 /// monologue.
 pub struct TextTokenizer {
@@ -90,11 +101,7 @@ pub fn parse_model(bytes: &[u8]) -> Result<Vec<Piece>, String> {
     let mut reader = Proto(bytes);
     while let Some((field, value)) = reader.next_field()? {
         if let (1, Value::Bytes(message)) = (field, value) {
-            let mut piece = Piece {
-                text: String::new(),
-                score: 0.0,
-                kind: 1,
-            };
+            let mut piece = Piece::new("", 0.0, 1);
             let mut inner = Proto(message);
             while let Some((field, value)) = inner.next_field()? {
                 match (field, value) {
@@ -209,26 +216,18 @@ impl<'a> Proto<'a> {
 mod tests {
     use super::*;
 
-    fn piece(text: &str, score: f32, kind: u32) -> Piece {
-        Piece {
-            text: text.into(),
-            score,
-            kind,
-        }
-    }
-
     #[test]
     fn a_written_model_reads_back_and_encodes_by_score() {
         let pieces = vec![
-            piece("<unk>", 0.0, 2),
-            piece("<s>", 0.0, 3),
-            piece("▁hello", -1.0, 1),
-            piece("▁", -2.0, 1),
-            piece("h", -5.0, 1),
-            piece("e", -5.0, 1),
-            piece("l", -5.0, 1),
-            piece("o", -5.0, 1),
-            piece("▁world", -1.5, 1),
+            Piece::new("<unk>", 0.0, 2),
+            Piece::new("<s>", 0.0, 3),
+            Piece::new("▁hello", -1.0, 1),
+            Piece::new("▁", -2.0, 1),
+            Piece::new("h", -5.0, 1),
+            Piece::new("e", -5.0, 1),
+            Piece::new("l", -5.0, 1),
+            Piece::new("o", -5.0, 1),
+            Piece::new("▁world", -1.5, 1),
         ];
         let bytes = write_model(&pieces);
         assert_eq!(parse_model(&bytes).unwrap(), pieces);
