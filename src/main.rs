@@ -141,6 +141,15 @@ enum DuplexCommand {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Make a `.pt` voice prompt (the repo's format) from a recording of the voice.
+    VoiceEmbeddings {
+        /// The recording, any audio file the decoder reads.
+        #[arg(long)]
+        voice: PathBuf,
+        /// The `.pt` file to write (put it in `{model_dir}/voices/` to use it by name).
+        #[arg(long)]
+        output: PathBuf,
+    },
     /// The 18 voices.
     Voices,
     /// The example role prompts.
@@ -819,6 +828,22 @@ fn duplex(config: &Config, command: &DuplexCommand) -> anyhow::Result<ExitCode> 
                 .map_err(anyhow::Error::msg)?;
             println!("wrote {}", dir.display());
         }
+        DuplexCommand::VoiceEmbeddings { voice, output } => {
+            let settings = duplex::settings(&config.duplex)?;
+            let dir = settings
+                .model_dir
+                .clone()
+                .ok_or(duplex::DuplexError::NoModelDir)?;
+            let mut model = engine::Engine::load(&dir, &settings.device, settings.dtype)?;
+            let embeddings = model.voice_embeddings(voice)?;
+            embeddings.write(output)?;
+            println!(
+                "wrote {} ({} frames of {})",
+                output.display(),
+                embeddings.frames() + 1,
+                voice.display()
+            );
+        }
         DuplexCommand::Process {
             input,
             output,
@@ -833,7 +858,7 @@ fn duplex(config: &Config, command: &DuplexCommand) -> anyhow::Result<ExitCode> 
                 .ok_or(duplex::DuplexError::NoModelDir)?;
             let voice = voice.as_deref().unwrap_or(&config.duplex.default_voice);
             let prompt = engine::Prompt {
-                voice_wav: Some(duplex::voice_prompt(&dir, voice)?),
+                voice: Some(duplex::voice_prompt(&dir, voice)?),
                 text: prompt.clone(),
                 seed: seed.unwrap_or(config.duplex.seed),
                 ..engine::Prompt::default()

@@ -42,7 +42,7 @@ fn offline_processing_keeps_the_length_and_speaks() {
     let mut engine = tiny_engine(&dir);
     let input = speech_pcm("cmd_what_time.wav");
     let prompt = Prompt {
-        voice_wav: Some(speech("cmd_stop_music.wav")),
+        voice: Some(speech("cmd_stop_music.wav")),
         text: Some("You are a helpful assistant.".into()),
         seed: 42,
         ..Prompt::default()
@@ -87,6 +87,37 @@ fn streaming_steps_give_what_offline_processing_gives() {
     assert_eq!(streamed, offline);
     let err = session.step(&vec![0.0; FRAME_SAMPLES + 1]).unwrap_err();
     assert!(matches!(err, DuplexError::Audio(_)), "{err}");
+}
+
+/// A `.pt` voice prompt made from a recording conditions the model exactly as the recording
+/// does: the embeddings replay the first frames' inputs and the token buffer the last one's.
+#[test]
+fn a_pt_voice_prompt_gives_what_its_recording_gives() {
+    let dir = tiny_model(16);
+    let mut engine = tiny_engine(&dir);
+    let recording = speech("cmd_stop_music.wav");
+    let voice = engine.voice_embeddings(&recording).unwrap();
+    let pt = dir.path().join("voices-stop.pt");
+    voice.write(&pt).unwrap();
+    let input = speech_pcm("cmd_what_time.wav");
+    let with = |voice: Option<PathBuf>| Prompt {
+        voice,
+        text: Some("Be kind.".into()),
+        seed: 9,
+        ..Prompt::default()
+    };
+    let (from_wav, wav_text) = process(&mut engine, &input, &with(Some(recording))).unwrap();
+    let (from_pt, pt_text) = process(&mut engine, &input, &with(Some(pt.clone()))).unwrap();
+    assert_eq!(from_wav, from_pt);
+    assert_eq!(wav_text, pt_text);
+    // The voice matters: without it the reply differs.
+    let (plain, _) = process(&mut engine, &input, &with(None)).unwrap();
+    assert_ne!(plain, from_pt);
+
+    // A .pt of another model's width is refused naming the file.
+    std::fs::write(&pt, b"PK not really").unwrap();
+    let err = process(&mut engine, &input, &with(Some(pt))).unwrap_err();
+    assert!(err.to_string().contains("voices-stop.pt"), "{err}");
 }
 
 #[test]
@@ -135,7 +166,7 @@ fn a_missing_or_broken_file_is_named() {
     );
 
     let voice = Prompt {
-        voice_wav: Some(dir.path().join("no-such-voice.wav")),
+        voice: Some(dir.path().join("no-such-voice.wav")),
         ..Prompt::default()
     };
     let good = tiny_model(16);
@@ -345,7 +376,7 @@ fn duplex_process_writes_a_reply_as_long_as_the_input_and_its_text() {
     // A known voice whose prompt file is absent is named.
     std::fs::remove_file(dir.path().join("voices/NATF2.wav")).unwrap();
     let result = run("NATF2");
-    assert!(String::from_utf8_lossy(&result.stderr).contains("voices/NATF2.wav"));
+    assert!(String::from_utf8_lossy(&result.stderr).contains("voices/NATF2.pt"));
 }
 
 #[test]

@@ -7,6 +7,11 @@
 //! its codebook 0 in column `f` and its other codebooks in column `f + 1`, so the agent's frame
 //! `c` is complete after step `c`, aligned with the user's frame `c`. Columns before a stream's
 //! delay hold the initial tokens (text: `text_card`, audio: `card`, the padding token).
+//! Tokens the prompts provide (text and both streams' audio) go into the columns of their frame,
+//! as the fork's `prepare_step_input` writes them.
+//!
+//! A voice prompt is a WAV encoded with Mimi or the repo's `.pt` file ([`voice`]): the inputs
+//! of all but the last voice frame as embeddings, then the token columns the last frame reads.
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +20,7 @@ use candle_transformers::generation::{LogitsProcessor, Sampling};
 
 use super::arch::{Arch, PyTorchLayout};
 use super::tokenizer::TextTokenizer;
+use super::voice::VoiceEmbeddings;
 use super::{DuplexError, FRAME_SAMPLES, MIMI_FILE, MODEL_FILE, SAMPLE_RATE, TOKENIZER_FILE};
 
 /// The text pad token (the fork's `existing_text_padding_id`): "nothing said this frame".
@@ -61,9 +67,9 @@ impl Default for SamplingSettings {
 /// What conditions a conversation: the voice, the role, the random seed.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Prompt {
-    /// A WAV (any format the decoder reads) of the voice to speak in, encoded with Mimi and fed
-    /// as the agent's audio before the conversation.
-    pub voice_wav: Option<PathBuf>,
+    /// The voice to speak in: a `.pt` voice prompt ([`voice`]), or audio (any format the
+    /// decoder reads) encoded with Mimi and fed as the agent's audio before the conversation.
+    pub voice: Option<PathBuf>,
     /// The role, wrapped in `<system>` tokens and fed one token per frame.
     pub text: Option<String>,
     /// Seed of the samplers.
@@ -179,22 +185,15 @@ impl Engine {
     /// silence, the `<system>`-wrapped text one token per frame, 0.5 s silence).
     ///
     /// # Errors
-    /// [`DuplexError::Audio`] when the voice WAV cannot be read; [`DuplexError::Compute`].
+    /// [`DuplexError::Audio`] when the voice file cannot be read or does not fit the model;
+    /// [`DuplexError::Compute`].
     pub fn start(&mut self, prompt: &Prompt) -> Result<Session<'_>, DuplexError> {
-        let voice = match &prompt.voice_wav {
-            Some(path) => Some(
-                crate::pipeline::decode::decode_file(path, SAMPLE_RATE).map_err(|e| {
-                    DuplexError::Audio(format!("voice prompt {}: {e}", path.display()))
-                })?,
-            ),
+        let voice = match &prompt.voice {
+            Some(path) if super::voice::is_embeddings(path) => Some(Voice::Embeddings(
+                VoiceEmbeddings::read(path, &self.arch, &self.device, self.dtype)?,
+            )),
+            Some(path) => Some(Voice::Frames(self.voice_frames(path)?)),
             None => None,
-        };
-        self.lm.reset_state();
-        self.mimi.reset_state();
-        let (silence, sine) = self.prompt_codes()?;
-        let voice_frames = match voice {
-            Some(pcm) if !pcm.is_empty() => self.encode_all(&pcm)?,
-            _ => Vec::new(),
         };
         let text_tokens = match prompt.text.as_deref().map(str::trim) {
             Some(text) if !text.is_empty() => {
@@ -202,44 +201,109 @@ impl Engine {
             }
             _ => Vec::new(),
         };
+        self.lm.reset_state();
         self.mimi.reset_state();
-        let s = prompt.sampling;
-        let mut session = Session {
-            streams: streams(&self.arch),
-            cur: vec![None; streams(&self.arch)],
-            next: vec![None; streams(&self.arch)],
-            step: 0,
-            text_lp: LogitsProcessor::from_sampling(
-                prompt.seed,
-                Sampling::TopK {
-                    k: s.text_top_k,
-                    temperature: s.text_temperature,
-                },
-            ),
-            audio_lp: LogitsProcessor::from_sampling(
-                prompt.seed.wrapping_add(1),
-                Sampling::TopK {
-                    k: s.audio_top_k,
-                    temperature: s.audio_temperature,
-                },
-            ),
-            engine: self,
-        };
-        for frame in &voice_frames {
-            session.step_tokens(&sine, Some(frame), Some(TEXT_PAD))?;
+        let (silence, sine) = self.prompt_codes()?;
+        self.mimi.reset_state();
+        let mut session = Session::new(self, prompt.seed, prompt.sampling);
+        match voice {
+            Some(Voice::Frames(frames)) => {
+                for frame in &frames {
+                    session.prompt_step(Some(&sine), Some(frame), TEXT_PAD)?;
+                }
+            }
+            Some(Voice::Embeddings(voice)) => session.replay(&voice)?,
+            None => {}
         }
-        for _ in 0..SILENCE_FRAMES {
-            session.step_tokens(&sine, Some(&silence), Some(TEXT_PAD))?;
-        }
-        for &token in &text_tokens {
-            session.step_tokens(&sine, Some(&silence), Some(token))?;
-        }
-        for _ in 0..SILENCE_FRAMES {
-            session.step_tokens(&sine, Some(&silence), Some(TEXT_PAD))?;
+        let prompt_frames: Vec<(&[u32], u32)> =
+            std::iter::repeat_n((&silence[..], TEXT_PAD), SILENCE_FRAMES)
+                .chain(text_tokens.iter().map(|&t| (&silence[..], t)))
+                .chain(std::iter::repeat_n(
+                    (&silence[..], TEXT_PAD),
+                    SILENCE_FRAMES,
+                ))
+                .collect();
+        let last = prompt_frames.len() - 1;
+        for (i, (agent, text)) in prompt_frames.into_iter().enumerate() {
+            if i == last {
+                // The last prompt step predicts the conversation's first column.
+                session.step_tokens(Some(&sine), Some(agent), Some(text), true)?;
+            } else {
+                session.prompt_step(Some(&sine), Some(agent), text)?;
+            }
         }
         // The prompts' agent frames are not played: the conversation's audio starts fresh.
         session.engine.mimi.reset_state();
         Ok(session)
+    }
+
+    /// Computes the `.pt` voice prompt of an audio file (what the fork writes with
+    /// `save_voice_prompt_embeddings`): the LM's input embeddings of every voice frame but the
+    /// last, and the token columns the last one reads. Starting with it gives the same
+    /// conversation as starting with the audio.
+    ///
+    /// # Errors
+    /// [`DuplexError::Audio`] for unreadable or empty audio; [`DuplexError::Load`] when the
+    /// embedding tables cannot be read; [`DuplexError::Compute`].
+    pub fn voice_embeddings(&mut self, audio: &Path) -> Result<VoiceEmbeddings, DuplexError> {
+        let frames = self.voice_frames(audio)?;
+        let (_, sine) = self.prompt_codes()?;
+        let model = self.dir.join(MODEL_FILE);
+        let load_error = |e: candle_core::Error| DuplexError::Load {
+            file: model.clone(),
+            reason: e.to_string(),
+        };
+        let backend = PyTorchLayout::open(&model, &self.arch).map_err(load_error)?;
+        let vb =
+            candle_nn::VarBuilder::from_backend(Box::new(backend), self.dtype, self.device.clone());
+        let table = |name: &str, rows: usize| {
+            vb.get((rows, self.arch.dim), name)
+                .map(|t| candle_nn::Embedding::new(t, self.arch.dim))
+                .map_err(load_error)
+        };
+        let text_emb = table("text_emb.weight", self.arch.text_card + 1)?;
+        let audio_embs = (0..2 * self.arch.codebooks)
+            .map(|i| table(&format!("emb.{i}.weight"), self.arch.card + 1))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut session = Session::new(self, 0, SamplingSettings::default());
+        let (last, before) = frames.split_last().expect("voice_frames is never empty");
+        let mut embeddings = Vec::with_capacity(before.len());
+        for frame in before {
+            let input = session.prepare(Some(&sine), Some(frame), Some(TEXT_PAD));
+            let device = &session.engine.device;
+            let id = |t: u32| Tensor::from_vec(vec![t], (1, 1), device);
+            // The sum forward_cond makes, in its order: text, then each audio stream.
+            let mut sum = candle_core::Module::forward(&text_emb, &id(input[0])?)?;
+            for (emb, &t) in audio_embs.iter().zip(&input[1..]) {
+                sum = (sum + candle_core::Module::forward(emb, &id(t)?)?)?;
+            }
+            embeddings.push(sum);
+            session.advance();
+        }
+        session.prepare(Some(&sine), Some(last), Some(TEXT_PAD));
+        let columns = [session.cur.clone(), session.next.clone()];
+        let embeddings = if embeddings.is_empty() {
+            Tensor::zeros((0, 1, 1, self.arch.dim), self.dtype, &self.device)?
+        } else {
+            Tensor::stack(&embeddings, 0)?
+        };
+        VoiceEmbeddings::new(embeddings, &columns, before.len())
+    }
+
+    /// The Mimi codes of a voice prompt's audio, one vector per 80 ms frame (at least one).
+    fn voice_frames(&mut self, path: &Path) -> Result<Vec<Vec<u32>>, DuplexError> {
+        let pcm = crate::pipeline::decode::decode_file(path, SAMPLE_RATE)
+            .map_err(|e| DuplexError::Audio(format!("voice prompt {}: {e}", path.display())))?;
+        if pcm.is_empty() {
+            return Err(DuplexError::Audio(format!(
+                "voice prompt {} has no audio",
+                path.display()
+            )));
+        }
+        self.mimi.reset_state();
+        let frames = self.encode_all(&pcm);
+        self.mimi.reset_state();
+        frames
     }
 
     /// The agent's silence frame and the user's tone frame for the system prompts: the fork's
@@ -253,6 +317,7 @@ impl Engine {
             .map(|i| 0.5 * (std::f32::consts::TAU * 440.0 * i as f32 / SAMPLE_RATE as f32).sin())
             .collect();
         let mut first = |pcm: &[f32]| -> Result<Vec<u32>, DuplexError> {
+            self.mimi.reset_state();
             Ok(self.encode_all(pcm)?.swap_remove(0))
         };
         Ok((first(&[0.0; FRAME_SAMPLES])?, first(&tone)?))
@@ -273,15 +338,52 @@ impl Engine {
     }
 }
 
+/// A voice prompt, ready to feed.
+enum Voice {
+    /// Mimi codes per frame.
+    Frames(Vec<Vec<u32>>),
+    /// A `.pt` voice prompt.
+    Embeddings(VoiceEmbeddings),
+}
+
 /// A conversation on an [`Engine`]: one [`Session::step`] per 80 ms frame of the user's audio.
 pub struct Session<'a> {
     engine: &'a mut Engine,
     streams: usize,
+    /// The column this step reads (`None`: not yet known).
     cur: Vec<Option<u32>>,
+    /// The column this step writes.
     next: Vec<Option<u32>>,
     step: usize,
     text_lp: LogitsProcessor,
     audio_lp: LogitsProcessor,
+}
+
+impl<'a> Session<'a> {
+    fn new(engine: &'a mut Engine, seed: u64, s: SamplingSettings) -> Self {
+        let streams = streams(&engine.arch);
+        Session {
+            streams,
+            cur: vec![None; streams],
+            next: vec![None; streams],
+            step: 0,
+            text_lp: LogitsProcessor::from_sampling(
+                seed,
+                Sampling::TopK {
+                    k: s.text_top_k,
+                    temperature: s.text_temperature,
+                },
+            ),
+            audio_lp: LogitsProcessor::from_sampling(
+                seed.wrapping_add(1),
+                Sampling::TopK {
+                    k: s.audio_top_k,
+                    temperature: s.audio_temperature,
+                },
+            ),
+            engine,
+        }
+    }
 }
 
 impl Session<'_> {
@@ -310,7 +412,7 @@ impl Session<'_> {
             // Mimi's first call may hold its output back: the user's stream gets padding.
             None => vec![self.engine.arch.card as u32; self.engine.arch.codebooks],
         };
-        let (text, agent) = self.step_tokens(&user, None, None)?;
+        let (text, agent) = self.step_tokens(Some(&user), None, None, true)?;
         let pcm = match agent {
             Some(agent) => {
                 let n = agent.len();
@@ -353,26 +455,31 @@ impl Session<'_> {
         }
     }
 
-    /// One LM step: the user's frame codes, the agent's if provided (a voice prompt), the text
-    /// token if forced. Returns the text token and the agent's frame if complete and decodable.
-    fn step_tokens(
+    /// Puts a frame's provided tokens in place and returns the column this step reads: the
+    /// initial tokens before each stream's delay, else what was provided or predicted.
+    fn prepare(
         &mut self,
-        user: &[u32],
+        user: Option<&[u32]>,
         agent: Option<&[u32]>,
         text: Option<u32>,
-    ) -> Result<(u32, Option<Vec<u32>>), DuplexError> {
+    ) -> Vec<u32> {
         let (cb, card, text_card) = {
             let arch = &self.engine.arch;
             (arch.codebooks, arch.card as u32, arch.text_card as u32)
         };
         let (agent0, user0) = (1, 1 + cb);
-        self.provide(user0, user);
+        if let Some(user) = user {
+            self.provide(user0, user);
+        }
         if let Some(agent) = agent {
             self.provide(agent0, agent);
         }
+        if let Some(text) = text {
+            self.cur[0] = Some(text);
+        }
         let delay = |s: usize| usize::from(s != 0 && s != agent0 && s != user0);
         let initial = |s: usize| if s == 0 { text_card } else { card };
-        let input: Vec<u32> = (0..self.streams)
+        (0..self.streams)
             .map(|s| {
                 if self.step <= delay(s) {
                     initial(s)
@@ -380,7 +487,54 @@ impl Session<'_> {
                     self.cur[s].unwrap_or(initial(s))
                 }
             })
-            .collect();
+            .collect()
+    }
+
+    /// Moves to the next column.
+    fn advance(&mut self) {
+        self.cur = std::mem::replace(&mut self.next, vec![None; self.streams]);
+        self.step += 1;
+    }
+
+    /// A system-prompt step: the model reads the column, nothing is predicted (the next column
+    /// is provided by the next prompt step).
+    fn prompt_step(
+        &mut self,
+        user: Option<&[u32]>,
+        agent: Option<&[u32]>,
+        text: u32,
+    ) -> Result<(), DuplexError> {
+        self.step_tokens(user, agent, Some(text), false).map(|_| ())
+    }
+
+    /// Replays a `.pt` voice prompt: its embeddings as the inputs of the first voice frames,
+    /// then its token columns for the last one.
+    fn replay(&mut self, voice: &VoiceEmbeddings) -> Result<(), DuplexError> {
+        let audio = vec![None; 2 * self.engine.arch.codebooks];
+        for i in 0..voice.frames() {
+            let condition = moshi::conditioner::Condition::AddToInput(voice.embedding(i)?);
+            self.engine
+                .lm
+                .forward_cond(None, audio.clone(), Some(&condition), &().into())?;
+            self.advance();
+        }
+        let [cur, next] = voice.columns(self.streams)?;
+        self.cur = cur;
+        self.next = next;
+        self.step_tokens(None, None, None, false).map(|_| ())
+    }
+
+    /// One LM step: the user's frame codes, the agent's if provided (a voice prompt), the text
+    /// token if provided. With `predict`, samples the next column's text and audio and returns
+    /// its text token and the agent's frame if complete and decodable.
+    fn step_tokens(
+        &mut self,
+        user: Option<&[u32]>,
+        agent: Option<&[u32]>,
+        text: Option<u32>,
+        predict: bool,
+    ) -> Result<(u32, Option<Vec<u32>>), DuplexError> {
+        let input = self.prepare(user, agent, text);
         let device = self.engine.device.clone();
         let id = |t: u32| Tensor::from_vec(vec![t], (1, 1), &device);
         let audio = input[1..]
@@ -391,10 +545,12 @@ impl Session<'_> {
             .engine
             .lm
             .forward(Some(id(input[0])?), audio, &().into())?;
-        let text = match text {
-            Some(t) => t,
-            None => self.text_lp.sample(&logits.i((0, 0))?)?,
-        };
+        if !predict {
+            self.advance();
+            return Ok((TEXT_PAD, None));
+        }
+        let (cb, card) = (self.engine.arch.codebooks, self.engine.arch.card as u32);
+        let text = self.text_lp.sample(&logits.i((0, 0))?)?;
         let forced: Vec<Option<u32>> = (1..self.streams).map(|s| self.next[s]).collect();
         let sampled = self
             .engine
@@ -409,15 +565,14 @@ impl Session<'_> {
             let tokens: Vec<u32> = (0..cb)
                 .map(|k| {
                     let column = if k == 0 { &self.cur } else { &self.next };
-                    column[agent0 + k].unwrap_or(card)
+                    column[1 + k].unwrap_or(card)
                 })
                 .collect();
             tokens.iter().all(|&t| t < card).then_some(tokens)
         } else {
             None
         };
-        self.cur = std::mem::replace(&mut self.next, vec![None; self.streams]);
-        self.step += 1;
+        self.advance();
         Ok((text, frame))
     }
 }

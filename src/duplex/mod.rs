@@ -6,11 +6,13 @@
 //!   80 ms streaming step; offline processing of a whole file.
 //! - [`lifecycle`]: where the model lives (GPU, CPU, unloaded) and when it moves.
 //! - [`tokenizer`]: the SentencePiece text tokenizer.
+//! - [`voice`]: the `.pt` voice prompts.
 
 pub mod arch;
 pub mod engine;
 pub mod lifecycle;
 pub mod tokenizer;
+pub mod voice;
 
 use std::path::PathBuf;
 
@@ -121,20 +123,24 @@ pub fn prompt_examples() -> Vec<PromptExample> {
         .prompt
 }
 
-/// The voice prompt WAV for `voice`: a voice id (`{model_dir}/voices/{id}.wav`) or a path to an
-/// audio file.
+/// The voice prompt file for `voice`: a voice id (`NATF2`, or `NATF2.pt` as the reference
+/// server names them) resolving to `{model_dir}/voices/{id}.pt` (the repo's files, unpacked
+/// from `voices.tgz`) or else `{model_dir}/voices/{id}.wav`; or a path to a `.pt` or audio file.
 ///
 /// # Errors
 /// [`DuplexError::UnknownVoice`] when it is neither a known id nor an existing file;
-/// [`DuplexError::MissingFile`] when a known id's WAV is absent (the repo's `.pt` prompts are
-/// not read: convert one to WAV, or give a WAV of the voice).
+/// [`DuplexError::MissingFile`] when a known id has neither file (naming the `.pt`).
 pub fn voice_prompt(model_dir: &std::path::Path, voice: &str) -> Result<PathBuf, DuplexError> {
-    if voices().iter().any(|v| v.id == voice) {
-        let wav = model_dir.join("voices").join(format!("{voice}.wav"));
-        return if wav.is_file() {
+    let id = voice.strip_suffix(".pt").unwrap_or(voice);
+    if voices().iter().any(|v| v.id == id) {
+        let dir = model_dir.join("voices");
+        let (pt, wav) = (dir.join(format!("{id}.pt")), dir.join(format!("{id}.wav")));
+        return if pt.is_file() {
+            Ok(pt)
+        } else if wav.is_file() {
             Ok(wav)
         } else {
-            Err(DuplexError::MissingFile(wav))
+            Err(DuplexError::MissingFile(pt))
         };
     }
     let path = PathBuf::from(voice);

@@ -5,6 +5,7 @@ pub mod asr;
 pub mod convert;
 pub mod decode;
 pub mod input;
+pub mod oggopus;
 pub mod opus;
 pub mod queue;
 pub mod sentence;

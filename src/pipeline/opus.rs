@@ -133,6 +133,15 @@ impl FrameEncoder {
         Ok(())
     }
 
+    /// The encoder's lookahead, in samples per channel at its rate: how much decoded output
+    /// leads the input (an Ogg/Opus header's pre-skip).
+    ///
+    /// # Errors
+    /// [`OpusError::Codec`] from libopus.
+    pub fn lookahead(&mut self) -> Result<u32, OpusError> {
+        Ok(self.encoder.get_lookahead()?.max(0) as u32)
+    }
+
     /// Drops samples waiting for a whole frame (after a stop).
     pub fn clear(&mut self) {
         self.pending.clear();
