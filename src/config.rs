@@ -397,6 +397,18 @@ pub struct DuplexConfig {
     pub default_voice: String,
     /// Sampling seed when none is asked for.
     pub seed: u64,
+    /// Address and port of `voxloop duplex serve` (the reference server's port).
+    pub bind: String,
+    /// Longest offline input (`/api/offline`, `process_audio`), seconds of audio.
+    pub max_input_s: f64,
+    /// Largest `/api/offline` upload, bytes.
+    pub max_upload_bytes: usize,
+    /// 80 ms frames of a conversation's audio queued for the model before the WebSocket stops
+    /// reading (back-pressure on a client that sends faster than the model runs).
+    pub chat_queue_frames: usize,
+    /// How long a new conversation waits for the model before it is refused as busy (close
+    /// code 1013), ms.
+    pub chat_wait_ms: u64,
 }
 
 impl Default for DuplexConfig {
@@ -408,6 +420,11 @@ impl Default for DuplexConfig {
             idle_timeout_s: 300,
             default_voice: "NATF2".into(),
             seed: 42_424_242,
+            bind: "127.0.0.1:8998".into(),
+            max_input_s: 600.0,
+            max_upload_bytes: 64 << 20,
+            chat_queue_frames: 64,
+            chat_wait_ms: 1000,
         }
     }
 }

@@ -150,6 +150,19 @@ enum DuplexCommand {
         #[arg(long)]
         output: PathBuf,
     },
+    /// The REST + WebSocket server (the reference server's API: /health, /api/gpu/*,
+    /// /api/voices, /api/prompts, /api/offline, /api/chat).
+    Serve {
+        /// Address and port; default [duplex] bind.
+        #[arg(long)]
+        bind: Option<String>,
+    },
+    /// The MCP server: stdio, or streamable HTTP at /mcp with --bind.
+    Mcp {
+        /// Serve streamable HTTP on this address and port instead of stdio.
+        #[arg(long)]
+        bind: Option<String>,
+    },
     /// The 18 voices.
     Voices,
     /// The example role prompts.
@@ -235,6 +248,16 @@ fn main() -> anyhow::Result<ExitCode> {
             let config = load_config(&cli)?;
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(chat(&config, text.as_deref(), output.as_deref()))
+        }
+        Command::Duplex(DuplexCommand::Serve { bind }) => {
+            let config = load_config(&cli)?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(duplex_serve(&config, bind.as_deref()))
+        }
+        Command::Duplex(DuplexCommand::Mcp { bind }) => {
+            let config = load_config(&cli)?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(duplex_mcp(&config, bind.as_deref()))
         }
         Command::Duplex(command) => {
             let config = load_config(&cli)?;
@@ -449,6 +472,71 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         let _ = tokio::signal::ctrl_c().await;
     };
     voxloop::device::server::serve(listener, &config, Some(assistant), shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints a line to stdout; a closed stdout (`serve | head -1`) must not stop a server.
+fn announce(line: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+async fn duplex_serve(config: &Config, bind: Option<&str>) -> anyhow::Result<ExitCode> {
+    let duplex = voxloop::duplex::service::Duplex::start(&config.duplex)?;
+    let bind = bind.unwrap_or(&config.duplex.bind);
+    let listener = tokio::net::TcpListener::bind(bind)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {bind}: {e}"))?;
+    announce(&format!("duplex server: http://{}", listener.local_addr()?));
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    voxloop::duplex::server::serve(listener, duplex, config.duplex.max_upload_bytes, shutdown)
+        .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn duplex_mcp(config: &Config, bind: Option<&str>) -> anyhow::Result<ExitCode> {
+    use rmcp::ServiceExt as _;
+    use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+    use rmcp::transport::streamable_http_server::{
+        StreamableHttpServerConfig, StreamableHttpService,
+    };
+    let duplex = voxloop::duplex::service::Duplex::start(&config.duplex)?;
+    let server = voxloop::duplex::mcp::DuplexMcp::new(duplex);
+    let Some(bind) = bind else {
+        let service = server
+            .serve(rmcp::transport::stdio())
+            .await
+            .context("MCP stdio handshake")?;
+        service.waiting().await?;
+        return Ok(ExitCode::SUCCESS);
+    };
+    // Origin validated against loopback (MCP transports spec, "Security Warning").
+    let origins = ["http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*"].map(String::from);
+    let http_config = StreamableHttpServerConfig::default()
+        .with_allowed_origins(origins.to_vec())
+        .enforce_origin_validation();
+    let service = StreamableHttpService::new(
+        move || Ok(server.clone()),
+        std::sync::Arc::new(LocalSessionManager::default()),
+        http_config,
+    );
+    let app = axum::Router::new().nest_service("/mcp", service);
+    let listener = tokio::net::TcpListener::bind(bind)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {bind}: {e}"))?;
+    announce(&format!(
+        "MCP endpoint: http://{}/mcp",
+        listener.local_addr()?
+    ));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -803,6 +891,9 @@ async fn say(config: &Config, text: &str, output: Option<&Path>) -> anyhow::Resu
 fn duplex(config: &Config, command: &DuplexCommand) -> anyhow::Result<ExitCode> {
     use voxloop::duplex::{self, SAMPLE_RATE, engine};
     match command {
+        DuplexCommand::Serve { .. } | DuplexCommand::Mcp { .. } => {
+            unreachable!("served by duplex_serve and duplex_mcp")
+        }
         DuplexCommand::Voices => {
             for voice in duplex::voices() {
                 println!("{:6} {}", voice.id, voice.description);

@@ -5,12 +5,16 @@
 //! - [`engine`]: loading, the system prompts (voice, silence, `<system>` text) and the
 //!   80 ms streaming step; offline processing of a whole file.
 //! - [`lifecycle`]: where the model lives (GPU, CPU, unloaded) and when it moves.
+//! - [`service`], [`server`], [`mcp`]: the co-host's surfaces (REST + WebSocket, MCP).
 //! - [`tokenizer`]: the SentencePiece text tokenizer.
 //! - [`voice`]: the `.pt` voice prompts.
 
 pub mod arch;
 pub mod engine;
 pub mod lifecycle;
+pub mod mcp;
+pub mod server;
+pub mod service;
 pub mod tokenizer;
 pub mod voice;
 
