@@ -193,24 +193,13 @@ async fn rest_endpoints_answer_and_offline_replies_as_long_as_the_input() {
         assert!(error.contains(needle), "{error:?} lacks {needle:?}");
     }
 
-    let client = reqwest::Client::new();
-    let offload: Value = client
-        .post(format!("{base}/api/gpu/offload"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let post = |path: &str| {
+        let request = reqwest::Client::new().post(format!("{base}{path}")).send();
+        async move { request.await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let offload = post("/api/gpu/offload").await;
     assert_eq!(offload, json!({"status": "success", "location": "cpu"}));
-    let release: Value = client
-        .post(format!("{base}/api/gpu/release"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let release = post("/api/gpu/release").await;
     assert_eq!(release, json!({"status": "success", "released": true}));
     let status = get_json(&format!("{base}/api/gpu/status")).await;
     assert_eq!(status["location"], "unloaded");

@@ -127,6 +127,17 @@ async fn prompts() -> Json<Value> {
     Json(json!({"prompts": super::prompt_examples()}))
 }
 
+/// A `seed` form field or query parameter: absent or empty is `None`.
+fn parse_seed(value: Option<&String>) -> Result<Option<i64>, String> {
+    match value.map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        None => Ok(None),
+        Some(s) => s
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("`seed` must be an integer, got {s:?}")),
+    }
+}
+
 /// `X-Text-Output`: the text as a JSON string with every non-ASCII character escaped (header
 /// values are visible ASCII).
 fn ascii_json(text: &str) -> String {
@@ -172,21 +183,9 @@ async fn offline(State(app): State<AppState>, mut form: Multipart) -> Response {
     let Some(audio) = audio else {
         return error_response(StatusCode::BAD_REQUEST, "no `file` field with the audio");
     };
-    let seed = match fields
-        .get("seed")
-        .map(|s| s.trim())
-        .filter(|s| !s.is_empty())
-    {
-        None => None,
-        Some(s) => match s.parse::<i64>() {
-            Ok(seed) => Some(seed),
-            Err(_) => {
-                return error_response(
-                    StatusCode::BAD_REQUEST,
-                    format!("`seed` must be an integer, got {s:?}"),
-                );
-            }
-        },
+    let seed = match parse_seed(fields.get("seed")) {
+        Ok(seed) => seed,
+        Err(why) => return error_response(StatusCode::BAD_REQUEST, why),
     };
     let prompt = match app.duplex.prompt(
         fields.get("voice_prompt").map(String::as_str),
@@ -253,19 +252,9 @@ async fn fail(socket: &mut WebSocket, code: u16, error: &str) {
 
 /// One conversation over `/api/chat`.
 async fn conversation(mut socket: WebSocket, duplex: Arc<Duplex>, query: HashMap<String, String>) {
-    let seed = match query
-        .get("seed")
-        .map(|s| s.trim())
-        .filter(|s| !s.is_empty())
-    {
-        None => None,
-        Some(s) => match s.parse::<i64>() {
-            Ok(seed) => Some(seed),
-            Err(_) => {
-                let why = format!("`seed` must be an integer, got {s:?}");
-                return fail(&mut socket, CLOSE_POLICY, &why).await;
-            }
-        },
+    let seed = match parse_seed(query.get("seed")) {
+        Ok(seed) => seed,
+        Err(why) => return fail(&mut socket, CLOSE_POLICY, &why).await,
     };
     let prompt = match duplex.prompt(
         query.get("voice_prompt").map(String::as_str),
