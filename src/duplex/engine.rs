@@ -10,7 +10,7 @@
 //! Tokens the prompts provide (text and both streams' audio) go into the columns of their frame,
 //! as the fork's `prepare_step_input` writes them.
 //!
-//! A voice prompt is a WAV encoded with Mimi or the repo's `.pt` file ([`voice`]): the inputs
+//! A voice prompt is a WAV encoded with Mimi or the repo's `.pt` file ([`super::voice`]): the inputs
 //! of all but the last voice frame as embeddings, then the token columns the last frame reads.
 
 use std::path::{Path, PathBuf};
@@ -67,7 +67,7 @@ impl Default for SamplingSettings {
 /// What conditions a conversation: the voice, the role, the random seed.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Prompt {
-    /// The voice to speak in: a `.pt` voice prompt ([`voice`]), or audio (any format the
+    /// The voice to speak in: a `.pt` voice prompt ([`super::voice`]), or audio (any format the
     /// decoder reads) encoded with Mimi and fed as the agent's audio before the conversation.
     pub voice: Option<PathBuf>,
     /// The role, wrapped in `<system>` tokens and fed one token per frame.
