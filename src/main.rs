@@ -961,18 +961,8 @@ fn duplex(config: &Config, command: &DuplexCommand) -> anyhow::Result<ExitCode> 
             let loaded = started.elapsed();
             let (reply, text) = engine::process(&mut model, &pcm, &prompt)?;
             let took = started.elapsed() - loaded;
-            let spec = hound::WavSpec {
-                channels: 1,
-                sample_rate: SAMPLE_RATE,
-                bits_per_sample: 16,
-                sample_format: hound::SampleFormat::Int,
-            };
-            let mut wav = hound::WavWriter::create(output, spec)
+            std::fs::write(output, duplex::service::wav_bytes(&reply))
                 .with_context(|| format!("writing {}", output.display()))?;
-            for sample in &reply {
-                wav.write_sample((sample.clamp(-1.0, 1.0) * 32767.0) as i16)?;
-            }
-            wav.finalize()?;
             let text_path = output.with_extension("txt");
             std::fs::write(&text_path, format!("{text}\n"))
                 .with_context(|| format!("writing {}", text_path.display()))?;

@@ -201,39 +201,31 @@ impl Engine {
             }
             _ => Vec::new(),
         };
+        // A previous conversation's streaming state goes.
         self.lm.reset_state();
         self.mimi.reset_state();
         let (silence, sine) = self.prompt_codes()?;
-        self.mimi.reset_state();
         let mut session = Session::new(self, prompt.seed, prompt.sampling);
         match voice {
             Some(Voice::Frames(frames)) => {
                 for frame in &frames {
-                    session.prompt_step(Some(&sine), Some(frame), TEXT_PAD)?;
+                    session.step_tokens(Some(&sine), Some(frame), Some(TEXT_PAD), false)?;
                 }
             }
             Some(Voice::Embeddings(voice)) => session.replay(&voice)?,
             None => {}
         }
-        let prompt_frames: Vec<(&[u32], u32)> =
-            std::iter::repeat_n((&silence[..], TEXT_PAD), SILENCE_FRAMES)
-                .chain(text_tokens.iter().map(|&t| (&silence[..], t)))
-                .chain(std::iter::repeat_n(
-                    (&silence[..], TEXT_PAD),
-                    SILENCE_FRAMES,
-                ))
-                .collect();
-        let last = prompt_frames.len() - 1;
-        for (i, (agent, text)) in prompt_frames.into_iter().enumerate() {
-            if i == last {
-                // The last prompt step predicts the conversation's first column.
-                session.step_tokens(Some(&sine), Some(agent), Some(text), true)?;
-            } else {
-                session.prompt_step(Some(&sine), Some(agent), text)?;
-            }
+        // 0.5 s of silence, the role one token per frame, 0.5 s of silence; the agent silent,
+        // the user a tone.
+        let texts: Vec<u32> = std::iter::repeat_n(TEXT_PAD, SILENCE_FRAMES)
+            .chain(text_tokens)
+            .chain(std::iter::repeat_n(TEXT_PAD, SILENCE_FRAMES))
+            .collect();
+        for (i, &text) in texts.iter().enumerate() {
+            // The last prompt step predicts the conversation's first column.
+            let predict = i + 1 == texts.len();
+            session.step_tokens(Some(&sine), Some(&silence), Some(text), predict)?;
         }
-        // The prompts' agent frames are not played: the conversation's audio starts fresh.
-        session.engine.mimi.reset_state();
         Ok(session)
     }
 
@@ -287,7 +279,7 @@ impl Engine {
         } else {
             Tensor::stack(&embeddings, 0)?
         };
-        VoiceEmbeddings::new(embeddings, &columns, before.len())
+        VoiceEmbeddings::new(embeddings, &columns)
     }
 
     /// The Mimi codes of a voice prompt's audio, one vector per 80 ms frame (at least one).
@@ -300,10 +292,7 @@ impl Engine {
                 path.display()
             )));
         }
-        self.mimi.reset_state();
-        let frames = self.encode_all(&pcm);
-        self.mimi.reset_state();
-        frames
+        self.encode_all(&pcm)
     }
 
     /// The agent's silence frame and the user's tone frame for the system prompts: the fork's
@@ -317,19 +306,22 @@ impl Engine {
             .map(|i| 0.5 * (std::f32::consts::TAU * 440.0 * i as f32 / SAMPLE_RATE as f32).sin())
             .collect();
         let mut first = |pcm: &[f32]| -> Result<Vec<u32>, DuplexError> {
-            self.mimi.reset_state();
             Ok(self.encode_all(pcm)?.swap_remove(0))
         };
         Ok((first(&[0.0; FRAME_SAMPLES])?, first(&tone)?))
     }
 
-    /// Mimi codes of `pcm`, one `codebooks`-long vector per whole 80 ms frame (the tail padded).
+    /// Mimi codes of `pcm` on its own (Mimi's streaming state reset before and after), one
+    /// `codebooks`-long vector per 80 ms frame, at least one (the tail padded with silence).
     fn encode_all(&mut self, pcm: &[f32]) -> Result<Vec<Vec<u32>>, DuplexError> {
+        self.mimi.reset_state();
         let frames = pcm.len().div_ceil(FRAME_SAMPLES).max(1);
         let mut padded = pcm.to_vec();
         padded.resize(frames * FRAME_SAMPLES, 0.0);
         let input = Tensor::from_vec(padded, (1, 1, frames * FRAME_SAMPLES), &self.device)?;
-        let codes = self.mimi.encode(&input)?.i(0)?.to_dtype(DType::U32)?;
+        let codes = self.mimi.encode(&input)?.i(0)?.to_dtype(DType::U32);
+        self.mimi.reset_state();
+        let codes = codes?;
         let codes: Vec<Vec<u32>> = codes.to_vec2()?;
         let n = codes.first().map_or(0, Vec::len);
         Ok((0..n)
@@ -496,17 +488,6 @@ impl Session<'_> {
         self.step += 1;
     }
 
-    /// A system-prompt step: the model reads the column, nothing is predicted (the next column
-    /// is provided by the next prompt step).
-    fn prompt_step(
-        &mut self,
-        user: Option<&[u32]>,
-        agent: Option<&[u32]>,
-        text: u32,
-    ) -> Result<(), DuplexError> {
-        self.step_tokens(user, agent, Some(text), false).map(|_| ())
-    }
-
     /// Replays a `.pt` voice prompt: its embeddings as the inputs of the first voice frames,
     /// then its token columns for the last one.
     fn replay(&mut self, voice: &VoiceEmbeddings) -> Result<(), DuplexError> {
@@ -521,7 +502,8 @@ impl Session<'_> {
         let [cur, next] = voice.columns(self.streams)?;
         self.cur = cur;
         self.next = next;
-        self.step_tokens(None, None, None, false).map(|_| ())
+        self.step_tokens(None, None, None, false)?;
+        Ok(())
     }
 
     /// One LM step: the user's frame codes, the agent's if provided (a voice prompt), the text

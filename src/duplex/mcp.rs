@@ -186,11 +186,16 @@ impl DuplexMcp {
             .await
             .map_err(|e: DuplexError| e.to_string())?;
         let text_file = output.with_extension("txt");
-        let wav = wav_bytes(&reply.pcm);
-        let written = tokio::fs::write(&output, wav)
-            .await
-            .and(tokio::fs::write(&text_file, format!("{}\n", reply.text)).await);
-        written.map_err(|e| format!("writing {}: {e}", output.display()))?;
+        let write = |path: &PathBuf, bytes: Vec<u8>| {
+            let path = path.clone();
+            async move {
+                tokio::fs::write(&path, bytes)
+                    .await
+                    .map_err(|e| format!("writing {}: {e}", path.display()))
+            }
+        };
+        write(&output, wav_bytes(&reply.pcm)).await?;
+        write(&text_file, format!("{}\n", reply.text).into_bytes()).await?;
         Ok(json!({
             "output_audio": output,
             "output_text": text_file,

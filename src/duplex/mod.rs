@@ -42,6 +42,14 @@ pub enum DuplexError {
     /// A file the model needs is not there.
     #[error("missing model file {0}")]
     MissingFile(PathBuf),
+    /// A file cannot be written.
+    #[error("cannot write {file}: {reason}")]
+    Write {
+        /// The file.
+        file: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// A file is there but cannot be used.
     #[error("cannot load {file}: {reason}")]
     Load {

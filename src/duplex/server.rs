@@ -4,7 +4,8 @@
 //!   `GET /api/voices`, `GET /api/prompts`: JSON.
 //! - `POST /api/offline`: multipart form with `file` (audio, any format and rate the decoder
 //!   reads) and optional `voice_prompt`, `text_prompt`, `seed`; answers `audio/wav` (24 kHz mono
-//!   16-bit, as long as the input) with the text in the `X-Text-Output` header (a JSON string)
+//!   16-bit, as long as the input; the part's `Content-Type` names the format, else it is
+//!   sniffed) with the text in the `X-Text-Output` header (a JSON string)
 //!   and `X-Processing-Time` (seconds). Errors are JSON `{status: "error", error}`.
 //! - WebSocket `/api/chat?voice_prompt=&text_prompt=&seed=`: binary messages, first byte the
 //!   kind: server `0x00` once the system prompts ran; both ways `0x01` + the next bytes of an
@@ -40,13 +41,14 @@ pub mod kind {
     pub const ERROR: u8 = 0x03;
 }
 
-/// WebSocket close code for "try again later" (RFC 6455 §7.4.1 registry: 1013).
+/// WebSocket close code "try again later" (IANA WebSocket close code registry, 1013): another
+/// conversation holds the model.
 pub const CLOSE_BUSY: u16 = 1013;
-/// Close code for a policy violation, e.g. an unknown voice (1008).
+/// Close code for a policy violation, e.g. an unknown voice (RFC 6455 §7.4.1, 1008).
 pub const CLOSE_POLICY: u16 = 1008;
-/// Close code for data that cannot be decoded (1007).
+/// Close code for data that cannot be decoded (RFC 6455 §7.4.1, 1007).
 pub const CLOSE_BAD_DATA: u16 = 1007;
-/// Close code for a server-side failure (1011).
+/// Close code for a server-side failure (RFC 6455 §7.4.1, 1011).
 pub const CLOSE_ERROR: u16 = 1011;
 
 /// Opus packet length the server writes, ms.
@@ -159,7 +161,7 @@ fn ascii_json(text: &str) -> String {
 }
 
 async fn offline(State(app): State<AppState>, mut form: Multipart) -> Response {
-    let mut audio: Option<axum::body::Bytes> = None;
+    let mut audio: Option<(axum::body::Bytes, String)> = None;
     let mut fields: HashMap<String, String> = HashMap::new();
     loop {
         let field = match form.next_field().await {
@@ -168,6 +170,10 @@ async fn offline(State(app): State<AppState>, mut form: Multipart) -> Response {
             Err(e) => return error_response(e.status(), format!("bad multipart body: {e}")),
         };
         let name = field.name().unwrap_or_default().to_string();
+        let mime = field
+            .content_type()
+            .unwrap_or("application/octet-stream")
+            .to_string();
         let data = match field.bytes().await {
             Ok(data) => data,
             Err(e) => {
@@ -175,12 +181,12 @@ async fn offline(State(app): State<AppState>, mut form: Multipart) -> Response {
             }
         };
         if name == "file" {
-            audio = Some(data);
+            audio = Some((data, mime));
         } else {
             fields.insert(name, String::from_utf8_lossy(&data).into_owned());
         }
     }
-    let Some(audio) = audio else {
+    let Some((audio, mime)) = audio else {
         return error_response(StatusCode::BAD_REQUEST, "no `file` field with the audio");
     };
     let seed = match parse_seed(fields.get("seed")) {
@@ -195,19 +201,8 @@ async fn offline(State(app): State<AppState>, mut form: Multipart) -> Response {
         Ok(prompt) => prompt,
         Err(e) => return error_response(status_of(&e), e),
     };
-    // The decoder reads files: the upload goes to a temporary one.
-    let input = match tempfile::NamedTempFile::new()
-        .and_then(|f| std::fs::write(f.path(), &audio).map(|()| f))
-    {
-        Ok(f) => f,
-        Err(e) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, e),
-    };
-    let reply = match app.duplex.process_file(input.path(), prompt).await {
+    let reply = match app.duplex.process_encoded(audio, mime, prompt).await {
         Ok(reply) => reply,
-        Err(DuplexError::Audio(why)) => {
-            let why = why.replace(&input.path().display().to_string(), "the upload");
-            return error_response(StatusCode::BAD_REQUEST, why);
-        }
         Err(e) => return error_response(status_of(&e), e),
     };
     let mut response = wav_bytes(&reply.pcm).into_response();
@@ -299,8 +294,9 @@ async fn conversation(mut socket: WebSocket, duplex: Arc<Duplex>, query: HashMap
                         return fail(&mut socket, CLOSE_BAD_DATA, &e.to_string()).await;
                     }
                 }
-                let whole = heard.len() / FRAME_SAMPLES * FRAME_SAMPLES;
-                queued.extend(heard.drain(..whole).collect::<Vec<_>>().chunks(FRAME_SAMPLES).map(<[f32]>::to_vec));
+                while heard.len() >= FRAME_SAMPLES {
+                    queued.push_back(heard.drain(..FRAME_SAMPLES).collect());
+                }
             }
             event = chat.events.recv() => {
                 let sent = match event {

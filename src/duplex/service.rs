@@ -67,7 +67,9 @@ pub enum ChatEvent {
 }
 
 /// A running conversation: send frames of [`FRAME_SAMPLES`] samples at [`SAMPLE_RATE`] into
-/// `frames`; read `events`. Dropping `frames` ends it and frees the model.
+/// `frames`; read `events`. Dropping `frames` (or `events`) ends it and frees the model.
+/// `events` is unbounded but holds at most one [`ChatEvent::Step`] per frame sent, so a reader
+/// that stops sending while it falls behind bounds both queues.
 pub struct Chat {
     /// The user's audio, one 80 ms frame per message (bounded: `[duplex] chat_queue_frames`).
     pub frames: mpsc::Sender<Vec<f32>>,
@@ -155,12 +157,30 @@ impl Duplex {
             )));
         }
         let path = input.to_path_buf();
-        let pcm = tokio::task::spawn_blocking(move || {
+        let pcm = decoded(input.display().to_string(), move || {
             crate::pipeline::decode::decode_file(&path, SAMPLE_RATE)
         })
-        .await
-        .map_err(|e| DuplexError::Compute(format!("decoding task failed: {e}")))?
-        .map_err(|e| DuplexError::Audio(format!("{}: {e}", input.display())))?;
+        .await?;
+        self.process_pcm(pcm, prompt).await
+    }
+
+    /// The reply to encoded audio in memory (an upload), `mime` its type or
+    /// `application/octet-stream` to sniff it.
+    ///
+    /// # Errors
+    /// [`DuplexError::Audio`] for audio that cannot be decoded or is too long; as
+    /// [`Duplex::process_pcm`].
+    pub async fn process_encoded(
+        &self,
+        audio: bytes::Bytes,
+        mime: String,
+        prompt: Prompt,
+    ) -> Result<Processed, DuplexError> {
+        let pcm = decoded("the upload".into(), move || {
+            let input = std::io::Cursor::new(audio);
+            crate::pipeline::decode::decode_to_mono(input, &mime, SAMPLE_RATE)
+        })
+        .await?;
         self.process_pcm(pcm, prompt).await
     }
 
@@ -284,6 +304,17 @@ impl Duplex {
             .map(String::from)
             .collect()
     }
+}
+
+/// Runs a blocking decode off the async threads; errors name `what` was decoded.
+async fn decoded(
+    what: String,
+    decode: impl FnOnce() -> Result<Vec<f32>, crate::pipeline::decode::DecodeError> + Send + 'static,
+) -> Result<Vec<f32>, DuplexError> {
+    tokio::task::spawn_blocking(decode)
+        .await
+        .map_err(|e| DuplexError::Compute(format!("decoding task failed: {e}")))?
+        .map_err(|e| DuplexError::Audio(format!("{what}: {e}")))
 }
 
 /// The conversation's thread: prompts, then one step per frame until the frames end or the

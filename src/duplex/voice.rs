@@ -49,13 +49,8 @@ impl VoiceEmbeddings {
     ///
     /// # Errors
     /// [`DuplexError::Compute`] for a tensor of another rank.
-    pub fn new(
-        embeddings: Tensor,
-        columns: &[Vec<Option<u32>>; 2],
-        frames_before: usize,
-    ) -> Result<Self, DuplexError> {
+    pub fn new(embeddings: Tensor, columns: &[Vec<Option<u32>>; 2]) -> Result<Self, DuplexError> {
         let (n, _, _, _) = embeddings.dims4()?;
-        debug_assert_eq!(n, frames_before);
         let streams = columns[0].len();
         let mut cache = vec![UNGENERATED; streams * WRITTEN_COLUMNS];
         for (offset, column) in columns.iter().enumerate() {
@@ -171,7 +166,7 @@ impl VoiceEmbeddings {
     /// per tensor (embeddings in their dtype, the cache as int64).
     ///
     /// # Errors
-    /// [`DuplexError::Audio`] naming the file when it cannot be written.
+    /// [`DuplexError::Write`] naming the file when it cannot be written.
     pub fn write(&self, path: &Path) -> Result<(), DuplexError> {
         let embeddings = self.embeddings.to_device(&Device::Cpu)?;
         let (storage, bytes) = match embeddings.dtype() {
@@ -208,7 +203,10 @@ impl VoiceEmbeddings {
                 dims: vec![1, self.streams, self.columns],
             },
         ];
-        let failed = |e: String| DuplexError::Audio(format!("writing {}: {e}", path.display()));
+        let failed = |reason: String| DuplexError::Write {
+            file: path.to_path_buf(),
+            reason,
+        };
         let file = std::fs::File::create(path).map_err(|e| failed(e.to_string()))?;
         let mut zip = zip::ZipWriter::new(file);
         let stored = zip::write::SimpleFileOptions::default()
@@ -305,8 +303,7 @@ mod tests {
         let cur: Vec<Option<u32>> = (0..streams as u32).map(Some).collect();
         let mut next = vec![None; streams];
         next[2] = Some(7);
-        let voice =
-            VoiceEmbeddings::new(embeddings.clone(), &[cur.clone(), next.clone()], 3).unwrap();
+        let voice = VoiceEmbeddings::new(embeddings.clone(), &[cur.clone(), next.clone()]).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.pt");
         voice.write(&path).unwrap();
@@ -334,7 +331,7 @@ mod tests {
         let column = vec![None; streams];
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wide.pt");
-        VoiceEmbeddings::new(embeddings, &[column.clone(), column], 2)
+        VoiceEmbeddings::new(embeddings, &[column.clone(), column])
             .unwrap()
             .write(&path)
             .unwrap();

@@ -112,8 +112,7 @@ fn check_params(rate: u32, channels: u16) -> Result<(), DecodeError> {
 /// at `rate` Hz. Blocking.
 ///
 /// # Errors
-/// [`DecodeError::Input`] when the file cannot be opened; any [`DecodeError`] of [`decode`];
-/// [`DecodeError::Corrupt`] when resampling fails.
+/// [`DecodeError::Input`] when the file cannot be opened; as [`decode_to_mono`].
 pub fn decode_file(path: &std::path::Path, rate: u32) -> Result<Vec<f32>, DecodeError> {
     let input = std::fs::File::open(path).map_err(|e| DecodeError::Input {
         frames: 0,
@@ -121,6 +120,19 @@ pub fn decode_file(path: &std::path::Path, rate: u32) -> Result<Vec<f32>, Decode
     })?;
     let mime = super::source::mime_for_extension(&path.to_string_lossy())
         .unwrap_or("application/octet-stream");
+    decode_to_mono(input, mime, rate)
+}
+
+/// Decodes all of `input` as `mime` (`application/octet-stream`: sniffed) to mono samples at
+/// `rate` Hz. Blocking.
+///
+/// # Errors
+/// Any [`DecodeError`] of [`decode`]; [`DecodeError::Corrupt`] when resampling fails.
+pub fn decode_to_mono(
+    input: impl Read + Send + Sync + 'static,
+    mime: &str,
+    rate: u32,
+) -> Result<Vec<f32>, DecodeError> {
     let mut converter = super::convert::Converter::new(rate, 1);
     let mut pcm = Vec::new();
     let mut convert_error = None;

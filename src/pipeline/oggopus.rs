@@ -84,15 +84,14 @@ impl OggOpusWriter {
     /// [`OpusError::Codec`] from libopus.
     pub fn finish(mut self) -> Result<Vec<u8>, OpusError> {
         self.write_headers();
-        let last = self.encoder.finish()?.unwrap_or_else(|| {
-            // An empty end-of-stream packet is not valid Opus: end with a frame of silence.
-            let silence = vec![0.0; self.frame_samples as usize];
-            self.encoder
-                .push(&silence)
-                .ok()
-                .and_then(|mut p| p.pop())
-                .unwrap_or_default()
-        });
+        // The stream ends on an audio packet: with nothing pending, a frame of silence.
+        let last = match self.encoder.finish()? {
+            Some(packet) => packet,
+            None => {
+                let silence = vec![0.0; self.frame_samples as usize];
+                self.encoder.push(&silence)?.pop().unwrap_or_default()
+            }
+        };
         self.write_audio(last, PacketWriteEndInfo::EndStream);
         Ok(self.pages.into_inner())
     }
