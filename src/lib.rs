@@ -11,11 +11,14 @@
 //! - [`conversation`]: the turn loop joining the model, the tools and the playback queue.
 //! - [`device`]: the smart-speaker device protocol (xiaozhi-esp32 WebSocket).
 
+pub mod api;
+pub mod breaker;
 pub mod config;
 pub mod conversation;
 pub mod device;
 pub mod duplex;
 pub mod llm;
+pub mod metrics;
 pub mod models;
 pub mod pipeline;
 pub mod tools;

@@ -107,6 +107,9 @@ enum Command {
     /// Model files: where they are, and fetching what is missing.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// Credentials for the network surfaces ([auth]).
+    #[command(subcommand)]
+    Auth(AuthCommand),
     /// The PersonaPlex co-host: full-duplex speech-to-speech (needs the model files, [duplex]).
     #[command(subcommand)]
     Duplex(DuplexCommand),
@@ -181,6 +184,20 @@ enum DuplexCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum AuthCommand {
+    /// Make a new API key: prints the key (give it to the caller; it is not stored) and the
+    /// `[[auth.api_keys]]` entry with its SHA-256 for the config file.
+    NewKey {
+        /// Who holds it (logs, metrics, the per-key rate limit).
+        #[arg(long)]
+        name: String,
+        /// admin or user.
+        #[arg(long, default_value = "user")]
+        role: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum ModelsCommand {
     /// Every model voxloop knows, where it looks for it and whether it is there.
     List,
@@ -215,6 +232,11 @@ enum ToolsCommand {
     },
 }
 
+/// `s` as a TOML basic string (JSON's escapes are TOML's).
+fn toml_string(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serializes")
+}
+
 fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     let mut config = Config::load(cli.config.as_deref()).context("invalid configuration")?;
     if let Some(path) = &cli.mcp_config {
@@ -244,6 +266,19 @@ fn main() -> anyhow::Result<ExitCode> {
             runtime.block_on(tools(&config, command))
         }
         Command::Models(command) => models(command),
+        Command::Auth(AuthCommand::NewKey { name, role }) => {
+            let role = match role.as_str() {
+                "admin" | "user" => role,
+                other => bail!("role {other:?}: use admin or user"),
+            };
+            let key = voxloop::api::auth::new_key().context("the OS random source")?;
+            println!("API key (shown once): {key}\n");
+            println!("[[auth.api_keys]]");
+            println!("name = {}", toml_string(name));
+            println!("role = \"{role}\"");
+            println!("sha256 = \"{}\"", voxloop::api::auth::hash_key(&key));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Chat { text, output } => {
             let config = load_config(&cli)?;
             let runtime = tokio::runtime::Runtime::new()?;
@@ -335,7 +370,7 @@ async fn assistant(config: &Config, output: Option<&Path>) -> anyhow::Result<Con
     let conversation = Conversation::new(
         llm,
         hub,
-        Tts::new(&config.tts),
+        Tts::new(&config.tts).with_breaker(&config.breaker),
         queue,
         ConversationSettings::from_config(config),
     );
@@ -351,7 +386,7 @@ async fn tools_and_model(
     for failure in hub.startup_failures() {
         eprintln!("MCP server {} skipped: {}", failure.server, failure.error);
     }
-    let llm = voxloop::llm::ChatModel::from_config(&config.llm)?;
+    let llm = voxloop::llm::ChatModel::from_config(&config.llm)?.with_breaker(&config.breaker);
     tracing::info!(model = %llm.describe(), "chat model ready");
     Ok((hub, llm))
 }
@@ -436,43 +471,101 @@ async fn speech_source(
     }
 }
 
-/// `voxloop serve`: the device server on `[device] bind`, until Ctrl-C.
+/// `voxloop serve`: the device server on `[device] bind` and the HTTP API (`/mcp`, the REST
+/// bridge, `/metrics`, `/health`, `/ready`) on `[server] bind`, until Ctrl-C.
 async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    use std::sync::Arc;
+    use voxloop::api::Guard;
     use voxloop::device::session::Assistant;
-    if config.auth.tokens.is_empty()
-        && config.auth.device_tokens.is_empty()
-        && !config.auth.allow_anonymous
-    {
-        anyhow::bail!(
-            "no device could connect: set [auth] tokens (or device_tokens), or allow_anonymous = true"
-        );
-    }
-    let asr = std::sync::Arc::new(voxloop::pipeline::asr::Asr::load(&config.asr)?);
+    let asr = Arc::new(voxloop::pipeline::asr::Asr::load(&config.asr)?);
     let (hub, llm) = tools_and_model(&config).await?;
+    let tts = Tts::new(&config.tts).with_breaker(&config.breaker);
+    let duplex = match duplex_configured(&config) {
+        true => Some(voxloop::duplex::mcp::DuplexMcp::new(
+            voxloop::duplex::service::Duplex::start(&config.duplex)?,
+        )),
+        false => None,
+    };
+    let device_listener = bind_tcp(&config.device.bind).await?;
+    let api_listener = bind_tcp(&config.server.bind).await?;
+    let api_addr = api_listener.local_addr()?.to_string();
+    let guard = Guard::new(&config.auth, &config.server, &api_addr, "api")?;
+    let mut breakers = vec![tts.breaker().clone()];
+    breakers.extend(llm.breaker().cloned());
+    let runtime = voxloop::api::server::Runtime::new(
+        hub.clone(),
+        duplex,
+        guard,
+        &config,
+        breakers,
+        required_models(&config),
+    );
     let assistant = Assistant {
-        config: std::sync::Arc::new(config.clone()),
+        config: Arc::new(config.clone()),
         asr,
         llm,
         hub,
-        tts: Tts::new(&config.tts),
+        tts,
     };
-    let listener = tokio::net::TcpListener::bind(&config.device.bind)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.device.bind))?;
-    let addr = listener.local_addr()?;
-    // A closed stdout (`serve | head -1`) must not stop the server: println! would panic.
-    {
-        use std::io::Write as _;
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "device server: ws://{addr}{}", config.device.path);
-        let _ = writeln!(out, "OTA: http://{addr}{}", config.device.ota_path);
-        let _ = out.flush();
-    }
-    let shutdown = async {
+    let device_addr = device_listener.local_addr()?;
+    announce(&format!(
+        "device server: ws://{device_addr}{}",
+        config.device.path
+    ));
+    announce(&format!(
+        "OTA: http://{device_addr}{}",
+        config.device.ota_path
+    ));
+    announce(&format!(
+        "HTTP API: http://{api_addr} (/mcp, /v1/mcp/tools, /metrics, /ready)"
+    ));
+    let stop = CancellationToken::new();
+    let shutdown = |token: CancellationToken| async move { token.cancelled().await };
+    let device = voxloop::device::server::serve(
+        device_listener,
+        &config,
+        Some(assistant),
+        shutdown(stop.clone()),
+    );
+    let api = voxloop::api::server::serve(api_listener, runtime, shutdown(stop.clone()));
+    let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
+        stop.cancel();
     };
-    voxloop::device::server::serve(listener, &config, Some(assistant), shutdown).await?;
+    let (device, api, ()) = tokio::join!(device, api, ctrl_c);
+    device?;
+    api?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A listener on `bind`, or an error naming it.
+async fn bind_tcp(bind: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(bind)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {bind}: {e}"))
+}
+
+/// Whether a PersonaPlex model directory is configured (`[duplex] model_dir` or
+/// `PERSONAPLEX_MODEL_DIR`): then `voxloop serve` offers the duplex tools.
+fn duplex_configured(config: &Config) -> bool {
+    config.duplex.model_dir.is_some() || std::env::var_os("PERSONAPLEX_MODEL_DIR").is_some()
+}
+
+/// The model files `/ready` requires: the ASR model, and the local LLM when it is the one.
+fn required_models(config: &Config) -> Vec<(String, PathBuf)> {
+    let whisper = voxloop::models::spec("whisper-base").expect("known model");
+    let mut models = vec![(
+        "asr".to_string(),
+        config
+            .asr
+            .model
+            .clone()
+            .unwrap_or_else(|| voxloop::models::model_path(whisper)),
+    )];
+    if config.llm.provider == voxloop::config::LlmProvider::Local {
+        models.push(("llm".into(), config.llm.local_model_path()));
+    }
+    models
 }
 
 /// Prints a line to stdout; a closed stdout (`serve | head -1`) must not stop a server.
@@ -485,16 +578,15 @@ fn announce(line: &str) {
 
 async fn duplex_serve(config: &Config, bind: Option<&str>) -> anyhow::Result<ExitCode> {
     let duplex = voxloop::duplex::service::Duplex::start(&config.duplex)?;
-    let bind = bind.unwrap_or(&config.duplex.bind);
-    let listener = tokio::net::TcpListener::bind(bind)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {bind}: {e}"))?;
-    announce(&format!("duplex server: http://{}", listener.local_addr()?));
+    let listener = bind_tcp(bind.unwrap_or(&config.duplex.bind)).await?;
+    let addr = listener.local_addr()?.to_string();
+    let guard = voxloop::api::Guard::new(&config.auth, &config.server, &addr, "duplex")?;
+    announce(&format!("duplex server: http://{addr}"));
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    voxloop::duplex::server::serve(listener, duplex, config.duplex.max_upload_bytes, shutdown)
-        .await?;
+    let max_upload = config.duplex.max_upload_bytes;
+    voxloop::duplex::server::serve(listener, duplex, max_upload, guard, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -514,24 +606,36 @@ async fn duplex_mcp(config: &Config, bind: Option<&str>) -> anyhow::Result<ExitC
         service.waiting().await?;
         return Ok(ExitCode::SUCCESS);
     };
-    // Origin validated against loopback (MCP transports spec, "Security Warning").
-    let origins = ["http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*"].map(String::from);
+    // Origin validated against loopback (MCP transports spec, "Security Warning"), and by the
+    // guard against [server] allowed_origins too.
+    let mut origins = ["http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*"]
+        .map(String::from)
+        .to_vec();
+    origins.extend(config.server.allowed_origins.iter().cloned());
     let http_config = StreamableHttpServerConfig::default()
-        .with_allowed_origins(origins.to_vec())
+        .with_allowed_origins(origins)
         .enforce_origin_validation();
     let service = StreamableHttpService::new(
         move || Ok(server.clone()),
         std::sync::Arc::new(LocalSessionManager::default()),
         http_config,
     );
-    let app = axum::Router::new().nest_service("/mcp", service);
-    let listener = tokio::net::TcpListener::bind(bind)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {bind}: {e}"))?;
-    announce(&format!(
-        "MCP endpoint: http://{}/mcp",
-        listener.local_addr()?
-    ));
+    let listener = bind_tcp(bind).await?;
+    let addr = listener.local_addr()?.to_string();
+    let guard = voxloop::api::Guard::new(&config.auth, &config.server, &addr, "duplex")?;
+    let max_body = config.server.max_body_bytes;
+    let app = axum::Router::new()
+        .nest_service("/mcp", service)
+        .layer(axum::middleware::from_fn_with_state(
+            (guard.clone(), max_body),
+            voxloop::api::admin_tools_only,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            guard,
+            voxloop::api::guard,
+        ))
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    announce(&format!("MCP endpoint: http://{addr}/mcp"));
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;

@@ -449,8 +449,18 @@ async fn an_unreachable_model_gets_a_spoken_apology_and_the_session_goes_on() {
         "{:?}",
         report.end
     );
-    let report = rig.turn("Still there?").await;
-    assert!(matches!(report.end, TurnEnd::Failed(_)));
+    // [breaker] failures (5) unreachable turns open the LLM's circuit breaker: the next turn
+    // fails fast with the breaker's message, and is still answered with the apology.
+    for _ in 1..5 {
+        let report = rig.turn("Still there?").await;
+        assert!(matches!(&report.end, TurnEnd::Failed(e) if e.contains("unreachable")));
+    }
+    let report = rig.turn("Hello again?").await;
+    assert!(
+        matches!(&report.end, TurnEnd::Failed(e) if e.contains("circuit breaker opened after 5 consecutive failures")),
+        "{:?}",
+        report.end
+    );
     let audio = rig.output().await;
     assert!(rms(&audio) > 0.02, "the apology was spoken");
 }

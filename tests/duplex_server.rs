@@ -51,7 +51,15 @@ fn config(dir: &Path) -> DuplexConfig {
 
 async fn rest_server(dir: &Path) -> (String, Arc<Duplex>) {
     let duplex = Duplex::start(&config(dir)).unwrap();
-    let router = voxloop::duplex::server::router(duplex.clone(), 8 << 20);
+    // Nothing configured in [auth]: open to loopback callers (tests/serve.rs covers the auth).
+    let guard = voxloop::api::Guard::new(
+        &Default::default(),
+        &Default::default(),
+        "127.0.0.1:0",
+        "duplex",
+    )
+    .unwrap();
+    let router = voxloop::duplex::server::router(duplex.clone(), 8 << 20, guard);
     (common::serve_loopback(router).await, duplex)
 }
 

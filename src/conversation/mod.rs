@@ -416,6 +416,7 @@ impl Conversation {
             let wait = std::time::Duration::from_secs(10);
             if let Ok(Ok(Some(at))) = tokio::time::timeout(wait, first_audio).await {
                 report.first_audio_ms = Some(ms(at));
+                crate::metrics::get().first_audio(at.saturating_duration_since(started));
             }
         } else {
             first_audio.abort();

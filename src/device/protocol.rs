@@ -330,6 +330,49 @@ impl ServerMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any text a device sends parses or is refused with serde's message; never a panic.
+        #[test]
+        fn any_text_parses_or_is_refused(text in "\\PC{0,200}") {
+            let _ = serde_json::from_str::<DeviceMessage>(&text);
+        }
+
+        /// JSON messages of the protocol's shape with arbitrary field values: a parsed one
+        /// has the type it was sent as.
+        #[test]
+        fn typed_messages_keep_their_type(
+            kind in prop_oneof![Just("hello"), Just("listen"), Just("abort"), Just("mcp"), Just("x")],
+            state in prop_oneof![Just("start"), Just("stop"), Just("detect"), Just("other")],
+            mode in prop_oneof![Just("auto"), Just("manual"), Just("realtime"), Just("1")],
+            text in "\\PC{0,20}",
+        ) {
+            let message = serde_json::json!({
+                "type": kind, "state": state, "mode": mode, "text": text,
+                "version": 1, "payload": {"jsonrpc": "2.0"},
+            });
+            if let Ok(parsed) = serde_json::from_value::<DeviceMessage>(message) {
+                let parsed_kind = match parsed {
+                    DeviceMessage::Hello { .. } => "hello",
+                    DeviceMessage::Listen { .. } => "listen",
+                    DeviceMessage::Abort { .. } => "abort",
+                    DeviceMessage::Mcp { .. } => "mcp",
+                };
+                prop_assert_eq!(parsed_kind, kind);
+            } else {
+                prop_assert!(kind == "x" || state == "other" || mode == "1");
+            }
+        }
+
+        /// Any bytes as a binary frame of any version: a frame or a [`FrameError`].
+        #[test]
+        fn any_binary_frame_decodes_or_is_refused(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+            for v in [ProtocolVersion::V1, ProtocolVersion::V2, ProtocolVersion::V3] {
+                let _ = v.decode(&bytes);
+            }
+        }
+    }
 
     #[test]
     fn frames_round_trip_in_every_version() {

@@ -28,7 +28,8 @@ use super::protocol::{
     AudioParams, BinaryFrame, DeviceMessage, ListenState, ProtocolVersion, ServerMessage,
 };
 use super::session::{Assistant, DeviceConversation};
-use crate::config::{AuthConfig, Config, DeviceConfig};
+use crate::api::Guard;
+use crate::config::{Config, DeviceConfig};
 
 /// Close code: policy violation (RFC 6455 §7.4.1).
 pub const CLOSE_POLICY: u16 = 1008;
@@ -57,12 +58,15 @@ pub struct DeviceInfo {
 /// Shared by every session.
 struct ServerState {
     device: DeviceConfig,
-    auth: AuthConfig,
+    /// Credentials and rate limits (`[auth]`, `[server]`).
+    guard: Arc<Guard>,
     /// Sessions open, by peer IP.
     sessions: Mutex<HashMap<IpAddr, u32>>,
     next_session: AtomicU64,
     /// Downlink audio format announced in the server hello.
     downlink: AudioParams,
+    /// Per-device tokens, for the OTA answer.
+    device_tokens: std::collections::BTreeMap<String, String>,
     /// The conversation behind each session; `None` answers the protocol only.
     assistant: Option<Assistant>,
 }
@@ -113,20 +117,6 @@ impl ServerState {
             ip,
         })
     }
-
-    /// Whether `token` admits `device_id`.
-    fn admits(&self, device_id: Option<&str>, token: Option<&str>) -> bool {
-        if self.auth.allow_anonymous {
-            return true;
-        }
-        let Some(token) = token else {
-            return false;
-        };
-        match device_id.and_then(|id| self.auth.device_tokens.get(id)) {
-            Some(own) => own == token,
-            None => self.auth.tokens.iter().any(|t| t == token),
-        }
-    }
 }
 
 /// A header, else the query parameter of the same meaning.
@@ -147,12 +137,13 @@ fn field(
 /// `device.ota_path`. Each session holds a conversation with `assistant`; without one, sessions
 /// answer the protocol only (hello, limits, errors) and ignore audio. Serve with
 /// `into_make_service_with_connect_info::<SocketAddr>()`.
-pub fn router(config: &Config, assistant: Option<Assistant>) -> Router {
+pub fn router(config: &Config, assistant: Option<Assistant>, guard: Arc<Guard>) -> Router {
     let state = Arc::new(ServerState {
         device: config.device.clone(),
-        auth: config.auth.clone(),
+        guard,
         sessions: Mutex::new(HashMap::new()),
         next_session: AtomicU64::new(1),
+        device_tokens: config.auth.device_tokens.clone(),
         downlink: AudioParams {
             format: "opus".into(),
             sample_rate: config.audio.device_rate,
@@ -171,21 +162,20 @@ async fn upgrade(
     State(state): State<Arc<ServerState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
+    uri: axum::http::Uri,
     Query(query): Query<HashMap<String, String>>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let token = field(&headers, &query, "authorization", "authorization").map(|t| {
-        t.strip_prefix("Bearer ")
-            .or_else(|| t.strip_prefix("bearer "))
-            .unwrap_or(&t)
-            .trim()
-            .to_string()
-    });
     let device_id = field(&headers, &query, "device-id", "device-id");
-    if !state.admits(device_id.as_deref(), token.as_deref()) {
-        tracing::warn!(%peer, device = ?device_id, "device refused: missing or wrong token");
-        return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
-    }
+    let principal = match state.guard.admit(
+        Some(peer.ip()),
+        &headers,
+        uri.query(),
+        Some(device_id.as_deref()),
+    ) {
+        Ok(p) => p,
+        Err(refusal) => return *refusal,
+    };
     let version = match ProtocolVersion::parse(
         field(&headers, &query, "protocol-version", "protocol-version").as_deref(),
     ) {
@@ -199,6 +189,7 @@ async fn upgrade(
             return (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response();
         }
     };
+    tracing::debug!(%peer, caller = %principal.name, "device admitted");
     let info = DeviceInfo {
         device_id,
         client_id: field(&headers, &query, "client-id", "client-id"),
@@ -206,11 +197,23 @@ async fn upgrade(
         peer,
     };
     let max = state.device.max_message_bytes;
+    let session_id = format!(
+        "{:08x}-{:04x}",
+        chrono::Utc::now().timestamp_subsec_nanos(),
+        state.next_session.fetch_add(1, Ordering::Relaxed)
+    );
+    // Every log line of the session carries its id.
+    let span = tracing::info_span!("session", id = %session_id);
     ws.max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| async move {
-            session(socket, info, state).await;
-            drop(slot);
+        .on_upgrade(move |socket| {
+            use tracing::Instrument as _;
+            async move {
+                let _active = crate::metrics::get().session("device");
+                session(socket, info, state, session_id).await;
+                drop(slot);
+            }
+            .instrument(span)
         })
 }
 
@@ -227,7 +230,7 @@ async fn ota(State(state): State<Arc<ServerState>>, headers: HeaderMap) -> Json<
     let token = headers
         .get("device-id")
         .and_then(|v| v.to_str().ok())
-        .and_then(|id| state.auth.device_tokens.get(id))
+        .and_then(|id| state.device_tokens.get(id))
         .cloned()
         .unwrap_or_default();
     let now = chrono::Local::now();
@@ -254,8 +257,18 @@ pub fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> impl Future<Output = std::io::Result<()>> + Send + 'static {
     use axum::serve::ListenerExt as _;
-    let app = router(config, assistant).into_make_service_with_connect_info::<SocketAddr>();
+    // The loopback rule of an unprotected server applies to the address actually bound.
+    let bind = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| config.device.bind.clone());
+    let app = Guard::new(&config.auth, &config.server, &bind, "device")
+        .map(|guard| {
+            router(config, assistant, guard).into_make_service_with_connect_info::<SocketAddr>()
+        })
+        .map_err(std::io::Error::other);
     async move {
+        let app = app?;
         let listener = listener.tap_io(|tcp| {
             if let Err(e) = tcp.set_nodelay(true) {
                 tracing::warn!(error = %e, "cannot set TCP_NODELAY");
@@ -280,7 +293,12 @@ fn close_message(code: u16, reason: &str) -> Message {
 }
 
 /// One device: the hello, then messages until it leaves, idles out or breaks the protocol.
-async fn session(mut socket: WebSocket, info: DeviceInfo, state: Arc<ServerState>) {
+async fn session(
+    mut socket: WebSocket,
+    info: DeviceInfo,
+    state: Arc<ServerState>,
+    session_id: String,
+) {
     let device = &state.device;
     let hello_timeout = Duration::from_millis(device.hello_timeout_ms);
     let hello = tokio::time::timeout(hello_timeout, socket.recv()).await;
@@ -313,11 +331,6 @@ async fn session(mut socket: WebSocket, info: DeviceInfo, state: Arc<ServerState
             .await;
         }
     };
-    let session_id = format!(
-        "{:08x}-{:04x}",
-        chrono::Utc::now().timestamp_subsec_nanos(),
-        state.next_session.fetch_add(1, Ordering::Relaxed)
-    );
     let hello = ServerMessage::Hello {
         transport: "websocket".into(),
         session_id: session_id.clone(),

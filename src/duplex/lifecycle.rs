@@ -37,6 +37,17 @@ pub enum Location {
     Unloaded,
 }
 
+impl Location {
+    /// `gpu`, `cpu` or `unloaded`, as the status reports it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Location::Gpu => "gpu",
+            Location::Cpu => "cpu",
+            Location::Unloaded => "unloaded",
+        }
+    }
+}
+
 /// Transition counts since start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Statistics {
@@ -337,6 +348,7 @@ impl ModelManager {
 
     fn set_location(&self, location: Location) {
         *self.location.lock().expect("location lock") = location;
+        crate::metrics::get().set_gpu_location(location.as_str());
     }
 
     fn count(&self, f: impl FnOnce(&mut Statistics)) {

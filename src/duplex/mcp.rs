@@ -73,7 +73,8 @@ impl DuplexMcp {
         Self { duplex }
     }
 
-    fn tools() -> Vec<Tool> {
+    /// The tools with their input schemas, in [`TOOLS`] order.
+    pub fn tools() -> Vec<Tool> {
         let empty = Arc::new(JsonObject::new());
         let tool = |name: &'static str, description: &'static str| {
             Tool::new(name, description, empty.clone())
@@ -119,6 +120,22 @@ impl DuplexMcp {
             )
             .with_input_schema::<ProcessArgs>(),
         ]
+    }
+
+    /// The model's status (`get_gpu_status`).
+    pub fn status(&self) -> Value {
+        json!(self.duplex.manager().status())
+    }
+
+    /// Runs the tool `name` (one of [`TOOLS`]): structured content `{status: "success", ...}`,
+    /// or `{status: "error", error}` with `isError` set.
+    pub async fn call(&self, name: &str, args: &JsonObject) -> CallToolResult {
+        let result = self.run(name, args).await;
+        if result["status"] == "success" {
+            CallToolResult::structured(result)
+        } else {
+            CallToolResult::structured_error(result)
+        }
     }
 
     /// Runs one tool; the result in the `{status, ...}` form.
@@ -274,12 +291,6 @@ impl ServerHandler for DuplexMcp {
             ));
         }
         let args = request.arguments.unwrap_or_default();
-        let result = self.run(&request.name, &args).await;
-        let result = if result["status"] == "success" {
-            CallToolResult::structured(result)
-        } else {
-            CallToolResult::structured_error(result)
-        };
-        Ok(result.into())
+        Ok(self.call(&request.name, &args).await.into())
     }
 }

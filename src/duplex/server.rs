@@ -12,6 +12,9 @@
 //!   Ogg/Opus stream (24 kHz mono from the server); server `0x02` + UTF-8 text as the model says
 //!   it; server `0x03` + an error message before closing. A second conversation while one runs
 //!   is closed with code 1013 "busy" (one conversation per model instance).
+//!
+//! Every route but `/health` is behind the [`Guard`] (credentials, rate limits, origin; see
+//! [`crate::api`]); `/api/gpu/offload` and `/api/gpu/release` are admin-only (403 for a user).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -27,6 +30,7 @@ use serde_json::{Value, json};
 
 use super::service::{ChatEvent, Duplex, failure, success, wav_bytes};
 use super::{DuplexError, FRAME_SAMPLES, SAMPLE_RATE};
+use crate::api::Guard;
 use crate::pipeline::oggopus::{OggOpusReader, OggOpusWriter};
 
 /// Message kinds of `/api/chat` (first byte of each binary message).
@@ -59,13 +63,18 @@ struct AppState {
     duplex: Arc<Duplex>,
 }
 
-/// The routes. `max_upload_bytes` bounds `/api/offline` bodies.
-pub fn router(duplex: Arc<Duplex>, max_upload_bytes: usize) -> Router {
-    Router::new()
-        .route("/health", get(health))
-        .route("/api/gpu/status", get(gpu_status))
+/// The routes. `max_upload_bytes` bounds `/api/offline` bodies; `guard` admits callers.
+/// Serve with `into_make_service_with_connect_info::<SocketAddr>()` (per-IP rate limits).
+pub fn router(duplex: Arc<Duplex>, max_upload_bytes: usize, guard: Arc<Guard>) -> Router {
+    use axum::middleware::from_fn_with_state;
+    let admin = Router::new()
         .route("/api/gpu/offload", post(offload))
         .route("/api/gpu/release", post(release))
+        .layer(from_fn_with_state(guard.clone(), crate::api::admin_only));
+    let open = Router::new().route("/health", get(health));
+    Router::new()
+        .merge(admin)
+        .route("/api/gpu/status", get(gpu_status))
         .route("/api/voices", get(voices))
         .route("/api/prompts", get(prompts))
         .route(
@@ -73,6 +82,8 @@ pub fn router(duplex: Arc<Duplex>, max_upload_bytes: usize) -> Router {
             post(offline).layer(DefaultBodyLimit::max(max_upload_bytes)),
         )
         .route("/api/chat", get(chat))
+        .layer(from_fn_with_state(guard, crate::api::guard))
+        .merge(open)
         .with_state(AppState { duplex })
 }
 
@@ -222,7 +233,10 @@ async fn chat(
     Query(query): Query<HashMap<String, String>>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    ws.on_upgrade(move |socket| conversation(socket, app.duplex, query))
+    ws.on_upgrade(move |socket| async move {
+        let _active = crate::metrics::get().session("duplex_chat");
+        conversation(socket, app.duplex, query).await;
+    })
 }
 
 async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
@@ -351,9 +365,12 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     duplex: Arc<Duplex>,
     max_upload_bytes: usize,
+    guard: Arc<Guard>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(duplex, max_upload_bytes))
+    let app = router(duplex, max_upload_bytes, guard)
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -371,6 +371,8 @@ impl LocalModel {
                             decode_tok_s = format!("{:.1}", stats.decode_tokens_per_s()),
                             "local model reply"
                         );
+                        crate::metrics::get()
+                            .llm_tokens(stats.prompt_tokens as u64, stats.generated_tokens as u64);
                         let _ = tx.blocking_send(Ok(LlmEvent::Done {
                             finish_reason,
                             usage: Some(Usage {

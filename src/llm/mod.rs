@@ -126,6 +126,9 @@ pub enum LlmError {
     MissingKey(String),
     #[error("local model {path}: {reason}")]
     Model { path: String, reason: String },
+    /// The endpoint's circuit breaker is open: recent requests failed, this one was not sent.
+    #[error("LLM: {0}")]
+    Unavailable(String),
 }
 
 /// Events of one completion; an `Err` is the last item.
@@ -207,6 +210,22 @@ impl ChatModel {
                 .tokenize(text)
                 .map(|ids| ids.len())
                 .unwrap_or_else(|_| text.len().div_ceil(4)),
+        }
+    }
+
+    /// The same model; an endpoint gets a circuit breaker of `config` (`[breaker]`).
+    pub fn with_breaker(self, config: &crate::config::BreakerConfig) -> Self {
+        match self {
+            Self::OpenAi(client) => Self::OpenAi(client.with_breaker(config)),
+            local => local,
+        }
+    }
+
+    /// The endpoint's circuit breaker (a local model has none).
+    pub fn breaker(&self) -> Option<&crate::breaker::Breaker> {
+        match self {
+            Self::OpenAi(client) => Some(client.breaker()),
+            Self::Local(_) => None,
         }
     }
 

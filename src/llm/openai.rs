@@ -23,6 +23,8 @@ use crate::config::LlmConfig;
 pub struct OpenAiClient {
     http: reqwest::Client,
     config: LlmConfig,
+    /// Upstream `llm`: opens after consecutive failed requests, then requests fail fast.
+    breaker: crate::breaker::Breaker,
 }
 
 pub use super::LlmStream;
@@ -61,7 +63,20 @@ impl OpenAiClient {
         Self {
             http,
             config: config.clone(),
+            breaker: crate::breaker::Breaker::new("llm", &Default::default()),
         }
+    }
+
+    /// The same client behind a circuit breaker of `config` (`[breaker]`; the default one
+    /// otherwise).
+    pub fn with_breaker(mut self, config: &crate::config::BreakerConfig) -> Self {
+        self.breaker = crate::breaker::Breaker::new("llm", config);
+        self
+    }
+
+    /// Its circuit breaker.
+    pub fn breaker(&self) -> &crate::breaker::Breaker {
+        &self.breaker
     }
 
     /// The endpoint and model, for logs.
@@ -78,8 +93,36 @@ impl OpenAiClient {
     /// dropping the receiver) closes the connection.
     ///
     /// # Errors
-    /// [`LlmError`] when the request cannot be made or is refused (after retries).
+    /// [`LlmError`] when the request cannot be made or is refused (after retries);
+    /// [`LlmError::Unavailable`] at once while the circuit breaker is open (requests that could
+    /// not reach the endpoint, timed out or got a 5xx open it).
     pub async fn stream(
+        &self,
+        messages: &[ChatMessage],
+        tools: &FunctionTools,
+        cancel: &CancellationToken,
+    ) -> Result<LlmStream, LlmError> {
+        self.breaker
+            .permit()
+            .map_err(|open| LlmError::Unavailable(open.to_string()))?;
+        let result = self.start(messages, tools, cancel).await;
+        match &result {
+            Ok(_) => self.breaker.success(),
+            Err(
+                LlmError::Unreachable { .. }
+                | LlmError::Timeout { .. }
+                | LlmError::Malformed { .. }
+                | LlmError::Status {
+                    status: 429 | 500..=599,
+                    ..
+                },
+            ) if !cancel.is_cancelled() => self.breaker.failure(),
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn start(
         &self,
         messages: &[ChatMessage],
         tools: &FunctionTools,
@@ -338,6 +381,9 @@ async fn finish(
             .await;
     }
     let finish_reason = finish_reason.unwrap_or_else(|| "stop".into());
+    if let Some(u) = usage {
+        crate::metrics::get().llm_tokens(u.prompt_tokens, u.completion_tokens);
+    }
     let _ = tx
         .send(Ok(LlmEvent::Done {
             finish_reason,

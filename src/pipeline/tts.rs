@@ -30,6 +30,9 @@ pub enum TtsError {
     },
     #[error("TTS: environment variable {0} (API key) is not set")]
     MissingKey(String),
+    /// The TTS's circuit breaker is open: recent syntheses failed, this one was not tried.
+    #[error("TTS: {0}")]
+    Unavailable(String),
 }
 
 /// A configured TTS provider.
@@ -40,6 +43,8 @@ pub struct Tts {
     /// OpenSSL: when each device session built its own, 100 sessions took 3.8 s to start, with
     /// OpenSSL's decoder locks on top of `perf`'s profile.
     client: reqwest::Client,
+    /// Upstream `tts`: opens after consecutive failed syntheses.
+    breaker: crate::breaker::Breaker,
 }
 
 impl Tts {
@@ -52,19 +57,42 @@ impl Tts {
         Self {
             config: config.clone(),
             client,
+            breaker: crate::breaker::Breaker::new("tts", &Default::default()),
         }
+    }
+
+    /// The same TTS behind a circuit breaker of `config` (`[breaker]`; the default otherwise).
+    pub fn with_breaker(mut self, config: &crate::config::BreakerConfig) -> Self {
+        self.breaker = crate::breaker::Breaker::new("tts", config);
+        self
+    }
+
+    /// Its circuit breaker.
+    pub fn breaker(&self) -> &crate::breaker::Breaker {
+        &self.breaker
     }
 
     /// Starts synthesizing `text`; the audio streams as it is made.
     ///
     /// # Errors
-    /// [`TtsError`] when synthesis cannot start (program missing, endpoint down or refusing).
-    /// Failures after the start end the stream with an error item.
+    /// [`TtsError`] when synthesis cannot start (program missing, endpoint down or refusing);
+    /// [`TtsError::Unavailable`] at once while the circuit breaker is open. Failures after the
+    /// start end the stream with an error item.
     pub async fn synthesize(&self, text: &str) -> Result<MediaStream, TtsError> {
-        match self.config.provider {
+        self.breaker
+            .permit()
+            .map_err(|open| TtsError::Unavailable(open.to_string()))?;
+        let result = match self.config.provider {
             TtsProvider::EspeakNg => self.espeak(text).await,
             TtsProvider::Openai => self.openai(text).await,
+        };
+        match &result {
+            Ok(_) => self.breaker.success(),
+            Err(TtsError::MissingKey(_) | TtsError::Unavailable(_)) => {}
+            Err(TtsError::Status { status, .. }) if *status < 500 && *status != 429 => {}
+            Err(_) => self.breaker.failure(),
         }
+        result
     }
 
     async fn espeak(&self, text: &str) -> Result<MediaStream, TtsError> {

@@ -6,13 +6,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use futures_util::future::join_all;
-use rmcp::model::JsonObject;
+use rmcp::model::{CallToolResult, ContentBlock, JsonObject};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::connection::Connection;
+use super::connection::{Connection, ConnectionError};
 use super::outcome::{Action, Flags, RouteContext, ToolOutcome};
 use super::pager::PagerSettings;
+use crate::breaker::Breaker;
 use crate::config::{Config, McpServerConfig};
 
 /// The server name built-in tools report.
@@ -70,6 +71,17 @@ impl ToolCall {
     }
 }
 
+/// Why [`ToolHub::call_result`] got no result.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum HubCallError {
+    /// No tool is offered under this name.
+    #[error("there is no tool {0:?}")]
+    UnknownTool(String),
+    /// The call failed before a result (the message names the server and the cause).
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// A server that did not start, as reported at session start.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StartupFailure {
@@ -80,6 +92,8 @@ pub struct StartupFailure {
 /// The hub. Cheap to share behind an `Arc`; calls may run concurrently.
 pub struct ToolHub {
     connections: BTreeMap<String, Arc<Connection>>,
+    /// One circuit breaker per server, upstream `mcp:{server}`.
+    breakers: BTreeMap<String, Breaker>,
     tools: Vec<ToolSpec>,
     pager: PagerSettings,
     failures: Vec<StartupFailure>,
@@ -162,8 +176,18 @@ impl ToolHub {
         }
         let mut tools = builtin_tools();
         tools.extend(found);
+        let breakers = connections
+            .keys()
+            .map(|name| {
+                (
+                    name.clone(),
+                    Breaker::new(&format!("mcp:{name}"), &config.breaker),
+                )
+            })
+            .collect();
         ToolHub {
             connections,
+            breakers,
             tools: assign_names(tools),
             pager: PagerSettings::from(&config.tools),
             failures,
@@ -235,23 +259,124 @@ impl ToolHub {
                 ),
             );
         };
-        let started = std::time::Instant::now();
-        match connection.call_tool(tool, arguments, cancel).await {
+        match self
+            .request(server, connection, tool, arguments, cancel)
+            .await
+        {
             Ok(result) => {
                 let ctx = RouteContext {
                     connection: Some(connection.clone()),
                     pager: self.pager,
                     cancel: cancel.clone(),
                 };
-                let outcome = ToolOutcome::from_result(tool, server, result, &ctx);
-                tracing::info!(%server, %tool, ms = started.elapsed().as_millis() as u64, error = outcome.is_error, "tool call");
-                outcome
+                ToolOutcome::from_result(tool, server, result, &ctx)
+            }
+            Err(e) => ToolOutcome::failed(tool, server, e),
+        }
+    }
+
+    /// One `tools/call` to `server` through its circuit breaker, counted in the metrics
+    /// (`voxloop_tool_calls_total`, `voxloop_tool_call_duration_seconds`).
+    ///
+    /// # Errors
+    /// The breaker is open, or the call failed ([`ConnectionError`]), as a message naming the
+    /// server.
+    async fn request(
+        &self,
+        server: &str,
+        connection: &Connection,
+        tool: &str,
+        arguments: JsonObject,
+        cancel: &CancellationToken,
+    ) -> Result<CallToolResult, String> {
+        let metrics = crate::metrics::get();
+        let breaker = &self.breakers[server];
+        if let Err(open) = breaker.permit() {
+            metrics.tool_call(server, tool, "failed", std::time::Duration::ZERO);
+            tracing::warn!(%server, %tool, "tool call refused: {open}");
+            return Err(open.to_string());
+        }
+        let started = std::time::Instant::now();
+        let result = connection.call_tool(tool, arguments, cancel).await;
+        let took = started.elapsed();
+        match &result {
+            Ok(r) => {
+                breaker.success();
+                let status = if r.is_error == Some(true) {
+                    "error"
+                } else {
+                    "success"
+                };
+                metrics.tool_call(server, tool, status, took);
+                tracing::info!(%server, %tool, ms = took.as_millis() as u64, status, "tool call");
+            }
+            // Cancelled by the caller (barge-in), or answered with a JSON-RPC error: the
+            // server is alive.
+            Err(ConnectionError::Cancelled { .. }) => {}
+            Err(ConnectionError::Service {
+                source: rmcp::service::ServiceError::McpError(_),
+                ..
+            }) => {
+                breaker.success();
+                metrics.tool_call(server, tool, "error", took);
             }
             Err(e) => {
+                breaker.failure();
+                metrics.tool_call(server, tool, "failed", took);
                 tracing::warn!(%server, %tool, error = %e, "tool call failed");
-                ToolOutcome::failed(tool, server, e)
             }
         }
+        result.map_err(|e| e.to_string())
+    }
+
+    /// Calls the tool offered as `name` and gives its result as the server sent it, unrouted:
+    /// what voxloop's own MCP endpoint and REST bridge forward. A built-in tool's result is its
+    /// text.
+    ///
+    /// # Errors
+    /// [`HubCallError::UnknownTool`] for a name not offered; [`HubCallError::Failed`] when the
+    /// call got no result (server down, timeout, open breaker).
+    pub async fn call_result(
+        &self,
+        name: &str,
+        arguments: JsonObject,
+        cancel: &CancellationToken,
+    ) -> Result<CallToolResult, HubCallError> {
+        let spec = self
+            .tools
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| HubCallError::UnknownTool(name.to_string()))?;
+        if spec.server == BUILTIN_SERVER {
+            let outcome = builtin_call(&spec.tool, &arguments);
+            let content = vec![ContentBlock::text(outcome.text.join("\n"))];
+            return Ok(if outcome.is_error {
+                CallToolResult::error(content)
+            } else {
+                CallToolResult::success(content)
+            });
+        }
+        let connection = &self.connections[&spec.server];
+        self.request(&spec.server, connection, &spec.tool, arguments, cancel)
+            .await
+            .map_err(HubCallError::Failed)
+    }
+
+    /// Each server's circuit breaker, by server name.
+    pub fn breakers(&self) -> &BTreeMap<String, Breaker> {
+        &self.breakers
+    }
+
+    /// Whether each server answers now: starts it if needed and lists one page of tools
+    /// (bounded by `[tools] start_timeout_ms` and `call_timeout_ms`). For readiness probes.
+    pub async fn reachable(&self) -> Vec<(String, Result<(), String>)> {
+        join_all(self.connections.iter().map(|(name, c)| async move {
+            (
+                name.clone(),
+                c.list_tools().await.map(|_| ()).map_err(|e| e.to_string()),
+            )
+        }))
+        .await
     }
 
     /// Runs one round's calls concurrently; the outcomes come back in call order.

@@ -160,6 +160,7 @@ impl Pager {
                         }
                         delivered += len;
                         pages += 1;
+                        crate::metrics::get().pager_page(len);
                         // A short page is not the end: what follows starts where it stopped, so
                         // the pages already asked for beyond it are dropped (and cancelled).
                         batch_over = len < range.len();
