@@ -118,14 +118,9 @@ async fn wait_listening(port: u16) {
     panic!("nothing listens on {port}");
 }
 
-/// The runtime's config: the music server at `music_port` as `music`, small breaker and
+/// The runtime's config: the music server at `music_port` as `name` (metrics are per process:
+/// a test that reads a server's breaker gauge gives it a name of its own), small breaker and
 /// restart times.
-fn config(music_port: u16) -> Config {
-    config_named("music", music_port)
-}
-
-/// As [`config`], the server named `name` (metrics are per process: a test that reads a
-/// server's breaker gauge gives it a name of its own).
 fn config_named(name: &str, music_port: u16) -> Config {
     let mut config = Config::default();
     config.mcp_servers.insert(
@@ -169,6 +164,33 @@ async fn api(config: &Config, duplex: Option<&Path>) -> String {
         std::future::pending(),
     ));
     format!("http://{addr}")
+}
+
+/// The music server (as `name`) on a free port and the HTTP API over it, with the duplex tools
+/// on a tiny model when `duplex`. Dropping it stops the music server.
+struct Rig {
+    base: String,
+    music: tokio::process::Child,
+    port: u16,
+    config: Config,
+    _model: Option<tempfile::TempDir>,
+}
+
+async fn rig(name: &str, duplex: bool, tweak: impl FnOnce(&mut Config)) -> Rig {
+    let port = free_port();
+    let music = music_on(port);
+    wait_listening(port).await;
+    let mut config = config_named(name, port);
+    tweak(&mut config);
+    let model = duplex.then(tiny_model);
+    let base = api(&config, model.as_ref().map(|m| m.path())).await;
+    Rig {
+        base,
+        music,
+        port,
+        config,
+        _model: model,
+    }
 }
 
 /// The credentials every surface is tried with, and the status each must get (`ok` for an
@@ -296,11 +318,8 @@ fn tiny_model() -> tempfile::TempDir {
 
 #[tokio::test]
 async fn every_auth_path_on_the_api_surfaces_and_roles() {
-    let port = free_port();
-    let _music = music_on(port);
-    wait_listening(port).await;
-    let model = tiny_model();
-    let base = api(&config(port), Some(model.path())).await;
+    let rig = rig("music", true, |_| {}).await;
+    let base = rig.base.clone();
     let client = reqwest::Client::new();
     check_http("REST tools", 200, || {
         client.get(format!("{base}/v1/mcp/tools"))
@@ -517,14 +536,14 @@ async fn the_duplex_mcp_process_checks_credentials_and_roles() {
 
 #[tokio::test]
 async fn rate_limits_answer_429_with_retry_after() {
-    let port = free_port();
-    let _music = music_on(port);
-    wait_listening(port).await;
-    let mut config = config(port);
-    config.server.rate_per_key = 3;
-    config.server.rate_per_ip = 0;
-    config.server.rate_window_s = 60;
-    let base = api(&config, None).await;
+    let rig = rig("music", false, |c| {
+        c.server.rate_per_key = 3;
+        c.server.rate_per_ip = 0;
+        c.server.rate_window_s = 60;
+    })
+    .await;
+    let base = rig.base.clone();
+    let mut config = rig.config.clone();
     let client = reqwest::Client::new();
     let get = |key: &str| {
         client
@@ -577,10 +596,8 @@ fn metric(text: &str, prefix: &str) -> f64 {
 
 #[tokio::test]
 async fn a_breaker_opens_on_failures_fails_fast_and_recovers_and_metrics_move() {
-    let port = free_port();
-    let mut music = music_on(port);
-    wait_listening(port).await;
-    let base = api(&config_named("jukebox", port), None).await;
+    let mut rig = rig("jukebox", false, |_| {}).await;
+    let (base, port) = (rig.base.clone(), rig.port);
     let client = reqwest::Client::new();
     let metrics = || async {
         let (_, _, text) = send(client.get(format!("{base}/metrics")), Some(ADMIN_KEY)).await;
@@ -608,8 +625,8 @@ async fn a_breaker_opens_on_failures_fails_fast_and_recovers_and_metrics_move() 
     assert!(metric(&metrics().await, refusals) >= before + 1.0);
 
     // The server dies: two failed calls open the breaker; the next fails fast.
-    music.kill().await.unwrap();
-    music.wait().await.unwrap();
+    rig.music.kill().await.unwrap();
+    rig.music.wait().await.unwrap();
     for _ in 0..2 {
         let (status, _, body) = send(volume(json!(30)), Some(USER_KEY)).await;
         assert_eq!(status, 502, "{body}");
@@ -671,11 +688,8 @@ async fn a_breaker_opens_on_failures_fails_fast_and_recovers_and_metrics_move() 
 
 #[tokio::test]
 async fn batches_count_mixed_outcomes_and_bad_bodies_get_400() {
-    let port = free_port();
-    let _music = music_on(port);
-    wait_listening(port).await;
-    let model = tiny_model();
-    let base = api(&config(port), Some(model.path())).await;
+    let rig = rig("music", true, |_| {}).await;
+    let base = rig.base.clone();
     let client = reqwest::Client::new();
     let post = |path: &str, body: &str| {
         client

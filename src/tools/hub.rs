@@ -348,7 +348,10 @@ impl ToolHub {
             .find(|t| t.name == name)
             .ok_or_else(|| HubCallError::UnknownTool(name.to_string()))?;
         if spec.server == BUILTIN_SERVER {
+            let started = std::time::Instant::now();
             let outcome = builtin_call(&spec.tool, &arguments);
+            let status = if outcome.is_error { "error" } else { "success" };
+            crate::metrics::get().tool_call(BUILTIN_SERVER, &spec.tool, status, started.elapsed());
             let content = vec![ContentBlock::text(outcome.text.join("\n"))];
             return Ok(if outcome.is_error {
                 CallToolResult::error(content)
