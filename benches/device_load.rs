@@ -96,6 +96,10 @@ max_sessions_per_ip = 5000
 [auth]
 allow_anonymous = true
 
+[server]
+bind = "127.0.0.1:0"
+rate_per_ip = 0
+
 [mcp_servers.music]
 command = "{music}"
 cwd = "{root}"

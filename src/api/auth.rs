@@ -15,6 +15,11 @@ use sha2::{Digest, Sha256};
 use crate::config::AuthConfig;
 pub use crate::config::Role;
 
+/// The name of a caller admitted without a credential (`[auth] allow_anonymous`).
+pub const ANONYMOUS: &str = "anonymous";
+/// The name of a loopback caller of a surface with no credentials configured.
+pub const LOCAL: &str = "local";
+
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
@@ -160,7 +165,7 @@ impl Auth {
     pub fn new(config: &AuthConfig, bind: &str) -> Result<Self, AuthSetupError> {
         let anonymous = if config.allow_anonymous {
             Some(Principal {
-                name: "anonymous".into(),
+                name: ANONYMOUS.into(),
                 role: config.anonymous_role,
             })
         } else if !config.has_credentials() {
@@ -172,7 +177,7 @@ impl Auth {
                 return Err(AuthSetupError::Unprotected { bind: bind.into() });
             }
             Some(Principal {
-                name: "local".into(),
+                name: LOCAL.into(),
                 role: Role::Admin,
             })
         } else {
@@ -301,7 +306,7 @@ impl Auth {
         }
         // An open surface (nothing configured) admits its loopback callers whatever they send.
         match &self.anonymous {
-            Some(local) if local.name == "local" => Ok(local.clone()),
+            Some(local) if local.name == LOCAL => Ok(local.clone()),
             _ => Err(AuthError::Invalid("unknown API key or token".into())),
         }
     }

@@ -38,7 +38,7 @@ fn caller(context: &RequestContext<RoleServer>) -> Principal {
         .and_then(|parts| parts.extensions.get::<Principal>())
         .cloned()
         .unwrap_or(Principal {
-            name: "local".into(),
+            name: super::auth::LOCAL.into(),
             role: Role::Admin,
         })
 }

@@ -3,8 +3,9 @@
 //!
 //! Order of the checks ([`Guard::admit`]): the per-IP rate limit (429), the browser `Origin`
 //! (403 unless loopback or `[server] allowed_origins`), the credential (401, [`auth`]), the
-//! per-credential rate limit (429). The caller's [`Principal`] then rides in the request's
-//! extensions; [`admin_only`] and [`admin_tools_only`] refuse a `user` with 403.
+//! per-credential rate limit (429; callers without a credential have the per-IP one only). The
+//! caller's [`Principal`] then rides in the request's extensions; [`admin_only`] and
+//! [`admin_tools_only`] refuse a `user` with 403.
 
 pub mod auth;
 pub mod bridge;
@@ -123,7 +124,9 @@ impl Guard {
             crate::metrics::get().refusal(self.surface, 401);
             Box::new(e.into_response())
         })?;
-        if let Err(wait) = self.limits.check_key(&principal.name) {
+        // Callers without a credential share no key: the per-IP limit is theirs.
+        let keyed = !matches!(principal.name.as_str(), auth::ANONYMOUS | auth::LOCAL);
+        if keyed && let Err(wait) = self.limits.check_key(&principal.name) {
             tracing::warn!(surface = self.surface, caller = %principal.name, "rate limit (per key)");
             return Err(self
                 .too_many(&format!("too many requests for {}", principal.name), wait)
