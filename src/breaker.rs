@@ -130,11 +130,6 @@ impl Breaker {
         }))
     }
 
-    /// The upstream's name.
-    pub fn upstream(&self) -> &str {
-        &self.0.upstream
-    }
-
     /// Asks to call the upstream.
     ///
     /// # Errors

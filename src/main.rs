@@ -480,11 +480,11 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let asr = Arc::new(voxloop::pipeline::asr::Asr::load(&config.asr)?);
     let (hub, llm) = tools_and_model(&config).await?;
     let tts = Tts::new(&config.tts).with_breaker(&config.breaker);
-    let duplex = match duplex_configured(&config) {
-        true => Some(voxloop::duplex::mcp::DuplexMcp::new(
-            voxloop::duplex::service::Duplex::start(&config.duplex)?,
-        )),
-        false => None,
+    let duplex = if duplex_configured(&config) {
+        let duplex = voxloop::duplex::service::Duplex::start(&config.duplex)?;
+        Some(voxloop::duplex::mcp::DuplexMcp::new(duplex))
+    } else {
+        None
     };
     let device_listener = bind_tcp(&config.device.bind).await?;
     let api_listener = bind_tcp(&config.server.bind).await?;
@@ -628,7 +628,7 @@ async fn duplex_mcp(config: &Config, bind: Option<&str>) -> anyhow::Result<ExitC
         .nest_service("/mcp", service)
         .layer(axum::middleware::from_fn_with_state(
             (guard.clone(), max_body),
-            voxloop::api::admin_tools_only,
+            voxloop::api::mcp_requests,
         ))
         .layer(axum::middleware::from_fn_with_state(
             guard,
@@ -1210,7 +1210,7 @@ async fn drain(media: &mut MediaStream, index: usize, dir: Option<&Path>) -> any
     if matches == Some(false) {
         tracing::warn!(declared = %media.mime_type, sniffed = ?sniffed, "media MIME type does not match its bytes");
     }
-    let sha256: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let sha256 = voxloop::models::hex(&hash.finalize());
     Ok(json!({
         "title": media.title,
         "mime_type": media.mime_type,

@@ -392,6 +392,11 @@ async fn every_auth_path_on_the_api_surfaces_and_roles() {
         "params": {"name": "release_gpu", "arguments": {}}});
     let (status, _, body) = send(mcp_post(&format!("{base}/mcp"), release), Some(USER_KEY)).await;
     assert_eq!(status, 403, "{body}");
+    // The MCP server reads bodies itself: the bound holds there too, for every role.
+    let huge = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+        "params": {"name": "get_current_time", "arguments": {"pad": "x".repeat(2 << 20)}}});
+    let (status, _, body) = send(mcp_post(&format!("{base}/mcp"), huge), Some(ADMIN_KEY)).await;
+    assert_eq!(status, 413, "{body}");
     // A user's MCP session lists no admin-only tool; an admin's calls one.
     let user = connect_mcp(&format!("{base}/mcp"), USER_KEY).await;
     let listed = user.list_all_tools().await.unwrap();

@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::AuthConfig;
 pub use crate::config::Role;
+use crate::models::hex;
 
 /// The name of a caller admitted without a credential (`[auth] allow_anonymous`).
 pub const ANONYMOUS: &str = "anonymous";
@@ -110,10 +111,6 @@ pub struct Auth {
 /// SHA-256 of `key`, lowercase hex: what `[[auth.api_keys]] sha256` holds.
 pub fn hash_key(key: &str) -> String {
     hex(&Sha256::digest(key.as_bytes()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A new API key: `vxk_` and 64 hex digits from the OS's random source (256 bits).

@@ -85,7 +85,7 @@ impl RateLimits {
 
 /// `Retry-After` seconds for a wait: rounded up, at least 1.
 pub fn retry_after_s(wait: Duration) -> u64 {
-    wait.as_secs() + u64::from(wait.subsec_nanos() > 0).max(u64::from(wait.is_zero()))
+    (wait.as_millis().div_ceil(1000) as u64).max(1)
 }
 
 #[cfg(test)]

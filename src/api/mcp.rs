@@ -2,7 +2,7 @@
 //! runtime's tools ([`Runtime`]) with each server's results passed on as they came. The caller
 //! is the [`Principal`] the guard put into the HTTP request's extensions (rmcp hands the request
 //! parts to the handler); a `user` does not see admin-only tools, and calling one is refused
-//! (before that, with HTTP 403, by [`super::admin_tools_only`]).
+//! (before that, with HTTP 403, by [`super::mcp_requests`]).
 
 use std::sync::Arc;
 

@@ -5,7 +5,7 @@
 //! (403 unless loopback or `[server] allowed_origins`), the credential (401, [`auth`]), the
 //! per-credential rate limit (429; callers without a credential have the per-IP one only). The
 //! caller's [`Principal`] then rides in the request's extensions; [`admin_only`] and
-//! [`admin_tools_only`] refuse a `user` with 403.
+//! [`mcp_requests`] refuse a `user` with 403.
 
 pub mod auth;
 pub mod bridge;
@@ -68,11 +68,6 @@ impl Guard {
             origins: server.allowed_origins.clone(),
             surface,
         }))
-    }
-
-    /// The surface's name.
-    pub fn surface(&self) -> &'static str {
-        self.surface
     }
 
     fn origin_allowed(&self, origin: &str) -> bool {
@@ -209,21 +204,22 @@ fn called_tools(body: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// Middleware behind [`guard`] on an MCP endpoint: reads the body (at most `[server]
-/// max_body_bytes`, else 413) and refuses a `user`'s `tools/call` of an admin-only tool with
-/// 403, before the MCP server sees it.
-pub async fn admin_tools_only(
+/// Middleware behind [`guard`] on an MCP endpoint (the MCP server reads bodies itself, past
+/// axum's body limit): a POST body is read whole, at most `max_body` bytes (`[server]
+/// max_body_bytes`, else 413), and a `user`'s `tools/call` of an admin-only tool is refused with
+/// 403 before the MCP server sees it.
+pub async fn mcp_requests(
     State((guard, max_body)): State<(Arc<Guard>, usize)>,
     request: Request,
     next: Next,
 ) -> Response {
-    let user = request
-        .extensions()
-        .get::<Principal>()
-        .is_none_or(|p| p.role != Role::Admin);
-    if !user || request.method() != axum::http::Method::POST {
+    if request.method() != axum::http::Method::POST {
         return next.run(request).await;
     }
+    let admin = request
+        .extensions()
+        .get::<Principal>()
+        .is_some_and(|p| p.role == Role::Admin);
     let (parts, body) = request.into_parts();
     let bytes = match to_bytes(body, max_body).await {
         Ok(bytes) => bytes,
@@ -235,9 +231,10 @@ pub async fn admin_tools_only(
             );
         }
     };
-    if let Some(tool) = called_tools(&bytes)
-        .into_iter()
-        .find(|t| guard.auth.is_admin_tool(t))
+    if !admin
+        && let Some(tool) = called_tools(&bytes)
+            .into_iter()
+            .find(|t| guard.auth.is_admin_tool(t))
     {
         return forbidden(guard.surface, &format!("tool {tool}"));
     }

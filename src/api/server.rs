@@ -308,7 +308,7 @@ pub fn router(runtime: Arc<Runtime>) -> Router {
         .nest_service("/mcp", mcp)
         .layer(from_fn_with_state(
             (guard.clone(), max_body),
-            super::admin_tools_only,
+            super::mcp_requests,
         ));
     let mut protected = super::bridge::routes()
         .with_state(runtime.clone())

@@ -144,7 +144,12 @@ pub fn sha256_file(path: &Path) -> Result<String, ModelError> {
         }
         hash.update(&buf[..n]);
     }
-    Ok(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex(&hash.finalize()))
+}
+
+/// `bytes` as lowercase hex, two digits a byte (how SHA-256 digests are written here).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What `voxloop models list` reports for one model.
