@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use voxloop::config::{TtsConfig, TtsProvider};
 use voxloop::pipeline::Pcm;
 use voxloop::pipeline::convert::Converter;
-use voxloop::pipeline::decode::{DecodeError, PcmReceiver, decode};
+use voxloop::pipeline::decode::{DecodeError, Decoder, PcmReceiver, decode, spawn_decoder};
 use voxloop::pipeline::opus::{FrameDecoder, FrameEncoder};
 use voxloop::pipeline::queue::{PlaybackQueue, QueueEvent, QueueSettings, SegmentKind, StopReason};
 use voxloop::pipeline::sink::{NullSink, Sink, WavSink};
@@ -122,6 +122,97 @@ fn flac_and_vorbis_of_one_track_agree() {
     let other = &vorbis[441_000..441_000 + 88_200];
     let (r, lag) = best_correlation(window, other, 64);
     assert!(r > 0.99, "correlation {r:.4} at lag {lag}");
+}
+
+/// A session playing a track waits on its listener (the pacer) nearly all the time. Its decoder
+/// must hold no thread while it waits: on a runtime with 2 blocking threads, 8 decoders whose
+/// receivers nobody has read yet each get their first block out, and then every one plays to
+/// the end with all its frames. (When each decoder held a blocking thread for its whole track,
+/// the third never started: device sessions past tokio's 512 threads waited for the first ones
+/// to finish.)
+#[test]
+fn decoders_waiting_for_their_listener_hold_no_thread() {
+    let (name, mime, frames) = TRACKS[4];
+    let bytes = std::fs::read(music_file(name)).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut receivers: Vec<PcmReceiver> = (0..8)
+            .map(|_| spawn_decoder(Cursor::new(bytes.clone()), mime.to_string()))
+            .collect();
+        // Let the first decoders run until their read-ahead is full.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut counts = Vec::new();
+        for (i, rx) in receivers.iter_mut().enumerate() {
+            let first = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("decoder {i} never got a thread"))
+                .expect("a block")
+                .expect("decoded");
+            counts.push(first.frames() as u64);
+        }
+        for (rx, count) in receivers.iter_mut().zip(&mut counts) {
+            while let Some(block) = rx.recv().await {
+                *count += block.expect("decoded").frames() as u64;
+            }
+        }
+        assert!(
+            counts.iter().all(|&c| c == frames),
+            "{counts:?} != {frames}"
+        );
+    });
+}
+
+/// The pull decoder joins packets up to the block size asked for, and hands out what it decoded
+/// before an input failure first, the failure on the next call, then nothing.
+#[test]
+fn the_pull_decoder_joins_packets_and_reports_a_failure_after_the_pcm() {
+    let bytes = std::fs::read(music_file("torus_trooper_tt1.mp3")).unwrap();
+    let mut decoder = Decoder::open(Cursor::new(bytes.clone()), "audio/mpeg").unwrap();
+    let one = decoder.next_block(0).unwrap().unwrap();
+    assert_eq!(one.frames(), 1152, "one MP3 frame");
+    let joined = decoder.next_block(4410).unwrap().unwrap();
+    assert!(
+        (4410..4410 + 1152).contains(&joined.frames()),
+        "{}",
+        joined.frames()
+    );
+    assert_eq!(decoder.summary().frames, (1152 + joined.frames()) as u64);
+
+    /// 200 KiB of the MP3, then an I/O error.
+    struct Breaks(Cursor<Vec<u8>>);
+    impl std::io::Read for Breaks {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            match self.0.read(buf)? {
+                0 => Err(std::io::Error::other("connection reset")),
+                n => Ok(n),
+            }
+        }
+    }
+    let mut decoder = Decoder::open(
+        Breaks(Cursor::new(bytes[..200 << 10].to_vec())),
+        "audio/mpeg",
+    )
+    .unwrap();
+    let mut frames = 0;
+    let err = loop {
+        match decoder.next_block(44_100) {
+            Ok(Some(pcm)) => frames += pcm.frames(),
+            Ok(None) => panic!("ended without the input's error"),
+            Err(e) => break e,
+        }
+    };
+    // 200 KiB of 128 kb/s is 12.8 s: all of it came out before the error.
+    assert!(frames > 44_100 * 12, "{frames} frames before the error");
+    assert!(
+        matches!(&err, DecodeError::Input { reason, .. } if reason.contains("connection reset")),
+        "{err}"
+    );
+    assert!(decoder.next_block(44_100).unwrap().is_none());
 }
 
 fn snr_db(reference: &[f32], test: &[f32]) -> f64 {

@@ -166,102 +166,260 @@ pub fn decode(
     mime: &str,
     out: &mut dyn FnMut(Pcm) -> bool,
 ) -> Result<DecodeSummary, DecodeError> {
-    let mut input = input;
-    let mut head = vec![0u8; 64];
-    let mut filled = 0;
-    while filled < head.len() {
-        match input.read(&mut head[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(DecodeError::Input {
-                    frames: 0,
-                    reason: e.to_string(),
-                });
-            }
-        }
-    }
-    head.truncate(filled);
-    if head.is_empty() {
-        return Err(DecodeError::Empty("zero bytes".into()));
-    }
-    let input = Cursor::new(head.clone()).chain(input);
-    if let Some((rate, channels)) = raw_pcm_params(mime) {
-        return decode_raw_pcm(input, rate, channels, out);
-    }
-    let sniffed = sniff_container(&head);
-    let container = match sniffed {
-        Some(sniffed) if !mime_matches(mime, sniffed) => {
-            tracing::warn!(declared = %mime, sniffed, "MIME type does not match the bytes; decoding by the bytes");
-            sniffed.to_string()
-        }
-        _ => mime.to_string(),
-    };
-    decode_container(input, &container, out)
-}
-
-fn decode_raw_pcm(
-    mut input: impl Read,
-    rate: u32,
-    channels: u16,
-    out: &mut dyn FnMut(Pcm) -> bool,
-) -> Result<DecodeSummary, DecodeError> {
-    check_params(rate, channels)?;
-    let frame_bytes = 2 * channels as usize;
-    // About 20 ms per block.
-    let block = (rate as usize / 50).max(1) * frame_bytes;
-    let mut buf = vec![0u8; block];
-    let (mut frames, mut carry) = (0u64, 0usize);
-    loop {
-        let n = match input.read(&mut buf[carry..]) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                return Err(DecodeError::Input {
-                    frames,
-                    reason: e.to_string(),
-                });
-            }
-        };
-        let have = carry + n;
-        let whole = have - have % frame_bytes;
-        if whole > 0 {
-            let samples = buf[..whole]
-                .chunks_exact(2)
-                .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0)
-                .collect();
-            frames += (whole / frame_bytes) as u64;
-            if !out(Pcm {
-                rate,
-                channels,
-                samples,
-            }) {
-                break;
-            }
-        }
-        buf.copy_within(whole..have, 0);
-        carry = have - whole;
-        if n == 0 {
+    let mut decoder = Decoder::open(input, mime)?;
+    while let Some(pcm) = decoder.next_block(0)? {
+        if !out(pcm) {
             break;
         }
     }
-    if frames == 0 {
-        return Err(DecodeError::Empty("no whole PCM frame".into()));
-    }
-    Ok(DecodeSummary {
-        rate,
-        channels,
-        frames,
-        skipped_packets: 0,
-    })
+    Ok(decoder.summary())
 }
 
-fn decode_container(
+/// A decoder that hands out PCM a block at a time when asked (pull), so that whoever drives it
+/// holds no thread while it waits for room downstream ([`spawn_decoder`] decodes each block on
+/// the blocking pool and waits for the consumer on the async side). Reads from its input may
+/// block while bytes arrive.
+pub struct Decoder {
+    inner: Inner,
+    summary: DecodeSummary,
+    /// What the caller asked to decode, for messages.
+    mime: String,
+    /// The stream ended (or failed); nothing more comes.
+    ended: bool,
+    /// An error met after PCM that was handed out first; returned by the next call.
+    pending_error: Option<DecodeError>,
+}
+
+enum Inner {
+    /// Signed 16-bit little-endian PCM: the input, a read buffer of about 20 ms, and the bytes
+    /// of a partial frame carried to the next read.
+    Raw {
+        input: Box<dyn Read + Send + Sync>,
+        buf: Vec<u8>,
+        carry: usize,
+    },
+    /// A container read by symphonia, one audio track decoded.
+    Container {
+        format: Box<dyn symphonia::core::formats::FormatReader>,
+        codec: Codec,
+        track_id: u32,
+        samples: Vec<f32>,
+    },
+}
+
+impl Decoder {
+    /// Reads the first bytes of `input` and opens it as `mime` (`application/octet-stream`:
+    /// sniffed; when the MIME type and the bytes disagree, the bytes win). Blocks while the first
+    /// bytes arrive and, for containers, while symphonia probes the header.
+    ///
+    /// # Errors
+    /// [`DecodeError::Empty`] for zero bytes or no audio track, [`DecodeError::Unsupported`],
+    /// [`DecodeError::Absurd`] parameters, [`DecodeError::Input`] when the input fails.
+    pub fn open(input: impl Read + Send + Sync + 'static, mime: &str) -> Result<Self, DecodeError> {
+        let mut input = input;
+        let mut head = vec![0u8; 64];
+        let mut filled = 0;
+        while filled < head.len() {
+            match input.read(&mut head[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(DecodeError::Input {
+                        frames: 0,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        head.truncate(filled);
+        if head.is_empty() {
+            return Err(DecodeError::Empty("zero bytes".into()));
+        }
+        let input = Cursor::new(head.clone()).chain(input);
+        if let Some((rate, channels)) = raw_pcm_params(mime) {
+            check_params(rate, channels)?;
+            // About 20 ms per read.
+            let frame_bytes = 2 * channels as usize;
+            let block = (rate as usize / 50).max(1) * frame_bytes;
+            return Ok(Self::new(
+                Inner::Raw {
+                    input: Box::new(input),
+                    buf: vec![0u8; block],
+                    carry: 0,
+                },
+                rate,
+                channels,
+                mime,
+            ));
+        }
+        let sniffed = sniff_container(&head);
+        let container = match sniffed {
+            Some(sniffed) if !mime_matches(mime, sniffed) => {
+                tracing::warn!(declared = %mime, sniffed, "MIME type does not match the bytes; decoding by the bytes");
+                sniffed.to_string()
+            }
+            _ => mime.to_string(),
+        };
+        open_container(input, &container)
+    }
+
+    fn new(inner: Inner, rate: u32, channels: u16, mime: &str) -> Self {
+        Self {
+            inner,
+            summary: DecodeSummary {
+                rate,
+                channels,
+                frames: 0,
+                skipped_packets: 0,
+            },
+            mime: mime.to_string(),
+            ended: false,
+            pending_error: None,
+        }
+    }
+
+    /// Totals so far: sample rate in Hz, channels, frames delivered, packets skipped.
+    pub fn summary(&self) -> DecodeSummary {
+        self.summary
+    }
+
+    /// The next block of PCM, at least `min_frames` frames (samples per channel) unless the
+    /// stream ends first: one packet's worth or more (a 1152-frame MP3 frame, a 20 ms read of raw
+    /// PCM), joined up to `min_frames`. `Ok(None)` at the end and after an error. Blocks while
+    /// bytes arrive. A corrupt packet is skipped and counted.
+    ///
+    /// # Errors
+    /// [`DecodeError::Input`] when the input fails, [`DecodeError::Corrupt`] when the container
+    /// cannot go on, [`DecodeError::Empty`] when the stream ends without one frame decoded. PCM
+    /// decoded before an error is returned first; the error comes on the next call.
+    pub fn next_block(&mut self, min_frames: usize) -> Result<Option<Pcm>, DecodeError> {
+        if let Some(e) = self.pending_error.take() {
+            return Err(e);
+        }
+        let DecodeSummary { rate, channels, .. } = self.summary;
+        let mut block: Vec<f32> = Vec::new();
+        while !self.ended && block.len() / (channels as usize) < min_frames.max(1) {
+            match self.next_packet() {
+                Ok(Some(samples)) if block.is_empty() => block = samples,
+                Ok(Some(samples)) => block.extend_from_slice(&samples),
+                Ok(None) => {
+                    self.ended = true;
+                    if self.summary.frames == 0 {
+                        return Err(DecodeError::Empty(match self.inner {
+                            Inner::Raw { .. } => "no whole PCM frame".into(),
+                            Inner::Container { .. } => format!("{}: no frame decoded", self.mime),
+                        }));
+                    }
+                }
+                Err(e) => {
+                    self.ended = true;
+                    if block.is_empty() {
+                        return Err(e);
+                    }
+                    self.pending_error = Some(e);
+                }
+            }
+        }
+        if block.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Pcm {
+            rate,
+            channels,
+            samples: block,
+        }))
+    }
+
+    /// The samples of the next packet (never empty), or `None` at the end.
+    fn next_packet(&mut self) -> Result<Option<Vec<f32>>, DecodeError> {
+        let frames = self.summary.frames;
+        let channels = self.summary.channels;
+        let samples = match &mut self.inner {
+            Inner::Raw { input, buf, carry } => {
+                let frame_bytes = 2 * channels as usize;
+                loop {
+                    let n = match input.read(&mut buf[*carry..]) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            return Err(DecodeError::Input {
+                                frames,
+                                reason: e.to_string(),
+                            });
+                        }
+                    };
+                    if n == 0 {
+                        // A partial frame at the end is dropped.
+                        return Ok(None);
+                    }
+                    let have = *carry + n;
+                    let whole = have - have % frame_bytes;
+                    let samples: Vec<f32> = buf[..whole]
+                        .chunks_exact(2)
+                        .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0)
+                        .collect();
+                    buf.copy_within(whole..have, 0);
+                    *carry = have - whole;
+                    if !samples.is_empty() {
+                        break samples;
+                    }
+                }
+            }
+            Inner::Container {
+                format,
+                codec,
+                track_id,
+                samples,
+            } => loop {
+                let packet = match format.next_packet() {
+                    Ok(Some(packet)) => packet,
+                    Ok(None) => return Ok(None),
+                    Err(SymphoniaError::IoError(e))
+                        if e.kind() == std::io::ErrorKind::UnexpectedEof =>
+                    {
+                        return Ok(None);
+                    }
+                    Err(SymphoniaError::IoError(e)) => {
+                        return Err(DecodeError::Input {
+                            frames,
+                            reason: e.to_string(),
+                        });
+                    }
+                    Err(e) => {
+                        return Err(DecodeError::Corrupt {
+                            frames,
+                            reason: e.to_string(),
+                        });
+                    }
+                };
+                if packet.track_id != *track_id {
+                    continue;
+                }
+                samples.clear();
+                if let Err(reason) = codec.decode(&packet, channels, samples) {
+                    self.summary.skipped_packets += 1;
+                    tracing::debug!(%reason, "skipping a corrupt packet");
+                    if self.summary.skipped_packets > 100 && frames == 0 {
+                        return Err(DecodeError::Corrupt { frames: 0, reason });
+                    }
+                    continue;
+                }
+                if !samples.is_empty() {
+                    break std::mem::take(samples);
+                }
+            },
+        };
+        self.summary.frames += (samples.len() / channels as usize) as u64;
+        Ok(Some(samples))
+    }
+}
+
+/// Opens a container: probes it, picks the default audio track, makes its codec.
+fn open_container(
     input: impl Read + Send + Sync + 'static,
     mime: &str,
-    out: &mut dyn FnMut(Pcm) -> bool,
-) -> Result<DecodeSummary, DecodeError> {
+) -> Result<Decoder, DecodeError> {
     let unsupported = |reason: String| DecodeError::Unsupported {
         mime: mime.to_string(),
         reason,
@@ -277,7 +435,7 @@ fn decode_container(
             extension
         });
     }
-    let mut format = symphonia::default::get_probe()
+    let format = symphonia::default::get_probe()
         .probe(
             &hint,
             mss,
@@ -295,8 +453,8 @@ fn decode_container(
         })?;
     let track = format
         .default_track(TrackType::Audio)
-        .ok_or_else(|| DecodeError::Empty("no audio track".into()))?
-        .clone();
+        .ok_or_else(|| DecodeError::Empty("no audio track".into()))?;
+    let track_id = track.id;
     let Some(CodecParameters::Audio(params)) = track.codec_params.clone() else {
         return Err(DecodeError::Empty("no audio track".into()));
     };
@@ -304,7 +462,7 @@ fn decode_container(
     let channels = params.channels.as_ref().map_or(0, |c| c.count()) as u16;
     check_params(rate, channels)?;
 
-    let mut codec = if params.codec == CODEC_ID_OPUS {
+    let codec = if params.codec == CODEC_ID_OPUS {
         let opus_channels = if channels == 1 {
             opus::Channels::Mono
         } else {
@@ -325,65 +483,17 @@ fn decode_container(
             .map_err(|e| unsupported(e.to_string()))?;
         Codec::Symphonia(decoder)
     };
-    let mut summary = DecodeSummary {
+    Ok(Decoder::new(
+        Inner::Container {
+            format,
+            codec,
+            track_id,
+            samples: Vec::new(),
+        },
         rate,
         channels,
-        frames: 0,
-        skipped_packets: 0,
-    };
-    let mut samples = Vec::new();
-    loop {
-        let packet = match format.next_packet() {
-            Ok(Some(packet)) => packet,
-            Ok(None) => break,
-            Err(SymphoniaError::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                break;
-            }
-            Err(SymphoniaError::IoError(e)) => {
-                return Err(DecodeError::Input {
-                    frames: summary.frames,
-                    reason: e.to_string(),
-                });
-            }
-            Err(e) => {
-                return Err(DecodeError::Corrupt {
-                    frames: summary.frames,
-                    reason: e.to_string(),
-                });
-            }
-        };
-        if packet.track_id != track.id {
-            continue;
-        }
-        samples.clear();
-        match codec.decode(&packet, channels, &mut samples) {
-            Ok(()) => {}
-            Err(reason) => {
-                summary.skipped_packets += 1;
-                tracing::debug!(%reason, "skipping a corrupt packet");
-                if summary.skipped_packets > 100 && summary.frames == 0 {
-                    return Err(DecodeError::Corrupt { frames: 0, reason });
-                }
-                continue;
-            }
-        }
-        if samples.is_empty() {
-            continue;
-        }
-        summary.frames += (samples.len() / channels as usize) as u64;
-        let pcm = Pcm {
-            rate,
-            channels,
-            samples: std::mem::take(&mut samples),
-        };
-        if !out(pcm) {
-            return Ok(summary);
-        }
-    }
-    if summary.frames == 0 {
-        return Err(DecodeError::Empty(format!("{mime}: no frame decoded")));
-    }
-    Ok(summary)
+        mime,
+    ))
 }
 
 enum Codec {
@@ -425,8 +535,12 @@ impl Codec {
 /// Blocks of PCM as a decoder thread produces them; an `Err` is the last item.
 pub type PcmReceiver = tokio::sync::mpsc::Receiver<Result<Pcm, DecodeError>>;
 
-/// Blocks of PCM decoded at most this far ahead of the consumer (memory stays bounded).
-const DECODE_AHEAD_BLOCKS: usize = 8;
+/// Blocks of PCM decoded at most this far ahead of the consumer (memory stays bounded): with
+/// blocks of [`DECODE_BLOCK_MS`], 300 ms.
+const DECODE_AHEAD_BLOCKS: usize = 3;
+
+/// Audio decoded per step on the blocking pool, in ms (at least one packet).
+const DECODE_BLOCK_MS: u32 = 100;
 
 /// Reads a [`MediaStream`](crate::tools::media::MediaStream) as a byte stream, blocking while
 /// chunks arrive; a media error becomes an I/O error.
@@ -460,15 +574,59 @@ impl Read for MediaReader {
     }
 }
 
-/// Decodes `input` as `mime` on a blocking thread, [`DECODE_AHEAD_BLOCKS`] blocks ahead of the
-/// receiver. Dropping the receiver stops the decoder at its next block.
+/// Decodes `input` as `mime`, [`DECODE_AHEAD_BLOCKS`] blocks of about [`DECODE_BLOCK_MS`] ahead
+/// of the receiver. Each block is decoded by a short job on tokio's blocking pool; while the
+/// receiver has no room, an async task waits and no thread is held (a session playing a long
+/// track used to hold a blocking thread for all of it, and tokio has 512). A job can still
+/// block while the input's bytes arrive. Dropping the receiver stops the decoder before its
+/// next block. Must be called within a tokio runtime.
 pub fn spawn_decoder(input: impl Read + Send + Sync + 'static, mime: String) -> PcmReceiver {
     let (tx, rx) = tokio::sync::mpsc::channel(DECODE_AHEAD_BLOCKS);
-    tokio::task::spawn_blocking(move || {
-        let result = decode(input, &mime, &mut |pcm| tx.blocking_send(Ok(pcm)).is_ok());
-        if let Err(e) = result {
-            tracing::warn!(%mime, error = %e, "decode ended with an error");
-            let _ = tx.blocking_send(Err(e));
+    tokio::spawn(async move {
+        let lost = |e: tokio::task::JoinError| DecodeError::Input {
+            frames: 0,
+            reason: format!("the decoder stopped: {e}"),
+        };
+        let opening = mime.clone();
+        let opened = tokio::task::spawn_blocking(move || Decoder::open(input, &opening))
+            .await
+            .unwrap_or_else(|e| Err(lost(e)));
+        let mut decoder = match opened {
+            Ok(decoder) => decoder,
+            Err(e) => {
+                tracing::warn!(%mime, error = %e, "cannot decode");
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        };
+        let step = (decoder.summary().rate * DECODE_BLOCK_MS / 1000) as usize;
+        loop {
+            let Ok(permit) = tx.reserve().await else {
+                return; // nobody listens any more
+            };
+            let job = tokio::task::spawn_blocking(move || {
+                let block = decoder.next_block(step);
+                (decoder, block)
+            });
+            let block = match job.await {
+                Ok((back, block)) => {
+                    decoder = back;
+                    block
+                }
+                Err(e) => {
+                    permit.send(Err(lost(e)));
+                    return;
+                }
+            };
+            match block {
+                Ok(Some(pcm)) => permit.send(Ok(pcm)),
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(%mime, error = %e, "decode ended with an error");
+                    permit.send(Err(e));
+                    return;
+                }
+            }
         }
     });
     rx
