@@ -167,6 +167,69 @@ fn decoders_waiting_for_their_listener_hold_no_thread() {
     });
 }
 
+/// A media stream whose bytes come in small pieces with pauses, as pages and TTS bodies do,
+/// decoded on a multi-threaded runtime (blocks are decoded on the async task between reads):
+/// the PCM is bit-identical to decoding the whole file, and a transfer that fails after 200 KiB,
+/// sent in pieces smaller than a block needs, gives the PCM of those bytes and then the
+/// transfer's error.
+#[test]
+fn media_arriving_in_pieces_decodes_as_the_whole_file_does() {
+    use voxloop::tools::media::{MediaError, MediaStream};
+    let bytes = std::fs::read(music_file("torus_trooper_tt1.mp3")).unwrap();
+    let whole = decode_bytes(bytes.clone(), "audio/mpeg", 1 << 20).0;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let stream = |data: Vec<u8>, piece: usize, fail: bool| {
+            let (tx, rx) = mpsc::channel(2);
+            tokio::spawn(async move {
+                for piece in data.chunks(piece) {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    if tx
+                        .send(Ok(bytes::Bytes::copy_from_slice(piece)))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                if fail {
+                    let _ = tx.send(Err(MediaError("connection reset".into()))).await;
+                }
+            });
+            let cancel = tokio_util::sync::CancellationToken::new();
+            MediaStream::new("audio/mpeg".into(), None, "test".into(), None, rx, cancel)
+        };
+        let mut pcm =
+            voxloop::pipeline::decode::decode_media(stream(bytes.clone(), 7 << 10, false));
+        let mut samples = Vec::new();
+        while let Some(block) = pcm.recv().await {
+            samples.extend(block.expect("decoded").samples);
+        }
+        assert_eq!(samples.len(), whole.len());
+        assert!(samples == whole, "the PCM differs from the whole file's");
+
+        // Pieces of 300 bytes: a 100 ms block (about 1.6 KB) outruns what has arrived, and the
+        // decoder waits for the rest inside its read.
+        let failing = stream(bytes[..200 << 10].to_vec(), 300, true);
+        let mut pcm = voxloop::pipeline::decode::decode_media(failing);
+        let mut frames = 0;
+        let mut error = None;
+        while let Some(block) = pcm.recv().await {
+            match block {
+                Ok(block) => frames += block.frames(),
+                Err(e) => error = Some(e.to_string()),
+            }
+        }
+        assert!(frames > 44_100 * 12, "{frames} frames before the error");
+        let error = error.expect("the transfer's error");
+        assert!(error.contains("connection reset"), "{error}");
+    });
+}
+
 /// The pull decoder joins packets up to the block size asked for, and hands out what it decoded
 /// before an input failure first, the failure on the next call, then nothing.
 #[test]

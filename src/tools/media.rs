@@ -88,6 +88,16 @@ impl MediaStream {
         self.chunks.blocking_recv()
     }
 
+    /// The next piece if one has arrived: `Poll::Pending` when none waits yet, else as
+    /// [`MediaStream::next_chunk`].
+    pub fn try_next_chunk(&mut self) -> std::task::Poll<Option<Result<Bytes, MediaError>>> {
+        match self.chunks.try_recv() {
+            Ok(chunk) => std::task::Poll::Ready(Some(chunk)),
+            Err(mpsc::error::TryRecvError::Empty) => std::task::Poll::Pending,
+            Err(mpsc::error::TryRecvError::Disconnected) => std::task::Poll::Ready(None),
+        }
+    }
+
     /// Stops the transfer (pending page requests are cancelled). Chunks already received may
     /// still be read.
     pub fn cancel(&self) {
