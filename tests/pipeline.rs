@@ -167,11 +167,11 @@ fn decoders_waiting_for_their_listener_hold_no_thread() {
     });
 }
 
-/// A media stream whose bytes come in small pieces with pauses, as pages and TTS bodies do,
-/// decoded on a multi-threaded runtime (blocks are decoded on the async task between reads):
-/// the PCM is bit-identical to decoding the whole file, and a transfer that fails after 200 KiB,
-/// sent in pieces smaller than a block needs, gives the PCM of those bytes and then the
-/// transfer's error.
+/// A media stream whose bytes come in pieces with pauses, as pages and TTS bodies do, decoded on
+/// a multi-threaded runtime: in 48 KiB pieces (blocks decoded on the async task while the bytes
+/// are at hand) the PCM is bit-identical to decoding the whole file; a transfer in pieces smaller
+/// than a block needs (blocking jobs that wait for the rest) that fails after 200 KiB gives the
+/// PCM of those bytes and then the transfer's error.
 #[test]
 fn media_arriving_in_pieces_decodes_as_the_whole_file_does() {
     use voxloop::tools::media::{MediaError, MediaStream};
@@ -204,7 +204,7 @@ fn media_arriving_in_pieces_decodes_as_the_whole_file_does() {
             MediaStream::new("audio/mpeg".into(), None, "test".into(), None, rx, cancel)
         };
         let mut pcm =
-            voxloop::pipeline::decode::decode_media(stream(bytes.clone(), 7 << 10, false));
+            voxloop::pipeline::decode::decode_media(stream(bytes.clone(), 48 << 10, false));
         let mut samples = Vec::new();
         while let Some(block) = pcm.recv().await {
             samples.extend(block.expect("decoded").samples);

@@ -546,12 +546,18 @@ const DECODE_BLOCK_MS: u32 = 100;
 /// chunk may go over it).
 const READ_AHEAD_BYTES: usize = 64 << 10;
 
+/// Bytes that must be at hand (or the stream over) for a decode step to run on the async task:
+/// far more than a 100 ms block of compressed audio reads (1.6 KB of 128 kb/s MP3), so its reads
+/// do not run dry. With less, the step is a job on the blocking pool, where a read may wait.
+const INLINE_MIN_BYTES: usize = 32 << 10;
+
 /// Reads a [`MediaStream`](crate::tools::media::MediaStream) as a byte stream. Before each decode
 /// step the async side moves the chunks that have arrived into this reader's buffer
-/// ([`MediaReader::fill`]), so a step rarely finds it empty; when it does, the read waits for the
-/// next chunk in [`tokio::task::block_in_place`] (on a worker of a multi-threaded runtime the
-/// worker's other tasks move to another thread; elsewhere it simply blocks). A media error
-/// becomes an I/O error after the bytes before it. Clones share one buffer.
+/// ([`MediaReader::fill`]) and runs the step on the async task only when
+/// [`MediaReader::at_hand`] says the bytes are there. A read that finds the buffer empty waits for
+/// the next chunk in [`tokio::task::block_in_place`] (on a worker of a multi-threaded runtime the
+/// worker's other tasks move to another thread; on a blocking-pool thread it simply blocks). A
+/// media error becomes an I/O error after the bytes before it. Clones share one buffer.
 #[derive(Clone)]
 pub struct MediaReader(std::sync::Arc<std::sync::Mutex<Feed>>);
 
@@ -629,6 +635,15 @@ impl MediaReader {
     }
 }
 
+impl MediaReader {
+    /// True when a decode step will not run dry: at least [`INLINE_MIN_BYTES`] are buffered, or
+    /// the stream is over and everything left is buffered.
+    pub fn at_hand(&self) -> bool {
+        let feed = self.feed();
+        feed.buffered >= INLINE_MIN_BYTES || feed.end.is_some()
+    }
+}
+
 impl Read for MediaReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let mut feed = self.feed();
@@ -672,9 +687,11 @@ pub fn spawn_decoder(input: impl Read + Send + Sync + 'static, mime: String) -> 
 }
 
 /// Decodes a media stream from a tool result (or TTS) as it arrives, as [`spawn_decoder`] does,
-/// except that on a multi-threaded runtime each block is decoded on the async task itself after
-/// [`MediaReader::fill`] has moved the bytes that arrived into reach (about 40 us per 100 ms of
-/// MP3): no thread changes hands per block.
+/// except that on a multi-threaded runtime a block whose bytes are at hand
+/// ([`MediaReader::at_hand`], after [`MediaReader::fill`]) is decoded on the async task itself
+/// (about 40 us per 100 ms of MP3): no thread changes hands for it. Blocks whose bytes are still
+/// coming (the end of a page before the next has arrived, a trickling TTS body) are blocking
+/// jobs as in [`spawn_decoder`].
 pub fn decode_media(media: crate::tools::media::MediaStream) -> PcmReceiver {
     let mime = media.mime_type.clone();
     let reader = MediaReader::new(media);
@@ -688,9 +705,8 @@ fn spawn_stepped(
     mime: String,
 ) -> PcmReceiver {
     let (tx, rx) = tokio::sync::mpsc::channel(DECODE_AHEAD_BLOCKS);
-    let inline = feed.is_some()
-        && tokio::runtime::Handle::current().runtime_flavor()
-            == tokio::runtime::RuntimeFlavor::MultiThread;
+    let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
+        == tokio::runtime::RuntimeFlavor::MultiThread;
     tokio::spawn(async move {
         let lost = |e: tokio::task::JoinError| DecodeError::Input {
             frames: 0,
@@ -720,6 +736,7 @@ fn spawn_stepped(
             if let Some(feed) = &feed {
                 feed.fill().await;
             }
+            let inline = multi_thread && feed.as_ref().is_some_and(MediaReader::at_hand);
             let block = if inline {
                 decoder.next_block(step)
             } else {
@@ -755,6 +772,35 @@ fn spawn_stepped(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A read on an async worker that finds nothing buffered waits for the next chunk (in
+    /// `block_in_place`; a plain blocking receive there would panic) and then sees the end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_that_runs_dry_on_a_worker_waits_for_the_next_chunk() {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let media = crate::tools::media::MediaStream::new(
+            "audio/mpeg".into(),
+            None,
+            "test".into(),
+            None,
+            rx,
+            tokio_util::sync::CancellationToken::new(),
+        );
+        let mut reader = MediaReader::new(media);
+        tx.send(Ok(bytes::Bytes::from_static(b"abc")))
+            .await
+            .unwrap();
+        reader.fill().await;
+        assert!(!reader.at_hand(), "3 bytes and more to come");
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let _ = tx.send(Ok(bytes::Bytes::from_static(b"def"))).await;
+        });
+        let mut all = Vec::new();
+        reader.read_to_end(&mut all).unwrap();
+        assert_eq!(all, b"abcdef");
+        assert!(reader.at_hand(), "the end is known");
+    }
 
     #[test]
     fn raw_pcm_mime_parameters() {
