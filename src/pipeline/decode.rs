@@ -605,21 +605,33 @@ impl MediaReader {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Moves the chunks that have arrived into the buffer, up to [`READ_AHEAD_BYTES`], and when
-    /// nothing is buffered waits (asynchronously) for one chunk or the end. Must not run while a
-    /// read is in progress on another thread (the decoder's step and `fill` take turns).
+    /// Before a decode step: moves the chunks that have arrived into the buffer (up to
+    /// [`READ_AHEAD_BYTES`]), and unless that makes the bytes [at hand](MediaReader::at_hand),
+    /// waits asynchronously for one more chunk or the end, so that a step seldom waits inside
+    /// its reads (which would hold a thread). Must not run while a read is in progress on
+    /// another thread (the decoder's steps and `fill` take turns).
     pub async fn fill(&self) {
+        self.fill_to(1).await;
+        if !self.at_hand() {
+            let buffered = self.feed().buffered;
+            self.fill_to(buffered + 1).await;
+        }
+    }
+
+    /// Takes the chunks that have arrived, then waits for more until `min` bytes are buffered or
+    /// the stream is over.
+    async fn fill_to(&self, min: usize) {
         loop {
             let mut media = {
                 let mut feed = self.feed();
-                while feed.buffered < READ_AHEAD_BYTES && feed.end.is_none() {
+                while feed.buffered < READ_AHEAD_BYTES.max(min) && feed.end.is_none() {
                     let next = match feed.media.as_mut().map(|m| m.try_next_chunk()) {
                         Some(std::task::Poll::Ready(next)) => next,
                         Some(std::task::Poll::Pending) | None => break,
                     };
                     feed.push(next);
                 }
-                if feed.buffered > 0 || feed.end.is_some() {
+                if feed.buffered >= min || feed.end.is_some() {
                     return;
                 }
                 match feed.media.take() {
@@ -790,7 +802,7 @@ mod tests {
         tx.send(Ok(bytes::Bytes::from_static(b"abc")))
             .await
             .unwrap();
-        reader.fill().await;
+        reader.fill_to(1).await;
         assert!(!reader.at_hand(), "3 bytes and more to come");
         tokio::spawn(async move {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
