@@ -18,7 +18,9 @@
 //! session's first frame arrived (the server's pacing schedule); lateness = arrival - due. Each
 //! device records `WINDOW` seconds from its first frame; p50/p99/max over every frame of every
 //! session, and the time from the request to its first frame. CPU: user+system time (from /proc) of the server, the music server and this load
-//! generator over the step, in % of one core; per session for the server. Memory: the server's resident set during the window minus after start,
+//! generator over the step, in % of one core; per session for the server. Steady: the server's
+//! CPU and the whole machine's busy share from 6 s to 16 s after the step starts, when every
+//! session plays (the step's average includes the starts and the ends). Memory: the server's resident set during the window minus after start,
 //! per session. A step passes with every session playing and p99 lateness < 20 ms; the
 //! steps stop after the first that fails. Bounded: at most 1000 sessions, 20 s per step.
 
@@ -154,6 +156,27 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0 // USER_HZ
 }
 
+/// Busy and total CPU time of the whole machine, in ticks (/proc/stat: idle and iowait are not
+/// busy).
+fn machine_ticks() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: f64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
+    (total - idle, total)
+}
+
+/// The steady part of a step, from `STEADY.0` to `STEADY.1` after its start: every session has
+/// been playing for a while and none has ended (they end `WINDOW` after their first frame).
+const STEADY: (Duration, Duration) = (Duration::from_secs(6), Duration::from_secs(16));
+
 /// Resident set of a process, MiB.
 fn rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -240,6 +263,10 @@ struct Step {
     generator_cpu_pct: f64,
     rss_start_mib: f64,
     rss_peak_mib: f64,
+    /// Server CPU in the steady part, % of one core, and the machine's busy share (% of all
+    /// cores).
+    steady_server_pct: f64,
+    steady_machine_pct: f64,
 }
 
 async fn step(sessions: usize, llm_url: &str, dir: &std::path::Path) -> Step {
@@ -265,6 +292,16 @@ async fn step(sessions: usize, llm_url: &str, dir: &std::path::Path) -> Step {
             }
         })
     };
+    let steady = tokio::spawn(async move {
+        tokio::time::sleep_until((started + STEADY.0).into()).await;
+        let (cpu, (busy, total)) = (cpu_seconds(pid), machine_ticks());
+        tokio::time::sleep_until((started + STEADY.1).into()).await;
+        let (cpu1, (busy1, total1)) = (cpu_seconds(pid), machine_ticks());
+        (
+            100.0 * (cpu1 - cpu) / (STEADY.1 - STEADY.0).as_secs_f64(),
+            100.0 * (busy1 - busy) / (total1 - total).max(1.0),
+        )
+    });
     let tasks: Vec<_> = (0..sessions)
         .map(|_| tokio::spawn(device(url.clone(), deadline)))
         .collect();
@@ -291,6 +328,7 @@ async fn step(sessions: usize, llm_url: &str, dir: &std::path::Path) -> Step {
     let music_cpu: f64 = music.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - music0;
     let generator_cpu = cpu_seconds(std::process::id()) - generator0;
     sampler.abort();
+    let (steady_server_pct, steady_machine_pct) = steady.await.unwrap();
     drop(child);
     lateness.sort_by(f64::total_cmp);
     settled.sort_by(f64::total_cmp);
@@ -317,6 +355,8 @@ async fn step(sessions: usize, llm_url: &str, dir: &std::path::Path) -> Step {
         generator_cpu_pct: 100.0 * generator_cpu / elapsed,
         rss_start_mib,
         rss_peak_mib,
+        steady_server_pct,
+        steady_machine_pct,
     }
 }
 
@@ -336,13 +376,13 @@ fn main() {
         let dir = std::env::temp_dir().join(format!("voxloop-load-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         println!(
-            "| sessions | playing | frames | lateness p50 / p99 / max (ms) | p99 after 5 s (ms) | request to first frame p50 / max (s) | server CPU (% of a core) | per session | music server CPU | load generator CPU | server RSS start / peak (MiB) | per session (MiB) |"
+            "| sessions | playing | frames | lateness p50 / p99 / max (ms) | p99 after 5 s (ms) | request to first frame p50 / max (s) | server CPU (% of a core) | per session | steady server CPU | per session | machine busy, steady (% of all cores) | music server CPU | load generator CPU | server RSS start / peak (MiB) | per session (MiB) |"
         );
-        println!("|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---|---:|");
+        println!("|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|");
         for sessions in counts.into_iter().filter(|n| *n <= MAX_SESSIONS) {
             let s = step(sessions, &llm_url, &dir).await;
             println!(
-                "| {} | {} | {} | {:.1} / {:.1} / {:.1} | {:.1} | {:.2} / {:.2} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} / {:.0} | {:.2} |",
+                "| {} | {} | {} | {:.1} / {:.1} / {:.1} | {:.1} | {:.2} / {:.2} | {:.0} | {:.2} | {:.0} | {:.3} | {:.0} | {:.0} | {:.0} | {:.0} / {:.0} | {:.2} |",
                 s.sessions,
                 s.playing,
                 s.frames,
@@ -354,6 +394,9 @@ fn main() {
                 s.first_max / 1000.0,
                 s.server_cpu_pct,
                 s.server_cpu_pct / s.sessions as f64,
+                s.steady_server_pct,
+                s.steady_server_pct / s.sessions as f64,
+                s.steady_machine_pct,
                 s.music_cpu_pct,
                 s.generator_cpu_pct,
                 s.rss_start_mib,
