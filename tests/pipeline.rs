@@ -144,8 +144,6 @@ fn decoders_waiting_for_their_listener_hold_no_thread() {
         let mut receivers: Vec<PcmReceiver> = (0..8)
             .map(|_| spawn_decoder(Cursor::new(bytes.clone()), mime.to_string()))
             .collect();
-        // Let the first decoders run until their read-ahead is full.
-        tokio::time::sleep(Duration::from_millis(200)).await;
         let mut counts = Vec::new();
         for (i, rx) in receivers.iter_mut().enumerate() {
             let first = tokio::time::timeout(Duration::from_secs(20), rx.recv())
@@ -228,6 +226,35 @@ fn media_arriving_in_pieces_decodes_as_the_whole_file_does() {
         let error = error.expect("the transfer's error");
         assert!(error.contains("connection reset"), "{error}");
     });
+}
+
+/// A listener that leaves (a barge-in drops the song) while the next bytes are late stops the
+/// transfer at once: the media stream is dropped, which cancels its pending page requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_listener_stops_a_stalled_transfer() {
+    use voxloop::tools::media::MediaStream;
+    let bytes = std::fs::read(music_file("torus_trooper_tt1.mp3")).unwrap();
+    let (tx, rx) = mpsc::channel(1);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let media = MediaStream::new(
+        "audio/mpeg".into(),
+        None,
+        "test".into(),
+        None,
+        rx,
+        cancel.clone(),
+    );
+    tx.send(Ok(bytes::Bytes::copy_from_slice(&bytes[..20 << 10])))
+        .await
+        .unwrap();
+    // Less than 32 KiB and no end yet: the decoder waits for the next chunk, which never comes
+    // (tx stays open). The listener leaves.
+    let pcm = voxloop::pipeline::decode::decode_media(media);
+    drop(pcm);
+    tokio::time::timeout(Duration::from_secs(5), cancel.cancelled())
+        .await
+        .expect("the transfer was not stopped");
+    drop(tx);
 }
 
 /// The pull decoder joins packets up to the block size asked for, and hands out what it decoded

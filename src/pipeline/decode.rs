@@ -60,7 +60,7 @@ pub struct DecodeSummary {
     pub rate: u32,
     /// Channels.
     pub channels: u16,
-    /// Frames (samples per channel) delivered.
+    /// Frames (samples per channel) decoded.
     pub frames: u64,
     /// Packets skipped as corrupt.
     pub skipped_packets: u64,
@@ -532,14 +532,14 @@ impl Codec {
     }
 }
 
-/// Blocks of PCM as a decoder thread produces them; an `Err` is the last item.
+/// Blocks of PCM as a decoder task produces them; an `Err` is the last item.
 pub type PcmReceiver = tokio::sync::mpsc::Receiver<Result<Pcm, DecodeError>>;
 
 /// Blocks of PCM decoded at most this far ahead of the consumer (memory stays bounded): with
 /// blocks of [`DECODE_BLOCK_MS`], 300 ms.
 const DECODE_AHEAD_BLOCKS: usize = 3;
 
-/// Audio decoded per step on the blocking pool, in ms (at least one packet).
+/// Audio decoded per step, in ms (at least one packet).
 const DECODE_BLOCK_MS: u32 = 100;
 
 /// Bytes [`MediaReader::fill`] takes from a media stream ahead of the decoder, at most (one more
@@ -645,9 +645,7 @@ impl MediaReader {
             feed.push(next);
         }
     }
-}
 
-impl MediaReader {
     /// True when a decode step will not run dry: at least [`INLINE_MIN_BYTES`] are buffered, or
     /// the stream is over and everything left is buffered.
     pub fn at_hand(&self) -> bool {
@@ -701,9 +699,12 @@ pub fn spawn_decoder(input: impl Read + Send + Sync + 'static, mime: String) -> 
 /// Decodes a media stream from a tool result (or TTS) as it arrives, as [`spawn_decoder`] does,
 /// except that on a multi-threaded runtime a block whose bytes are at hand
 /// ([`MediaReader::at_hand`], after [`MediaReader::fill`]) is decoded on the async task itself
-/// (about 40 us per 100 ms of MP3): no thread changes hands for it. Blocks whose bytes are still
-/// coming (the end of a page before the next has arrived, a trickling TTS body) are blocking
-/// jobs as in [`spawn_decoder`].
+/// (MP3 decoding was about 9% of the server's CPU in the device load profile, BENCHMARKS.md):
+/// no thread changes hands for it. Blocks whose bytes are still
+/// coming (a trickling TTS body) are blocking jobs as in [`spawn_decoder`]. With less than
+/// [`INLINE_MIN_BYTES`] unread and the stream not over, the decoder first waits (asynchronously)
+/// for the next chunk: bytes before a pause in the transfer play when it resumes or ends. A
+/// receiver dropped during that wait stops the transfer at once.
 pub fn decode_media(media: crate::tools::media::MediaStream) -> PcmReceiver {
     let mime = media.mime_type.clone();
     let reader = MediaReader::new(media);
@@ -725,7 +726,10 @@ fn spawn_stepped(
             reason: format!("the decoder stopped: {e}"),
         };
         if let Some(feed) = &feed {
-            feed.fill().await;
+            tokio::select! {
+                () = feed.fill() => {}
+                () = tx.closed() => return,
+            }
         }
         // Probing may read far (a large tag), so it is a blocking job in every case.
         let opening = mime.clone();
@@ -746,7 +750,11 @@ fn spawn_stepped(
                 return; // nobody listens any more
             };
             if let Some(feed) = &feed {
-                feed.fill().await;
+                // A listener that leaves while the bytes are late stops the transfer now.
+                tokio::select! {
+                    () = feed.fill() => {}
+                    () = tx.closed() => return,
+                }
             }
             let inline = multi_thread && feed.as_ref().is_some_and(MediaReader::at_hand);
             let block = if inline {
