@@ -605,8 +605,8 @@ impl MediaReader {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Before a decode step: moves the chunks that have arrived into the buffer (up to
-    /// [`READ_AHEAD_BYTES`]), and unless that makes the bytes [at hand](MediaReader::at_hand),
+    /// Before a decode step: moves the chunks that have arrived into the buffer (up to 64 KiB,
+    /// `READ_AHEAD_BYTES`), and unless that makes the bytes [at hand](MediaReader::at_hand),
     /// waits asynchronously for one more chunk or the end, so that a step seldom waits inside
     /// its reads (which would hold a thread). Must not run while a read is in progress on
     /// another thread (the decoder's steps and `fill` take turns).
@@ -646,7 +646,7 @@ impl MediaReader {
         }
     }
 
-    /// True when a decode step will not run dry: at least [`INLINE_MIN_BYTES`] are buffered, or
+    /// True when a decode step will not run dry: at least 32 KiB (`INLINE_MIN_BYTES`) are buffered, or
     /// the stream is over and everything left is buffered.
     pub fn at_hand(&self) -> bool {
         let feed = self.feed();
@@ -686,8 +686,8 @@ impl Read for MediaReader {
     }
 }
 
-/// Decodes `input` as `mime`, [`DECODE_AHEAD_BLOCKS`] blocks of about [`DECODE_BLOCK_MS`] ahead
-/// of the receiver: opening and each block are short jobs on tokio's blocking pool, and while the
+/// Decodes `input` as `mime`, at most 3 blocks of about 100 ms (`DECODE_AHEAD_BLOCKS`,
+/// `DECODE_BLOCK_MS`) ahead of the receiver: opening and each block are short jobs on tokio's blocking pool, and while the
 /// receiver has no room an async task waits and no thread is held (a session playing a long
 /// track used to hold a blocking thread for all of it, and tokio has 512). A job can still block
 /// while the input's bytes arrive. Dropping the receiver stops the decoder before its next
@@ -702,7 +702,7 @@ pub fn spawn_decoder(input: impl Read + Send + Sync + 'static, mime: String) -> 
 /// (MP3 decoding was about 9% of the server's CPU in the device load profile, BENCHMARKS.md):
 /// no thread changes hands for it. Blocks whose bytes are still
 /// coming (a trickling TTS body) are blocking jobs as in [`spawn_decoder`]. With less than
-/// [`INLINE_MIN_BYTES`] unread and the stream not over, the decoder first waits (asynchronously)
+/// 32 KiB unread and the stream not over, the decoder first waits (asynchronously)
 /// for the next chunk: bytes before a pause in the transfer play when it resumes or ends. A
 /// receiver dropped during that wait stops the transfer at once.
 pub fn decode_media(media: crate::tools::media::MediaStream) -> PcmReceiver {
