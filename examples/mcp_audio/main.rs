@@ -45,7 +45,7 @@ enum Transport {
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// voxloop config file; its [music] section sets the defaults below.
+    /// voxloop config file; its `[music]` section sets the defaults below.
     #[arg(long, env = "VOXLOOP_CONFIG")]
     config: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "stdio")]
