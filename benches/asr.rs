@@ -89,6 +89,7 @@ fn main() {
             threads: 2,
             beam_size: 0,
             fit_context: fit,
+            ..AsrConfig::default()
         };
         let asr = Asr::load(&config).unwrap();
         print!("| {label} |");

@@ -169,14 +169,26 @@ pub struct LlmConfig {
     /// Most tokens of history sent to the model (the current turn is always kept): counted by
     /// the local model's tokenizer, estimated as 4 characters a token for an endpoint.
     pub history_tokens: u32,
-    /// The local model: a llama-architecture GGUF file with a GPT-2 tokenizer and ChatML;
-    /// default: SmolLM2-135M-Instruct in the model directory (`voxloop models fetch smollm2`).
+    /// The local model: a GGUF file of the llama (SmolLM2) or qwen2 (Qwen2.5) architecture with
+    /// a GPT-2 tokenizer and ChatML; default: Qwen2.5-Coder-0.5B-Instruct in the model directory
+    /// (`voxloop models fetch`).
     pub local_model: Option<PathBuf>,
-    /// Local model: how much more likely (in logits) a reply's first token may be text than the
-    /// start of a tool call, and the reply still be a tool call. Small models rarely start a
-    /// call on their own; with SmolLM2-135M, 3.0 sent 8 of 8 requests for a tool to a call and
-    /// 1 of 7 others ("Good morning!") too (BENCHMARKS.md). 0 takes the model's own choice.
-    pub tool_call_bias: f32,
+    /// Requests for voxloop's own tools (volume, the time, stop, goodbye) are matched by fixed
+    /// English and Chinese patterns and call the tool without the model
+    /// ([`crate::conversation::intent`]); everything else goes to the model.
+    pub builtin_intents: bool,
+    /// Percentage points that "louder" and "quieter" move the volume (1..=100).
+    pub volume_step: u32,
+    /// Most sentences of one spoken reply (1..=100); the model's stream ends there.
+    pub max_reply_sentences: u32,
+    /// Most words of one spoken reply (1..=10000; a CJK character counts as a word).
+    pub max_reply_words: u32,
+    /// Local model: how much more likely (in logits, 0.0..=20.0) a reply's first token may be text
+    /// than the start of a tool call, and the reply still be a tool call. Unset: the model
+    /// family's default, 3.0 for SmolLM2 (small models rarely start a call on their own; with
+    /// SmolLM2-135M, 3.0 sent 8 of 8 requests for a tool to a call and 1 of 7 others too) and
+    /// 0.0 for Qwen2.5 (its own choice; 3.0 turned "Hi, how are you?" into a call).
+    pub tool_call_bias: Option<f32>,
     /// Local model: example exchanges shown after the tools (`User:` lines, then the reply or
     /// `<tool_call>{...}`); those calling a tool that is not offered are left out.
     pub tool_examples: String,
@@ -212,7 +224,11 @@ impl Default for LlmConfig {
             history_turns: 10,
             history_tokens: 2048,
             local_model: None,
-            tool_call_bias: 3.0,
+            builtin_intents: true,
+            volume_step: 20,
+            max_reply_sentences: 2,
+            max_reply_words: 60,
+            tool_call_bias: None,
             tool_examples: DEFAULT_TOOL_EXAMPLES.into(),
             tool_strings_from_request: true,
             tool_string_max_chars: 200,
@@ -229,10 +245,10 @@ impl Default for LlmConfig {
 }
 
 impl LlmConfig {
-    /// The local model file: `local_model`, else SmolLM2 in the model directory.
+    /// The local model file: `local_model`, else Qwen2.5-0.5B in the model directory.
     pub fn local_model_path(&self) -> PathBuf {
         self.local_model.clone().unwrap_or_else(|| {
-            crate::models::spec("smollm2")
+            crate::models::spec("qwen2.5-0.5b")
                 .map(crate::models::model_path)
                 .unwrap_or_default()
         })
@@ -256,6 +272,12 @@ pub struct AsrConfig {
     /// Run whisper's encoder over the utterance's length instead of a full 30 s window (much
     /// faster for short commands; see BENCHMARKS.md for the accuracy cost).
     pub fit_context: bool,
+    /// Bias whisper towards the words of the moment: its initial prompt lists the offered
+    /// tools' words and the titles of the resources the MCP servers list, so catalog titles are
+    /// heard right ([`crate::pipeline::asr::vocabulary_prompt`]).
+    pub vocabulary_prompt: bool,
+    /// Longest vocabulary prompt in characters (0..=1000; whisper keeps at most 223 tokens of it).
+    pub prompt_max_chars: u32,
 }
 
 impl Default for AsrConfig {
@@ -267,6 +289,8 @@ impl Default for AsrConfig {
             threads: cores.min(8),
             beam_size: 0,
             fit_context: true,
+            vocabulary_prompt: true,
+            prompt_max_chars: 600,
         }
     }
 }
@@ -1040,6 +1064,12 @@ impl Config {
         )?;
         in_range("asr.threads", self.asr.threads, 1..=64, "threads")?;
         in_range("asr.beam_size", self.asr.beam_size, 0..=16, "beams")?;
+        in_range(
+            "asr.prompt_max_chars",
+            self.asr.prompt_max_chars,
+            0..=1000,
+            "characters",
+        )?;
         let lang = &self.asr.language;
         if !(lang == "auto"
             || (2..=3).contains(&lang.len()) && lang.chars().all(|c| c.is_ascii_lowercase()))
@@ -1059,12 +1089,9 @@ impl Config {
             });
         }
         in_range("llm.temperature", llm.temperature, 0.0..=2.0, "")?;
-        in_range(
-            "llm.tool_call_bias",
-            llm.tool_call_bias,
-            0.0..=20.0,
-            "logits",
-        )?;
+        if let Some(bias) = llm.tool_call_bias {
+            in_range("llm.tool_call_bias", bias, 0.0..=20.0, "logits")?;
+        }
         in_range(
             "llm.tool_string_max_chars",
             llm.tool_string_max_chars,
@@ -1072,6 +1099,24 @@ impl Config {
             "characters",
         )?;
         in_range("llm.max_tokens", llm.max_tokens, 1..=32_768, "tokens")?;
+        in_range(
+            "llm.volume_step",
+            llm.volume_step,
+            1..=100,
+            "percentage points",
+        )?;
+        in_range(
+            "llm.max_reply_sentences",
+            llm.max_reply_sentences,
+            1..=100,
+            "sentences",
+        )?;
+        in_range(
+            "llm.max_reply_words",
+            llm.max_reply_words,
+            1..=10_000,
+            "words",
+        )?;
         in_range(
             "llm.timeout_ms",
             llm.timeout_ms,

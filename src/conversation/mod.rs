@@ -4,6 +4,9 @@
 //! Cancelling a turn (barge-in, a stop command) ends the model's stream, the tool calls and the
 //! pagers, and history keeps only what was actually said.
 
+pub mod intent;
+pub mod reply;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,6 +25,8 @@ use crate::pipeline::tts::Tts;
 use crate::tools::hub::{ToolCall, ToolHub, ToolSpec};
 use crate::tools::outcome::{Action, ToolOutcome};
 use crate::tools::terminal::{Decision, StopReason, decide};
+use intent::{IntentSettings, match_intent};
+use reply::{Accepted, MarkupFilter, ReplyLimitSettings, ReplyLimits};
 
 /// Turn settings.
 #[derive(Debug, Clone)]
@@ -36,6 +41,10 @@ pub struct ConversationSettings {
     pub max_tool_rounds: u32,
     /// Call the model again after media started.
     pub continue_after_media: bool,
+    /// Match requests for the built-in tools without the model ([`intent`]); `None`: off.
+    pub intents: Option<IntentSettings>,
+    /// How long a spoken reply may be ([`reply`]).
+    pub reply_limits: ReplyLimitSettings,
 }
 
 /// The default system prompt: short spoken answers, and the tools for music.
@@ -50,6 +59,13 @@ impl ConversationSettings {
             history_tokens: config.llm.history_tokens as usize,
             max_tool_rounds: config.tools.max_tool_rounds,
             continue_after_media: config.tools.continue_after_media,
+            intents: config.llm.builtin_intents.then_some(IntentSettings {
+                volume_step: config.llm.volume_step.min(100) as u8,
+            }),
+            reply_limits: ReplyLimitSettings {
+                max_sentences: config.llm.max_reply_sentences as usize,
+                max_words: config.llm.max_reply_words as usize,
+            },
         }
     }
 }
@@ -75,14 +91,32 @@ pub enum TurnEnd {
     Stopped(StopReason),
     /// The turn was cancelled (barge-in, a stop command).
     Cancelled,
+    /// Nothing was said (an empty transcript, or only non-speech markers): no reply.
+    Ignored,
     /// The model could not be reached or failed; the user heard a short apology.
     Failed(String),
 }
 
-/// What happened in a turn, with timings in ms from its start.
+/// Who chose the turn's first action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Handler {
+    /// A built-in intent matched the words ([`intent`]); the model was not asked.
+    Intent,
+    /// The chat model.
+    Model,
+    /// Nobody: the turn was ignored.
+    None,
+}
+
+/// What happened in a turn, with timings in ms from its start (the end of speech, for turns
+/// from speech: ASR time is reported apart, in `asr_ms`).
 #[derive(Debug, Clone, Serialize)]
 pub struct TurnReport {
     pub heard: String,
+    /// Time whisper took for the utterance, when the turn came from speech (set by the caller).
+    pub asr_ms: Option<u64>,
+    pub handled_by: Handler,
     /// The text given to TTS.
     pub said: String,
     pub tools: Vec<ToolReport>,
@@ -110,6 +144,8 @@ pub struct Conversation {
 const APOLOGY_UNREACHABLE: &str = "Sorry, I can't reach my language model right now.";
 /// Spoken when the tool rounds run out.
 const APOLOGY_ROUNDS: &str = "Sorry, I couldn't finish that.";
+/// Said when the user ends the conversation.
+const GOODBYE: &str = "Goodbye.";
 
 impl Conversation {
     /// A conversation over these parts.
@@ -238,6 +274,117 @@ impl Conversation {
         }
     }
 
+    /// One request to the model: its text is cleaned of markup ([`MarkupFilter`]), split into
+    /// sentences and spoken while it streams, within [`ReplyLimits`] (a limit or a loop ends the
+    /// stream); its tool calls are collected into `calls`. Returns the sentences spoken. Sets
+    /// `report.end` when the turn is cancelled or the model fails.
+    async fn stream_reply(
+        &self,
+        tools: &[Value],
+        cancel: &CancellationToken,
+        started: Instant,
+        report: &mut TurnReport,
+        text: &mut String,
+        calls: &mut Vec<crate::llm::ToolCallRequest>,
+    ) -> Vec<String> {
+        let elapsed_ms = || started.elapsed().as_millis() as u64;
+        let mut spoken = Vec::new();
+        let mut stream = match self.llm.stream(&self.messages(), tools, cancel).await {
+            Ok(stream) => stream,
+            Err(e) if cancel.is_cancelled() => {
+                tracing::info!(error = %e, "turn cancelled");
+                report.end = TurnEnd::Cancelled;
+                return spoken;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "LLM failed");
+                self.speak(APOLOGY_UNREACHABLE).await;
+                report.end = TurnEnd::Failed(e.to_string());
+                return spoken;
+            }
+        };
+        let mut filter = MarkupFilter::new();
+        let mut splitter = SentenceSplitter::default();
+        let mut limits = ReplyLimits::new(self.settings.reply_limits);
+        let mut ended = false;
+        loop {
+            let event = tokio::select! {
+                e = stream.recv() => e,
+                _ = cancel.cancelled() => { report.end = TurnEnd::Cancelled; break; }
+            };
+            match event {
+                Some(Ok(LlmEvent::Text(delta))) => {
+                    report.first_token_ms.get_or_insert(elapsed_ms());
+                    text.push_str(&delta);
+                    for sentence in splitter.push(&filter.push(&delta)) {
+                        if self.say_within(&mut limits, &sentence, &mut spoken).await {
+                            ended = true;
+                            break;
+                        }
+                    }
+                    if ended {
+                        // Dropping the stream stops the model.
+                        break;
+                    }
+                }
+                Some(Ok(LlmEvent::ToolCall(call))) => {
+                    report.first_token_ms.get_or_insert(elapsed_ms());
+                    calls.push(call);
+                }
+                Some(Ok(LlmEvent::Done { .. })) | None => break,
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "LLM stream failed");
+                    if text.is_empty() && calls.is_empty() {
+                        self.speak(APOLOGY_UNREACHABLE).await;
+                    }
+                    report.end = TurnEnd::Failed(e.to_string());
+                    break;
+                }
+            }
+        }
+        // The stream also ends (closed) when the turn is cancelled.
+        if cancel.is_cancelled() {
+            report.end = TurnEnd::Cancelled;
+        }
+        if report.end != TurnEnd::Cancelled && !ended {
+            splitter.push(&filter.finish());
+            let rest: Vec<String> = splitter
+                .push("")
+                .into_iter()
+                .chain(splitter.finish())
+                .collect();
+            for sentence in rest {
+                if self.say_within(&mut limits, &sentence, &mut spoken).await {
+                    break;
+                }
+            }
+        }
+        if ended {
+            // What the history keeps is what was said, not the rest the model had in mind.
+            *text = spoken.join(" ");
+        }
+        spoken
+    }
+
+    /// Speaks `sentence` if `limits` accept it (cut to them); true when the reply ends here.
+    async fn say_within(
+        &self,
+        limits: &mut ReplyLimits,
+        sentence: &str,
+        spoken: &mut Vec<String>,
+    ) -> bool {
+        let (say, last) = match limits.accept(sentence) {
+            Accepted::More(s) => (s, false),
+            Accepted::Last(s) => (s, true),
+            Accepted::Stop => (String::new(), true),
+        };
+        if !say.is_empty() {
+            self.speak(&say).await;
+            spoken.push(say);
+        }
+        last
+    }
+
     /// Runs one turn for the user's `text`. `cancel` ends it early (barge-in): the caller also
     /// stops the playback queue.
     pub async fn turn(&mut self, text: &str, cancel: &CancellationToken) -> TurnReport {
@@ -255,9 +402,10 @@ impl Conversation {
             }
             None
         });
-        self.history.push(ChatMessage::new(Role::User, text));
         let mut report = TurnReport {
             heard: text.to_string(),
+            asr_ms: None,
+            handled_by: Handler::Model,
             said: String::new(),
             tools: Vec::new(),
             end: TurnEnd::Answered,
@@ -266,67 +414,45 @@ impl Conversation {
             first_audio_ms: None,
             total_ms: 0,
         };
+        let text = crate::pipeline::asr::speech_only(text);
+        if text.is_empty() {
+            first_audio.abort();
+            report.end = TurnEnd::Ignored;
+            report.handled_by = Handler::None;
+            return report;
+        }
+        self.history
+            .push(ChatMessage::new(Role::User, text.as_str()));
         let tools = self.function_tools();
+        let hub = self.hub.clone();
+        let intent = self.settings.intents.and_then(|settings| {
+            match_intent(&text, self.queue.volume(), &settings, |t| hub.is_builtin(t))
+        });
+        if intent.is_some() {
+            report.handled_by = Handler::Intent;
+        }
         let mut spoken_sentences: Vec<String> = Vec::new();
         let mut round = 0;
         'rounds: loop {
             round += 1;
-            report.llm_calls += 1;
-            let mut stream = match self.llm.stream(&self.messages(), &tools, cancel).await {
-                Ok(stream) => stream,
-                Err(e) if cancel.is_cancelled() => {
-                    tracing::info!(error = %e, "turn cancelled");
-                    report.end = TurnEnd::Cancelled;
-                    break 'rounds;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "LLM failed");
-                    self.speak(APOLOGY_UNREACHABLE).await;
-                    report.end = TurnEnd::Failed(e.to_string());
-                    break 'rounds;
-                }
-            };
-            let mut splitter = SentenceSplitter::default();
             let mut text = String::new();
             let mut calls = Vec::new();
-            loop {
-                let event = tokio::select! {
-                    e = stream.recv() => e,
-                    _ = cancel.cancelled() => { report.end = TurnEnd::Cancelled; break; }
-                };
-                match event {
-                    Some(Ok(LlmEvent::Text(delta))) => {
-                        report.first_token_ms.get_or_insert(ms(Instant::now()));
-                        text.push_str(&delta);
-                        for sentence in splitter.push(&delta) {
-                            self.speak(&sentence).await;
-                            spoken_sentences.push(sentence);
-                        }
-                    }
-                    Some(Ok(LlmEvent::ToolCall(call))) => {
-                        report.first_token_ms.get_or_insert(ms(Instant::now()));
-                        calls.push(call);
-                    }
-                    Some(Ok(LlmEvent::Done { .. })) | None => break,
-                    Some(Err(e)) => {
-                        tracing::error!(error = %e, "LLM stream failed");
-                        if text.is_empty() && calls.is_empty() {
-                            self.speak(APOLOGY_UNREACHABLE).await;
-                        }
-                        report.end = TurnEnd::Failed(e.to_string());
-                        break;
-                    }
-                }
-            }
-            // The stream also ends (closed) when the turn is cancelled.
-            if cancel.is_cancelled() {
-                report.end = TurnEnd::Cancelled;
+            if round == 1
+                && let Some(intent) = &intent
+            {
+                calls.push(crate::llm::ToolCallRequest {
+                    id: "intent_1".into(),
+                    name: intent.tool.to_string(),
+                    arguments: intent.arguments.to_string(),
+                });
+            } else {
+                report.llm_calls += 1;
+                let spoken = self
+                    .stream_reply(&tools, cancel, started, &mut report, &mut text, &mut calls)
+                    .await;
+                spoken_sentences.extend(spoken);
             }
             let cancelled = report.end == TurnEnd::Cancelled;
-            if !cancelled && let Some(rest) = splitter.finish() {
-                self.speak(&rest).await;
-                spoken_sentences.push(rest);
-            }
             if cancelled {
                 // Calls the model had not finished are not made.
                 calls.clear();
@@ -370,12 +496,38 @@ impl Conversation {
                 });
                 self.history.push(ChatMessage::tool(&call.id, result));
             }
-            match decide(
+            let decision = decide(
                 &facts,
                 round,
                 self.settings.max_tool_rounds,
                 self.settings.continue_after_media,
-            ) {
+            );
+            // A built-in called for an intent is answered without the model: its text result
+            // (the time) is the reply, a goodbye is said, an action is its own answer.
+            if round == 1
+                && let Some(intent) = &intent
+            {
+                let said = match (&decision, report.tools.last()) {
+                    (_, Some(tool)) if intent.tool == "exit_conversation" && !tool.is_error => {
+                        Some(GOODBYE.to_string())
+                    }
+                    (Decision::CallLlm(_), Some(tool)) if !tool.is_error => {
+                        Some(reply::clean(&tool.result))
+                    }
+                    (Decision::CallLlm(_), Some(_)) => Some(APOLOGY_ROUNDS.to_string()),
+                    _ => None,
+                };
+                if let Some(said) = said.filter(|s| !s.is_empty()) {
+                    self.speak(&said).await;
+                    spoken_sentences.push(said);
+                }
+                report.end = match decision {
+                    Decision::Stop(reason) => TurnEnd::Stopped(reason),
+                    Decision::CallLlm(_) => TurnEnd::Answered,
+                };
+                break 'rounds;
+            }
+            match decision {
                 Decision::CallLlm(_) => continue,
                 Decision::Stop(reason) => {
                     if reason == StopReason::MaxRounds {

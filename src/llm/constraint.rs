@@ -373,6 +373,12 @@ impl ToolGrammar {
     /// "parameters"}}`), string arguments as `strings` says. Returns `None` when no tool has a
     /// name.
     pub fn new(tools: &[Value], strings: StringRule) -> Option<Self> {
+        Self::with_opening(tools, strings, TOOL_CALL_OPEN)
+    }
+
+    /// As [`Self::new`], with `opening` instead of [`TOOL_CALL_OPEN`] before the JSON object
+    /// (Qwen writes `<tool_call>` and a line break).
+    pub fn with_opening(tools: &[Value], strings: StringRule, opening: &str) -> Option<Self> {
         let mut tools_by_name: Vec<(String, Value)> = Vec::new();
         for tool in tools {
             let function = tool.get("function").unwrap_or(tool);
@@ -393,7 +399,7 @@ impl ToolGrammar {
             program: Vec::new(),
             strings,
         };
-        c.literal(TOOL_CALL_OPEN);
+        c.literal(opening);
         c.literal("{\"name\": ");
         c.choice(
             tools_by_name
@@ -491,6 +497,26 @@ impl ToolGrammar {
     pub fn accepts(&self, text: &str) -> bool {
         self.advance_str(&self.start(), text)
             .is_some_and(|s| self.is_complete(&s))
+    }
+
+    /// The text every valid call must continue with from `state`: characters while exactly one
+    /// may come next, up to the end of the call. Empty when the next character is a choice.
+    pub fn forced_text(&self, state: &GrammarState) -> String {
+        let mut text = String::new();
+        let mut state = state.clone();
+        while !self.is_complete(&state) {
+            match self.next_chars(&state).as_deref() {
+                Some(&[c]) => {
+                    state = self.advance(&state, c);
+                    if state.is_dead() {
+                        break;
+                    }
+                    text.push(c);
+                }
+                _ => break,
+            }
+        }
+        text
     }
 
     /// The characters that may come next in `state` (for a fast first-character filter);

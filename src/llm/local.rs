@@ -23,23 +23,72 @@ use std::time::Instant;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
-use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
+use candle_transformers::models::quantized_llama::{self as llama, MAX_SEQ_LEN};
 use serde_json::Value;
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::Tokenizer;
 use tokenizers::models::bpe::{BPE, Vocab};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, DecoderWrapper, PreTokenizerWrapper};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::constraint::{GrammarState, StringRule, TOOL_CALL_OPEN, ToolGrammar};
+use super::qwen2;
 use super::{ChatMessage, FunctionTools, LlmError, LlmEvent, Role, ToolCallRequest, Usage};
 use crate::config::LlmConfig;
 
 /// GGUF `tokenizer.ggml.token_type` of control tokens (llama.cpp's `LLAMA_TOKEN_TYPE_CONTROL`).
 const TOKEN_TYPE_CONTROL: i32 = 3;
+/// GGUF `tokenizer.ggml.token_type` of user-defined tokens (`LLAMA_TOKEN_TYPE_USER_DEFINED`):
+/// added tokens that are text, such as Qwen's `<tool_call>`; they are matched whole.
+const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+/// Qwen2's pre-tokenizer split (its `tokenizer.json`; llama.cpp's `LLAMA_VOCAB_PRE_TYPE_QWEN2`).
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The transformer of a GGUF file, by its `general.architecture`.
+#[derive(Clone)]
+enum Weights {
+    /// `llama` (SmolLM2): candle's `quantized_llama`.
+    Llama(llama::ModelWeights),
+    /// `qwen2` (Qwen2.5): [`qwen2`], candle's `quantized_qwen2` with a resumable cache.
+    Qwen2(qwen2::ModelWeights),
+}
+
+impl Weights {
+    fn forward(&mut self, input: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Llama(m) => m.forward(input, pos),
+            Self::Qwen2(m) => m.forward(input, pos),
+        }
+    }
+}
+
+/// How a model family writes prompts and tool calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChatFormat {
+    /// SmolLM2's ChatML: the tools listed as `name(param: type): description` in the system
+    /// message, a call written `<tool_call>{...}`, a tool's answer a user message
+    /// `Tool result: ...`.
+    SmolLm,
+    /// Qwen2.5's chat template (its GGUF `tokenizer.chat_template`): the tools as JSON lines in
+    /// `<tools></tools>` under `# Tools`, a call `<tool_call>\n{...}\n</tool_call>`, a tool's
+    /// answer a user message `<tool_response>\n...\n</tool_response>`.
+    Qwen,
+}
+
+impl ChatFormat {
+    /// What opens a tool call in the model's reply, up to the JSON object.
+    pub fn call_opening(self) -> &'static str {
+        match self {
+            Self::SmolLm => TOOL_CALL_OPEN,
+            Self::Qwen => "<tool_call>\n",
+        }
+    }
+}
 /// Where the model's reply starts.
 const ASSISTANT_HEADER: &str = "<|im_start|>assistant\n";
 /// Seed of the text sampler: the same prompt gives the same reply.
@@ -53,7 +102,9 @@ pub struct LocalModel {
 
 struct Inner {
     path: PathBuf,
-    weights: ModelWeights,
+    weights: Weights,
+    /// How prompts and tool calls are written for this model.
+    format: ChatFormat,
     tokenizer: Tokenizer,
     /// Each token's text (empty for control tokens), for the tool-call mask.
     token_text: Vec<String>,
@@ -102,7 +153,7 @@ fn token_trie(texts: &[String]) -> Vec<TrieNode> {
 /// that token's position.
 #[derive(Clone)]
 struct Cursor {
-    model: ModelWeights,
+    model: Weights,
     logits: Vec<f32>,
     pos: usize,
 }
@@ -198,10 +249,29 @@ fn tokenizer_from_gguf(content: &gguf_file::Content) -> Result<(Tokenizer, Vec<u
         .build()
         .map_err(|e| format!("BPE: {e}"))?;
     let mut tokenizer = Tokenizer::new(bpe);
-    tokenizer.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(vec![
-        PreTokenizerWrapper::Digits(Digits::new(true)),
-        PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
-    ]))));
+    let pre = content
+        .metadata
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.to_string().ok().cloned())
+        .unwrap_or_default();
+    let pre_tokenizer = if pre == "qwen2" {
+        let split = Split::new(
+            SplitPattern::Regex(QWEN2_SPLIT.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| format!("Qwen2 pre-tokenizer: {e}"))?;
+        Sequence::new(vec![
+            PreTokenizerWrapper::Split(split),
+            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
+        ])
+    } else {
+        Sequence::new(vec![
+            PreTokenizerWrapper::Digits(Digits::new(true)),
+            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
+        ])
+    };
+    tokenizer.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(pre_tokenizer)));
     tokenizer.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
     let control: Vec<u32> = types
         .iter()
@@ -216,6 +286,15 @@ fn tokenizer_from_gguf(content: &gguf_file::Content) -> Result<(Tokenizer, Vec<u
     tokenizer
         .add_special_tokens(special)
         .map_err(|e| format!("control tokens: {e}"))?;
+    let user_defined: Vec<AddedToken> = types
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| **t == TOKEN_TYPE_USER_DEFINED)
+        .map(|(i, _)| AddedToken::from(tokens[i].clone(), false))
+        .collect();
+    tokenizer
+        .add_tokens(user_defined)
+        .map_err(|e| format!("user-defined tokens: {e}"))?;
     Ok((tokenizer, control))
 }
 
@@ -227,10 +306,7 @@ impl LocalModel {
     /// [`LlmError::Model`] naming the file when it cannot be read or is not such a model.
     pub fn load(path: &Path, config: &LlmConfig) -> Result<Self, LlmError> {
         let mut file = std::fs::File::open(path).map_err(|e| {
-            model_error(
-                path,
-                format!("{e} (fetch it with `voxloop models fetch smollm2`)"),
-            )
+            model_error(path, format!("{e} (fetch it with `voxloop models fetch`)"))
         })?;
         let content = gguf_file::Content::read(&mut file).map_err(|e| model_error(path, e))?;
         let (tokenizer, control) =
@@ -255,8 +331,33 @@ impl LocalModel {
                 "no <|im_start|> token: not a ChatML model",
             ));
         }
-        let weights = ModelWeights::from_gguf(content, &mut file, &Device::Cpu)
-            .map_err(|e| model_error(path, e))?;
+        let architecture = content
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok().cloned())
+            .unwrap_or_default();
+        let (weights, format) = match architecture.as_str() {
+            "llama" => (
+                Weights::Llama(
+                    llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu)
+                        .map_err(|e| model_error(path, e))?,
+                ),
+                ChatFormat::SmolLm,
+            ),
+            "qwen2" => (
+                Weights::Qwen2(
+                    qwen2::ModelWeights::from_gguf(content, &mut file, &Device::Cpu)
+                        .map_err(|e| model_error(path, e))?,
+                ),
+                ChatFormat::Qwen,
+            ),
+            other => {
+                return Err(model_error(
+                    path,
+                    format!("architecture {other:?}; only llama and qwen2 are supported"),
+                ));
+            }
+        };
         let size = tokenizer.get_vocab_size(true);
         let mut token_text = Vec::with_capacity(size);
         for id in 0..size as u32 {
@@ -272,6 +373,7 @@ impl LocalModel {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 weights,
+                format,
                 tokenizer,
                 token_text,
                 trie,
@@ -287,13 +389,22 @@ impl LocalModel {
         &self.inner.path
     }
 
-    /// The prompt for `messages` and `tools` in ChatML, ending with the assistant's header.
+    /// How this model writes prompts and tool calls (from its architecture).
+    pub fn format(&self) -> ChatFormat {
+        self.inner.format
+    }
+
+    /// The prompt for `messages` and `tools` in `format`, ending with the assistant's header.
     ///
-    /// The system message is the tools section (each tool, how to call one, and the examples
-    /// of `tool_examples` whose calls name an offered tool), then the system prompt. (Putting
-    /// the system prompt first made no clear difference to SmolLM2-135M's choice between a
-    /// call and words in a probe of 10 requests.)
+    /// [`ChatFormat::SmolLm`]: the system message is the tools section (each tool, how to call
+    /// one, and the examples of `tool_examples` whose calls name an offered tool), then the
+    /// system prompt. (Putting the system prompt first made no clear difference to
+    /// SmolLM2-135M's choice between a call and words in a probe of 10 requests.)
+    ///
+    /// [`ChatFormat::Qwen`]: Qwen2.5's template: the system prompt, then `# Tools` with each tool
+    /// as a JSON line and the call format, then the same examples written in that format.
     pub fn render_prompt(
+        format: ChatFormat,
         messages: &[ChatMessage],
         tools: &FunctionTools,
         tool_examples: &str,
@@ -301,26 +412,42 @@ impl LocalModel {
         let mut out = String::new();
         let mut system = String::new();
         let mut rest = messages;
-        if !tools.is_empty() {
-            system.push_str(&tools_prompt(tools, tool_examples));
-        }
+        let mut prompt = "";
         if let Some((first, tail)) = messages.split_first()
             && first.role == Role::System
         {
-            if !system.is_empty() {
-                system.push_str("\n\n");
-            }
-            system.push_str(&first.content);
+            prompt = &first.content;
             rest = tail;
+        }
+        match format {
+            ChatFormat::SmolLm => {
+                if !tools.is_empty() {
+                    system.push_str(&tools_prompt(tools, tool_examples));
+                }
+                if !prompt.is_empty() {
+                    if !system.is_empty() {
+                        system.push_str("\n\n");
+                    }
+                    system.push_str(prompt);
+                }
+            }
+            ChatFormat::Qwen => {
+                system.push_str(prompt);
+                if !tools.is_empty() {
+                    system.push_str(&qwen_tools_prompt(tools, tool_examples));
+                }
+            }
         }
         if !system.is_empty() {
             chatml(&mut out, "system", &system);
         }
-        for m in rest {
-            match m.role {
-                Role::System => chatml(&mut out, "system", &m.content),
-                Role::User => chatml(&mut out, "user", &m.content),
-                Role::Assistant => {
+        let mut i = 0;
+        while i < rest.len() {
+            let m = &rest[i];
+            match (format, m.role) {
+                (_, Role::System) => chatml(&mut out, "system", &m.content),
+                (_, Role::User) => chatml(&mut out, "user", &m.content),
+                (ChatFormat::SmolLm, Role::Assistant) => {
                     let mut content = m.content.clone();
                     for call in &m.tool_calls {
                         if !content.is_empty() {
@@ -334,8 +461,41 @@ impl LocalModel {
                     }
                     chatml(&mut out, "assistant", &content);
                 }
-                Role::Tool => chatml(&mut out, "user", &format!("Tool result: {}", m.content)),
+                (ChatFormat::Qwen, Role::Assistant) => {
+                    let mut content = m.content.clone();
+                    for call in &m.tool_calls {
+                        if !content.is_empty() {
+                            content.push('\n');
+                        }
+                        content.push_str(&format!(
+                            "<tool_call>\n{{\"name\": {}, \"arguments\": {}}}\n</tool_call>",
+                            Value::String(call.name.clone()),
+                            call.arguments
+                        ));
+                    }
+                    chatml(&mut out, "assistant", &content);
+                }
+                (ChatFormat::SmolLm, Role::Tool) => {
+                    chatml(&mut out, "user", &format!("Tool result: {}", m.content))
+                }
+                (ChatFormat::Qwen, Role::Tool) => {
+                    // Consecutive tool results share one user message, as the template does.
+                    let mut content = String::new();
+                    while i < rest.len() && rest[i].role == Role::Tool {
+                        if !content.is_empty() {
+                            content.push('\n');
+                        }
+                        content.push_str(&format!(
+                            "<tool_response>\n{}\n</tool_response>",
+                            rest[i].content
+                        ));
+                        i += 1;
+                    }
+                    chatml(&mut out, "user", &content);
+                    continue;
+                }
             }
+            i += 1;
         }
         out.push_str(ASSISTANT_HEADER);
         out
@@ -435,7 +595,12 @@ impl LocalModel {
             .take_while(|m| m.role == Role::System)
             .cloned()
             .collect();
-        let prompt = Self::render_prompt(&system, tools, &self.inner.config.tool_examples);
+        let prompt = Self::render_prompt(
+            self.inner.format,
+            &system,
+            tools,
+            &self.inner.config.tool_examples,
+        );
         let prefix = prompt
             .strip_suffix(ASSISTANT_HEADER)
             .unwrap_or(&prompt)
@@ -485,7 +650,13 @@ impl LocalModel {
         messages: &[ChatMessage],
         tools: &FunctionTools,
     ) -> Result<(Vec<u32>, Option<ToolGrammar>), LlmError> {
-        let prompt = Self::render_prompt(messages, tools, &self.inner.config.tool_examples);
+        let prompt = Self::render_prompt(
+            self.inner.format,
+            messages,
+            tools,
+            &self.inner.config.tool_examples,
+        );
+        tracing::trace!(%prompt, "local model prompt");
         let ids = self.tokenize(&prompt)?;
         let max_new = self.inner.config.max_tokens as usize;
         if ids.len() + max_new > MAX_SEQ_LEN {
@@ -506,7 +677,11 @@ impl LocalModel {
     fn grammar(&self, messages: &[ChatMessage], tools: &FunctionTools) -> Option<ToolGrammar> {
         match messages.last() {
             Some(m) if m.role == Role::Tool => None,
-            _ => ToolGrammar::new(tools, self.string_rule(messages)),
+            _ => ToolGrammar::with_opening(
+                tools,
+                self.string_rule(messages),
+                self.inner.format.call_opening(),
+            ),
         }
     }
 
@@ -596,6 +771,101 @@ fn tools_prompt(tools: &FunctionTools, examples: &str) -> String {
     out
 }
 
+/// The tools section of a Qwen2.5 system message (its chat template's words), then the
+/// examples whose calls name an offered tool, in Qwen's call format.
+fn qwen_tools_prompt(tools: &FunctionTools, examples: &str) -> String {
+    let mut out = String::from(
+        "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>",
+    );
+    for tool in tools {
+        out.push('\n');
+        out.push_str(&compact_tool(tool));
+    }
+    out.push_str("\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>");
+    let offered: Vec<&str> = tools
+        .iter()
+        .filter_map(|t| t.get("function").unwrap_or(t).get("name")?.as_str())
+        .collect();
+    let kept = offered_examples(examples, &offered);
+    if !kept.is_empty() {
+        out.push_str("\n\nExamples:\n");
+        for line in kept.lines() {
+            match line.split_once(TOOL_CALL_OPEN) {
+                Some((before, call)) => {
+                    out.push_str(&format!("{before}<tool_call>\n{call}\n</tool_call>\n"))
+                }
+                None => {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        }
+        out.truncate(out.trim_end().len());
+    }
+    out
+}
+
+/// A function tool as one JSON line for a small model's prompt: name, the first sentence of the
+/// description, and the parameters with only `type` (nullable types as their other type),
+/// `description`, `enum`, `minimum`, `maximum` and `required` kept. (The full schemas of six
+/// tools made Qwen's system message 691 tokens, each computed at about 30 tokens/s on 2 cores.)
+fn compact_tool(tool: &Value) -> String {
+    let function = tool.get("function").unwrap_or(tool);
+    let text = |key: &str| function.get(key).and_then(Value::as_str).unwrap_or("");
+    let description = first_sentence(text("description"));
+    let parameters = function.get("parameters");
+    let mut properties = serde_json::Map::new();
+    if let Some(props) = parameters
+        .and_then(|p| p.get("properties"))
+        .and_then(Value::as_object)
+    {
+        for (name, schema) in props {
+            let mut kept = serde_json::Map::new();
+            let kind = match schema.get("type") {
+                Some(Value::Array(kinds)) => kinds
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .find(|k| *k != "null")
+                    .map(|k| Value::String(k.to_string())),
+                other => other.cloned(),
+            };
+            if let Some(kind) = kind {
+                kept.insert("type".into(), kind);
+            }
+            for key in ["description", "enum", "minimum", "maximum"] {
+                if let Some(v) = schema.get(key) {
+                    let v = match (key, v) {
+                        ("description", Value::String(d)) => Value::String(first_sentence(d)),
+                        _ => v.clone(),
+                    };
+                    kept.insert(key.into(), v);
+                }
+            }
+            properties.insert(name.clone(), Value::Object(kept));
+        }
+    }
+    let mut params = serde_json::json!({"type": "object", "properties": properties});
+    if let Some(required) = parameters.and_then(|p| p.get("required"))
+        && required.as_array().is_some_and(|r| !r.is_empty())
+    {
+        params["required"] = required.clone();
+    }
+    format!(
+        "{{\"type\": \"function\", \"function\": {{\"name\": {}, \"description\": {}, \"parameters\": {}}}}}",
+        Value::String(text("name").to_string()),
+        Value::String(description),
+        params
+    )
+}
+
+/// The first sentence of `text` (up to and with its first ". ").
+fn first_sentence(text: &str) -> String {
+    match text.find(". ") {
+        Some(end) => text[..=end].to_string(),
+        None => text.to_string(),
+    }
+}
+
 /// The exchanges of `examples` (blocks of a `User:` line and the lines after it) whose tool
 /// calls, if any, name an offered tool.
 fn offered_examples(examples: &str, offered: &[&str]) -> String {
@@ -645,12 +915,7 @@ fn argmax(logits: &[f32], allowed: impl Iterator<Item = usize>) -> Option<usize>
 
 impl Inner {
     /// Runs `ids` through `model` from position `pos`: the logits for the token after them.
-    fn forward(
-        &self,
-        model: &mut ModelWeights,
-        ids: &[u32],
-        pos: usize,
-    ) -> Result<Vec<f32>, String> {
+    fn forward(&self, model: &mut Weights, ids: &[u32], pos: usize) -> Result<Vec<f32>, String> {
         let input = Tensor::new(ids, &Device::Cpu)
             .and_then(|t| t.unsqueeze(0))
             .map_err(|e| e.to_string())?;
@@ -660,6 +925,61 @@ impl Inner {
             .and_then(|l| l.to_dtype(candle_core::DType::F32))
             .and_then(|l| l.to_vec1())
             .map_err(|e| e.to_string())
+    }
+
+    /// Writes `forced` (text the grammar requires) into the call: its tokens are fed to the
+    /// model, except, for Qwen, the last one, whose text goes to `heal` for the model to choose
+    /// a token that starts with it. SmolLM2 is fed every token, one at a time.
+    #[allow(clippy::too_many_arguments)]
+    fn force(
+        &self,
+        grammar: &ToolGrammar,
+        cursor: &mut Cursor,
+        state: &mut GrammarState,
+        text: &mut String,
+        heal: &mut String,
+        forced: &str,
+        stats: &mut GenerationStats,
+    ) -> Result<(), String> {
+        let mut ids = self
+            .tokenizer
+            .encode_fast(forced, false)
+            .map_err(|e| e.to_string())?
+            .get_ids()
+            .to_vec();
+        let mut fed = forced.to_string();
+        if self.format == ChatFormat::Qwen
+            && let Some(&last) = ids.last()
+            && let Some(kept) = fed.strip_suffix(self.token_text[last as usize].as_str())
+        {
+            *heal = self.token_text[last as usize].clone();
+            fed = kept.to_string();
+            ids.pop();
+        }
+        *state = grammar
+            .advance_str(state, &fed)
+            .ok_or("the grammar refused forced text")?;
+        text.push_str(&fed);
+        self.feed(cursor, &ids)?;
+        stats.generated_tokens += ids.len();
+        Ok(())
+    }
+
+    /// Feeds `ids` at the cursor: in one batch where the model can run several tokens after a
+    /// cached state (Qwen2), else one at a time.
+    fn feed(&self, cursor: &mut Cursor, ids: &[u32]) -> Result<(), String> {
+        match cursor.model {
+            Weights::Qwen2(_) if !ids.is_empty() => {
+                cursor.logits = self.forward(&mut cursor.model, ids, cursor.pos)?;
+                cursor.pos += ids.len();
+            }
+            _ => {
+                for &id in ids {
+                    self.step(cursor, id)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Feeds one token at the cursor.
@@ -682,12 +1002,27 @@ impl Inner {
                 .cloned()
         };
         // candle's llama runs several tokens at once only from position 0, and one at a time
-        // costs about twice a batched token: resume when that is still cheaper.
+        // costs about twice a batched token: resume when that is still cheaper. Qwen2 runs the
+        // rest after a cached prompt in one batch.
+        let resume = |c: &CachedPrompt| match self.weights {
+            Weights::Llama(_) => (ids.len() - c.ids.len()) * 2 < ids.len(),
+            Weights::Qwen2(_) => !c.ids.is_empty(),
+        };
         let cursor = match cached {
-            Some(c) if (ids.len() - c.ids.len()) * 2 < ids.len() => {
+            Some(c) if resume(&c) => {
                 let mut cursor = c.cursor;
-                for &id in &ids[c.ids.len()..] {
-                    self.step(&mut cursor, id)?;
+                let rest = &ids[c.ids.len()..];
+                match (&cursor.model, rest.len()) {
+                    (_, 0) => {}
+                    (Weights::Qwen2(_), _) => {
+                        cursor.logits = self.forward(&mut cursor.model, rest, cursor.pos)?;
+                        cursor.pos += rest.len();
+                    }
+                    (Weights::Llama(_), _) => {
+                        for &id in rest {
+                            self.step(&mut cursor, id)?;
+                        }
+                    }
                 }
                 stats.cached_tokens = c.ids.len();
                 cursor
@@ -819,12 +1154,26 @@ impl Inner {
     /// Whether the reply starts with a tool call: the most likely token that can start one,
     /// given `tool_call_bias` more logits, is at least as likely as the most likely token.
     fn starts_tool_call(&self, grammar: &ToolGrammar, logits: &[f32]) -> bool {
-        let tool_starts = self.allowed(grammar, &grammar.start());
+        let mut tool_starts = self.allowed(grammar, &grammar.start());
+        // Qwen often starts a call with its JSON object and no tag: such a start is a call too
+        // (the tag is then written by the decoder).
+        if self.format == ChatFormat::Qwen {
+            tool_starts.extend(
+                self.token_text
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, t)| t.starts_with("{\""))
+                    .map(|(id, _)| id),
+            );
+        }
         let best = argmax(logits, 0..logits.len()).unwrap_or(0);
         let Some(best_tool) = argmax(logits, tool_starts.into_iter()) else {
             return false;
         };
-        let bias = self.config.tool_call_bias;
+        let bias = self.config.tool_call_bias.unwrap_or(match self.format {
+            ChatFormat::SmolLm => 3.0,
+            ChatFormat::Qwen => 0.0,
+        });
         let choose = logits[best_tool] + bias >= logits[best];
         tracing::debug!(
             best = %self.token_text[best],
@@ -837,10 +1186,12 @@ impl Inner {
     }
 
     /// Decodes a tool call under `grammar` from `cursor` (at the reply's first token). The
-    /// opening `<tool_call>{"name": "` is written as is; the tool is the offered name the model
-    /// finds most likely as a whole (the sum of its tokens' log-probabilities: a small model's
-    /// first name token alone picks poorly); the arguments are decoded greedily under the mask.
-    /// `None` when cancelled.
+    /// opening `<tool_call>{"name": "` is written as is. With SmolLM2 the tool is the offered
+    /// name the model finds most likely as a whole (the sum of its tokens' log-probabilities: a
+    /// 135M model's first name token alone picks poorly); with Qwen the name is decoded greedily
+    /// under the mask like the rest. Text the grammar forces (`", "arguments": {"` after a
+    /// name, a sole property's key) is written without asking the model; Qwen runs it in one
+    /// batch. `None` when cancelled.
     fn decode_call(
         &self,
         grammar: &ToolGrammar,
@@ -857,40 +1208,45 @@ impl Inner {
                 .get_ids()
                 .to_vec())
         };
-        let mut text = format!("{TOOL_CALL_OPEN}{{\"name\": \"");
-        for id in tokenize(&text)? {
-            self.step(cursor, id)?;
-            stats.generated_tokens += 1;
+        let opening = self.format.call_opening();
+        let mut text = String::new();
+        let mut state = grammar.start();
+        // Text the model must write next but whose last token it chooses itself (with what
+        // follows), so that forced text is tokenized as the model would write it ("token
+        // healing": ` {` fed alone before `"query"` made Qwen close the object instead).
+        let mut heal = String::new();
+        let forced = format!("{opening}{{\"name\": \"");
+        self.force(
+            grammar, cursor, &mut state, &mut text, &mut heal, &forced, stats,
+        )?;
+        if self.format == ChatFormat::SmolLm {
+            // Score each name (with its closing quote) from the same state.
+            let mut best: Option<(f32, String, Cursor)> = None;
+            for name in grammar.names() {
+                if cancel.is_cancelled() {
+                    return Ok(None);
+                }
+                let quoted = Value::String(name.clone()).to_string();
+                let piece = &quoted[1..];
+                let mut candidate = cursor.clone();
+                let mut score = 0.0;
+                for id in tokenize(piece)? {
+                    score += log_softmax_at(&candidate.logits, id as usize);
+                    self.step(&mut candidate, id)?;
+                }
+                tracing::debug!(tool = %name, score, "tool name score");
+                if best.as_ref().is_none_or(|(b, ..)| score > *b) {
+                    best = Some((score, piece.to_string(), candidate));
+                }
+            }
+            let (_, piece, chosen) = best.ok_or("no tool name to choose")?;
+            stats.generated_tokens += chosen.pos - cursor.pos;
+            *cursor = chosen;
+            state = grammar
+                .advance_str(&state, &piece)
+                .ok_or("the grammar refused an offered name")?;
+            text.push_str(&piece);
         }
-        let mut state = grammar
-            .advance_str(&grammar.start(), &text)
-            .ok_or("the grammar refused the opening of a call")?;
-        // Score each name (with its closing quote) from the same state.
-        let mut best: Option<(f32, String, Cursor)> = None;
-        for name in grammar.names() {
-            if cancel.is_cancelled() {
-                return Ok(None);
-            }
-            let quoted = Value::String(name.clone()).to_string();
-            let piece = &quoted[1..];
-            let mut candidate = cursor.clone();
-            let mut score = 0.0;
-            for id in tokenize(piece)? {
-                score += log_softmax_at(&candidate.logits, id as usize);
-                self.step(&mut candidate, id)?;
-            }
-            tracing::debug!(tool = %name, score, "tool name score");
-            if best.as_ref().is_none_or(|(b, ..)| score > *b) {
-                best = Some((score, piece.to_string(), candidate));
-            }
-        }
-        let (_, piece, chosen) = best.ok_or("no tool name to choose")?;
-        stats.generated_tokens += chosen.pos - cursor.pos;
-        *cursor = chosen;
-        state = grammar
-            .advance_str(&state, &piece)
-            .ok_or("the grammar refused an offered name")?;
-        text.push_str(&piece);
         loop {
             if cancel.is_cancelled() {
                 return Ok(None);
@@ -900,9 +1256,27 @@ impl Inner {
                     "the tool call did not finish within max_tokens ({max_new}): {text}"
                 ));
             }
-            let allowed = self.allowed(grammar, &state);
-            let next = argmax(&cursor.logits, allowed.into_iter())
+            let forced = grammar.forced_text(&state);
+            if heal.is_empty() && !forced.is_empty() && self.format == ChatFormat::Qwen {
+                let probe = grammar
+                    .advance_str(&state, &forced)
+                    .ok_or("the grammar refused its own forced text")?;
+                if grammar.is_complete(&probe) {
+                    text.push_str(&forced);
+                    break;
+                }
+                self.force(
+                    grammar, cursor, &mut state, &mut text, &mut heal, &forced, stats,
+                )?;
+                continue;
+            }
+            let allowed = self
+                .allowed(grammar, &state)
+                .into_iter()
+                .filter(|&t| self.token_text[t].starts_with(heal.as_str()));
+            let next = argmax(&cursor.logits, allowed)
                 .ok_or_else(|| format!("no token can continue the tool call {text:?}"))?;
+            heal.clear();
             let piece = &self.token_text[next];
             state = grammar
                 .advance_str(&state, piece)
@@ -915,7 +1289,7 @@ impl Inner {
             self.step(cursor, next as u32)?;
         }
         let json = text
-            .strip_prefix(TOOL_CALL_OPEN)
+            .strip_prefix(opening)
             .ok_or("the tool call lost its opening tag")?;
         let call: Value = serde_json::from_str(json).map_err(|e| format!("{e}: {json}"))?;
         Ok(Some(ToolCallRequest {

