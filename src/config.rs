@@ -183,6 +183,9 @@ pub struct LlmConfig {
     pub max_reply_sentences: u32,
     /// Most words of one spoken reply (1..=10000; a CJK character counts as a word).
     pub max_reply_words: u32,
+    /// Most characters of one request sent to the model (100..=100000): a longer transcript (a
+    /// ten-minute ramble) keeps its last this many characters, so the prompt stays bounded.
+    pub max_request_chars: u32,
     /// Local model: how much more likely (in logits, 0.0..=20.0) a reply's first token may be text
     /// than the start of a tool call, and the reply still be a tool call. Unset: the model
     /// family's default, 3.0 for SmolLM2 (small models rarely start a call on their own; with
@@ -228,6 +231,7 @@ impl Default for LlmConfig {
             volume_step: 20,
             max_reply_sentences: 2,
             max_reply_words: 60,
+            max_request_chars: 1000,
             tool_call_bias: None,
             tool_examples: DEFAULT_TOOL_EXAMPLES.into(),
             tool_strings_from_request: true,

@@ -90,6 +90,10 @@ enum Command {
         /// Write what would play into this WAV file instead of the speaker.
         #[arg(long)]
         output: Option<PathBuf>,
+        /// Print one JSON object per turn (heard, handled_by, tools with arguments and results,
+        /// said, end, timings in ms) instead of the text report.
+        #[arg(long)]
+        json: bool,
     },
     /// The smart-speaker server: xiaozhi-esp32 devices connect over WebSocket ([device],
     /// [auth]) and each holds a conversation.
@@ -103,6 +107,10 @@ enum Command {
         /// Write what would play into this WAV file instead of the speaker.
         #[arg(long)]
         output: Option<PathBuf>,
+        /// Print one JSON object per turn (heard, asr_ms, handled_by, tools with arguments and
+        /// results, said, end, timings in ms) instead of the text report.
+        #[arg(long)]
+        json: bool,
     },
     /// Model files: where they are, and fetching what is missing.
     #[command(subcommand)]
@@ -280,10 +288,10 @@ fn main() -> anyhow::Result<ExitCode> {
             println!("sha256 = \"{}\"", voxloop::api::auth::hash_key(&key));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Chat { text, output } => {
+        Command::Chat { text, output, json } => {
             let config = load_config(&cli)?;
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(chat(&config, text.as_deref(), output.as_deref()))
+            runtime.block_on(chat(&config, text.as_deref(), output.as_deref(), *json))
         }
         Command::Duplex(DuplexCommand::Serve { bind }) => {
             let config = load_config(&cli)?;
@@ -304,10 +312,14 @@ fn main() -> anyhow::Result<ExitCode> {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(serve(config))
         }
-        Command::Run { input, output } => {
+        Command::Run {
+            input,
+            output,
+            json,
+        } => {
             let config = load_config(&cli)?;
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(run(&config, input.as_deref(), output.as_deref()))
+            runtime.block_on(run(&config, input.as_deref(), output.as_deref(), *json))
         }
         Command::Listen {
             input,
@@ -392,8 +404,17 @@ async fn tools_and_model(
     Ok((hub, llm))
 }
 
-/// Prints a turn as it happened: what was heard, the tool calls, what was said, and timings.
-fn print_turn(report: &TurnReport, asr_ms: Option<u64>) {
+/// Prints a turn as it happened: what was heard, the tool calls, what was said, and timings;
+/// with `json`, as one JSON object on one line.
+fn print_turn(report: &TurnReport, json: bool) {
+    if json {
+        match serde_json::to_string(report) {
+            Ok(line) => println!("{line}"),
+            Err(e) => eprintln!("turn report: {e}"),
+        }
+        return;
+    }
+    let asr_ms = report.asr_ms;
     println!("heard: {}", report.heard);
     for tool in &report.tools {
         let status = if tool.is_error { "error" } else { "ok" };
@@ -423,6 +444,7 @@ async fn chat(
     config: &Config,
     text: Option<&str>,
     output: Option<&Path>,
+    json: bool,
 ) -> anyhow::Result<ExitCode> {
     let mut conversation = assistant(config, output).await?;
     let lines: Vec<String> = match text {
@@ -431,7 +453,7 @@ async fn chat(
     };
     for line in lines.iter().map(|l| l.trim()).filter(|l| !l.is_empty()) {
         let report = conversation.turn(line, &CancellationToken::new()).await;
-        print_turn(&report, None);
+        print_turn(&report, json);
         if conversation.exit_requested() {
             break;
         }
@@ -649,6 +671,7 @@ async fn run(
     config: &Config,
     input: Option<&Path>,
     output: Option<&Path>,
+    json: bool,
 ) -> anyhow::Result<ExitCode> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -658,6 +681,7 @@ async fn run(
     use voxloop::pipeline::vad::{BargeIn, TurnDetector, TurnEvent};
     let asr = Arc::new(Asr::load(&config.asr)?);
     let mut conversation = assistant(config, output).await?;
+    let prompt = conversation.asr_prompt(&config.asr).await;
     let (mut blocks, _microphone) = speech_source(input, None).await?;
     let mut speech = SpeechInput::default();
     let mut turns = TurnDetector::new(&config.vad);
@@ -673,9 +697,10 @@ async fn run(
     let running = turn_running.clone();
     let turn_task = tokio::spawn(async move {
         while let Some((text, asr_ms, cancel)) = turn_rx.recv().await {
-            let report = conversation.turn(&text, &cancel).await;
+            let mut report = conversation.turn(&text, &cancel).await;
+            report.asr_ms = Some(asr_ms);
             running.store(false, Ordering::SeqCst);
-            print_turn(&report, Some(asr_ms));
+            print_turn(&report, json);
             let exit = conversation.exit_requested();
             let _ = done_tx.send(exit).await;
             if exit {
@@ -714,8 +739,11 @@ async fn run(
             if let TurnEvent::Utterance { pcm, .. } = event {
                 let started = std::time::Instant::now();
                 let asr = asr.clone();
-                let transcript =
-                    tokio::task::spawn_blocking(move || asr.transcribe(&pcm)).await??;
+                let prompt = prompt.clone();
+                let transcript = tokio::task::spawn_blocking(move || {
+                    asr.transcribe_with_prompt(&pcm, prompt.as_deref())
+                })
+                .await??;
                 let asr_ms = started.elapsed().as_millis() as u64;
                 if transcript.text.is_empty() {
                     continue;

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use voxloop::config::{Config, LlmConfig, McpServerConfig};
-use voxloop::conversation::{Conversation, ConversationSettings, TurnEnd};
+use voxloop::conversation::{Conversation, ConversationSettings, Handler, TurnEnd};
 use voxloop::llm::ChatModel;
 use voxloop::llm::Role;
 use voxloop::llm::openai::OpenAiClient;
@@ -263,7 +263,8 @@ async fn a_tool_result_goes_back_to_the_model() {
         5,
     )
     .await;
-    let report = rig.turn("What time is it?").await;
+    // Not a phrase the built-in intents know: the model chooses the tool.
+    let report = rig.turn("Could you check the clock for me?").await;
     assert_eq!(report.llm_calls, 2);
     assert_eq!(report.tools[0].name, "get_current_time");
     assert_eq!(report.said, "It is late.");
@@ -326,7 +327,7 @@ async fn a_linked_track_plays_and_the_model_is_not_called_again() {
 #[tokio::test]
 async fn set_volume_changes_the_output_level_and_ends_the_turn() {
     let mut rig = rig(vec![tool("set_volume", json!({"volume": 30}))], 5).await;
-    let report = rig.turn("Set the volume to thirty percent").await;
+    let report = rig.turn("Make the sound thirty percent").await;
     assert_eq!(report.end, TurnEnd::Stopped(StopReason::Flagged));
     assert_eq!(report.llm_calls, 1);
     assert_eq!(rig.conversation.queue().volume(), 30);
@@ -561,4 +562,75 @@ async fn run_hears_a_spoken_command_and_plays_the_track() {
     assert_eq!(user["content"], "Play the song just over the horizon.");
     let seconds = hound::WavReader::open(&out).unwrap().duration() as f64 / 24_000.0;
     assert!(seconds > 55.0, "{seconds} s: the 59 s track");
+}
+
+#[tokio::test]
+async fn built_in_intents_answer_without_the_model() {
+    let mut rig = rig(vec![text("The model should not be asked.")], 5).await;
+    let report = rig.turn("Set the volume to forty percent.").await;
+    assert_eq!(report.handled_by, Handler::Intent);
+    assert_eq!(report.llm_calls, 0);
+    assert_eq!(report.tools[0].name, "set_volume");
+    assert_eq!(report.tools[0].arguments, json!({"volume": 40}));
+    assert_eq!(rig.conversation.queue().volume(), 40);
+    assert_eq!(report.said, "");
+
+    let report = rig.turn("What time is it right now?").await;
+    assert_eq!(report.handled_by, Handler::Intent);
+    assert_eq!(report.tools[0].name, "get_current_time");
+    // The reply says the time the tool returned.
+    let result = &report.tools[0].result;
+    let hh_mm = result
+        .split(' ')
+        .find(|w| w.contains(':'))
+        .expect("a time in the result");
+    assert!(report.said.contains(hh_mm), "{} / {result}", report.said);
+    assert!(report.first_audio_ms.is_some());
+
+    let report = rig.turn("Goodbye, that is all for today.").await;
+    assert_eq!(report.tools[0].name, "exit_conversation");
+    assert_eq!(report.said, "Goodbye.");
+    assert!(rig.conversation.exit_requested());
+    assert!(rig.requests.lock().await.is_empty(), "the model was asked");
+}
+
+#[tokio::test]
+async fn non_speech_transcripts_end_the_turn_quietly() {
+    let mut rig = rig(vec![text("Shoutout to those who had invested.")], 5).await;
+    for heard in [
+        "[BLANK_AUDIO]",
+        "[POP]",
+        " (music) ",
+        "",
+        "Thanks for watching!",
+    ] {
+        let report = rig.turn(heard).await;
+        assert_eq!(report.end, TurnEnd::Ignored, "{heard:?}");
+        assert_eq!(report.said, "");
+    }
+    assert!(rig.requests.lock().await.is_empty(), "the model was asked");
+}
+
+#[tokio::test]
+async fn markup_and_loops_never_reach_tts() {
+    let mut rig = rig(
+        vec![
+            text("**Sure!** <tool_call>{\"name\": \"set_volume\", \"arguments\": {\"volume\": 20}}</tool_call> Here you go: `code`."),
+            text("What? What? What? What? What? What? What?"),
+            text("One two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty twenty-one twenty-two twenty-three twenty-four twenty-five twenty-six twenty-seven twenty-eight twenty-nine thirty thirty-one thirty-two thirty-three thirty-four thirty-five thirty-six thirty-seven thirty-eight thirty-nine forty forty-one forty-two forty-three forty-four forty-five forty-six forty-seven forty-eight forty-nine fifty fifty-one fifty-two fifty-three fifty-four fifty-five fifty-six fifty-seven fifty-eight fifty-nine sixty sixty-one sixty-two."),
+        ],
+        5,
+    )
+    .await;
+    let report = rig.turn("Tell me something.").await;
+    assert_eq!(report.said, "Sure! Here you go: .");
+    let report = rig.turn("Say it again.").await;
+    assert_eq!(report.said, "What?");
+    let report = rig.turn("Count for me.").await;
+    assert_eq!(
+        report.said.split_whitespace().count(),
+        60,
+        "{}",
+        report.said
+    );
 }

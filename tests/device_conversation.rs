@@ -95,6 +95,8 @@ async fn serve_with(
     let (url, requests) = scripted_llm(replies).await;
     config.llm.url = url;
     config.llm.model = "scripted".into();
+    // These tests are about the model's turns; the built-in intents are tested on their own.
+    config.llm.builtin_intents = false;
     config.asr.language = "en".into();
     config.mcp_servers.insert(
         "music".into(),
@@ -534,6 +536,23 @@ async fn the_llm_calls_the_devices_own_tools_over_device_side_mcp() {
         .clone();
     assert_eq!(tool_message["role"], "tool");
     assert_eq!(tool_message["content"], "true");
+}
+
+#[tokio::test]
+async fn a_volume_request_sets_the_devices_own_speaker_without_the_model() {
+    let replies = vec![Reply::Words("The model should not be asked.")];
+    let (addr, requests) = serve_with(replies, |c| c.llm.builtin_intents = true).await;
+    let mut socket = device_with(addr, ProtocolVersion::V1, true).await;
+    answer_discovery(&mut socket).await;
+    say(&mut socket, ProtocolVersion::V1, "cmd_set_volume_30.wav").await;
+    let (calls, sentences) = converse_with_mcp(&mut socket, true).await;
+    // One volume for the model and the user: the device's speaker, not voxloop's PCM gain.
+    assert_eq!(
+        calls,
+        [json!({"name": "self.audio_speaker.set_volume", "arguments": {"volume": 30}})]
+    );
+    assert!(sentences.is_empty(), "{sentences:?}");
+    assert!(requests.lock().unwrap().is_empty(), "the model was asked");
 }
 
 #[tokio::test]

@@ -152,7 +152,7 @@ async fn no_match_empty_query_and_wrong_query_type() {
     assert_eq!(result.is_error, Some(false));
     let text = text_of(&result);
     assert!(
-        text.contains("Nothing in the music library matched \"zzz nothing\""),
+        text.contains("No match: nothing in the music library is called \"zzz nothing\""),
         "{text}"
     );
     assert!(

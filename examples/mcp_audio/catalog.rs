@@ -238,40 +238,80 @@ fn words(s: &str) -> Vec<String> {
         .collect()
 }
 
-/// How well `track` matches the query words: each word found at the start of a title word counts
-/// 3, of an artist word 2, of a file-name word 1; a query equal to the whole title wins outright.
-fn score(track: &Track, query: &str, query_words: &[String]) -> u32 {
-    if track.title.eq_ignore_ascii_case(query.trim()) {
-        return u32::MAX;
+/// A word as it sounds, roughly: lower-case, with spellings of the same sound made one
+/// ("ph" f, "ck"/"q" k, "z" s, "au" o) and doubled letters single, so that hearing slips such
+/// as "Taurus" for "Torus" compare equal.
+fn sound(word: &str) -> String {
+    let word = word
+        .to_lowercase()
+        .replace("ph", "f")
+        .replace("ck", "k")
+        .replace('q', "k")
+        .replace('z', "s")
+        .replace("au", "o");
+    let mut out = String::new();
+    for c in word.chars() {
+        if !out.ends_with(c) {
+            out.push(c);
+        }
     }
-    let title = words(&track.title);
-    let artist = words(track.artist.as_deref().unwrap_or(""));
-    let file = words(track.file_name.as_deref().unwrap_or(""));
-    let hit = |field: &[String], q: &str| field.iter().any(|w| w.starts_with(q));
-    query_words
-        .iter()
-        .map(|q| {
-            if hit(&title, q) {
-                3
-            } else if hit(&artist, q) {
-                2
-            } else if hit(&file, q) {
-                1
-            } else {
-                0
-            }
-        })
-        .sum()
+    out
 }
 
-/// Words of a spoken request that name no track ("play some music", "put on a song, please"):
-/// left out of the query words.
+/// How alike two words are, 0..=1: 1 when one starts the other (at least 3 characters, or the
+/// whole of both), else 1 - their Levenshtein distance over the longer one's length, compared
+/// as they sound ([`sound`]).
+fn word_similarity(query: &str, word: &str) -> f64 {
+    let (q, w) = (sound(query), sound(word));
+    if q == w || (q.chars().count() >= 3 && w.starts_with(&q)) {
+        return 1.0;
+    }
+    strsim::normalized_levenshtein(&q, &w)
+}
+
+/// How well `track` matches the query words, 0..=1: the better of (a) the query words' mean best
+/// similarity to a word of the title (weight 1), the artist (0.9) or the file name (0.8), and
+/// (b) the similarity of the query and the title written without spaces (a hearing slip that
+/// splits words differently: "me turn to toe" for "return to home").
+fn score(track: &Track, query_words: &[String]) -> f64 {
+    let fields = [
+        (words(&track.title), 1.0),
+        (words(track.artist.as_deref().unwrap_or("")), 0.9),
+        (words(track.file_name.as_deref().unwrap_or("")), 0.8),
+    ];
+    let coverage = query_words
+        .iter()
+        .map(|q| {
+            fields
+                .iter()
+                .flat_map(|(field, weight)| {
+                    field.iter().map(move |w| word_similarity(q, w) * weight)
+                })
+                .fold(0.0, f64::max)
+        })
+        .sum::<f64>()
+        / query_words.len() as f64;
+    let joined = |ws: &[String]| ws.iter().map(|w| sound(w)).collect::<String>();
+    let whole = strsim::normalized_levenshtein(&joined(query_words), &joined(&fields[0].0));
+    coverage.max(whole)
+}
+
+/// Words of a spoken request that name no track ("play some music", "I would like to hear
+/// ..."): left out of the query words.
 const REQUEST_WORDS: &[&str] = &[
     "a",
     "an",
     "any",
+    "can",
+    "could",
+    "hear",
+    "i",
+    "i'd",
+    "like",
+    "listen",
     "me",
     "music",
+    "my",
     "on",
     "play",
     "please",
@@ -281,33 +321,101 @@ const REQUEST_WORDS: &[&str] = &[
     "song",
     "songs",
     "the",
+    "to",
     "track",
     "tune",
+    "want",
+    "would",
+    "you",
+    "let's",
+    "us",
+    "for",
 ];
 
-/// The best match for `query` on title, artist and file name (case-insensitive); ties go to the
-/// earlier track. No query, a blank one, or one of only request words ("play some music"):
-/// the first track. No word matching: `None`.
+/// Chinese request words ("播放音乐", "我想听一首歌"): removed from the query before it is split.
+const REQUEST_WORDS_ZH: &[&str] = &[
+    "我想听",
+    "我要听",
+    "播放",
+    "放一首",
+    "来一首",
+    "一首",
+    "音乐",
+    "歌曲",
+    "听",
+    "请",
+    "首",
+    "歌",
+];
+
+/// The least [`score`] that counts as a match: a query less alike than this to every track
+/// gets "no match" and suggestions, never a random track.
+pub const MIN_MATCH_SCORE: f64 = 0.6;
+
+/// The query words of a spoken request: lower-case words without [`REQUEST_WORDS`] (and the
+/// Chinese ones).
+fn query_words(query: &str) -> Vec<String> {
+    let mut query = query.to_lowercase().replace('’', "'");
+    for w in REQUEST_WORDS_ZH {
+        query = query.replace(w, " ");
+    }
+    query
+        .split(|c: char| !(c.is_alphanumeric() || c == '\''))
+        .map(|w| w.trim_matches('\''))
+        .filter(|w| !w.is_empty() && !REQUEST_WORDS.contains(w))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The best match for `query` on title, artist and file name, tolerant of hearing slips
+/// ([`score`] at least [`MIN_MATCH_SCORE`]); ties go to the earlier track. No query, a blank
+/// one, or one of only request words ("play some music"): the first track. Nothing alike
+/// enough: `None`.
 pub fn best_match<'a>(tracks: &'a [Track], query: Option<&str>) -> Option<&'a Track> {
     let query = query.map(str::trim).filter(|q| !q.is_empty());
     let Some(query) = query else {
         return tracks.first();
     };
-    let query_words: Vec<String> = words(query)
-        .into_iter()
-        .filter(|w| !REQUEST_WORDS.contains(&w.as_str()))
-        .collect();
+    if let Some(exact) = tracks.iter().find(|t| t.title.eq_ignore_ascii_case(query)) {
+        return Some(exact);
+    }
+    let query_words = query_words(query);
     if query_words.is_empty() {
         return tracks.first();
     }
-    let mut best: Option<(&Track, u32)> = None;
+    let mut best: Option<(&Track, f64)> = None;
     for track in tracks {
-        let s = score(track, query, &query_words);
-        if s > 0 && best.is_none_or(|(_, b)| s > b) {
+        let s = score(track, &query_words);
+        if s >= MIN_MATCH_SCORE && best.is_none_or(|(_, b)| s > b) {
             best = Some((track, s));
         }
     }
     best.map(|(t, _)| t)
+}
+
+/// Up to `n` titles most like `query` (for a "no match" answer), best first.
+pub fn suggestions<'a>(tracks: &'a [Track], query: Option<&str>, n: usize) -> Vec<&'a str> {
+    let words = query_words(query.unwrap_or_default());
+    let mut scored: Vec<(f64, usize, &Track)> = tracks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let s = if words.is_empty() {
+                0.0
+            } else {
+                score(t, &words)
+            };
+            (s, i, t)
+        })
+        .collect();
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut titles: Vec<&str> = Vec::new();
+    for (_, _, track) in scored {
+        if titles.len() < n && !titles.contains(&track.title.as_str()) {
+            titles.push(&track.title);
+        }
+    }
+    titles
 }
 
 #[cfg(test)]
@@ -362,6 +470,35 @@ mod tests {
             "Gamma"
         );
         assert!(best_match(&[], None).is_none());
+    }
+
+    #[test]
+    fn hearing_slips_still_find_the_track_and_strangers_find_none() {
+        let tracks = [
+            track("Tumiki Just Over The Horizon", None, "a.mp3"),
+            track("Torus Trooper Tt1", None, "b.mp3"),
+            track("Tumiki Return To Home", None, "c.flac"),
+        ];
+        let title = |q: &str| best_match(&tracks, Some(q)).map(|t| t.title.as_str());
+        assert_eq!(title("Taurus trooper"), Some("Torus Trooper Tt1"));
+        assert_eq!(
+            title("I would like to hear taurus trooper"),
+            Some("Torus Trooper Tt1")
+        );
+        assert_eq!(title("me turn to toe"), Some("Tumiki Return To Home"));
+        assert_eq!(
+            title("just over the horizont"),
+            Some("Tumiki Just Over The Horizon")
+        );
+        assert_eq!(title("some music"), Some("Tumiki Just Over The Horizon"));
+        assert_eq!(title("播放音乐"), Some("Tumiki Just Over The Horizon"));
+        assert_eq!(title("jazz"), None);
+        assert_eq!(title("Bohemian Rhapsody by Queen"), None);
+        assert_eq!(
+            suggestions(&tracks, Some("taurus"), 2)[0],
+            "Torus Trooper Tt1"
+        );
+        assert_eq!(suggestions(&tracks, Some("jazz"), 5).len(), 3);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use schemars::JsonSchema;
 use serde_json::{Value, json};
 use voxloop::tools::paging::{DONE_BLOB, parse_range_query};
 
-use crate::catalog::{Track, best_match, mime_for_path};
+use crate::catalog::{Track, best_match, mime_for_path, suggestions};
 use crate::upstream::{RangeBytes, Upstream, UpstreamError};
 
 /// URI prefix of track resources: `audio://music/{base64url(upstream URL)}`.
@@ -149,14 +149,10 @@ impl MusicServer {
                 CallToolResult::success(vec![ContentBlock::resource_link(Self::resource(track))])
             }
             None => {
-                let some: Vec<&str> = self
-                    .tracks
-                    .iter()
-                    .take(5)
-                    .map(|t| t.title.as_str())
-                    .collect();
+                let some = suggestions(&self.tracks, query, 3);
+                tracing::info!(?query, "musicPlayer: no match");
                 CallToolResult::success(vec![ContentBlock::text(format!(
-                    "Nothing in the music library matched {:?}. Some titles: {}.",
+                    "No match: nothing in the music library is called {:?}. Titles that come closest: {}.",
                     query.unwrap_or_default(),
                     some.join(", ")
                 ))])

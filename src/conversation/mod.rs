@@ -45,6 +45,8 @@ pub struct ConversationSettings {
     pub intents: Option<IntentSettings>,
     /// How long a spoken reply may be ([`reply`]).
     pub reply_limits: ReplyLimitSettings,
+    /// Most characters of a request sent to the model (the last ones are kept).
+    pub max_request_chars: usize,
 }
 
 /// The default system prompt: short spoken answers, and the tools for music.
@@ -66,6 +68,7 @@ impl ConversationSettings {
                 max_sentences: config.llm.max_reply_sentences as usize,
                 max_words: config.llm.max_reply_words as usize,
             },
+            max_request_chars: config.llm.max_request_chars as usize,
         }
     }
 }
@@ -140,6 +143,19 @@ pub struct Conversation {
     device: Option<(Arc<DeviceMcp>, Vec<ToolSpec>)>,
 }
 
+/// The last `max` characters of `text`, from a word start when it is cut.
+fn last_chars(text: &str, max: usize) -> String {
+    let count = text.chars().count();
+    if count <= max {
+        return text.to_string();
+    }
+    let tail: String = text.chars().skip(count - max).collect();
+    match tail.split_once(char::is_whitespace) {
+        Some((_, rest)) if !rest.is_empty() => rest.to_string(),
+        _ => tail,
+    }
+}
+
 /// Spoken when the model cannot be reached.
 const APOLOGY_UNREACHABLE: &str = "Sorry, I can't reach my language model right now.";
 /// Spoken when the tool rounds run out.
@@ -209,6 +225,23 @@ impl Conversation {
         if let Err(e) = self.llm.warm_up(&system, &self.function_tools()).await {
             tracing::warn!(error = %e, "chat model warm-up failed");
         }
+    }
+
+    /// Whisper's vocabulary prompt for this conversation ([`crate::pipeline::asr::vocabulary_prompt`]):
+    /// the titles of the resources the MCP servers list and the offered tools' names (a
+    /// device's too). `None` when `[asr] vocabulary_prompt` is off or there is nothing to say.
+    pub async fn asr_prompt(&self, asr: &crate::config::AsrConfig) -> Option<String> {
+        if !asr.vocabulary_prompt || asr.prompt_max_chars == 0 {
+            return None;
+        }
+        let titles = self.hub.resource_titles(200).await;
+        let mut tools: Vec<String> = self.hub.tools().iter().map(|t| t.name.clone()).collect();
+        if let Some((_, device)) = &self.device {
+            tools.extend(device.iter().map(|t| t.tool.clone()));
+        }
+        let prompt =
+            crate::pipeline::asr::vocabulary_prompt(&titles, &tools, asr.prompt_max_chars as usize);
+        (!prompt.is_empty()).then_some(prompt)
     }
 
     /// The history (without the system prompt).
@@ -421,12 +454,24 @@ impl Conversation {
             report.handled_by = Handler::None;
             return report;
         }
-        self.history
-            .push(ChatMessage::new(Role::User, text.as_str()));
+        self.history.push(ChatMessage::new(
+            Role::User,
+            last_chars(&text, self.settings.max_request_chars),
+        ));
         let tools = self.function_tools();
         let hub = self.hub.clone();
+        // In a device session, volume is the device's own speaker when it offers one: one
+        // volume for the user, not voxloop's PCM gain beside the device's.
+        let speaker = self.device.as_ref().and_then(|(_, tools)| {
+            tools
+                .iter()
+                .find(|t| t.tool.ends_with("audio_speaker.set_volume"))
+                .map(|t| t.name.clone())
+        });
         let intent = self.settings.intents.and_then(|settings| {
-            match_intent(&text, self.queue.volume(), &settings, |t| hub.is_builtin(t))
+            match_intent(&text, self.queue.volume(), &settings, |t| {
+                hub.is_builtin(t) || (t == "set_volume" && speaker.is_some())
+            })
         });
         if intent.is_some() {
             report.handled_by = Handler::Intent;
@@ -440,9 +485,13 @@ impl Conversation {
             if round == 1
                 && let Some(intent) = &intent
             {
+                let name = match &speaker {
+                    Some(device_tool) if intent.tool == "set_volume" => device_tool.clone(),
+                    _ => intent.tool.to_string(),
+                };
                 calls.push(crate::llm::ToolCallRequest {
                     id: "intent_1".into(),
-                    name: intent.tool.to_string(),
+                    name,
                     arguments: intent.arguments.to_string(),
                 });
             } else {
@@ -507,14 +556,12 @@ impl Conversation {
             if round == 1
                 && let Some(intent) = &intent
             {
-                let said = match (&decision, report.tools.last()) {
-                    (_, Some(tool)) if intent.tool == "exit_conversation" && !tool.is_error => {
-                        Some(GOODBYE.to_string())
-                    }
-                    (Decision::CallLlm(_), Some(tool)) if !tool.is_error => {
+                let said = match report.tools.last() {
+                    Some(tool) if tool.is_error => Some(APOLOGY_ROUNDS.to_string()),
+                    Some(_) if intent.tool == "exit_conversation" => Some(GOODBYE.to_string()),
+                    Some(tool) if intent.tool == "get_current_time" => {
                         Some(reply::clean(&tool.result))
                     }
-                    (Decision::CallLlm(_), Some(_)) => Some(APOLOGY_ROUNDS.to_string()),
                     _ => None,
                 };
                 if let Some(said) = said.filter(|s| !s.is_empty()) {

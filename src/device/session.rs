@@ -65,6 +65,8 @@ pub struct DeviceConversation {
     current: CancellationToken,
     /// The device's MCP server, when its hello announced `features.mcp`.
     mcp: Option<Arc<DeviceMcp>>,
+    /// Whisper's vocabulary prompt, set by the turn task once the tools are known.
+    asr_prompt: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 fn text(message: ServerMessage) -> Message {
@@ -158,6 +160,8 @@ impl DeviceConversation {
         let (turn_tx, mut turn_rx) = mpsc::channel::<(String, CancellationToken)>(4);
         let (turn_out, id, turn_queue) = (out.clone(), session_id.clone(), queue.clone());
         let (turn_mcp, max_pages) = (mcp.clone(), config.device.mcp_max_list_pages);
+        let asr_prompt = Arc::new(std::sync::Mutex::new(None));
+        let (turn_prompt, asr_config) = (asr_prompt.clone(), config.asr.clone());
         tokio::spawn(async move {
             if let Some(mcp) = turn_mcp {
                 match mcp.discover(max_pages).await {
@@ -171,6 +175,8 @@ impl DeviceConversation {
                     }
                 }
             }
+            let prompt = conversation.asr_prompt(&asr_config).await;
+            *turn_prompt.lock().unwrap_or_else(|e| e.into_inner()) = prompt;
             conversation.warm_up().await;
             while let Some((heard, cancel)) = turn_rx.recv().await {
                 let tts = |state| {
@@ -214,6 +220,7 @@ impl DeviceConversation {
             turn_tx,
             current: CancellationToken::new(),
             mcp,
+            asr_prompt,
             assistant,
             session_id,
             out,
@@ -334,7 +341,16 @@ impl DeviceConversation {
     /// Transcribes an utterance and starts its turn.
     async fn hear(&mut self, pcm: Vec<f32>) {
         let asr = self.assistant.asr.clone();
-        let heard = match tokio::task::spawn_blocking(move || asr.transcribe(&pcm)).await {
+        let prompt = self
+            .asr_prompt
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let heard = match tokio::task::spawn_blocking(move || {
+            asr.transcribe_with_prompt(&pcm, prompt.as_deref())
+        })
+        .await
+        {
             Ok(Ok(transcript)) => transcript.text,
             Ok(Err(e)) => {
                 tracing::error!(session = %self.session_id, error = %e, "ASR failed");

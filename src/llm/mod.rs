@@ -151,7 +151,9 @@ impl ChatModel {
     /// [`LlmError::Model`] when the local model file is missing or unreadable.
     pub fn from_config(config: &crate::config::LlmConfig) -> Result<Self, LlmError> {
         Ok(match config.provider {
-            crate::config::LlmProvider::Openai => Self::OpenAi(Box::new(openai::OpenAiClient::new(config))),
+            crate::config::LlmProvider::Openai => {
+                Self::OpenAi(Box::new(openai::OpenAiClient::new(config)))
+            }
             crate::config::LlmProvider::Local => {
                 Self::Local(local::LocalModel::load(&config.local_model_path(), config)?)
             }

@@ -587,7 +587,8 @@ fn builtin_call(tool: &str, arguments: &JsonObject) -> ToolOutcome {
             let now = chrono::Local::now();
             ToolOutcome::builtin(
                 tool,
-                now.format("It is %A, %-d %B %Y, %H:%M (%:z).").to_string(),
+                // Written to be spoken: "It is 7:05 PM on Sunday, 29 November 2026."
+                now.format("It is %-I:%M %p on %A, %-d %B %Y.").to_string(),
                 None,
                 Flags::default(),
             )
