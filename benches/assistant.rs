@@ -318,8 +318,8 @@ async fn main() {
     };
     let hub = Arc::new(ToolHub::start(&base).await);
     let titles = hub.resource_titles(200).await;
-    let tool_names: Vec<String> = hub.tools().iter().map(|t| t.name.clone()).collect();
-    let prompt = vocabulary_prompt(&titles, &tool_names, base.asr.prompt_max_chars as usize);
+    // As `Conversation::asr_prompt` builds it: the resources' titles.
+    let prompt = vocabulary_prompt(&titles, &[], base.asr.prompt_max_chars as usize);
     println!("vocabulary prompt: {prompt:?}\n");
 
     // Whisper on the requests that name a track, with and without the vocabulary prompt.
@@ -371,17 +371,24 @@ async fn main() {
             limits: false,
         },
         Setup {
-            label: "Qwen2.5-0.5B alone (no intents)",
+            label: "Qwen2.5-0.5B alone (no intents, no vocabulary prompt)",
             model: "qwen2.5-0.5b",
             intents: false,
+            vocabulary: false,
+            limits: true,
+        },
+        Setup {
+            label: "Qwen2.5-0.5B with intents, with the vocabulary prompt",
+            model: "qwen2.5-0.5b",
+            intents: true,
             vocabulary: true,
             limits: true,
         },
         Setup {
-            label: "Qwen2.5-0.5B with intents (the defaults)",
+            label: "Qwen2.5-0.5B with intents, no vocabulary prompt",
             model: "qwen2.5-0.5b",
             intents: true,
-            vocabulary: true,
+            vocabulary: false,
             limits: true,
         },
     ];

@@ -2,8 +2,8 @@
 //! and generated tokens per second for a text reply and for a constrained tool call (whose
 //! count includes the forced and scored tokens), with the music server's two tools offered.
 //!
-//! Needs the model: `voxloop models fetch smollm2` (or `VOXLOOP_MODELS` pointing at it).
-//! Run: `cargo bench --bench llm`.
+//! Measures the default local model (Qwen2.5-0.5B; `voxloop models fetch`), or the GGUF file in
+//! `LOCAL_MODEL` (e.g. SmolLM2's). Run: `cargo bench --bench llm`.
 
 use std::time::Instant;
 
@@ -19,7 +19,9 @@ fn main() {
         max_tokens: 64,
         ..LlmConfig::default()
     };
-    let path = config.local_model_path();
+    let path = std::env::var_os("LOCAL_MODEL")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| config.local_model_path());
     let started = Instant::now();
     let model = match LocalModel::load(&path, &config) {
         Ok(model) => model,

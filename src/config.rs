@@ -276,9 +276,11 @@ pub struct AsrConfig {
     /// Run whisper's encoder over the utterance's length instead of a full 30 s window (much
     /// faster for short commands; see BENCHMARKS.md for the accuracy cost).
     pub fit_context: bool,
-    /// Bias whisper towards the words of the moment: its initial prompt lists the offered
-    /// tools' words and the titles of the resources the MCP servers list, so catalog titles are
-    /// heard right ([`crate::pipeline::asr::vocabulary_prompt`]).
+    /// Bias whisper towards the words of the moment: its initial prompt lists the titles of the
+    /// resources the MCP servers list ([`crate::pipeline::asr::vocabulary_prompt`]). Off by
+    /// default: with whisper base it cut the title words missed from 31.8 % to 4.5 %, but
+    /// whisper also wrote prompt words into other requests, and whole turns were right less
+    /// often (28 against 30 of 45; BENCHMARKS.md).
     pub vocabulary_prompt: bool,
     /// Longest vocabulary prompt in characters (0..=1000; whisper keeps at most 223 tokens of it).
     pub prompt_max_chars: u32,
@@ -293,7 +295,7 @@ impl Default for AsrConfig {
             threads: cores.min(8),
             beam_size: 0,
             fit_context: true,
-            vocabulary_prompt: true,
+            vocabulary_prompt: false,
             prompt_max_chars: 600,
         }
     }

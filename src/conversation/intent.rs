@@ -257,6 +257,31 @@ fn time_intent(lower: &str, words: &[String]) -> Option<Intent> {
     call("get_current_time", json!({}))
 }
 
+/// The reply to a time request: the built-in tool's `result` ("It is 7:05 PM on Sunday, ...")
+/// as it is, or, for a request in Chinese, its hour and minute in Chinese ("现在是19点05分。").
+pub fn spoken_time(result: &str, request: &str) -> String {
+    let chinese = request
+        .chars()
+        .any(|c| ('\u{4E00}'..='\u{9FFF}').contains(&c));
+    let words: Vec<&str> = result.split_whitespace().collect();
+    let clock = words.iter().position(|w| w.contains(':'));
+    if let (true, Some(i)) = (chinese, clock)
+        && let Some((h, m)) = words[i].split_once(':')
+        && let (Ok(mut h), Ok(m)) = (h.parse::<u32>(), m.parse::<u32>())
+    {
+        match words
+            .get(i + 1)
+            .map(|w| w.trim_matches(|c: char| !c.is_alphabetic()))
+        {
+            Some("PM") if h < 12 => h += 12,
+            Some("AM") if h == 12 => h = 0,
+            _ => {}
+        }
+        return format!("现在是{h}点{m:02}分。");
+    }
+    super::reply::clean(result)
+}
+
 /// Whether `phrase` occurs in `text` as whole words (both are space-joined lower-case words).
 fn contains_phrase(text: &str, phrase: &str) -> bool {
     let padded = format!(" {text} ");
@@ -477,6 +502,17 @@ mod tests {
             match_intent("What time is it?", 50, &settings, |t| t
                 != "get_current_time"),
             None
+        );
+    }
+
+    #[test]
+    fn the_time_is_said_in_the_requests_language() {
+        let result = "It is 7:05 PM on Sunday, 29 November 2026.";
+        assert_eq!(spoken_time(result, "What time is it?"), result);
+        assert_eq!(spoken_time(result, "现在几点了？"), "现在是19点05分。");
+        assert_eq!(
+            spoken_time("It is 12:30 AM on Monday.", "几点"),
+            "现在是0点30分。"
         );
     }
 

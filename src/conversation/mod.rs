@@ -160,6 +160,8 @@ fn last_chars(text: &str, max: usize) -> String {
 const APOLOGY_UNREACHABLE: &str = "Sorry, I can't reach my language model right now.";
 /// Spoken when the tool rounds run out.
 const APOLOGY_ROUNDS: &str = "Sorry, I couldn't finish that.";
+/// Said when the model's reply had nothing speakable in it and no tool result to fall back on.
+const APOLOGY_EMPTY: &str = "Sorry, I don't have an answer to that.";
 /// Said when the user ends the conversation.
 const GOODBYE: &str = "Goodbye.";
 
@@ -228,19 +230,16 @@ impl Conversation {
     }
 
     /// Whisper's vocabulary prompt for this conversation ([`crate::pipeline::asr::vocabulary_prompt`]):
-    /// the titles of the resources the MCP servers list and the offered tools' names (a
-    /// device's too). `None` when `[asr] vocabulary_prompt` is off or there is nothing to say.
+    /// the titles of the resources the MCP servers list. (The tools' names were tried too and
+    /// left out: whisper then wrote "set volume" into requests that did not say it,
+    /// BENCHMARKS.md.) `None` when `[asr] vocabulary_prompt` is off or there is nothing to say.
     pub async fn asr_prompt(&self, asr: &crate::config::AsrConfig) -> Option<String> {
         if !asr.vocabulary_prompt || asr.prompt_max_chars == 0 {
             return None;
         }
         let titles = self.hub.resource_titles(200).await;
-        let mut tools: Vec<String> = self.hub.tools().iter().map(|t| t.name.clone()).collect();
-        if let Some((_, device)) = &self.device {
-            tools.extend(device.iter().map(|t| t.tool.clone()));
-        }
         let prompt =
-            crate::pipeline::asr::vocabulary_prompt(&titles, &tools, asr.prompt_max_chars as usize);
+            crate::pipeline::asr::vocabulary_prompt(&titles, &[], asr.prompt_max_chars as usize);
         (!prompt.is_empty()).then_some(prompt)
     }
 
@@ -392,6 +391,7 @@ impl Conversation {
                 }
             }
         }
+        tracing::debug!(model_text = %text, spoken = ?spoken, "model reply");
         if ended {
             // What the history keeps is what was said, not the rest the model had in mind.
             *text = spoken.join(" ");
@@ -560,7 +560,7 @@ impl Conversation {
                     Some(tool) if tool.is_error => Some(APOLOGY_ROUNDS.to_string()),
                     Some(_) if intent.tool == "exit_conversation" => Some(GOODBYE.to_string()),
                     Some(tool) if intent.tool == "get_current_time" => {
-                        Some(reply::clean(&tool.result))
+                        Some(intent::spoken_time(&tool.result, &text))
                     }
                     _ => None,
                 };
@@ -583,6 +583,35 @@ impl Conversation {
                     }
                     report.end = TurnEnd::Stopped(reason);
                     break 'rounds;
+                }
+            }
+        }
+        // A model reply with nothing speakable in it (Qwen sometimes writes a code block or a
+        // call as text): after a tool's text result, that text is the answer; else a short
+        // apology, never silence.
+        if spoken_sentences.is_empty()
+            && report.end == TurnEnd::Answered
+            && report.handled_by == Handler::Model
+        {
+            let fallback = match report.tools.last() {
+                Some(tool) if !tool.is_error => reply::clean(&tool.result),
+                _ => String::new(),
+            };
+            let fallback = if fallback.chars().any(char::is_alphanumeric) {
+                fallback
+            } else {
+                APOLOGY_EMPTY.to_string()
+            };
+            let mut limits = ReplyLimits::new(self.settings.reply_limits);
+            let mut splitter = SentenceSplitter::default();
+            let mut sentences = splitter.push(&fallback);
+            sentences.extend(splitter.finish());
+            for sentence in sentences {
+                if self
+                    .say_within(&mut limits, &sentence, &mut spoken_sentences)
+                    .await
+                {
+                    break;
                 }
             }
         }

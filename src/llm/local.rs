@@ -1104,10 +1104,11 @@ impl Inner {
             Sampling::All { temperature }
         };
         let mut sampler = LogitsProcessor::from_sampling(SEED, sampling);
-        // A reply in words does not start like a tool call (after a tool's answer the model
-        // tends to write one out as text).
+        // A reply in words does not start like a tool call, a tag, a JSON object or a code
+        // block (after a tool's answer, or when sampling picks a less likely first token, Qwen
+        // writes a call out as JSON, or in a fenced block).
         for (id, text) in self.token_text.iter().enumerate() {
-            if text.starts_with('<') {
+            if text.trim_start().starts_with(['<', '{', '[', '`']) {
                 cursor.logits[id] = f32::NEG_INFINITY;
             }
         }
