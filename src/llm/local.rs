@@ -447,28 +447,19 @@ impl LocalModel {
             match (format, m.role) {
                 (_, Role::System) => chatml(&mut out, "system", &m.content),
                 (_, Role::User) => chatml(&mut out, "user", &m.content),
-                (ChatFormat::SmolLm, Role::Assistant) => {
+                (_, Role::Assistant) => {
+                    let close = match format {
+                        ChatFormat::SmolLm => "",
+                        ChatFormat::Qwen => "\n</tool_call>",
+                    };
                     let mut content = m.content.clone();
                     for call in &m.tool_calls {
                         if !content.is_empty() {
                             content.push('\n');
                         }
                         content.push_str(&format!(
-                            "{TOOL_CALL_OPEN}{{\"name\": {}, \"arguments\": {}}}",
-                            Value::String(call.name.clone()),
-                            call.arguments
-                        ));
-                    }
-                    chatml(&mut out, "assistant", &content);
-                }
-                (ChatFormat::Qwen, Role::Assistant) => {
-                    let mut content = m.content.clone();
-                    for call in &m.tool_calls {
-                        if !content.is_empty() {
-                            content.push('\n');
-                        }
-                        content.push_str(&format!(
-                            "<tool_call>\n{{\"name\": {}, \"arguments\": {}}}\n</tool_call>",
+                            "{}{{\"name\": {}, \"arguments\": {}}}{close}",
+                            format.call_opening(),
                             Value::String(call.name.clone()),
                             call.arguments
                         ));
