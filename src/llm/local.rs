@@ -750,11 +750,7 @@ fn tools_prompt(tools: &FunctionTools, examples: &str) -> String {
     out.push_str(&format!(
         "To call a tool, reply with only {TOOL_CALL_OPEN}{{\"name\": \"TOOL\", \"arguments\": {{...}}}}. Otherwise reply in plain words."
     ));
-    let offered: Vec<&str> = tools
-        .iter()
-        .filter_map(|t| t.get("function").unwrap_or(t).get("name")?.as_str())
-        .collect();
-    let kept = offered_examples(examples, &offered);
+    let kept = offered_examples(examples, tools);
     if !kept.is_empty() {
         out.push_str("\n\nExamples:\n");
         out.push_str(&kept);
@@ -773,11 +769,7 @@ fn qwen_tools_prompt(tools: &FunctionTools, examples: &str) -> String {
         out.push_str(&compact_tool(tool));
     }
     out.push_str("\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>");
-    let offered: Vec<&str> = tools
-        .iter()
-        .filter_map(|t| t.get("function").unwrap_or(t).get("name")?.as_str())
-        .collect();
-    let kept = offered_examples(examples, &offered);
+    let kept = offered_examples(examples, tools);
     if !kept.is_empty() {
         out.push_str("\n\nExamples:\n");
         for line in kept.lines() {
@@ -859,7 +851,11 @@ fn first_sentence(text: &str) -> String {
 
 /// The exchanges of `examples` (blocks of a `User:` line and the lines after it) whose tool
 /// calls, if any, name an offered tool.
-fn offered_examples(examples: &str, offered: &[&str]) -> String {
+fn offered_examples(examples: &str, tools: &FunctionTools) -> String {
+    let offered: Vec<&str> = tools
+        .iter()
+        .filter_map(|t| t.get("function").unwrap_or(t).get("name")?.as_str())
+        .collect();
     let mut kept = Vec::new();
     let mut block: Vec<&str> = Vec::new();
     let flush = |block: &mut Vec<&str>, kept: &mut Vec<String>| {
@@ -1002,19 +998,7 @@ impl Inner {
         let cursor = match cached {
             Some(c) if resume(&c) => {
                 let mut cursor = c.cursor;
-                let rest = &ids[c.ids.len()..];
-                match (&cursor.model, rest.len()) {
-                    (_, 0) => {}
-                    (Weights::Qwen2(_), _) => {
-                        cursor.logits = self.forward(&mut cursor.model, rest, cursor.pos)?;
-                        cursor.pos += rest.len();
-                    }
-                    (Weights::Llama(_), _) => {
-                        for &id in rest {
-                            self.step(&mut cursor, id)?;
-                        }
-                    }
-                }
+                self.feed(&mut cursor, &ids[c.ids.len()..])?;
                 stats.cached_tokens = c.ids.len();
                 cursor
             }
