@@ -182,7 +182,7 @@ async fn rig(name: &str, duplex: bool, tweak: impl FnOnce(&mut Config)) -> Rig {
     wait_listening(port).await;
     let mut config = config_named(name, port);
     tweak(&mut config);
-    let model = duplex.then(tiny_model);
+    let model = duplex.then(common::tiny_duplex_model);
     let base = api(&config, model.as_ref().map(|m| m.path())).await;
     Rig {
         base,
@@ -299,21 +299,6 @@ fn initialize() -> Value {
     json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-06-18", "capabilities": {},
         "clientInfo": {"name": "test", "version": "1"}}})
-}
-
-/// A tiny random-weights PersonaPlex with the default voice as a WAV.
-fn tiny_model() -> tempfile::TempDir {
-    use voxloop::duplex::arch::{Arch, write_random_model};
-    let dir = tempfile::tempdir().unwrap();
-    write_random_model(dir.path(), &Arch::tiny(), 16, candle_core::DType::F32, 11).unwrap();
-    let voices = dir.path().join("voices");
-    std::fs::create_dir(&voices).unwrap();
-    std::fs::copy(
-        common::repo_root().join("assets/speech/cmd_stop_music.wav"),
-        voices.join("NATF2.wav"),
-    )
-    .unwrap();
-    dir
 }
 
 #[tokio::test]
@@ -460,7 +445,7 @@ async fn every_auth_path_on_the_device_and_duplex_surfaces() {
     assert_eq!(upgrade_status(&device, Some("device-token")).await, 101);
 
     // The duplex server: REST (admin-only endpoints) and its chat WebSocket.
-    let model = tiny_model();
+    let model = common::tiny_duplex_model();
     let mut duplex_config = config.duplex.clone();
     duplex_config.model_dir = Some(model.path().to_path_buf());
     duplex_config.device = "cpu".into();
@@ -498,16 +483,13 @@ async fn every_auth_path_on_the_device_and_duplex_surfaces() {
 
 #[tokio::test]
 async fn the_duplex_mcp_process_checks_credentials_and_roles() {
-    let model = tiny_model();
+    let model = common::tiny_duplex_model();
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("voxloop.toml");
-    let mut config = Config {
+    let config = Config {
         auth: auth(),
         ..Config::default()
     };
-    config.duplex.model_dir = Some(model.path().to_path_buf());
-    config.duplex.device = "cpu".into();
-    std::fs::write(&file, config.to_toml()).unwrap();
+    let file = common::duplex_config_file(dir.path(), model.path(), config);
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_voxloop"))
         .arg("--config")
         .arg(&file)
@@ -588,6 +570,84 @@ async fn rate_limits_answer_429_with_retry_after() {
     let refused = get(ADMIN_KEY).await.unwrap();
     assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
     assert!(refused.headers().contains_key("retry-after"));
+}
+
+#[tokio::test]
+async fn jwt_times_rate_buckets_by_identity_and_batches_count_each_call() {
+    let rig = rig("music", false, |c| {
+        c.server.rate_per_key = 3;
+        c.server.rate_per_ip = 0;
+        c.server.rate_window_s = 60;
+    })
+    .await;
+    let base = rig.base.clone();
+    let client = reqwest::Client::new();
+    let status = |token: String| {
+        let request = client
+            .get(format!("{base}/v1/mcp/status"))
+            .bearer_auth(token)
+            .send();
+        async move { request.await.unwrap().status() }
+    };
+    // `nbf` and `iat` in the future are refused (leeway 0 in this config).
+    let early = jwt(Algorithm::HS256, json!({"nbf": now() + 600}));
+    assert_eq!(status(early).await, StatusCode::UNAUTHORIZED);
+    let future = jwt(Algorithm::HS256, json!({"iat": now() + 600}));
+    assert_eq!(status(future).await, StatusCode::UNAUTHORIZED);
+    let fine = jwt(
+        Algorithm::HS256,
+        json!({"nbf": now() - 5, "iat": now() - 5}),
+    );
+    assert_eq!(status(fine).await, StatusCode::OK);
+
+    // A token whose subject is `local` or `anonymous` has a bucket like any other.
+    for subject in ["local", "anonymous"] {
+        let token = jwt(Algorithm::HS256, json!({"sub": subject}));
+        for _ in 0..3 {
+            assert_eq!(status(token.clone()).await, StatusCode::OK, "{subject}");
+        }
+        assert_eq!(
+            status(token).await,
+            StatusCode::TOO_MANY_REQUESTS,
+            "{subject}"
+        );
+    }
+    // A token named like an API key ("app") neither shares nor exhausts that key's bucket.
+    let named = jwt(Algorithm::RS256, json!({"sub": "app"}));
+    for _ in 0..3 {
+        assert_eq!(status(named.clone()).await, StatusCode::OK);
+    }
+    assert_eq!(status(named).await, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(status(USER_KEY.into()).await, StatusCode::OK);
+
+    // A batch counts each call: 5 calls against a budget of 3.
+    let batch = json!({"requests": (0..5).map(|_| json!({"tool_name": "get_current_time"})).collect::<Vec<_>>()});
+    let response = client
+        .post(format!("{base}/v1/mcp/tools/batch"))
+        .bearer_auth(ADMIN_KEY)
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(
+        response
+            .text()
+            .await
+            .unwrap()
+            .contains("each call of a batch counts")
+    );
+    // A batch within the budget runs (another key: the admin's is spent).
+    let small =
+        json!({"requests": [{"tool_name": "get_current_time"}, {"tool_name": "get_current_time"}]});
+    let response = client
+        .post(format!("{base}/v1/mcp/tools/batch"))
+        .bearer_auth(jwt(Algorithm::HS256, json!({"sub": "batcher"})))
+        .json(&small)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
 }
 
 /// The value of the metric line starting with `prefix` (0 when absent).

@@ -1,10 +1,12 @@
 //! Who is calling: API keys (stored as SHA-256), JWT bearer tokens (RFC 7519; HS256 and RS256,
-//! `exp`, `iss` and `aud` checked) and the devices' plain tokens, each giving a [`Principal`]
-//! with a [`Role`]. A refusal is HTTP 401 with `WWW-Authenticate: Bearer` and the error codes
+//! `exp`, `iss` and `aud` required, `nbf` and `iat` checked when present, each with
+//! `[auth.jwt] leeway_s`) and the devices' plain tokens, each giving a [`Principal`] with a
+//! [`Role`] and an identity for the rate limits that a token cannot choose ([`Principal::id`]). A refusal is HTTP 401 with `WWW-Authenticate: Bearer` and the error codes
 //! of RFC 6750 §3.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -14,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::AuthConfig;
 pub use crate::config::Role;
+use crate::device::activation::{DeviceStore, TokenState};
 use crate::models::hex;
 
 /// The name of a caller admitted without a credential (`[auth] allow_anonymous`).
@@ -28,6 +31,22 @@ pub struct Principal {
     pub name: String,
     /// What it may do.
     pub role: Role,
+    /// The credential's identity, which keys its rate-limit bucket: `key:{name}` for an API
+    /// key, `jwt:{iss}:{sub}` for a JWT, `device:{id}` for a device token. `None` for callers
+    /// without a credential (`anonymous`, `local`): the per-IP limit is theirs. Built by this
+    /// module only, so a token's claims can never name another credential's bucket.
+    pub id: Option<String>,
+}
+
+impl Principal {
+    /// A caller without a credential (`anonymous` or `local`).
+    pub fn unkeyed(name: &str, role: Role) -> Self {
+        Self {
+            name: name.into(),
+            role,
+            id: None,
+        }
+    }
 }
 
 /// Why a caller was not admitted.
@@ -81,10 +100,13 @@ pub enum AuthSetupError {
     PublicKey { path: String, reason: String },
 }
 
-/// The claims voxloop reads; `exp`, `iss` and `aud` are checked by the validation itself.
+/// The claims voxloop reads; `exp`, `nbf`, `iss` and `aud` are checked by the validation itself.
 #[derive(Debug, Deserialize)]
 struct Claims {
     sub: Option<String>,
+    iss: Option<String>,
+    /// Issued at, seconds since the epoch (RFC 7519 §4.1.6).
+    iat: Option<i64>,
     #[serde(default)]
     role: Option<String>,
 }
@@ -106,6 +128,8 @@ pub struct Auth {
     /// Who a caller without a credential is, if admitted.
     anonymous: Option<Principal>,
     admin_tools: Vec<String>,
+    /// Activated devices' tokens (and pending ones), on the device surface.
+    device_store: Option<Arc<DeviceStore>>,
 }
 
 /// SHA-256 of `key`, lowercase hex: what `[[auth.api_keys]] sha256` holds.
@@ -160,12 +184,24 @@ impl Auth {
     /// [`AuthSetupError`]: no credentials on a non-loopback address, a missing or short HS256
     /// secret, an unreadable RS256 key.
     pub fn new(config: &AuthConfig, bind: &str) -> Result<Self, AuthSetupError> {
+        Self::with_device_store(config, bind, None)
+    }
+
+    /// As [`Auth::new`], and on the device surface the tokens of `store` are accepted too:
+    /// an activated device's own, and pending ones (whose sessions only speak the activation
+    /// code). With a store, devices can be given credentials, so a non-loopback `bind` is
+    /// served without any configured.
+    ///
+    /// # Errors
+    /// As [`Auth::new`].
+    pub fn with_device_store(
+        config: &AuthConfig,
+        bind: &str,
+        device_store: Option<Arc<DeviceStore>>,
+    ) -> Result<Self, AuthSetupError> {
         let anonymous = if config.allow_anonymous {
-            Some(Principal {
-                name: ANONYMOUS.into(),
-                role: config.anonymous_role,
-            })
-        } else if !config.has_credentials() {
+            Some(Principal::unkeyed(ANONYMOUS, config.anonymous_role))
+        } else if !config.has_credentials() && device_store.is_none() {
             let loopback = bind
                 .parse::<SocketAddr>()
                 .map(|a| a.ip().is_loopback())
@@ -173,10 +209,7 @@ impl Auth {
             if !loopback {
                 return Err(AuthSetupError::Unprotected { bind: bind.into() });
             }
-            Some(Principal {
-                name: LOCAL.into(),
-                role: Role::Admin,
-            })
+            Some(Principal::unkeyed(LOCAL, Role::Admin))
         } else {
             None
         };
@@ -234,6 +267,7 @@ impl Auth {
                 .collect(),
             anonymous,
             admin_tools: config.admin_tools.clone(),
+            device_store,
         })
     }
 
@@ -276,9 +310,25 @@ impl Auth {
             return Ok(Principal {
                 name: name.clone(),
                 role: *role,
+                id: Some(format!("key:{name}")),
             });
         }
         if let Some(device) = device {
+            if let Some(store) = &self.device_store
+                && !device.is_empty()
+            {
+                match store.token_state(device, credential) {
+                    Ok(TokenState::Activated | TokenState::Pending { .. }) => {
+                        return Ok(Principal {
+                            name: format!("device:{device}"),
+                            role: Role::User,
+                            id: Some(format!("device:{device}")),
+                        });
+                    }
+                    Ok(TokenState::Unknown) => {}
+                    Err(e) => tracing::error!(error = %e, "device store unreadable"),
+                }
+            }
             let own = self.device_tokens.get(device);
             let accepted = match own {
                 Some(own) => own == credential,
@@ -288,6 +338,7 @@ impl Auth {
                 return Ok(Principal {
                     name: format!("device:{device}"),
                     role: Role::User,
+                    id: Some(format!("device:{device}")),
                 });
             }
             if own.is_some() {
@@ -324,6 +375,7 @@ impl Jwt {
         validation.set_issuer(&[&self.issuer]);
         validation.set_audience(&[&self.audience]);
         validation.leeway = self.leeway_s;
+        validation.validate_nbf = true;
         let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| {
             invalid(match e.kind() {
                 ErrorKind::ExpiredSignature => "JWT has expired",
@@ -335,6 +387,12 @@ impl Jwt {
                 _ => "malformed JWT",
             })
         })?;
+        // jsonwebtoken does not check `iat`; a token issued in the future is refused too.
+        if let Some(iat) = data.claims.iat
+            && iat > chrono::Utc::now().timestamp() + self.leeway_s as i64
+        {
+            return Err(invalid("JWT is issued in the future (iat)"));
+        }
         let role = match data.claims.role.as_deref() {
             None | Some("user") => Role::User,
             Some("admin") => Role::Admin,
@@ -344,8 +402,11 @@ impl Jwt {
                 )));
             }
         };
+        let subject = data.claims.sub.unwrap_or_else(|| "jwt".into());
+        let issuer = data.claims.iss.unwrap_or_default();
         Ok(Principal {
-            name: data.claims.sub.unwrap_or_else(|| "jwt".into()),
+            id: Some(format!("jwt:{issuer}:{subject}")),
+            name: subject,
             role,
         })
     }

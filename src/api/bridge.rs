@@ -186,12 +186,17 @@ async fn call(
 async fn batch(
     State(runtime): State<Arc<Runtime>>,
     Extension(caller): Extension<Principal>,
+    Extension(meter): Extension<super::Meter>,
     body: Bytes,
 ) -> Response {
     let batch = match parse_batch(&body, runtime.config().max_batch_requests) {
         Ok(b) => b,
         Err(e) => return refuse("api", StatusCode::BAD_REQUEST, e),
     };
+    // Each call counts against the rate limits; the request itself counted for the first.
+    if let Err(refusal) = meter.charge(&caller, batch.requests.len().saturating_sub(1)) {
+        return *refusal;
+    }
     let concurrent = batch.max_concurrent.unwrap_or(DEFAULT_CONCURRENT);
     let results: Vec<Value> = futures_util::stream::iter(batch.requests)
         .map(|request| {

@@ -37,21 +37,37 @@ fn caller(context: &RequestContext<RoleServer>) -> Principal {
         .get::<axum::http::request::Parts>()
         .and_then(|parts| parts.extensions.get::<Principal>())
         .cloned()
-        .unwrap_or(Principal {
-            name: super::auth::LOCAL.into(),
-            role: Role::Admin,
-        })
+        .unwrap_or_else(|| Principal::unkeyed(super::auth::LOCAL, Role::Admin))
 }
 
 impl ServerHandler for RuntimeMcp {
+    /// `logging/setLevel` (MCP spec, "Logging"): accepted and recorded in the server's own log.
+    /// This server sends no `notifications/message`; its diagnostics go to its tracing log.
+    /// (SEP-2577 deprecates logging; clients of the spec versions before it still send this.)
+    #[allow(deprecated)]
+    async fn set_level(
+        &self,
+        request: rmcp::model::SetLevelRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        tracing::debug!(level = ?request.level, "MCP client set its logging level");
+        Ok(())
+    }
+
+    #[allow(deprecated)] // the logging capability, for clients before SEP-2577
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
-            .with_server_info(Implementation::new("voxloop", env!("CARGO_PKG_VERSION")))
-            .with_instructions(
-                "voxloop's tools: those of every MCP server it is configured with, its built-in \
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_logging()
+                .build(),
+        )
+        .with_server_info(Implementation::new("voxloop", env!("CARGO_PKG_VERSION")))
+        .with_instructions(
+            "voxloop's tools: those of every MCP server it is configured with, its built-in \
                  tools, and the PersonaPlex co-host's when one is configured. Results are the \
                  servers' own.",
-            )
+        )
     }
 
     async fn list_tools(

@@ -62,12 +62,29 @@ impl Guard {
         bind: &str,
         surface: &'static str,
     ) -> Result<Arc<Self>, AuthSetupError> {
-        Ok(Arc::new(Self {
-            auth: Auth::new(auth, bind)?,
+        Ok(Self::with_auth(Auth::new(auth, bind)?, server, surface))
+    }
+
+    /// The checks of a surface with these credentials.
+    pub fn with_auth(auth: Auth, server: &ServerConfig, surface: &'static str) -> Arc<Self> {
+        Arc::new(Self {
+            auth,
             limits: RateLimits::new(server),
             origins: server.allowed_origins.clone(),
             surface,
-        }))
+        })
+    }
+
+    /// Counts one request from `ip` against the per-IP limit, for endpoints that take no
+    /// credential (the devices' OTA check).
+    ///
+    /// # Errors
+    /// 429 with `Retry-After` when over the limit.
+    pub fn check_ip(&self, ip: IpAddr) -> Result<(), Box<Response>> {
+        self.limits.check_ip(ip).map_err(|wait| {
+            tracing::warn!(surface = self.surface, %ip, "rate limit (per IP)");
+            Box::new(self.too_many(&format!("too many requests from {ip}"), wait))
+        })
     }
 
     fn origin_allowed(&self, origin: &str) -> bool {
@@ -120,14 +137,46 @@ impl Guard {
             Box::new(e.into_response())
         })?;
         // Callers without a credential share no key: the per-IP limit is theirs.
-        let keyed = !matches!(principal.name.as_str(), auth::ANONYMOUS | auth::LOCAL);
-        if keyed && let Err(wait) = self.limits.check_key(&principal.name) {
+        if let Some(id) = &principal.id
+            && let Err(wait) = self.limits.check_key(id)
+        {
             tracing::warn!(surface = self.surface, caller = %principal.name, "rate limit (per key)");
             return Err(self
                 .too_many(&format!("too many requests for {}", principal.name), wait)
                 .into());
         }
         Ok(principal)
+    }
+
+    /// Counts `calls` more requests for a caller already admitted (each call of a batch past
+    /// the first, which [`Guard::admit`] counted): against the credential's bucket, or the
+    /// IP's for a caller without one.
+    ///
+    /// # Errors
+    /// 429 with `Retry-After` at the first call over a limit.
+    pub fn charge(
+        &self,
+        peer: Option<IpAddr>,
+        principal: &Principal,
+        calls: usize,
+    ) -> Result<(), Box<Response>> {
+        for _ in 0..calls {
+            let over = match (&principal.id, peer) {
+                (Some(id), _) => self.limits.check_key(id).err().map(|w| (id.clone(), w)),
+                (None, Some(ip)) => self.limits.check_ip(ip).err().map(|w| (ip.to_string(), w)),
+                (None, None) => None,
+            };
+            if let Some((who, wait)) = over {
+                tracing::warn!(surface = self.surface, caller = %principal.name, "rate limit (batch)");
+                return Err(self
+                    .too_many(
+                        &format!("too many requests for {who} (each call of a batch counts)"),
+                        wait,
+                    )
+                    .into());
+            }
+        }
+        Ok(())
     }
 
     fn too_many(&self, message: &str, wait: std::time::Duration) -> Response {
@@ -152,18 +201,34 @@ fn peer_ip(request: &Request) -> Option<IpAddr> {
         .map(|c| c.0.ip())
 }
 
-/// Middleware: [`Guard::admit`], then the [`Principal`] goes into the request's extensions.
+/// What a handler needs to count a batch's calls ([`Guard::charge`]): the surface's guard and
+/// the peer. [`guard`] puts it into the request's extensions.
+#[derive(Clone)]
+pub struct Meter {
+    guard: Arc<Guard>,
+    peer: Option<IpAddr>,
+}
+
+impl Meter {
+    /// [`Guard::charge`] for this request's peer.
+    ///
+    /// # Errors
+    /// As [`Guard::charge`].
+    pub fn charge(&self, principal: &Principal, calls: usize) -> Result<(), Box<Response>> {
+        self.guard.charge(self.peer, principal, calls)
+    }
+}
+
+/// Middleware: [`Guard::admit`], then the [`Principal`] and a [`Meter`] go into the request's
+/// extensions.
 pub async fn guard(State(guard): State<Arc<Guard>>, mut request: Request, next: Next) -> Response {
-    let principal = match guard.admit(
-        peer_ip(&request),
-        request.headers(),
-        request.uri().query(),
-        None,
-    ) {
+    let peer = peer_ip(&request);
+    let principal = match guard.admit(peer, request.headers(), request.uri().query(), None) {
         Ok(p) => p,
         Err(refusal) => return *refusal,
     };
     request.extensions_mut().insert(principal);
+    request.extensions_mut().insert(Meter { guard, peer });
     next.run(request).await
 }
 
@@ -188,15 +253,18 @@ pub async fn admin_only(State(guard): State<Arc<Guard>>, request: Request, next:
     next.run(request).await
 }
 
+/// The messages of a JSON-RPC body (one message or a batch); none when it is not JSON.
+fn messages(body: &[u8]) -> Vec<Value> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Array(items)) => items,
+        Ok(one) => vec![one],
+        Err(_) => Vec::new(),
+    }
+}
+
 /// The tools a JSON-RPC body calls with `tools/call` (one message or a batch).
 fn called_tools(body: &[u8]) -> Vec<String> {
-    let Ok(value) = serde_json::from_slice::<Value>(body) else {
-        return Vec::new();
-    };
-    let messages = match value {
-        Value::Array(items) => items,
-        one => vec![one],
-    };
+    let messages = messages(body);
     messages
         .iter()
         .filter(|m| m["method"] == "tools/call")
@@ -206,8 +274,9 @@ fn called_tools(body: &[u8]) -> Vec<String> {
 
 /// Middleware behind [`guard`] on an MCP endpoint (the MCP server reads bodies itself, past
 /// axum's body limit): a POST body is read whole, at most `max_body` bytes (`[server]
-/// max_body_bytes`, else 413), and a `user`'s `tools/call` of an admin-only tool is refused with
-/// 403 before the MCP server sees it.
+/// max_body_bytes`, else 413), each message of a JSON-RPC batch past the first counts against
+/// the rate limits ([`Guard::charge`]), and a `user`'s `tools/call` of an admin-only tool is
+/// refused with 403 before the MCP server sees it.
 pub async fn mcp_requests(
     State((guard, max_body)): State<(Arc<Guard>, usize)>,
     request: Request,
@@ -231,6 +300,17 @@ pub async fn mcp_requests(
             );
         }
     };
+    let batch = messages(&bytes).len();
+    if batch > 1
+        && let Some(principal) = parts.extensions.get::<Principal>()
+        && let Err(refusal) = guard.charge(
+            parts.extensions.get::<Meter>().and_then(|m| m.peer),
+            principal,
+            batch - 1,
+        )
+    {
+        return *refusal;
+    }
     if !admin
         && let Some(tool) = called_tools(&bytes)
             .into_iter()

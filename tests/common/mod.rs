@@ -221,3 +221,34 @@ pub fn best_correlation(a: &[f32], b: &[f32], max_lag: i64) -> (f64, i64) {
     }
     best
 }
+
+/// A tiny random-weights PersonaPlex (the real structure and file layout) with the default
+/// voice (`NATF2`) as a WAV, in a temporary directory.
+#[allow(dead_code)]
+pub fn tiny_duplex_model() -> tempfile::TempDir {
+    use voxloop::duplex::arch::{Arch, write_random_model};
+    let dir = tempfile::tempdir().unwrap();
+    write_random_model(dir.path(), &Arch::tiny(), 16, candle_core::DType::F32, 11).unwrap();
+    let voices = dir.path().join("voices");
+    std::fs::create_dir(&voices).unwrap();
+    std::fs::copy(
+        repo_root().join("assets/speech/cmd_stop_music.wav"),
+        voices.join("NATF2.wav"),
+    )
+    .unwrap();
+    dir
+}
+
+/// A config file in `dir` serving the duplex model in `model` on the CPU; its path.
+#[allow(dead_code)]
+pub fn duplex_config_file(
+    dir: &std::path::Path,
+    model: &std::path::Path,
+    mut config: voxloop::config::Config,
+) -> PathBuf {
+    config.duplex.model_dir = Some(model.to_path_buf());
+    config.duplex.device = "cpu".into();
+    let file = dir.join("voxloop.toml");
+    std::fs::write(&file, config.to_toml()).unwrap();
+    file
+}
