@@ -454,7 +454,7 @@ async fn upstream_server() -> (String, Hits) {
 async fn upstream_range_variants_all_give_the_whole_file() {
     let (upstream, hits) = upstream_server().await;
     let file = std::fs::read(music_file(HORIZON)).unwrap();
-    let client = spawn_stdio(&[]).await;
+    let client = spawn_stdio(&["--allow-host", host_port(&upstream)]).await;
     for path in ["range", "ignore-range", "416-head"] {
         let uri = track_uri(&format!("{upstream}/{path}/song.mp3"));
         for page in [16 * 1024, 100 * 1024] {
@@ -515,7 +515,13 @@ async fn upstream_range_variants_all_give_the_whole_file() {
 #[tokio::test]
 async fn slow_and_failing_upstreams_are_errors_naming_the_cause() {
     let (upstream, _) = upstream_server().await;
-    let client = spawn_stdio(&["--upstream-timeout-ms", "300"]).await;
+    let client = spawn_stdio(&[
+        "--upstream-timeout-ms",
+        "300",
+        "--allow-host",
+        host_port(&upstream),
+    ])
+    .await;
     let slow = format!(
         "{}?start=0&end=100",
         track_uri(&format!("{upstream}/slow/a.mp3"))
@@ -589,42 +595,97 @@ async fn hosts_off_the_allow_list_get_no_request() {
     assert!(hits.get() > 0);
 }
 
+/// `127.0.0.1:PORT` of a loopback base URL.
+fn host_port(base: &str) -> &str {
+    base.strip_prefix("http://").unwrap()
+}
+
 #[tokio::test]
-async fn library_file_server_never_serves_outside_the_library() {
-    let client = spawn_stdio(&[]).await;
-    let link = call(&client, "musicPlayer", json!({"query": "horizon"})).await;
-    let link = link.content[0].as_resource_link().unwrap().clone();
-    // Recover the file server's root from the link and aim above the library.
-    let encoded = link.uri.strip_prefix("audio://music/").unwrap();
-    let url = String::from_utf8(
-        base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, encoded).unwrap(),
-    )
-    .unwrap();
-    let root = url.rsplit_once('/').unwrap().0;
-    for escape in [
-        "%2e%2e/Cargo.toml",
-        "..%2fCargo.toml",
-        "%2e%2e%2fCargo.toml",
+async fn loopback_in_every_spelling_and_userinfo_get_no_request() {
+    let (upstream, hits) = upstream_server().await;
+    let port = upstream.rsplit_once(':').unwrap().1;
+    // Only another loopback port is listed: the upstream's own port is not reachable.
+    let client = spawn_stdio(&["--allow-host", "127.0.0.1:1", "--allow-host", "localhost"]).await;
+    for (url, needle) in [
+        (
+            format!("http://127.0.0.1:{port}/range/a.mp3"),
+            "not allowed",
+        ),
+        (
+            format!("http://2130706433:{port}/range/a.mp3"),
+            "not allowed",
+        ),
+        (format!("http://0x7f.1:{port}/range/a.mp3"), "not allowed"),
+        (format!("http://127.1:{port}/range/a.mp3"), "not allowed"),
+        (
+            format!("http://[::ffff:127.0.0.1]:{port}/range/a.mp3"),
+            "not allowed",
+        ),
+        (
+            "http://user:secret@127.0.0.1:1/range/a.mp3".to_string(),
+            "user information",
+        ),
+        // A listed name that resolves to loopback is refused when connecting.
+        (
+            format!("http://localhost:{port}/range/a.mp3"),
+            "internal addresses",
+        ),
     ] {
-        let uri = format!("{}?start=0&end=100", track_uri(&format!("{root}/{escape}")));
-        let err = read_error(&client, &uri).await;
+        let err = read_error(&client, &format!("{}?start=0&end=10", track_uri(&url))).await;
+        assert!(err.message.contains(needle), "{url}: {}", err.message);
+        assert!(!err.message.contains("secret"), "{url}: {}", err.message);
+    }
+    assert_eq!(hits.get(), 0, "a refused upstream got a request");
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn symlinks_out_of_the_library_are_refused_and_odd_names_play() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::copy(music_file(HORIZON), outside.path().join("secret.mp3")).unwrap();
+    std::fs::write(outside.path().join("passwd"), "root:x:0:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lib = dir.path();
+    std::fs::copy(music_file(HORIZON), lib.join("horizon.mp3")).unwrap();
+    std::fs::copy(music_file(HORIZON), lib.join("new\nline.mp3")).unwrap();
+    let odd = std::ffi::OsStr::from_bytes(b"caf\xe9 song.mp3");
+    std::fs::copy(music_file(HORIZON), lib.join(odd)).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("passwd"), lib.join("pw.mp3")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), lib.join("elsewhere")).unwrap();
+    std::os::unix::fs::symlink(lib.join("horizon.mp3"), lib.join("alias.mp3")).unwrap();
+    let client = spawn_stdio(&["--library", lib.to_str().unwrap()]).await;
+    let listed = client.list_resources(None).await.unwrap().resources;
+    let names: Vec<String> = listed.iter().map(|r| r.name.clone()).collect();
+    assert_eq!(listed.len(), 4, "{names:?}");
+    for r in &listed {
+        let encoded = r.uri.strip_prefix("audio://music/").unwrap();
+        let url =
+            base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, encoded)
+                .unwrap();
+        let url = String::from_utf8(url).unwrap();
         assert!(
-            err.message.contains("HTTP 404") || err.message.contains("HTTP 400"),
-            "{escape}: {}",
+            !url.contains("pw.mp3") && !url.contains("elsewhere"),
+            "{url}"
+        );
+    }
+    // Every listed track plays, the newline and non-UTF-8 names too.
+    let file = std::fs::read(music_file(HORIZON)).unwrap();
+    for r in &listed {
+        let bytes = read_all(&client, &r.uri, 256 * 1024).await.unwrap();
+        assert_eq!(sha256(&bytes), sha256(&file), "{}", r.name);
+    }
+    // Forged library URLs (the link out, a path above the library) name no track.
+    for forged in [
+        "library://local/pw.mp3",
+        "library://local/elsewhere/secret.mp3",
+        "library://local/%2E%2E/secret.mp3",
+    ] {
+        let err = read_error(&client, &format!("{}?start=0&end=10", track_uri(forged))).await;
+        assert!(
+            err.message.contains("no track"),
+            "{forged}: {}",
             err.message
         );
     }
-    let result = client
-        .read_resource(ReadResourceRequestParams::new(format!(
-            "{}?start=0&end=3",
-            link.uri
-        )))
-        .await
-        .unwrap();
-    let ResourceContents::BlobResourceContents { blob, .. } = &result.contents[0] else {
-        panic!("a blob")
-    };
-    let file = std::fs::read(music_file(HORIZON)).unwrap();
-    let expected = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &file[..3]);
-    assert_eq!(blob, &expected, "the first three bytes of the track");
 }

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, bail};
 use reqwest::Url;
 use serde::Deserialize;
+
+use crate::upstream::LibraryFiles;
 use symphonia::core::formats::FormatOptions;
 use symphonia::core::formats::probe::Hint;
 use symphonia::core::io::MediaSourceStream;
@@ -27,7 +29,8 @@ const AUDIO_TYPES: &[(&str, &str)] = &[
 pub struct Track {
     pub title: String,
     pub artist: Option<String>,
-    /// Where the bytes come from: the local file server or a remote http(s) URL.
+    /// Where the bytes come from: a library file (`library://local/...`, read from disk) or a
+    /// remote http(s) URL.
     pub url: Url,
     pub mime_type: String,
     /// Size in bytes, when known.
@@ -52,47 +55,85 @@ pub fn mime_for_path(path: &str) -> Option<&'static str> {
     AUDIO_TYPES.iter().find(|(e, _)| *e == ext).map(|(_, m)| *m)
 }
 
-/// Scans `library` recursively for audio files. `base_url` is the local file server's root;
-/// each track's URL is that root joined with the file's relative path (percent-encoded).
-pub fn scan_library(library: &Path, base_url: &Url) -> anyhow::Result<Vec<Track>> {
+/// Scheme of library tracks' URLs: `library://local/{relative path, percent-encoded}`. The URL
+/// only names a track of the catalog; the server maps it to the file ([`LibraryFiles`]).
+pub const LIBRARY_SCHEME: &str = "library";
+
+/// Scans `library` recursively for audio files: the tracks, and their files by URL.
+///
+/// Symbolic links are followed only where they stay inside the library (the canonical path
+/// must be under the library's canonical path); one that leaves it is skipped with a warning.
+/// File names need not be UTF-8 or free of control characters: the URL encodes the name's
+/// bytes, the title shows them lossily.
+pub fn scan_library(library: &Path) -> anyhow::Result<(Vec<Track>, LibraryFiles)> {
     if !library.is_dir() {
         bail!("music library {} is not a directory", library.display());
     }
+    let root = library
+        .canonicalize()
+        .with_context(|| format!("resolving {}", library.display()))?;
     let mut tracks = Vec::new();
+    let mut files = LibraryFiles::new();
     let walk = walkdir::WalkDir::new(library)
-        .follow_links(false)
+        .follow_links(true)
         .sort_by_file_name();
     for entry in walk {
-        let entry = entry.with_context(|| format!("scanning {}", library.display()))?;
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) if e.loop_ancestor().is_some() || e.io_error().is_some() => {
+                tracing::warn!(error = %e, "library entry skipped");
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("scanning {}", library.display())),
+        };
         let path = entry.path();
-        let Some(mime_type) = path.to_str().and_then(mime_for_path) else {
+        let Some(mime_type) = mime_for_path(&path.to_string_lossy()) else {
             continue;
         };
         if !entry.file_type().is_file() {
             continue;
         }
+        let real = match path.canonicalize() {
+            Ok(real) if real.starts_with(&root) => real,
+            Ok(real) => {
+                tracing::warn!(path = %path.display(), target = %real.display(), "a link out of the library; skipped");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "unreadable; skipped");
+                continue;
+            }
+        };
         let relative = path.strip_prefix(library).unwrap_or(path);
-        let segments: Vec<&str> = relative.iter().filter_map(|s| s.to_str()).collect();
-        let mut url = base_url.clone();
-        url.path_segments_mut()
-            .map_err(|()| anyhow::anyhow!("file server URL {base_url} cannot take a path"))?
-            .pop_if_empty()
-            .extend(&segments);
+        let encoded: Vec<String> = relative
+            .iter()
+            .map(|part| url::form_urlencoded::byte_serialize(part.as_encoded_bytes()).collect())
+            .collect();
+        let url = Url::parse(&format!("{LIBRARY_SCHEME}://local/{}", encoded.join("/")))
+            .with_context(|| format!("a URL for {}", path.display()))?;
+        let shown: Vec<String> = relative
+            .iter()
+            .map(|part| part.to_string_lossy().into_owned())
+            .collect();
+        if shown.iter().any(|p| p.contains('\u{FFFD}')) {
+            tracing::info!(path = %path.display(), "file name is not UTF-8; listed with its readable part");
+        }
         let (title, artist) = read_tags(path);
         let stem = path
             .file_stem()
-            .and_then(|s| s.to_str())
+            .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         tracks.push(Track {
-            title: title.unwrap_or_else(|| title_from_file_name(stem)),
+            title: title.unwrap_or_else(|| title_from_file_name(&stem)),
             artist,
-            url,
+            url: url.clone(),
             mime_type: mime_type.to_string(),
             size: Some(entry.metadata()?.len()),
-            file_name: Some(segments.join("/")),
+            file_name: Some(shown.join("/")),
         });
+        files.insert(url, real);
     }
-    Ok(tracks)
+    Ok((tracks, files))
 }
 
 /// Title and artist from the file's tags (ID3, Vorbis comments, FLAC, MP4), when it has them.

@@ -1,7 +1,8 @@
 //! The music player MCP server (DESIGN §4).
 //!
-//! Scans a music library, serves its files over a loopback HTTP file server (with Range support),
-//! and answers MCP over stdio (default) or streamable HTTP at `/mcp`:
+//! Scans a music library (its files are read from disk by the server itself, never through a
+//! URL a client could aim elsewhere), and answers MCP over stdio (default) or streamable HTTP
+//! at `/mcp`:
 //!
 //! ```text
 //! cargo run --example mcp_audio                                   # stdio
@@ -21,13 +22,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::serve::{Listener as _, ListenerExt as _};
 use clap::{Parser, ValueEnum};
-use reqwest::Url;
 use rmcp::ServiceExt as _;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
-use tower_http::services::ServeDir;
 use voxloop::config::{Config, MusicConfig};
 
 use crate::server::MusicServer;
@@ -59,7 +57,9 @@ struct Args {
     /// TOML file of remote tracks [config: music.catalog].
     #[arg(long)]
     catalog: Option<PathBuf>,
-    /// Allow an upstream host besides loopback (repeatable) [config: music.allow_hosts].
+    /// Allow an upstream host: a name or IP address, optionally with `:port` (repeatable)
+    /// [config: music.allow_hosts]. Nothing else is read, loopback included; a listed name
+    /// that resolves to an internal address is refused unless that address is listed too.
     #[arg(long = "allow-host")]
     allow_hosts: Vec<String>,
     /// Accept a browser Origin besides loopback ones (repeatable) [config: music.allowed_origins].
@@ -101,30 +101,6 @@ impl Args {
     }
 }
 
-/// Serves `library` on an ephemeral loopback port (tower-http's `ServeDir`: Range requests,
-/// no paths outside the directory) and returns its root URL.
-///
-/// `TCP_NODELAY` is set on each connection: a response goes out as a header write and a body
-/// write, and with Nagle's algorithm the second waits for the client's delayed ACK (about
-/// 40 ms on Linux), once per page.
-async fn start_file_server(library: PathBuf) -> anyhow::Result<Url> {
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
-        .await?
-        .tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::warn!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
-    let addr = listener.local_addr()?;
-    let app = axum::Router::new().fallback_service(ServeDir::new(library));
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "library file server stopped");
-        }
-    });
-    Ok(Url::parse(&format!("http://{addr}/"))?)
-}
-
 // One thread is plenty: the work is I/O and a base64 encode per page, and a voxloop session runs
 // one such child process per music server.
 #[tokio::main(flavor = "current_thread")]
@@ -133,28 +109,30 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = args.music_config()?;
 
-    let base_url = start_file_server(config.library.clone()).await?;
-    let mut tracks = catalog::scan_library(&config.library, &base_url)?;
+    let (mut tracks, files) = catalog::scan_library(&config.library)?;
     let mut allow_hosts = config.allow_hosts.clone();
     if let Some(path) = &config.catalog {
         let remote = catalog::load_remote_catalog(path)?;
-        // The operator listed these tracks, so their hosts are allowed upstreams.
-        allow_hosts.extend(
-            remote
-                .iter()
-                .filter_map(|t| t.url.host_str().map(String::from)),
-        );
+        // The operator listed these tracks, so their hosts (with their ports) are allowed.
+        allow_hosts.extend(remote.iter().filter_map(|t| {
+            let host = t.url.host_str()?;
+            // An IPv6 host comes bracketed, so `[::1]:80` parses as a socket address.
+            Some(match t.url.port_or_known_default() {
+                Some(port) => format!("{host}:{port}"),
+                None => host.to_string(),
+            })
+        }));
         tracks.extend(remote);
     }
     tracing::info!(
         library = %config.library.display(),
         tracks = tracks.len(),
-        file_server = %base_url,
         "music catalog ready"
     );
 
     let upstream = Upstream::new(
-        allow_hosts,
+        &allow_hosts,
+        files,
         Duration::from_millis(config.upstream_timeout_ms),
     )?;
     let server = MusicServer::new(

@@ -75,8 +75,13 @@ fn parse_track_uri(uri: &str) -> Result<(Url, Option<&str>), McpError> {
         .map_err(|e| bad(format!("is not base64url: {e}")))?;
     let text = String::from_utf8(bytes).map_err(|_| bad("is not UTF-8 once decoded".into()))?;
     let url = Url::parse(&text).map_err(|e| bad(format!("{text:?} is not a URL: {e}")))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(bad(format!("{text:?} is not an http(s) URL")));
+    if !matches!(
+        url.scheme(),
+        "http" | "https" | crate::catalog::LIBRARY_SCHEME
+    ) {
+        return Err(bad(format!(
+            "{text:?} is not an http(s) URL nor a library track"
+        )));
     }
     Ok((url, query))
 }
@@ -204,11 +209,26 @@ fn parse_volume(value: Option<&Value>) -> Result<u8, String> {
 }
 
 impl ServerHandler for MusicServer {
+    /// `logging/setLevel` (MCP spec, "Logging"): accepted and recorded in the server's own log.
+    /// This server sends no `notifications/message`; its diagnostics go to its tracing log.
+    /// (SEP-2577 deprecates logging; clients of the spec versions before it still send this.)
+    #[allow(deprecated)]
+    async fn set_level(
+        &self,
+        request: rmcp::model::SetLevelRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        tracing::debug!(level = ?request.level, "MCP client set its logging level");
+        Ok(())
+    }
+
+    #[allow(deprecated)] // the logging capability, for clients before SEP-2577
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(
             ServerCapabilities::builder()
                 .enable_tools()
                 .enable_resources()
+                .enable_logging()
                 .build(),
         )
         .with_server_info(Implementation::new(
@@ -296,7 +316,11 @@ impl ServerHandler for MusicServer {
         let bytes = match self.upstream.fetch(&url, range).await {
             Ok(RangeBytes::Bytes(bytes)) => bytes,
             Ok(RangeBytes::PastEnd) => DONE_BLOB.to_vec(),
-            Err(e @ UpstreamError::HostNotAllowed(_)) => {
+            Err(
+                e @ (UpstreamError::HostNotAllowed(_)
+                | UpstreamError::UserInfo(_)
+                | UpstreamError::NotInLibrary(_)),
+            ) => {
                 return Err(McpError::invalid_params(e.to_string(), None));
             }
             Err(e) => {

@@ -12,8 +12,21 @@
 //! Memory is bounded: a cursor holds at most one body chunk besides the socket's buffers, and at
 //! most [`MAX_CURSORS`] are kept (least recently used dropped first, idle ones after
 //! [`CURSOR_IDLE`]).
+//!
+//! Which upstreams may be read ([`UpstreamPolicy`]): a URL names a track a client may forge, so
+//! nothing is reached unless the operator listed its host (`--allow-host`, `[music]
+//! allow_hosts`, the remote catalog's hosts with their ports). The URL's host is compared in
+//! its normalised form (the WHATWG URL parser turns `2130706433`, `0x7f.1` and `127.1` into
+//! `127.0.0.1`); a URL with user information is refused (no credentials are forwarded); a
+//! listed *name* is resolved by the client's own resolver, which refuses loopback, private,
+//! link-local and other internal addresses unless that address itself is listed, so a name
+//! cannot be pointed at an internal service (checked at connect time: no window between the
+//! check and the connection). Library files are read from disk by the server itself
+//! ([`LibraryFiles`]); no URL reaches them but the catalog's own.
 
-use std::net::IpAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -41,15 +54,25 @@ pub enum RangeBytes {
 /// Why a range could not be fetched. The message is what the MCP client sees.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("upstream host {0:?} is not allowed (loopback only, plus --allow-host)")]
+    #[error("upstream host {0:?} is not allowed (only hosts listed with --allow-host)")]
     HostNotAllowed(String),
+    #[error("upstream URL {0} carries user information; credentials are never forwarded")]
+    UserInfo(String),
+    #[error("no track of the library has the URL {0}")]
+    NotInLibrary(String),
+    #[error("library file {path}: {source}")]
+    File {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("upstream {url} timed out after {ms} ms")]
     Timeout { url: Url, ms: u128 },
     #[error("upstream {url} answered HTTP {status}")]
     Status { url: Url, status: StatusCode },
     #[error("upstream {url}: {reason}")]
     Protocol { url: Url, reason: String },
-    #[error("upstream {url}: {source}")]
+    #[error("upstream {url}: {}", chain(source))]
     Transport {
         url: Url,
         #[source]
@@ -58,6 +81,22 @@ pub enum UpstreamError {
 }
 
 type Body = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+/// An error and its sources, `: `-joined (reqwest's own message names only the request; the
+/// cause, such as a refused name, is in the sources).
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = cause.source();
+    }
+    text
+}
 
 /// An open upstream response positioned at `offset` of the track.
 struct Cursor {
@@ -105,61 +144,227 @@ impl Cursor {
     }
 }
 
-/// An HTTP client for upstream ranges, limited to allowed hosts.
+/// One `--allow-host` entry: a host name or IP address, and a port when it was given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct AllowedHost {
+    /// Lowercase name, or the IP address as `IpAddr` prints it.
+    host: String,
+    port: Option<u16>,
+}
+
+impl AllowedHost {
+    fn parse(entry: &str) -> Self {
+        let entry = entry.trim();
+        if let Ok(addr) = entry.parse::<SocketAddr>() {
+            return Self {
+                host: addr.ip().to_string(),
+                port: Some(addr.port()),
+            };
+        }
+        let bare = entry.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = bare.parse::<IpAddr>() {
+            return Self {
+                host: ip.to_string(),
+                port: None,
+            };
+        }
+        match entry.rsplit_once(':') {
+            Some((name, port)) if port.parse::<u16>().is_ok() => Self {
+                host: name.to_lowercase(),
+                port: port.parse().ok(),
+            },
+            _ => Self {
+                host: entry.to_lowercase(),
+                port: None,
+            },
+        }
+    }
+}
+
+/// True for addresses no upstream should have unless listed: loopback, private (RFC 1918,
+/// IPv6 unique local), link-local (the cloud metadata address among them), carrier-grade NAT,
+/// unspecified, broadcast, multicast, documentation ranges, and IPv4-mapped forms of these.
+pub fn is_internal(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+                || (a == 192 && b == 0)
+                || (a == 198 && (b == 18 || b == 19))
+                || a >= 240
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_internal(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+/// Which upstreams may be read (see the module's documentation).
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamPolicy {
+    allowed: Vec<AllowedHost>,
+}
+
+impl UpstreamPolicy {
+    /// The policy of these `--allow-host` entries (`host`, `host:port`, `ip`, `ip:port`,
+    /// `[v6]:port`).
+    pub fn new(entries: &[String]) -> Self {
+        Self {
+            allowed: entries.iter().map(|e| AllowedHost::parse(e)).collect(),
+        }
+    }
+
+    /// Whether the address `ip` was listed itself, without a port (then a listed name may
+    /// resolve to it even when it is internal; the resolver does not see the port, so an entry
+    /// with one lists that address for URLs naming it only).
+    fn lists_address(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical().to_string();
+        self.allowed
+            .iter()
+            .any(|a| a.host == ip && a.port.is_none())
+    }
+
+    /// Checks `url` before any request.
+    ///
+    /// # Errors
+    /// [`UpstreamError::UserInfo`] or [`UpstreamError::HostNotAllowed`].
+    pub fn check(&self, url: &Url) -> Result<(), UpstreamError> {
+        if !url.username().is_empty() || url.password().is_some() {
+            let mut shown = url.clone();
+            let _ = shown.set_username("");
+            let _ = shown.set_password(None);
+            return Err(UpstreamError::UserInfo(shown.to_string()));
+        }
+        let refused = || UpstreamError::HostNotAllowed(url.host_str().unwrap_or_default().into());
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(refused());
+        }
+        let host = match url.host() {
+            Some(url::Host::Ipv4(ip)) => ip.to_string(),
+            Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).to_canonical().to_string(),
+            Some(url::Host::Domain(name)) => name.to_lowercase(),
+            None => return Err(refused()),
+        };
+        let port = url.port_or_known_default();
+        let listed = self
+            .allowed
+            .iter()
+            .any(|a| a.host == host && a.port.is_none_or(|p| Some(p) == port));
+        if listed { Ok(()) } else { Err(refused()) }
+    }
+}
+
+/// The upstream client's resolver: the system's, less the internal addresses the policy does
+/// not list. A name with nothing left fails to resolve, so no connection is made.
+struct GuardedResolver {
+    policy: UpstreamPolicy,
+}
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = self.policy.clone();
+        let name = name.as_str().to_string();
+        Box::pin(async move {
+            let all: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            let kept: Vec<SocketAddr> = all
+                .iter()
+                .copied()
+                .filter(|a| !is_internal(a.ip()) || policy.lists_address(a.ip()))
+                .collect();
+            if kept.is_empty() {
+                let shown: Vec<String> = all.iter().map(|a| a.ip().to_string()).collect();
+                let message = format!(
+                    "{name} resolves only to internal addresses ({}); list the address with --allow-host to allow it",
+                    shown.join(", ")
+                );
+                return Err(message.into());
+            }
+            let addrs: reqwest::dns::Addrs = Box::new(kept.into_iter());
+            Ok(addrs)
+        })
+    }
+}
+
+/// The library's files by their track URL (`library://local/...`): the only files the server
+/// reads, each canonicalised inside the library when the catalog was made.
+pub type LibraryFiles = HashMap<Url, PathBuf>;
+
+/// An HTTP client for upstream ranges, limited by an [`UpstreamPolicy`], and the library's files.
 #[derive(Clone)]
 pub struct Upstream {
     client: reqwest::Client,
-    allow_hosts: Arc<Vec<String>>,
+    policy: UpstreamPolicy,
+    library: Arc<LibraryFiles>,
     timeout: Duration,
     cursors: Arc<Mutex<Vec<Cursor>>>,
 }
 
 impl Upstream {
-    /// `allow_hosts`: hosts allowed besides loopback (names or IP addresses).
-    /// `timeout`: for one page: the request (if one is needed) and reading its bytes.
-    pub fn new(allow_hosts: Vec<String>, timeout: Duration) -> anyhow::Result<Self> {
+    /// `allow_hosts`: the hosts that may be read (see [`UpstreamPolicy::new`]); `library`: the
+    /// catalog's files; `timeout`: for one page: the request (if one is needed) and reading its
+    /// bytes.
+    pub fn new(
+        allow_hosts: &[String],
+        library: LibraryFiles,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let policy = UpstreamPolicy::new(allow_hosts);
         let client = reqwest::Client::builder()
             .connect_timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .dns_resolver(Arc::new(GuardedResolver {
+                policy: policy.clone(),
+            }))
             .build()?;
-        // One spelling per host, so that `is_allowed` can compare strings.
-        let allow_hosts = allow_hosts
-            .into_iter()
-            .map(|h| match h.parse::<IpAddr>() {
-                Ok(ip) => ip.to_string(),
-                Err(_) => h.to_lowercase(),
-            })
-            .collect();
         Ok(Self {
             client,
-            allow_hosts: Arc::new(allow_hosts),
+            policy,
+            library: Arc::new(library),
             timeout,
             cursors: Arc::default(),
         })
     }
 
-    /// True when `url`'s host is loopback or on the allow-list.
-    pub fn is_allowed(&self, url: &Url) -> bool {
-        let host = match url.host() {
-            Some(url::Host::Ipv4(ip)) if ip.is_loopback() => return true,
-            Some(url::Host::Ipv6(ip)) if ip.is_loopback() => return true,
-            Some(url::Host::Ipv4(ip)) => ip.to_string(),
-            Some(url::Host::Ipv6(ip)) => ip.to_string(),
-            Some(url::Host::Domain(name)) => name.to_lowercase(),
-            None => return false,
-        };
-        host == "localhost" || self.allow_hosts.contains(&host)
+    /// Checks `url` against the policy, or finds it in the library, before any request.
+    ///
+    /// # Errors
+    /// As [`UpstreamPolicy::check`]; [`UpstreamError::NotInLibrary`] for a library URL that
+    /// is no track.
+    pub fn check(&self, url: &Url) -> Result<(), UpstreamError> {
+        if url.scheme() == crate::catalog::LIBRARY_SCHEME {
+            return match self.library.contains_key(url) {
+                true => Ok(()),
+                false => Err(UpstreamError::NotInLibrary(url.to_string())),
+            };
+        }
+        self.policy.check(url)
     }
 
-    /// Fetches `range` of `url`. No request is made to a host that is not allowed.
+    /// Fetches `range` of `url`. No request is made to a host the policy refuses.
     ///
     /// # Errors
     /// [`UpstreamError`]: host not allowed, timeout, an unexpected status, or a broken answer.
     pub async fn fetch(&self, url: &Url, range: ByteRange) -> Result<RangeBytes, UpstreamError> {
-        if !self.is_allowed(url) {
-            return Err(UpstreamError::HostNotAllowed(
-                url.host_str().unwrap_or_default().to_string(),
-            ));
+        self.check(url)?;
+        if let Some(path) = self.library.get(url) {
+            return read_file(path, range).await;
         }
         let timeout = UpstreamError::Timeout {
             url: url.clone(),
@@ -315,6 +520,33 @@ impl Upstream {
 }
 
 /// `Content-Range: bytes S-E/N` -> `S`.
+/// `range` of a library file, read from disk.
+async fn read_file(path: &std::path::Path, range: ByteRange) -> Result<RangeBytes, UpstreamError> {
+    use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+    let failed = |source| UpstreamError::File {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut file = tokio::fs::File::open(path).await.map_err(failed)?;
+    let size = file.metadata().await.map_err(failed)?.len();
+    if range.start >= size {
+        return Ok(RangeBytes::PastEnd);
+    }
+    file.seek(std::io::SeekFrom::Start(range.start))
+        .await
+        .map_err(failed)?;
+    let len = range.len().min(size - range.start);
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(len)
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(failed)?;
+    if bytes.is_empty() {
+        return Ok(RangeBytes::PastEnd);
+    }
+    Ok(RangeBytes::Bytes(bytes))
+}
+
 fn content_range_start(headers: &reqwest::header::HeaderMap) -> Option<u64> {
     let value = headers.get(CONTENT_RANGE)?.to_str().ok()?;
     let range = value.strip_prefix("bytes ")?.split('/').next()?;
@@ -346,20 +578,89 @@ mod tests {
     }
 
     #[test]
-    fn allow_list() {
-        let hosts = vec!["CDN.example".into(), "10.0.0.1".into(), "0:0::1:1".into()];
-        let up = Upstream::new(hosts, Duration::from_secs(1)).unwrap();
-        let ok = |u: &str| up.is_allowed(&Url::parse(u).unwrap());
-        assert!(ok("http://127.0.0.1:9/x"));
-        assert!(ok("http://127.8.0.1/x"));
-        assert!(ok("http://[::1]:80/x"));
-        assert!(ok("http://LOCALHOST/x"));
+    fn only_listed_hosts_in_every_spelling_and_no_userinfo() {
+        let hosts = vec![
+            "CDN.example".into(),
+            "10.0.0.1".into(),
+            "0:0::1:1".into(),
+            "127.0.0.1:8123".into(),
+        ];
+        let up = Upstream::new(&hosts, LibraryFiles::new(), Duration::from_secs(1)).unwrap();
+        let ok = |u: &str| up.check(&Url::parse(u).unwrap()).is_ok();
         assert!(ok("https://cdn.example/x"));
         assert!(ok("http://10.0.0.1/x"));
         assert!(ok("http://[::1:1]/x"));
-        assert!(!ok("http://example.com/x"));
-        assert!(!ok("http://cdn.example.evil/x"));
-        assert!(!ok("http://10.0.0.2/x"));
-        assert!(!ok("http://0.0.0.0/x"));
+        assert!(ok("http://127.0.0.1:8123/x"));
+        // Loopback is not allowed by default, in any spelling, nor another listed host's port.
+        for refused in [
+            "http://127.0.0.1:9/x",
+            "http://127.0.0.1:8124/x",
+            "http://2130706433:8124/x",
+            "http://0x7f.1:9/x",
+            "http://127.1/x",
+            "http://[::1]:80/x",
+            "http://[::ffff:127.0.0.1]/x",
+            "http://LOCALHOST/x",
+            "http://example.com/x",
+            "http://cdn.example.evil/x",
+            "http://10.0.0.2/x",
+            "http://0.0.0.0/x",
+            "http://169.254.169.254/latest/meta-data/",
+            "ftp://cdn.example/x",
+            "library://local/not-a-track.mp3",
+        ] {
+            assert!(!ok(refused), "{refused} was allowed");
+        }
+        // The normalised numeric forms equal the listed address and port.
+        assert!(ok("http://2130706433:8123/x"));
+        assert!(ok("http://0x7f.1:8123/x"));
+        let err = up
+            .check(&Url::parse("https://user:pw@cdn.example/x").unwrap())
+            .unwrap_err();
+        assert!(matches!(err, UpstreamError::UserInfo(_)), "{err}");
+        assert!(!err.to_string().contains("pw"), "{err}");
+    }
+
+    #[test]
+    fn internal_addresses() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "::1",
+            "fc00::1",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+            "255.255.255.255",
+        ] {
+            assert!(is_internal(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["93.184.216.34", "2606:4700::1111", "8.8.8.8"] {
+            assert!(!is_internal(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_listed_name_that_resolves_to_loopback_is_refused_at_connect() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Upstream::new(
+            &["localhost".into()],
+            LibraryFiles::new(),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        let url = Url::parse(&format!("http://localhost:{port}/x.mp3")).unwrap();
+        let err = up
+            .fetch(&url, ByteRange { start: 0, end: 10 })
+            .await
+            .unwrap_err();
+        assert!(format!("{err:?}").contains("internal addresses"), "{err:?}");
+        listener.set_nonblocking(true).unwrap();
+        assert!(listener.accept().is_err(), "a connection was made");
     }
 }
