@@ -233,13 +233,13 @@ async fn next(socket: &mut Socket) -> Option<Message> {
         .map(Result::unwrap)
 }
 
-/// The close code the server ends with, skipping other messages; the `0x03` text if any.
+/// The close code the server ends with, skipping other messages; the `0x05` (error) text if any.
 async fn close_code(socket: &mut Socket) -> (Option<CloseCode>, String) {
     let mut error = String::new();
     loop {
         match next(socket).await {
             Some(Message::Close(frame)) => return (frame.map(|f| f.code), error),
-            Some(Message::Binary(data)) if data.first() == Some(&0x03) => {
+            Some(Message::Binary(data)) if data.first() == Some(&0x05) => {
                 error = String::from_utf8_lossy(&data[1..]).into_owned();
             }
             Some(_) => {}

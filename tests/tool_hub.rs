@@ -145,7 +145,7 @@ async fn tool_listing_follows_cursors_within_bounds() {
         |_| {},
     ))
     .await;
-    assert_eq!(count(&paged), 16, "every valid tool, over six pages");
+    assert_eq!(count(&paged), 17, "every valid tool, over six pages");
     let looping = ToolHub::start(&config(
         vec![("f", fixture(&["--tools-page-size", "3", "--cursor-loop"]))],
         |_| {},
@@ -466,6 +466,25 @@ async fn timeouts_and_cancellation_reach_the_server() {
         outcome.text
     );
     wait_for_file(&marker).await;
+}
+
+#[tokio::test]
+async fn an_answer_over_the_message_limit_is_named_as_such_and_the_server_goes_on() {
+    let hub = ToolHub::start(&config(vec![("fixture", fixture(&[]))], |t| {
+        t.call_timeout_ms = 1_000;
+        t.max_message_bytes = 65_536;
+    }))
+    .await;
+    let outcome = call(&hub, "huge", json!({"bytes": 200_000})).await;
+    assert!(outcome.is_error);
+    assert!(
+        outcome.text[0].contains("over the 65536-byte limit ([tools] max_message_bytes)"),
+        "{:?}",
+        outcome.text
+    );
+    let outcome = call(&hub, "huge", json!({"bytes": 1_000})).await;
+    assert!(!outcome.is_error, "{:?}", outcome.text);
+    assert_eq!(outcome.text[0].len(), 1_000);
 }
 
 /// The fixture writes its marker once it sees `notifications/cancelled`.

@@ -75,7 +75,8 @@ impl DuplexMcp {
 
     /// The tools with their input schemas, in [`TOOLS`] order.
     pub fn tools() -> Vec<Tool> {
-        let empty = Arc::new(JsonObject::new());
+        // No parameters: still a JSON Schema object (MCP spec, `Tool.inputSchema`).
+        let empty = crate::tools::hub::with_object_type(&Arc::new(JsonObject::new()));
         let tool = |name: &'static str, description: &'static str| {
             Tool::new(name, description, empty.clone())
         };
@@ -254,17 +255,36 @@ fn integer(args: &JsonObject, key: &str) -> Result<Option<i64>, String> {
 }
 
 impl ServerHandler for DuplexMcp {
+    /// `logging/setLevel` (MCP spec, "Logging"): accepted and recorded in the server's own log.
+    /// This server sends no `notifications/message`; its diagnostics go to its tracing log.
+    /// (SEP-2577 deprecates logging; clients of the spec versions before it still send this.)
+    #[allow(deprecated)]
+    async fn set_level(
+        &self,
+        request: rmcp::model::SetLevelRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        tracing::debug!(level = ?request.level, "MCP client set its logging level");
+        Ok(())
+    }
+
+    #[allow(deprecated)] // the logging capability, for clients before SEP-2577
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
-            .with_server_info(Implementation::new(
-                "voxloop-duplex",
-                env!("CARGO_PKG_VERSION"),
-            ))
-            .with_instructions(
-                "NVIDIA PersonaPlex, a full-duplex speech-to-speech model, with its GPU \
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_logging()
+                .build(),
+        )
+        .with_server_info(Implementation::new(
+            "voxloop-duplex",
+            env!("CARGO_PKG_VERSION"),
+        ))
+        .with_instructions(
+            "NVIDIA PersonaPlex, a full-duplex speech-to-speech model, with its GPU \
                  lifecycle: process_audio answers a recording offline; get_gpu_status, \
                  offload_gpu, release_gpu and update_gpu_timeout manage where the model lives.",
-            )
+        )
     }
 
     async fn list_tools(

@@ -10,7 +10,8 @@
 //! - WebSocket `/api/chat?voice_prompt=&text_prompt=&seed=`: binary messages, first byte the
 //!   kind: server `0x00` once the system prompts ran; both ways `0x01` + the next bytes of an
 //!   Ogg/Opus stream (24 kHz mono from the server); server `0x02` + UTF-8 text as the model says
-//!   it; server `0x03` + an error message before closing. A second conversation while one runs
+//!   it; server `0x05` + an error message before closing (moshi `rust/protocol.md`: `0x03` is a
+//!   control message, `0x05` an error; the official web client's `encoder.ts` reads them so). A second conversation while one runs
 //!   is closed with code 1013 "busy" (one conversation per model instance).
 //!
 //! Every route but `/health` is behind the [`Guard`] (credentials, rate limits, origin; see
@@ -41,8 +42,9 @@ pub mod kind {
     pub const AUDIO: u8 = 0x01;
     /// Server: text the model says.
     pub const TEXT: u8 = 0x02;
-    /// Server: an error message, before the socket closes.
-    pub const ERROR: u8 = 0x03;
+    /// Server: an error message, before the socket closes (moshi's protocol; `0x03` is its
+    /// control message, `0x04` metadata).
+    pub const ERROR: u8 = 0x05;
 }
 
 /// WebSocket close code "try again later" (IANA WebSocket close code registry, 1013): another
@@ -249,7 +251,7 @@ async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
         .await;
 }
 
-/// Sends `0x03` + the message, then closes with `code`.
+/// Sends `0x05` + the message, then closes with `code`.
 async fn fail(socket: &mut WebSocket, code: u16, error: &str) {
     let mut message = vec![kind::ERROR];
     message.extend_from_slice(error.as_bytes());

@@ -3,7 +3,11 @@
 //! tools called with a timeout and cancellation.
 
 use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderName, HeaderValue};
@@ -12,9 +16,10 @@ use rmcp::model::{
     CallToolRequestParams, CallToolResult, JsonObject, PaginatedRequestParams, Tool,
 };
 use rmcp::service::{Peer, RoleClient, RunningService, ServiceError};
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::async_rw::AsyncRwTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
-use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
-use tokio::io::AsyncBufReadExt as _;
+use tokio::io::{AsyncBufReadExt as _, AsyncRead, ReadBuf};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +41,16 @@ pub enum ConnectionError {
         tool: String,
         timeout: Duration,
     },
+    #[error(
+        "MCP server `{server}`: its answer to `{tool}` was a line of {bytes} bytes, over the {max}-byte limit ([tools] max_message_bytes), and was dropped"
+    )]
+    Oversized {
+        server: String,
+        tool: String,
+        /// The line's length as far as it was read.
+        bytes: u64,
+        max: usize,
+    },
     #[error("MCP server `{server}`: `{tool}` was cancelled")]
     Cancelled { server: String, tool: String },
     #[error("MCP server `{server}` closed the connection (it exited or hung up)")]
@@ -50,6 +65,50 @@ pub enum ConnectionError {
 
 type Client = RunningService<RoleClient, ()>;
 
+/// A started server: the MCP client, and the child process of a stdio server (killed when
+/// this is dropped).
+struct Running {
+    client: Client,
+    _child: Option<tokio::process::Child>,
+}
+
+/// The stdout of a stdio server, measured line by line: a line over `max` bytes (which rmcp's
+/// transport drops, so that its request would only time out) is noted in `oversized`, for the
+/// error of the request that waited for it.
+struct LineMeter<R> {
+    inner: R,
+    line: u64,
+    max: u64,
+    oversized: Arc<AtomicU64>,
+    server: String,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for LineMeter<R> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &poll {
+            for &byte in &buf.filled()[before..] {
+                if byte == b'\n' {
+                    if this.line > this.max {
+                        tracing::warn!(server = %this.server, bytes = this.line, max = this.max, "MCP server sent a message over [tools] max_message_bytes; dropped");
+                        this.oversized.store(this.line, Ordering::Relaxed);
+                    }
+                    this.line = 0;
+                } else {
+                    this.line += 1;
+                }
+            }
+        }
+        poll
+    }
+}
+
 /// A started session of a server: its peer, and which start it came from.
 #[derive(Clone)]
 pub struct Session {
@@ -59,7 +118,7 @@ pub struct Session {
 }
 
 struct State {
-    client: Option<Client>,
+    client: Option<Running>,
     /// Counts starts, so that a stale [`Session`] cannot tear down a newer one.
     generation: u64,
     /// Failed starts in a row, for the backoff.
@@ -75,6 +134,11 @@ pub struct Connection {
     call_timeout: Duration,
     restart_backoff: Duration,
     list_max_pages: u32,
+    /// Longest line read from a stdio server (`[tools] max_message_bytes`).
+    max_message_bytes: usize,
+    /// The length of the last oversized line a stdio server sent, 0 when none since the last
+    /// error that reported one.
+    oversized: Arc<AtomicU64>,
     state: Mutex<State>,
 }
 
@@ -88,6 +152,8 @@ impl Connection {
             call_timeout: Duration::from_millis(tools.call_timeout_ms),
             restart_backoff: Duration::from_millis(tools.restart_backoff_ms),
             list_max_pages: tools.list_max_pages,
+            max_message_bytes: tools.max_message_bytes,
+            oversized: Arc::default(),
             state: Mutex::new(State {
                 client: None,
                 generation: 0,
@@ -110,7 +176,7 @@ impl Connection {
     /// [`ConnectionError::Start`] or, inside the backoff window, [`ConnectionError::BackingOff`].
     pub async fn session(&self) -> Result<Session, ConnectionError> {
         let mut state = self.state.lock().await;
-        if let Some(client) = &state.client {
+        if let Some(Running { client, .. }) = &state.client {
             if !client.is_closed() && !client.peer().is_transport_closed() {
                 return Ok(Session {
                     peer: client.peer().clone(),
@@ -134,9 +200,9 @@ impl Connection {
             }
         }
         match tokio::time::timeout(self.start_timeout, self.start()).await {
-            Ok(Ok(client)) => {
-                let peer = client.peer().clone();
-                state.client = Some(client);
+            Ok(Ok(running)) => {
+                let peer = running.client.peer().clone();
+                state.client = Some(running);
                 state.generation += 1;
                 state.failures = 0;
                 state.last_failure = None;
@@ -168,24 +234,40 @@ impl Connection {
     pub async fn reconnect(&self, session: &Session) {
         let mut state = self.state.lock().await;
         if state.generation == session.generation
-            && let Some(mut client) = state.client.take()
+            && let Some(Running { mut client, .. }) = state.client.take()
         {
             let _ = client.close_with_timeout(Duration::from_secs(1)).await;
         }
     }
 
-    async fn start(&self) -> Result<Client, String> {
+    async fn start(&self) -> Result<Running, String> {
         if let Some(command) = &self.config.command {
             let mut cmd = tokio::process::Command::new(command);
-            cmd.args(&self.config.args).envs(&self.config.env);
+            cmd.args(&self.config.args)
+                .envs(&self.config.env)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true);
             if let Some(cwd) = &self.config.cwd {
                 cmd.current_dir(cwd);
             }
-            let (transport, stderr) = TokioChildProcess::builder(cmd)
-                .stderr(Stdio::piped())
+            let mut child = cmd
                 .spawn()
                 .map_err(|e| format!("cannot run {command:?}: {e}"))?;
-            if let Some(stderr) = stderr {
+            let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+                return Err(format!("{command:?}: no stdin or stdout pipe"));
+            };
+            let stdout = LineMeter {
+                inner: stdout,
+                line: 0,
+                max: self.max_message_bytes as u64,
+                oversized: self.oversized.clone(),
+                server: self.name.clone(),
+            };
+            let transport = AsyncRwTransport::<RoleClient, _, _>::new(stdout, stdin)
+                .with_max_line_length(self.max_message_bytes);
+            if let Some(stderr) = child.stderr.take() {
                 let server = self.name.clone();
                 tokio::spawn(async move {
                     let mut lines = tokio::io::BufReader::new(stderr).lines();
@@ -194,7 +276,11 @@ impl Connection {
                     }
                 });
             }
-            ().serve(transport).await.map_err(|e| e.to_string())
+            let client = ().serve(transport).await.map_err(|e| e.to_string())?;
+            Ok(Running {
+                client,
+                _child: Some(child),
+            })
         } else {
             let url = self.config.url.clone().unwrap_or_default();
             let mut headers = HashMap::new();
@@ -214,7 +300,29 @@ impl Connection {
             }
             let transport =
                 StreamableHttpClientTransport::with_client(reqwest::Client::new(), config);
-            ().serve(transport).await.map_err(|e| e.to_string())
+            let client = ().serve(transport).await.map_err(|e| e.to_string())?;
+            Ok(Running {
+                client,
+                _child: None,
+            })
+        }
+    }
+
+    /// The error of a request that got no answer in time: an oversized answer when the server
+    /// sent one since the last such error, else a timeout.
+    fn timeout_error(&self, tool: &str) -> ConnectionError {
+        match self.oversized.swap(0, Ordering::Relaxed) {
+            0 => ConnectionError::Timeout {
+                server: self.name.clone(),
+                tool: tool.to_string(),
+                timeout: self.call_timeout,
+            },
+            bytes => ConnectionError::Oversized {
+                server: self.name.clone(),
+                tool: tool.to_string(),
+                bytes,
+                max: self.max_message_bytes,
+            },
         }
     }
 
@@ -234,11 +342,7 @@ impl Connection {
                 .map(|c| PaginatedRequestParams::default().with_cursor(Some(c)));
             let page = tokio::time::timeout(self.call_timeout, peer.list_tools(params))
                 .await
-                .map_err(|_| ConnectionError::Timeout {
-                    server: self.name.clone(),
-                    tool: "tools/list".into(),
-                    timeout: self.call_timeout,
-                })?
+                .map_err(|_| self.timeout_error("tools/list"))?
                 .map_err(|e| self.service_error(e))?;
             tools.extend(page.tools);
             match page.next_cursor {
@@ -279,11 +383,7 @@ impl Connection {
                 .map(|c| PaginatedRequestParams::default().with_cursor(Some(c)));
             let page = tokio::time::timeout(self.call_timeout, peer.list_resources(params))
                 .await
-                .map_err(|_| ConnectionError::Timeout {
-                    server: self.name.clone(),
-                    tool: "resources/list".into(),
-                    timeout: self.call_timeout,
-                })?
+                .map_err(|_| self.timeout_error("resources/list"))?
                 .map_err(|e| self.service_error(e))?;
             for resource in page.resources {
                 let title = resource.title.clone().unwrap_or(resource.name.clone());
@@ -323,11 +423,7 @@ impl Connection {
             }
         };
         match result {
-            Err(_) => Err(ConnectionError::Timeout {
-                server: self.name.clone(),
-                tool: tool.to_string(),
-                timeout: self.call_timeout,
-            }),
+            Err(_) => Err(self.timeout_error(tool)),
             Ok(Ok(result)) => Ok(result),
             Ok(Err(e)) => {
                 if peer.is_transport_closed() || matches!(e, ServiceError::TransportClosed) {

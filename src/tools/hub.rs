@@ -496,6 +496,19 @@ fn assign_names(mut tools: Vec<ToolSpec>) -> Vec<ToolSpec> {
     tools
 }
 
+/// `schema` as MCP requires a tool's `inputSchema` to be: a JSON Schema object with `"type":
+/// "object"` (MCP spec, `Tool.inputSchema`; the official Python SDK refuses a whole
+/// `tools/list` otherwise). A schema without a `type` gets it; one with a type is kept as it is.
+pub fn with_object_type(schema: &Arc<JsonObject>) -> Arc<JsonObject> {
+    if schema.contains_key("type") {
+        return schema.clone();
+    }
+    let mut typed = (**schema).clone();
+    typed.insert("type".into(), json!("object"));
+    typed.entry("properties").or_insert_with(|| json!({}));
+    Arc::new(typed)
+}
+
 fn object_schema(properties: Value, required: &[&str]) -> Arc<JsonObject> {
     let schema = json!({"type": "object", "properties": properties, "required": required});
     Arc::new(schema.as_object().cloned().unwrap_or_default())
