@@ -66,6 +66,8 @@ pub struct Config {
     pub vad: VadConfig,
     /// `[device]`: the smart-speaker server (`voxloop serve`).
     pub device: DeviceConfig,
+    /// `[vision]`: the model that answers the device camera's questions.
+    pub vision: VisionConfig,
     /// `[auth]`: who may use each network surface (devices, the HTTP API, the duplex server).
     pub auth: AuthConfig,
     /// `[server]`: `voxloop serve`'s HTTP API and the request limits of every HTTP surface.
@@ -471,10 +473,32 @@ pub struct DeviceConfig {
     pub bind: String,
     /// The WebSocket endpoint's path.
     pub path: String,
-    /// The OTA endpoint's path (`POST`): where the firmware learns the WebSocket URL.
+    /// The OTA endpoint's path (`GET` or `POST`, with or without the trailing slash): where the
+    /// firmware learns the WebSocket URL and its token; `{ota_path}activate` is the activation
+    /// poll.
     pub ota_path: String,
-    /// The WebSocket URL the OTA endpoint gives devices; default `ws://{bind}{path}`.
+    /// The WebSocket URL the OTA endpoint gives devices; default `ws://{Host}{path}` from the
+    /// request's `Host` header (never a wildcard bind address).
     pub public_url: Option<String>,
+    /// Give a device unknown to the store an activation code (the owner approves it with
+    /// `voxloop devices approve CODE`); off: unknown devices get no token from OTA.
+    pub activation: bool,
+    /// The device store (activated devices and their tokens, pending activations); default
+    /// `~/.local/share/voxloop/devices.json`.
+    pub store: Option<PathBuf>,
+    /// How long an activation code waits for approval, seconds.
+    pub activation_ttl_s: u64,
+    /// Most activations waiting at once (the oldest are dropped first).
+    pub max_pending_activations: usize,
+    /// Hand the first of `[auth] tokens` to every OTA caller that has no token of its own. This
+    /// equals anonymous access to the device surface: anyone who can reach OTA gets a token.
+    pub ota_shared_token: bool,
+    /// Path of the vision endpoint the device's camera posts images to (`POST`, multipart
+    /// `question` + `file`), announced in device-MCP `initialize` as `capabilities.vision`.
+    pub vision_path: String,
+    /// Path of the admin endpoints for device activations (`GET` list, `POST {path}/approve`
+    /// `{code}`, `DELETE {path}/{device_id}`); admin role only.
+    pub admin_path: String,
     /// Firmware version the OTA endpoint offers.
     pub firmware_version: String,
     /// Firmware download URL the OTA endpoint offers (empty: none).
@@ -509,6 +533,13 @@ impl Default for DeviceConfig {
             path: "/xiaozhi/v1/".into(),
             ota_path: "/xiaozhi/ota/".into(),
             public_url: None,
+            activation: true,
+            store: None,
+            activation_ttl_s: 600,
+            max_pending_activations: 256,
+            ota_shared_token: false,
+            vision_path: "/xiaozhi/vision/explain".into(),
+            admin_path: "/xiaozhi/admin/devices".into(),
             firmware_version: "1.0.0".into(),
             firmware_url: String::new(),
             hello_timeout_ms: 10_000,
@@ -520,6 +551,39 @@ impl Default for DeviceConfig {
             mcp_request_timeout_ms: 5_000,
             mcp_max_list_pages: 16,
             wake_words: vec!["你好小智".into(), "hi esp".into(), "hey voxloop".into()],
+        }
+    }
+}
+
+/// `[vision]`: an OpenAI-compatible vision model (chat completions with an `image_url` part)
+/// that answers the questions a device's camera tool posts to `[device] vision_path`. No `url`:
+/// the endpoint answers that vision is not configured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VisionConfig {
+    /// Base URL of the API (`.../v1`); empty: no vision model.
+    pub url: String,
+    /// The model's name.
+    pub model: String,
+    /// Environment variable holding the API key, if the endpoint wants one.
+    pub api_key_env: Option<String>,
+    /// Time for the whole answer, ms.
+    pub timeout_ms: u64,
+    /// Largest image accepted, bytes (larger: HTTP 413).
+    pub max_image_bytes: usize,
+    /// Most tokens in the answer.
+    pub max_tokens: u32,
+}
+
+impl Default for VisionConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            model: String::new(),
+            api_key_env: None,
+            timeout_ms: 30_000,
+            max_image_bytes: 8 << 20,
+            max_tokens: 300,
         }
     }
 }
@@ -711,6 +775,9 @@ pub struct ToolsConfig {
     /// `tools/list` pages read at most per server (a server that keeps sending cursors is cut
     /// off there; a repeated cursor stops at once).
     pub list_max_pages: u32,
+    /// Longest message (one JSON-RPC line) read from a stdio MCP server, bytes; a longer one is
+    /// dropped and the request that waited for it fails naming this limit.
+    pub max_message_bytes: usize,
     /// Wait before restarting a server that died, doubled after each failed start, at most 30 s.
     pub restart_backoff_ms: u64,
     /// Bytes asked for per `resources/read` page of paged audio (DESIGN §3).
@@ -737,6 +804,7 @@ impl Default for ToolsConfig {
     fn default() -> Self {
         Self {
             call_timeout_ms: 60_000,
+            max_message_bytes: 16 << 20,
             start_timeout_ms: 30_000,
             list_max_pages: 50,
             restart_backoff_ms: 1_000,
@@ -765,8 +833,9 @@ pub struct MusicConfig {
     /// Optional TOML file of remote tracks (`[[track]]` with `title`, `artist`, `url`,
     /// `mime_type`, optional `size` in bytes). Their hosts are allowed as upstreams.
     pub catalog: Option<PathBuf>,
-    /// Upstream hosts allowed besides loopback (`127.0.0.0/8`, `::1`, `localhost`), as host names
-    /// or IP addresses, without port.
+    /// The only upstream hosts read (loopback included only when listed): host names or IP
+    /// addresses, each optionally with `:port`. A listed name that resolves to a loopback or
+    /// private address is refused unless that address is listed too.
     pub allow_hosts: Vec<String>,
     /// Time limit for one upstream range request, headers and body, in milliseconds.
     pub upstream_timeout_ms: u64,
@@ -949,11 +1018,19 @@ impl Config {
                 return Err(ConfigError::Invalid {
                     key: "music.allow_hosts".into(),
                     value: format!("{host:?}"),
-                    allowed: "a host name or IP address, without scheme, port or path".into(),
+                    allowed:
+                        "a host name or IP address, optionally with :port, without scheme or path"
+                            .into(),
                 });
             }
         }
         let t = &self.tools;
+        in_range(
+            "tools.max_message_bytes",
+            t.max_message_bytes,
+            1_024..=1_073_741_824,
+            "bytes",
+        )?;
         in_range(
             "tools.call_timeout_ms",
             t.call_timeout_ms,
@@ -1163,7 +1240,12 @@ impl Config {
                 allowed: "an address and port such as \"127.0.0.1:8000\"".into(),
             });
         }
-        for (key, path) in [("device.path", &d.path), ("device.ota_path", &d.ota_path)] {
+        for (key, path) in [
+            ("device.path", &d.path),
+            ("device.ota_path", &d.ota_path),
+            ("device.vision_path", &d.vision_path),
+            ("device.admin_path", &d.admin_path),
+        ] {
             if !path.starts_with('/') {
                 return Err(ConfigError::Invalid {
                     key: key.into(),
@@ -1220,6 +1302,39 @@ impl Config {
             1..=1_000,
             "pages",
         )?;
+        in_range(
+            "device.activation_ttl_s",
+            d.activation_ttl_s,
+            10..=86_400,
+            "seconds",
+        )?;
+        in_range(
+            "device.max_pending_activations",
+            d.max_pending_activations,
+            1..=100_000,
+            "activations",
+        )?;
+        if d.ota_shared_token && self.auth.tokens.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "device.ota_shared_token".into(),
+                value: "true".into(),
+                allowed: "false, or true with a token in [auth] tokens to hand out".into(),
+            });
+        }
+        let vision = &self.vision;
+        in_range(
+            "vision.max_image_bytes",
+            vision.max_image_bytes,
+            1_024..=67_108_864,
+            "bytes",
+        )?;
+        in_range(
+            "vision.timeout_ms",
+            vision.timeout_ms,
+            100..=600_000,
+            "milliseconds",
+        )?;
+        in_range("vision.max_tokens", vision.max_tokens, 1..=32_768, "tokens")?;
         let v = &self.vad;
         in_range("vad.threshold", v.threshold, 0.0..=1.0, "(a probability)")?;
         in_range(
@@ -1431,7 +1546,15 @@ fn check_origins(key: &str, origins: &[String]) -> Result<(), ConfigError> {
     }
 }
 
+/// A host name or IP address, optionally with `:port` (`[v6]:port` for IPv6).
 fn is_host(s: &str) -> bool {
+    if s.parse::<std::net::SocketAddr>().is_ok() {
+        return true;
+    }
+    let s = match s.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() && !host.contains(':') => host,
+        _ => s,
+    };
     s.parse::<std::net::IpAddr>().is_ok()
         || (!s.is_empty()
             && s.chars()

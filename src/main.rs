@@ -118,6 +118,10 @@ enum Command {
     /// Credentials for the network surfaces ([auth]).
     #[command(subcommand)]
     Auth(AuthCommand),
+    /// Smart speakers' activations ([device] store): approve the code a device shows, list,
+    /// revoke.
+    #[command(subcommand)]
+    Devices(DevicesCommand),
     /// The PersonaPlex co-host: full-duplex speech-to-speech (needs the model files, [duplex]).
     #[command(subcommand)]
     Duplex(DuplexCommand),
@@ -206,6 +210,23 @@ enum AuthCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum DevicesCommand {
+    /// Activated devices and the activations waiting for approval.
+    List,
+    /// Approve the activation whose code a device shows or speaks: the device gets its own
+    /// token at its next OTA check.
+    Approve {
+        /// The six-digit code.
+        code: String,
+    },
+    /// Revoke a device's activation: its token stops working (it must be activated again).
+    Revoke {
+        /// The device's id (its MAC address, the `Device-Id` header).
+        device_id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum ModelsCommand {
     /// Every model voxloop knows, where it looks for it and whether it is there.
     List,
@@ -256,6 +277,46 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     Ok(config)
 }
 
+/// `voxloop devices ...`: the device store of `[device] store`.
+fn devices(config: &Config, command: &DevicesCommand) -> anyhow::Result<ExitCode> {
+    let store = voxloop::device::server::device_store(config);
+    match command {
+        DevicesCommand::List => {
+            let data = store.snapshot()?;
+            println!("store: {}", store.path().display());
+            if data.devices.is_empty() && data.pending.is_empty() {
+                println!("no devices activated, none waiting");
+            }
+            for (id, device) in &data.devices {
+                println!(
+                    "activated  {id}  client {}  since {}",
+                    device.client_id, device.approved_at
+                );
+            }
+            for pending in &data.pending {
+                println!(
+                    "waiting    {}  client {}  code {}",
+                    pending.device_id, pending.client_id, pending.code
+                );
+            }
+        }
+        DevicesCommand::Approve { code } => {
+            let device = store.approve(code)?;
+            println!("activated {device}: it gets its token at its next OTA check");
+        }
+        DevicesCommand::Revoke { device_id } => {
+            if !store.revoke(device_id)? {
+                bail!(
+                    "device {device_id} is not activated ({})",
+                    store.path().display()
+                );
+            }
+            println!("revoked {device_id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> anyhow::Result<ExitCode> {
     voxloop::init_logging();
     let cli = Cli::parse();
@@ -287,6 +348,10 @@ fn main() -> anyhow::Result<ExitCode> {
             println!("role = \"{role}\"");
             println!("sha256 = \"{}\"", voxloop::api::auth::hash_key(&key));
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Devices(command) => {
+            let config = load_config(&cli)?;
+            devices(&config, command)
         }
         Command::Chat { text, output, json } => {
             let config = load_config(&cli)?;
@@ -542,6 +607,14 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     announce(&format!(
         "HTTP API: http://{api_addr} (/mcp, /v1/mcp/tools, /metrics, /ready)"
     ));
+    if config.device.activation {
+        announce(&format!(
+            "new devices show an activation code: approve it with `voxloop devices approve CODE` (store: {})",
+            voxloop::device::server::device_store(&config)
+                .path()
+                .display()
+        ));
+    }
     let stop = CancellationToken::new();
     let shutdown = |token: CancellationToken| async move { token.cancelled().await };
     let device = voxloop::device::server::serve(

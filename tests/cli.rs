@@ -101,3 +101,56 @@ fn music_server_flags_are_checked_like_config() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/music is not a directory"));
 }
+
+#[test]
+fn devices_are_listed_approved_and_revoked_from_the_command_line() {
+    use voxloop::device::activation::{DeviceStore, OtaGrant};
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = dir.path().join("devices.json");
+    let config = dir.path().join("voxloop.toml");
+    std::fs::write(
+        &config,
+        format!("[device]\nstore = {:?}\n", store_path.display().to_string()),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    // A device checked OTA and shows its code.
+    let store = DeviceStore::new(&store_path, 600, 16);
+    let OtaGrant::Pending(pending) = store.ota("aa:bb:cc:00:11:22", "client-1").unwrap() else {
+        panic!("a new device is pending");
+    };
+    let run = |args: &[&str]| {
+        let mut all = vec!["--config", config, "devices"];
+        all.extend_from_slice(args);
+        voxloop(&all)
+    };
+    let out = run(&["list"]);
+    assert!(out.status.success());
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.contains(&pending.code), "{listed}");
+    let out = run(&["approve", "999999x"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no pending activation"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["approve", &pending.code]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        store.ota("aa:bb:cc:00:11:22", "client-1").unwrap(),
+        OtaGrant::Activated {
+            token: pending.token.clone()
+        }
+    );
+    let out = run(&["list"]);
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.contains("activated  aa:bb:cc:00:11:22"), "{listed}");
+    assert!(!listed.contains(&pending.token), "tokens are not printed");
+    assert!(run(&["revoke", "aa:bb:cc:00:11:22"]).status.success());
+    assert!(!run(&["revoke", "aa:bb:cc:00:11:22"]).status.success());
+}

@@ -329,35 +329,326 @@ async fn idle_sessions_are_closed() {
     next_json(&mut device).await;
     let (code, reason) = close_of(&mut device).await;
     assert_eq!(u16::from(code), 1000);
-    assert_eq!(reason, "idle timeout");
+    assert!(reason.starts_with("idle timeout"), "{reason}");
+}
+
+#[tokio::test]
+async fn a_silent_device_is_closed_while_the_servers_pings_flow() {
+    let mut config = config();
+    config.device.idle_timeout_ms = 1_000;
+    config.device.ping_interval_ms = 150;
+    config.device.max_sessions_per_ip = 1;
+    let addr = serve(config).await;
+    let mut device = connect_device(addr, "1").await;
+    // A ping before the hello is a control frame, not a message: the session goes on.
+    device.send(Message::Ping(vec![1].into())).await.unwrap();
+    device.send(hello()).await.unwrap();
+    assert_eq!(next_json(&mut device).await["type"], "hello");
+    // The device neither reads (so answers no ping) nor speaks; the server pings six times.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // The close frame arrives, or (the pongs the client then owes hitting a closed socket) the
+    // connection is gone; either way within the timeout, and the slot is free again.
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(5), device.next())
+            .await
+            .expect("the session ends within 5 s");
+        match message {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                assert_eq!(u16::from(frame.code), 1000);
+                assert!(frame.reason.starts_with("idle timeout"), "{}", frame.reason);
+                break;
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => break,
+        }
+    }
+    drop(device);
+    let mut again = None;
+    for _ in 0..50 {
+        if let Ok(socket) = connect(addr, "", &device_headers_ref("1")).await {
+            again = Some(socket);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(again.is_some(), "the idle session's slot was not freed");
+}
+
+fn device_headers_ref(version: &str) -> Vec<(&'static str, &'static str)> {
+    device_headers(version)
+        .into_iter()
+        .map(|(n, v)| (n, &*v.leak()))
+        .collect()
+}
+
+const ADMIN_KEY: &str = "vxk_device_admin_for_tests";
+
+/// `config()` with its own device store and an admin API key.
+fn ota_config(dir: &tempfile::TempDir) -> Config {
+    let mut config = config();
+    config.device.store = Some(dir.path().join("devices.json"));
+    config.auth.api_keys = vec![voxloop::config::ApiKeyConfig {
+        name: "owner".into(),
+        role: voxloop::config::Role::Admin,
+        sha256: voxloop::api::auth::hash_key(ADMIN_KEY),
+    }];
+    config
+}
+
+/// The firmware's OTA check: `method` to `path`, with `Device-Id` and `Client-Id` when given.
+async fn ota_request(
+    addr: SocketAddr,
+    method: reqwest::Method,
+    path: &str,
+    device: Option<&str>,
+    client: &str,
+    body: &str,
+) -> (u16, Value) {
+    let mut request = reqwest::Client::new()
+        .request(method, format!("http://{addr}{path}"))
+        .header("client-id", client)
+        .body(body.to_string());
+    if let Some(device) = device {
+        request = request.header("device-id", device);
+    }
+    let answer = request.send().await.unwrap();
+    let status = answer.status().as_u16();
+    let text = answer.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+async fn ota(addr: SocketAddr, device: &str, client: &str) -> Value {
+    let (status, answer) = ota_request(
+        addr,
+        reqwest::Method::POST,
+        "/xiaozhi/ota/",
+        Some(device),
+        client,
+        "{}",
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    answer
+}
+
+/// Connects as `device` with `token`: the upgrade's HTTP status (101 when admitted).
+async fn connect_with(addr: SocketAddr, device: &str, token: &str) -> Result<Socket, u16> {
+    let auth = format!("Bearer {token}");
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("protocol-version", "1"),
+        ("device-id", device),
+        ("client-id", "c-1"),
+    ];
+    connect(addr, "", &headers).await.map_err(http_status)
 }
 
 #[tokio::test]
 async fn ota_tells_the_firmware_where_the_server_is() {
-    let mut config = config();
-    config.device.public_url = Some("ws://speaker-server.local:8000/xiaozhi/v1/".into());
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ota_config(&dir);
     config.device.firmware_version = "1.6.2".into();
-    let addr = serve(config).await;
-    // The firmware's OTA check: a POST with its Device-Id, answered in JSON.
-    let ota = async |device: &str| -> Value {
-        let answer = reqwest::Client::new()
-            .post(format!("http://{addr}/xiaozhi/ota/"))
-            .header("device-id", device)
-            .body("{}")
-            .send()
-            .await
-            .unwrap();
-        serde_json::from_str(&answer.text().await.unwrap()).unwrap()
-    };
-    let answer = ota("aa:bb:cc:dd:ee:ff").await;
+    let addr = serve(config.clone()).await;
+    let answer = ota(addr, "00:00:00:00:00:01", "c-1").await;
+    // No public_url: the URL is built from the Host the device used, never the bind address.
     assert_eq!(
-        answer["websocket"],
-        json!({"url": "ws://speaker-server.local:8000/xiaozhi/v1/", "token": "own-token"})
+        answer["websocket"]["url"],
+        format!("ws://{addr}/xiaozhi/v1/")
     );
     assert_eq!(answer["firmware"]["version"], "1.6.2");
     let now = chrono::Utc::now().timestamp_millis();
     assert!((answer["server_time"]["timestamp"].as_i64().unwrap() - now).abs() < 10_000);
-    // A device without its own token is not given the shared one.
-    let answer = ota("00:00:00:00:00:01").await;
-    assert_eq!(answer["websocket"]["token"], "");
+    // GET, and the path without its trailing slash, answer the same way.
+    for (method, path) in [
+        (reqwest::Method::GET, "/xiaozhi/ota/"),
+        (reqwest::Method::POST, "/xiaozhi/ota"),
+        (reqwest::Method::GET, "/xiaozhi/ota"),
+    ] {
+        let (status, again) = ota_request(
+            addr,
+            method.clone(),
+            path,
+            Some("00:00:00:00:00:01"),
+            "c-1",
+            "",
+        )
+        .await;
+        assert_eq!(status, 200, "{method} {path}: {again}");
+        assert_eq!(again["activation"]["code"], answer["activation"]["code"]);
+    }
+    // With public_url, that URL.
+    config.device.public_url = Some("ws://speaker-server.local:8000/xiaozhi/v1/".into());
+    let addr = serve(config).await;
+    let answer = ota(addr, "00:00:00:00:00:01", "c-1").await;
+    assert_eq!(
+        answer["websocket"]["url"],
+        "ws://speaker-server.local:8000/xiaozhi/v1/"
+    );
+}
+
+#[tokio::test]
+async fn ota_reveals_no_token_to_a_caller_that_only_names_a_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = serve(ota_config(&dir)).await;
+    // A device with a configured token of its own, and the shared token: neither is given out.
+    let answer = ota(addr, "aa:bb:cc:dd:ee:ff", "made-up").await;
+    let token = answer["websocket"]["token"].as_str().unwrap();
+    assert_ne!(token, "own-token");
+    assert_ne!(token, TOKEN);
+    assert_eq!(answer["activation"]["code"].as_str().unwrap().len(), 6);
+    // The token that came with the code opens only a session that speaks the code: the device
+    // must be approved first, and the configured device token still works.
+    assert!(
+        connect_with(addr, "aa:bb:cc:dd:ee:ff", "own-token")
+            .await
+            .is_ok()
+    );
+    // Bad OTA requests: clear 400s, and the server goes on.
+    for (device, body, needle) in [
+        (None, "{}", "Device-Id"),
+        (Some("aa:bb:cc:dd:ee:01"), "not json", "not JSON"),
+    ] {
+        let (status, answer) = ota_request(
+            addr,
+            reqwest::Method::POST,
+            "/xiaozhi/ota/",
+            device,
+            "c",
+            body,
+        )
+        .await;
+        assert_eq!(status, 400, "{answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains(needle),
+            "{answer}"
+        );
+    }
+    ota(addr, "aa:bb:cc:dd:ee:01", "c").await;
+}
+
+#[tokio::test]
+async fn activation_end_to_end_code_approve_token_connect_revoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = serve(ota_config(&dir)).await;
+    let device = "12:34:56:78:9a:bc";
+    let first = ota(addr, device, "c-1").await;
+    let code = first["activation"]["code"].as_str().unwrap().to_string();
+    let challenge = first["activation"]["challenge"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = first["websocket"]["token"].as_str().unwrap().to_string();
+    assert!(!token.is_empty());
+    let http = reqwest::Client::new();
+    let poll = async |client: &str| -> u16 {
+        http.post(format!("http://{addr}/xiaozhi/ota/activate"))
+            .header("device-id", device)
+            .header("client-id", client)
+            .json(&json!({"challenge": challenge, "serial_number": "", "hmac": ""}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(poll("c-1").await, 202, "waiting for the owner");
+    assert_eq!(poll("someone-else").await, 404);
+    // The pending token opens a session (which only speaks the code).
+    let mut pending = connect_with(addr, device, &token).await.unwrap();
+    pending.send(hello()).await.unwrap();
+    assert_eq!(next_json(&mut pending).await["type"], "hello");
+    // Approval needs the admin role.
+    let approve = async |key: &str, code: &str| {
+        http.post(format!("http://{addr}/xiaozhi/admin/devices/approve"))
+            .bearer_auth(key)
+            .json(&json!({"code": code}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(
+        approve(TOKEN, &code).await,
+        401,
+        "a device token is no admin credential"
+    );
+    assert_eq!(approve(ADMIN_KEY, "000000x").await, 404);
+    assert_eq!(approve(ADMIN_KEY, &code).await, 200);
+    assert_eq!(poll("c-1").await, 200, "activated");
+    let listed: Value = http
+        .get(format!("http://{addr}/xiaozhi/admin/devices"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["devices"][0]["device_id"], device);
+    assert!(
+        !listed.to_string().contains(&token),
+        "the list shows no token"
+    );
+    // The next OTA check of the same client gets the token and no activation.
+    let again = ota(addr, device, "c-1").await;
+    assert_eq!(again["websocket"]["token"], token.as_str());
+    assert!(again.get("activation").is_none(), "{again}");
+    // Another caller naming the device gets a code of its own, not the token.
+    let spoofed = ota(addr, device, "c-2").await;
+    assert_ne!(spoofed["websocket"]["token"], token.as_str());
+    assert!(spoofed["activation"]["code"].is_string());
+    let mut session = connect_with(addr, device, &token).await.unwrap();
+    session.send(hello()).await.unwrap();
+    assert_eq!(next_json(&mut session).await["type"], "hello");
+    // The token belongs to this device only.
+    assert_eq!(
+        connect_with(addr, "12:34:56:78:9a:bd", &token).await.err(),
+        Some(401)
+    );
+    // Revoked: refused from then on.
+    let revoked = http
+        .delete(format!("http://{addr}/xiaozhi/admin/devices/{device}"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status().as_u16(), 200);
+    assert_eq!(connect_with(addr, device, &token).await.err(), Some(401));
+}
+
+#[tokio::test]
+async fn ota_is_rate_limited_per_ip_and_the_shared_token_is_an_opt_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ota_config(&dir);
+    config.server.rate_per_ip = 5;
+    let addr = serve(config.clone()).await;
+    let mut statuses = Vec::new();
+    for i in 0..8 {
+        let (status, _) = ota_request(
+            addr,
+            reqwest::Method::POST,
+            "/xiaozhi/ota/",
+            Some(&format!("00:00:00:00:01:{i:02}")),
+            "c",
+            "{}",
+        )
+        .await;
+        statuses.push(status);
+    }
+    assert_eq!(&statuses[..5], &[200; 5]);
+    assert!(statuses[5..].iter().all(|s| *s == 429), "{statuses:?}");
+
+    config.server.rate_per_ip = 1200;
+    config.device.ota_shared_token = true;
+    let addr = serve(config).await;
+    let answer = ota(addr, "00:00:00:00:02:01", "c").await;
+    assert_eq!(answer["websocket"]["token"], TOKEN);
+    assert!(answer.get("activation").is_none());
+    // A device with a token of its own is never handed the shared one... nor its own.
+    let answer = ota(addr, "aa:bb:cc:dd:ee:ff", "c").await;
+    assert_ne!(answer["websocket"]["token"], "own-token");
 }

@@ -1,8 +1,9 @@
 //! A device's conversation through the device server, with a device simulator
 //! (tokio-tungstenite, Opus through libopus) speaking each protocol version: hello, listen
-//! start, the Opus frames of a spoken command from assets/speech, then `stt`, `tts start`,
-//! `sentence_start`, paced Opus frames (decoded: not silent; never more than the lead plus one
-//! frame ahead of real time) and `tts stop`; and `abort` in mid-reply. Real whisper (base, the
+//! start, the Opus frames of a spoken command from assets/speech, then `stt`, `llm {emotion}`,
+//! `tts start`, `sentence_start`, paced Opus frames (decoded: not silent; never more than the
+//! lead plus one frame ahead of real time) and `tts stop`; and `abort` in mid-reply; the
+//! camera's vision endpoint. Real whisper (base, the
 //! model scripts/test fetches), real espeak-ng, a scripted OpenAI-compatible endpoint.
 
 mod common;
@@ -253,7 +254,10 @@ async fn a_spoken_command_gets_stt_and_a_paced_spoken_reply_in_every_version() {
             .collect();
         assert_eq!(kinds[0], "stt ", "{texts:?}");
         assert!(heard(&texts[0]).contains("what time"), "{texts:?}");
-        assert_eq!(kinds[1], "tts start", "{texts:?}");
+        // The reply's mood for the display (the firmware expects one with each reply).
+        assert_eq!(kinds[1], "llm ", "{texts:?}");
+        assert_eq!(texts[1]["emotion"], "neutral");
+        assert_eq!(kinds[2], "tts start", "{texts:?}");
         assert_eq!(kinds.last().unwrap(), "tts stop");
         let sentences: Vec<&str> = texts
             .iter()
@@ -445,14 +449,19 @@ async fn device_mcp(socket: &mut Socket, payload: &Value, answer_calls: bool) ->
 }
 
 /// Answers the server's device-side MCP discovery: until the last `tools/list` page is sent.
-async fn answer_discovery(socket: &mut Socket) {
+/// Returns the `initialize` request's params.
+async fn answer_discovery(socket: &mut Socket) -> Value {
     let mut methods = Vec::new();
+    let mut initialize = Value::Null;
     while methods.len() < 4 {
         let Event::Json(v) = next(socket).await else {
             panic!("audio before the device's tools were listed");
         };
         assert_eq!(v["type"], "mcp", "{v}");
         methods.push(v["payload"]["method"].as_str().unwrap().to_string());
+        if v["payload"]["method"] == "initialize" {
+            initialize = v["payload"]["params"].clone();
+        }
         device_mcp(socket, &v["payload"], true).await;
     }
     assert_eq!(
@@ -464,6 +473,7 @@ async fn answer_discovery(socket: &mut Socket) {
             "tools/list"
         ]
     );
+    initialize
 }
 
 /// Until `tts stop`: answers device MCP; returns the tool calls' params and the sentences.
@@ -522,6 +532,8 @@ async fn the_llm_calls_the_devices_own_tools_over_device_side_mcp() {
     ] {
         assert!(offered.contains(&name), "{name} not in {offered:?}");
     }
+    // One volume: the device's speaker; voxloop's own PCM gain is not offered beside it.
+    assert!(!offered.contains(&"set_volume"), "{offered:?}");
     let request = requests[0]["messages"].as_array().unwrap().last().unwrap()["content"]
         .as_str()
         .unwrap()
@@ -618,4 +630,164 @@ async fn listen_detect_text_is_a_request_unless_it_is_the_wake_word() {
         .unwrap()
         .clone();
     assert_eq!(last["content"], "Tell me a joke");
+}
+
+/// An OpenAI-compatible vision endpoint: answers "A red mug on a desk." and keeps the requests.
+async fn scripted_vision() -> (String, Arc<Mutex<Vec<Value>>>) {
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let seen = requests.clone();
+    let router = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move |body: axum::Json<Value>| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().push(body.0);
+                axum::Json(json!({"choices": [{"index": 0, "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": "A red mug on a desk."}}]}))
+            }
+        }),
+    );
+    (format!("{}/v1", serve_loopback(router).await), requests)
+}
+
+/// A multipart body as the firmware's camera sends it: `question`, then the image as `file`.
+fn camera_form(question: &str, image: Option<Vec<u8>>) -> reqwest::multipart::Form {
+    let mut form = reqwest::multipart::Form::new().text("question", question.to_string());
+    if let Some(image) = image {
+        let part = reqwest::multipart::Part::bytes(image)
+            .file_name("camera.jpg")
+            .mime_str("image/jpeg")
+            .unwrap();
+        form = form.part("file", part);
+    }
+    form
+}
+
+#[tokio::test]
+async fn the_camera_posts_to_the_vision_endpoint_announced_in_initialize() {
+    let (vision_url, vision_requests) = scripted_vision().await;
+    let (addr, _) = serve_with(vec![Reply::Words("Hello.")], |c| {
+        c.vision.url = vision_url;
+        c.vision.model = "scripted-vision".into();
+        c.vision.max_image_bytes = 1 << 20;
+    })
+    .await;
+    let mut socket = device_with(addr, ProtocolVersion::V1, true).await;
+    let initialize = answer_discovery(&mut socket).await;
+    let url = initialize["capabilities"]["vision"]["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = initialize["capabilities"]["vision"]["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(url, format!("http://{addr}/xiaozhi/vision/explain"));
+    let http = reqwest::Client::new();
+    let jpeg = vec![0xff, 0xd8, 0xff, 0xe0, 1, 2, 3, 4, 0xff, 0xd9];
+    let post = |token: Option<&str>, form: reqwest::multipart::Form| {
+        let mut request = http.post(&url).multipart(form);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, answer) = post(
+        Some(&token),
+        camera_form("What is on the desk?", Some(jpeg.clone())),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["success"], true);
+    assert_eq!(answer["response"], "A red mug on a desk.");
+    let sent = vision_requests.lock().unwrap()[0].clone();
+    assert_eq!(sent["model"], "scripted-vision");
+    let content = &sent["messages"][0]["content"];
+    assert_eq!(content[0]["text"], "What is on the desk?");
+    assert!(
+        content[1]["image_url"]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("data:image/jpeg;base64,/9j/"),
+        "{sent}"
+    );
+    // Bad input: a clear 4xx each, and the session is not disturbed.
+    let (status, answer) = post(None, camera_form("x", Some(jpeg.clone()))).await;
+    assert_eq!(status, 401, "{answer}");
+    let (status, answer) = post(Some("vxv_made_up"), camera_form("x", Some(jpeg.clone()))).await;
+    assert_eq!(status, 401, "{answer}");
+    let (status, answer) = post(Some(&token), camera_form("x", None)).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("no image"),
+        "{answer}"
+    );
+    let (status, answer) = post(Some(&token), camera_form("x", Some(vec![7u8; 20 << 20]))).await;
+    assert_eq!(status, 413, "{answer}");
+    assert_eq!(vision_requests.lock().unwrap().len(), 1);
+    socket
+        .send(Message::text(
+            json!({"type": "listen", "state": "detect", "text": "hello there"}).to_string(),
+        ))
+        .await
+        .unwrap();
+    let (_, sentences) = converse_with_mcp(&mut socket, true).await;
+    assert_eq!(sentences, ["Hello."]);
+    // The token dies with the session.
+    socket.close(None).await.unwrap();
+    drop(socket);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, _) = post(Some(&token), camera_form("x", Some(jpeg))).await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn without_a_vision_model_the_camera_gets_a_clear_503() {
+    let (addr, _) = serve_with(vec![Reply::Words("Hello.")], |_| {}).await;
+    let mut socket = device_with(addr, ProtocolVersion::V1, true).await;
+    let initialize = answer_discovery(&mut socket).await;
+    let vision = &initialize["capabilities"]["vision"];
+    let response = reqwest::Client::new()
+        .post(vision["url"].as_str().unwrap())
+        .bearer_auth(vision["token"].as_str().unwrap())
+        .multipart(camera_form("x", Some(vec![0xff, 0xd8, 0xff, 0xd9])))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    let answer: Value = response.json().await.unwrap();
+    assert!(
+        answer["error"].as_str().unwrap().contains("[vision] url"),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn playing_a_track_shows_its_title_as_the_sentence() {
+    let replies = vec![
+        Reply::Call("musicPlayer", json!({"query": "horizon"})),
+        Reply::Words("Enjoy."),
+    ];
+    let (addr, _) = serve_with(replies, |_| {}).await;
+    let mut socket = device(addr, ProtocolVersion::V1).await;
+    let detect = json!({"type": "listen", "state": "detect", "text": "play just over the horizon"});
+    socket
+        .send(Message::text(detect.to_string()))
+        .await
+        .unwrap();
+    let title = loop {
+        if let Event::Json(v) = next(&mut socket).await
+            && v["type"] == "tts"
+            && v["state"] == "sentence_start"
+        {
+            break v["text"].as_str().unwrap().to_string();
+        }
+    };
+    assert!(title.to_lowercase().contains("horizon"), "{title}");
+    let abort = json!({"type": "abort", "reason": "wake_word_detected"});
+    socket.send(Message::text(abort.to_string())).await.unwrap();
 }

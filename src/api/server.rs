@@ -98,7 +98,7 @@ impl Runtime {
                 let tool = Tool::new(
                     spec.name.clone(),
                     spec.description.clone(),
-                    spec.input_schema.clone(),
+                    crate::tools::hub::with_object_type(&spec.input_schema),
                 );
                 (tool, Source::Hub)
             })

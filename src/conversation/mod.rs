@@ -193,13 +193,36 @@ impl Conversation {
     }
 
     /// Every tool offered to the LLM, in OpenAI's function-tool form: the hub's, then the
-    /// device's.
+    /// device's. When the device offers its speaker's volume
+    /// (`self.audio_speaker.set_volume`), the built-in `set_volume` (a gain on the PCM voxloop
+    /// sends) is left out: one volume, one tool.
     pub fn function_tools(&self) -> Vec<Value> {
         let mut tools = self.hub.function_tools();
         if let Some((_, device)) = &self.device {
+            if device
+                .iter()
+                .any(|t| t.tool.ends_with("audio_speaker.set_volume"))
+            {
+                tools.retain(|t| {
+                    let name = t["function"]["name"].as_str().unwrap_or_default();
+                    !(name == "set_volume" && self.hub.is_builtin(name))
+                });
+            }
             tools.extend(device.iter().map(ToolSpec::function_tool));
         }
         tools
+    }
+
+    /// Speaks `text` sentence by sentence, as the assistant (no model, no tools, no history):
+    /// a message such as a device's activation code.
+    pub async fn say(&self, text: &str) {
+        self.queue.new_turn().await;
+        let mut splitter = crate::pipeline::sentence::SentenceSplitter::default();
+        let mut sentences = splitter.push(text);
+        sentences.extend(splitter.finish());
+        for sentence in sentences {
+            self.speak(&sentence).await;
+        }
     }
 
     /// One round's calls, concurrently; outcomes in call order. A device tool's call goes over

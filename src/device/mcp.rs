@@ -162,17 +162,27 @@ impl DeviceMcp {
         }
     }
 
-    /// `initialize`, `notifications/initialized`, then `tools/list` page after page (at most
-    /// `max_pages`). The tools come back as offered to the LLM.
+    /// `initialize` (with `capabilities.vision {url, token}` when `vision` gives them: where the
+    /// device's camera tool posts images, as the firmware and the xiaozhi-sdk expect),
+    /// `notifications/initialized`, then `tools/list` page after page (at most `max_pages`).
+    /// The tools come back as offered to the LLM.
     ///
     /// # Errors
     /// A request that fails (see [`DeviceMcp::request`]) or a `tools/list` result without a
     /// `tools` array.
-    pub async fn discover(&self, max_pages: u32) -> Result<Vec<ToolSpec>, String> {
+    pub async fn discover(
+        &self,
+        max_pages: u32,
+        vision: Option<(&str, &str)>,
+    ) -> Result<Vec<ToolSpec>, String> {
         let never = CancellationToken::new();
+        let capabilities = match vision {
+            Some((url, token)) => json!({"vision": {"url": url, "token": token}}),
+            None => json!({}),
+        };
         let params = json!({
             "protocolVersion": PROTOCOL_VERSION,
-            "capabilities": {},
+            "capabilities": capabilities,
             "clientInfo": {"name": "voxloop", "version": env!("CARGO_PKG_VERSION")},
         });
         self.request("initialize", params, &never).await?;

@@ -2,9 +2,12 @@
 //!
 //! [`protocol`] holds the messages and the binary framing of protocol versions 1 to 3;
 //! [`server`] the WebSocket and OTA endpoints, the hello, session limits and keep-alive;
-//! [`session`] a device's conversation; [`mcp`] the MCP client that reaches the device's tools.
+//! [`session`] a device's conversation; [`mcp`] the MCP client that reaches the device's tools;
+//! [`activation`] how devices get their own tokens; [`vision`] the camera's vision endpoint.
 
+pub mod activation;
 pub mod mcp;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod vision;

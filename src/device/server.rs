@@ -24,11 +24,15 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio::sync::mpsc;
 
+use super::activation::{
+    ActivateState, DeviceStore, OtaGrant, StoreError, TokenState, default_store_path,
+};
 use super::protocol::{
     AudioParams, BinaryFrame, DeviceMessage, ListenState, ProtocolVersion, ServerMessage,
 };
-use super::session::{Assistant, DeviceConversation};
-use crate::api::Guard;
+use super::session::{Assistant, DeviceConversation, SessionOptions};
+use super::vision::Vision;
+use crate::api::{Guard, Principal, Role};
 use crate::config::{Config, DeviceConfig};
 
 /// Close code: policy violation (RFC 6455 §7.4.1).
@@ -65,8 +69,12 @@ struct ServerState {
     next_session: AtomicU64,
     /// Downlink audio format announced in the server hello.
     downlink: AudioParams,
-    /// Per-device tokens, for the OTA answer.
-    device_tokens: std::collections::BTreeMap<String, String>,
+    /// The token OTA hands to every caller without one, when `ota_shared_token` is on.
+    shared_token: Option<String>,
+    /// Activated devices and pending activations.
+    store: Arc<DeviceStore>,
+    /// The camera's vision endpoint and the sessions' tokens for it.
+    vision: Arc<Vision>,
     /// The conversation behind each session; `None` answers the protocol only.
     assistant: Option<Assistant>,
 }
@@ -133,29 +141,74 @@ fn field(
         .or_else(|| query.get(param).cloned())
 }
 
-/// The device server's routes: the WebSocket endpoint at `device.path` and the OTA endpoint at
-/// `device.ota_path`. Each session holds a conversation with `assistant`; without one, sessions
-/// answer the protocol only (hello, limits, errors) and ignore audio. Serve with
-/// `into_make_service_with_connect_info::<SocketAddr>()`.
-pub fn router(config: &Config, assistant: Option<Assistant>, guard: Arc<Guard>) -> Router {
+/// The device store of `config` (`[device] store`, else the default path).
+pub fn device_store(config: &Config) -> Arc<DeviceStore> {
+    let device = &config.device;
+    Arc::new(DeviceStore::new(
+        device.store.clone().unwrap_or_else(default_store_path),
+        device.activation_ttl_s,
+        device.max_pending_activations,
+    ))
+}
+
+/// The device server's routes: the WebSocket endpoint at `device.path`, the OTA endpoint at
+/// `device.ota_path` (`GET` or `POST`, with or without the trailing slash) and its activation
+/// poll at `{ota_path}activate`, the camera's vision endpoint at `device.vision_path`, and the
+/// admin endpoints of activations at `device.admin_path`. Each session holds a conversation
+/// with `assistant`; without one, sessions answer the protocol only (hello, limits, errors) and
+/// ignore audio. `guard` should know `store`'s tokens ([`crate::api::Auth::with_device_store`]).
+/// Serve with `into_make_service_with_connect_info::<SocketAddr>()`.
+pub fn router(
+    config: &Config,
+    assistant: Option<Assistant>,
+    guard: Arc<Guard>,
+    store: Arc<DeviceStore>,
+) -> Router {
+    let vision = Vision::new(config.vision.clone());
     let state = Arc::new(ServerState {
         device: config.device.clone(),
         guard,
         sessions: Mutex::new(HashMap::new()),
         next_session: AtomicU64::new(1),
-        device_tokens: config.auth.device_tokens.clone(),
+        shared_token: config
+            .device
+            .ota_shared_token
+            .then(|| config.auth.tokens.first().cloned())
+            .flatten(),
+        store,
         downlink: AudioParams {
             format: "opus".into(),
             sample_rate: config.audio.device_rate,
             channels: 1,
             frame_duration: config.audio.device_frame_ms,
         },
+        vision: vision.clone(),
         assistant,
     });
-    Router::new()
+    let ota_path = config.device.ota_path.clone();
+    let ota_bare = ota_path.trim_end_matches('/').to_string();
+    let activate = format!("{ota_bare}/activate");
+    let admin = config.device.admin_path.trim_end_matches('/').to_string();
+    let mut router = Router::new()
         .route(&config.device.path, get(upgrade))
-        .route(&config.device.ota_path, post(ota))
-        .with_state(state)
+        .route(&format!("{ota_bare}/"), get(ota).post(ota))
+        .route(&activate, post(activate_poll))
+        .route(&admin, get(admin_list))
+        .route(&format!("{admin}/approve"), post(admin_approve))
+        .route(
+            &format!("{admin}/{{device_id}}"),
+            axum::routing::delete(admin_revoke),
+        );
+    if !ota_bare.is_empty() {
+        router = router.route(&ota_bare, get(ota).post(ota));
+    }
+    let vision_routes = Router::new()
+        .route(&config.device.vision_path, post(super::vision::explain))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            vision.max_body_bytes(),
+        ))
+        .with_state(vision);
+    router.with_state(state).merge(vision_routes)
 }
 
 async fn upgrade(
@@ -190,6 +243,18 @@ async fn upgrade(
         }
     };
     tracing::debug!(%peer, caller = %principal.name, "device admitted");
+    // A pending activation's token opens a session that only speaks the code.
+    let activation_code = match (
+        &device_id,
+        crate::api::auth::credential(&headers, uri.query()),
+    ) {
+        (Some(id), Some(token)) => match state.store.token_state(id, &token) {
+            Ok(TokenState::Pending { code }) => Some(code),
+            _ => None,
+        },
+        _ => None,
+    };
+    let vision = vision_url(&state.device, &headers);
     let info = DeviceInfo {
         device_id,
         client_id: field(&headers, &query, "client-id", "client-id"),
@@ -210,38 +275,304 @@ async fn upgrade(
             use tracing::Instrument as _;
             async move {
                 let _active = crate::metrics::get().session("device");
-                session(socket, info, state, session_id).await;
+                let grant = match state.vision.grant(&session_id) {
+                    Ok(grant) => Some(grant),
+                    Err(e) => {
+                        tracing::error!(error = %e, "no vision token");
+                        None
+                    }
+                };
+                let options = SessionOptions {
+                    activation_code,
+                    vision: vision.zip(grant.as_ref().map(|g| g.token.clone())),
+                };
+                session(socket, info, state, session_id, options).await;
+                drop(grant);
                 drop(slot);
             }
             .instrument(span)
         })
 }
 
-/// What the firmware's OTA check expects (xiaozhi-esp32 `docs/`): where the WebSocket server
-/// is and with which token, the server time, and the firmware on offer. The token is the one
-/// configured for the asking `Device-Id`, if any (a device id is a MAC address and can be
-/// spoofed: do not expose this endpoint beyond the devices' network).
-async fn ota(State(state): State<Arc<ServerState>>, headers: HeaderMap) -> Json<serde_json::Value> {
-    let device = &state.device;
-    let url = device
+/// `{status: "error", error}` with `status`, counted as a refusal of the device surface.
+fn refuse(status: StatusCode, error: impl std::fmt::Display) -> Response {
+    crate::api::refuse("device", status, error)
+}
+
+/// A header's value, trimmed; `None` when absent, not text or empty.
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+}
+
+fn store_failed(e: StoreError) -> Response {
+    tracing::error!(error = %e, "device store");
+    refuse(StatusCode::INTERNAL_SERVER_ERROR, e)
+}
+
+/// `http(s)://` or `ws(s)://` + the `Host` the client used, for URLs the server hands out
+/// (never a wildcard bind address). `None` without a usable `Host`.
+fn from_host(headers: &HeaderMap, scheme: &str, path: &str) -> Option<String> {
+    let host = headers.get("host")?.to_str().ok()?.trim();
+    let valid = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-:[]_".contains(c));
+    valid.then(|| format!("{scheme}://{host}{path}"))
+}
+
+/// The WebSocket URL OTA gives devices: `public_url`, else from the request's `Host`.
+fn websocket_url(device: &DeviceConfig, headers: &HeaderMap) -> Option<String> {
+    device
         .public_url
         .clone()
-        .unwrap_or_else(|| format!("ws://{}{}", device.bind, device.path));
-    let token = headers
-        .get("device-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|id| state.device_tokens.get(id))
-        .cloned()
-        .unwrap_or_default();
+        .or_else(|| from_host(headers, "ws", &device.path))
+}
+
+/// The vision endpoint's URL for a session: beside `public_url` (same host, `ws` -> `http`),
+/// else from the upgrade request's `Host`.
+fn vision_url(device: &DeviceConfig, headers: &HeaderMap) -> Option<String> {
+    if let Some(public) = &device.public_url
+        && let Ok(mut url) = url::Url::parse(public)
+    {
+        let scheme = if url.scheme() == "wss" {
+            "https"
+        } else {
+            "http"
+        };
+        if url.set_scheme(scheme).is_ok() {
+            url.set_path(&device.vision_path);
+            url.set_query(None);
+            return Some(url.to_string());
+        }
+    }
+    from_host(headers, "http", &device.vision_path)
+}
+
+/// What the firmware's OTA check expects (xiaozhi-esp32 `main/ota.cc`; the PyPI `xiaozhi-sdk`
+/// reads the same): `websocket {url, token}`, `server_time`, `firmware {version, url}`, and
+/// for a device that must be activated, `activation {code, message, challenge, timeout_ms}`.
+/// The token is the device's own once activated and asked for by the client it was activated
+/// with; a pending activation's otherwise ([`super::activation`]); with `ota_shared_token`, the
+/// shared token for devices without one. `Device-Id` is required (400), a `POST` body must be
+/// JSON when present (400); calls count against the per-IP rate limit (429).
+async fn ota(
+    State(state): State<Arc<ServerState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(refusal) = state.guard.check_ip(peer.ip()) {
+        return *refusal;
+    }
+    if !body.iter().all(u8::is_ascii_whitespace)
+        && serde_json::from_slice::<serde_json::Value>(&body).is_err()
+    {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "the OTA request body is not JSON (the firmware sends its board information)",
+        );
+    }
+    let Some(device_id) = header(&headers, "device-id") else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "the Device-Id header (the device's MAC address) is required",
+        );
+    };
+    let client_id = header(&headers, "client-id").unwrap_or_default();
+    let device = &state.device;
+    let Some(url) = websocket_url(device, &headers) else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "no Host header to build the WebSocket URL from; set [device] public_url",
+        );
+    };
     let now = chrono::Local::now();
-    Json(json!({
-        "websocket": {"url": url, "token": token},
+    let mut answer = json!({
+        "websocket": {"url": url, "token": ""},
         "server_time": {
             "timestamp": now.timestamp_millis(),
             "timezone_offset": now.offset().local_minus_utc() / 60,
         },
         "firmware": {"version": device.firmware_version, "url": device.firmware_url},
-    }))
+    });
+    let activated = match state.store.snapshot() {
+        Ok(data) => data
+            .devices
+            .get(&device_id)
+            .is_some_and(|d| d.client_id == client_id),
+        Err(e) => return store_failed(e),
+    };
+    if !activated && let Some(shared) = &state.shared_token {
+        answer["websocket"]["token"] = json!(shared);
+        return Json(answer).into_response();
+    }
+    if !activated && !device.activation {
+        tracing::info!(device = %device_id, "OTA: unknown device; activation is off");
+        return Json(answer).into_response();
+    }
+    match state.store.ota(&device_id, &client_id) {
+        Ok(OtaGrant::Activated { token }) => {
+            answer["websocket"]["token"] = json!(token);
+        }
+        Ok(OtaGrant::Pending(pending)) => {
+            tracing::info!(device = %device_id, code = %pending.code, "OTA: activation pending; approve with `voxloop devices approve {}`", pending.code);
+            answer["websocket"]["token"] = json!(pending.token);
+            answer["activation"] = json!({
+                "code": pending.code,
+                "message": activation_message(&pending.code),
+                "challenge": pending.challenge,
+                "timeout_ms": 30_000,
+            });
+        }
+        Err(e) => return store_failed(e),
+    }
+    Json(answer).into_response()
+}
+
+/// What a device that must be activated shows and says.
+pub fn activation_message(code: &str) -> String {
+    let spaced: Vec<String> = code.chars().map(String::from).collect();
+    format!(
+        "This speaker is not activated yet. Its code is {}. Approve it with voxloop devices approve {code}.",
+        spaced.join(" ")
+    )
+}
+
+/// `POST {ota_path}activate`: 200 once the device's activation was approved, 202 while it
+/// waits, 404 when this device and client have none (the firmware then checks OTA again).
+async fn activate_poll(
+    State(state): State<Arc<ServerState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(refusal) = state.guard.check_ip(peer.ip()) {
+        return *refusal;
+    }
+    let Some(device_id) = header(&headers, "device-id") else {
+        return refuse(StatusCode::BAD_REQUEST, "the Device-Id header is required");
+    };
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let challenge = body["challenge"].as_str();
+    match state.store.activate_state(
+        &device_id,
+        &header(&headers, "client-id").unwrap_or_default(),
+        challenge,
+    ) {
+        Ok(ActivateState::Approved) => {
+            Json(json!({"status": "success", "activated": true})).into_response()
+        }
+        Ok(ActivateState::Waiting) => (
+            StatusCode::ACCEPTED,
+            Json(json!({"status": "waiting", "activated": false})),
+        )
+            .into_response(),
+        Ok(ActivateState::Unknown) => refuse(
+            StatusCode::NOT_FOUND,
+            "no activation for this device and client; check OTA first",
+        ),
+        Err(e) => store_failed(e),
+    }
+}
+
+/// The admin checks of the admin endpoints: a credential with the admin role.
+fn admin(
+    state: &ServerState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<Principal, Box<Response>> {
+    let principal = state.guard.admit(Some(peer.ip()), headers, None, None)?;
+    if principal.role != Role::Admin {
+        return Err(Box::new(refuse(
+            StatusCode::FORBIDDEN,
+            "device activations need the admin role",
+        )));
+    }
+    Ok(principal)
+}
+
+/// `GET {admin_path}`: activated devices (without their tokens) and pending codes.
+async fn admin_list(
+    State(state): State<Arc<ServerState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refusal) = admin(&state, peer, &headers) {
+        return *refusal;
+    }
+    match state.store.snapshot() {
+        Ok(data) => {
+            let devices: Vec<_> = data
+                .devices
+                .iter()
+                .map(|(id, d)| json!({"device_id": id, "client_id": d.client_id, "approved_at": d.approved_at}))
+                .collect();
+            let pending: Vec<_> = data
+                .pending
+                .iter()
+                .map(
+                    |p| json!({"code": p.code, "device_id": p.device_id, "client_id": p.client_id}),
+                )
+                .collect();
+            Json(json!({"status": "success", "devices": devices, "pending": pending}))
+                .into_response()
+        }
+        Err(e) => store_failed(e),
+    }
+}
+
+/// `POST {admin_path}/approve` `{code}`.
+async fn admin_approve(
+    State(state): State<Arc<ServerState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let principal = match admin(&state, peer, &headers) {
+        Ok(p) => p,
+        Err(refusal) => return *refusal,
+    };
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let Some(code) = body["code"].as_str() else {
+        return refuse(StatusCode::BAD_REQUEST, "expected {\"code\": \"123456\"}");
+    };
+    match state.store.approve(code) {
+        Ok(device_id) => {
+            tracing::info!(device = %device_id, by = %principal.name, "device activated");
+            Json(json!({"status": "success", "device_id": device_id})).into_response()
+        }
+        Err(e @ StoreError::UnknownCode(_)) => refuse(StatusCode::NOT_FOUND, e),
+        Err(e) => store_failed(e),
+    }
+}
+
+/// `DELETE {admin_path}/{device_id}`.
+async fn admin_revoke(
+    State(state): State<Arc<ServerState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    axum::extract::Path(device_id): axum::extract::Path<String>,
+) -> Response {
+    let principal = match admin(&state, peer, &headers) {
+        Ok(p) => p,
+        Err(refusal) => return *refusal,
+    };
+    match state.store.revoke(&device_id) {
+        Ok(true) => {
+            tracing::info!(device = %device_id, by = %principal.name, "device revoked");
+            Json(json!({"status": "success", "device_id": device_id})).into_response()
+        }
+        Ok(false) => refuse(
+            StatusCode::NOT_FOUND,
+            format!("device {device_id} is not activated"),
+        ),
+        Err(e) => store_failed(e),
+    }
 }
 
 /// Serves [`router`] on `listener` until `shutdown` completes. Sockets get `TCP_NODELAY`: a
@@ -262,9 +593,12 @@ pub fn serve(
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| config.device.bind.clone());
-    let app = Guard::new(&config.auth, &config.server, &bind, "device")
-        .map(|guard| {
-            router(config, assistant, guard).into_make_service_with_connect_info::<SocketAddr>()
+    let store = device_store(config);
+    let app = crate::api::Auth::with_device_store(&config.auth, &bind, Some(store.clone()))
+        .map(|auth| {
+            let guard = Guard::with_auth(auth, &config.server, "device");
+            router(config, assistant, guard, store)
+                .into_make_service_with_connect_info::<SocketAddr>()
         })
         .map_err(std::io::Error::other);
     async move {
@@ -298,10 +632,19 @@ async fn session(
     info: DeviceInfo,
     state: Arc<ServerState>,
     session_id: String,
+    options: SessionOptions,
 ) {
     let device = &state.device;
-    let hello_timeout = Duration::from_millis(device.hello_timeout_ms);
-    let hello = tokio::time::timeout(hello_timeout, socket.recv()).await;
+    // The hello must come within `hello_timeout_ms`; WebSocket pings and pongs before it are
+    // control frames (RFC 6455 §5.5), not messages, and are passed over.
+    let hello_deadline =
+        tokio::time::Instant::now() + Duration::from_millis(device.hello_timeout_ms);
+    let hello = loop {
+        match tokio::time::timeout_at(hello_deadline, socket.recv()).await {
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            other => break other,
+        }
+    };
     let features = match hello {
         Err(_) => {
             let reason = format!("no hello within {} ms", device.hello_timeout_ms);
@@ -370,6 +713,7 @@ async fn session(
             info.version,
             out.clone(),
             features.mcp,
+            options,
         ) {
             Ok(c) => Some(c),
             Err(e) => {
@@ -396,12 +740,16 @@ async fn session(
             .into(),
         )
     };
+    // The idle timeout counts from the device's own last frame (audio, a message, a pong): the
+    // server's pings do not keep a silent device's slot.
     let idle = Duration::from_millis(device.idle_timeout_ms);
+    let mut last_heard = tokio::time::Instant::now();
     let mut ping = tokio::time::interval(Duration::from_millis(device.ping_interval_ms));
     ping.tick().await;
     let closing = loop {
         let message = tokio::select! {
-            m = tokio::time::timeout(idle, receiver.next()) => m,
+            m = receiver.next() => Ok(m),
+            _ = tokio::time::sleep_until(last_heard + idle) => Err(()),
             _ = ping.tick() => {
                 if out.send(Message::Ping(Vec::new().into())).await.is_err() {
                     break None;
@@ -409,8 +757,17 @@ async fn session(
                 continue;
             }
         };
+        if let Ok(Some(Ok(_))) = &message {
+            last_heard = tokio::time::Instant::now();
+        }
         let message = match message {
-            Err(_) => break Some((CLOSE_NORMAL, "idle timeout".to_string())),
+            Err(()) => {
+                let reason = format!(
+                    "idle timeout: nothing from the device for {} ms",
+                    device.idle_timeout_ms
+                );
+                break Some((CLOSE_NORMAL, reason));
+            }
             Ok(None) => break None,
             Ok(Some(Err(e))) => {
                 // tungstenite refuses an oversized message or frame before reading it, as its

@@ -47,6 +47,25 @@ pub struct Assistant {
     pub tts: Tts,
 }
 
+/// What a session is started with besides the assistant.
+#[derive(Debug, Clone, Default)]
+pub struct SessionOptions {
+    /// The code of the device's pending activation: every turn speaks it instead of running
+    /// the assistant ([`super::activation`]).
+    pub activation_code: Option<String>,
+    /// The camera's vision endpoint and this session's token for it, announced in
+    /// device-MCP `initialize`.
+    pub vision: Option<(String, String)>,
+}
+
+/// What the turn task does next.
+enum Job {
+    /// A turn on what was heard.
+    Turn(String),
+    /// Speak this text (the activation message); no model, no tools.
+    Say(String),
+}
+
 /// One device's side of the conversation, fed by the session's receive loop.
 pub struct DeviceConversation {
     assistant: Assistant,
@@ -61,7 +80,9 @@ pub struct DeviceConversation {
     /// Manual mode: the utterance so far (16 kHz mono).
     manual: Vec<f32>,
     queue: PlaybackQueue,
-    turn_tx: mpsc::Sender<(String, CancellationToken)>,
+    turn_tx: mpsc::Sender<(Job, CancellationToken)>,
+    /// The pending activation's message, spoken for every turn.
+    activation: Option<String>,
     current: CancellationToken,
     /// The device's MCP server, when its hello announced `features.mcp`.
     mcp: Option<Arc<DeviceMcp>>,
@@ -77,7 +98,8 @@ impl DeviceConversation {
     /// Starts the session's playback (Opus frames into `out`) and its turn task. With
     /// `device_mcp` (the hello announced `features.mcp`) the turn task first lists the device's
     /// tools and offers them in every turn; a device that does not answer is logged and the
-    /// session goes on without them.
+    /// session goes on without them. A session of a device waiting for activation
+    /// (`options.activation_code`) speaks the code for every turn and nothing else.
     ///
     /// # Errors
     /// A setup libopus refuses (the configured downlink rate or frame length).
@@ -87,7 +109,13 @@ impl DeviceConversation {
         version: ProtocolVersion,
         out: mpsc::Sender<Message>,
         device_mcp: bool,
+        options: SessionOptions,
     ) -> Result<Self, String> {
+        let activation = options
+            .activation_code
+            .as_deref()
+            .map(super::server::activation_message);
+        let device_mcp = device_mcp && activation.is_none();
         let config = assistant.config.clone();
         let audio = &config.audio;
         let (frames_tx, mut frames_rx) = mpsc::channel::<Vec<u8>>(8);
@@ -124,14 +152,18 @@ impl DeviceConversation {
         tokio::spawn(async move {
             loop {
                 match events.recv().await {
+                    // Each sentence as it starts, and a media item's title (the firmware shows
+                    // `sentence_start` text on its display).
                     Ok(QueueEvent::SegmentStart {
-                        segment: SegmentKind::Sentence { text: sentence },
+                        segment:
+                            SegmentKind::Sentence { text: shown }
+                            | SegmentKind::Media { title: Some(shown) },
                         ..
                     }) => {
                         let message = text(ServerMessage::Tts {
                             session_id: id.clone(),
                             state: TtsState::SentenceStart,
-                            text: Some(sentence),
+                            text: Some(shown),
                         });
                         if events_out.send(message).await.is_err() {
                             break;
@@ -157,14 +189,17 @@ impl DeviceConversation {
                 (&config.tools).into(),
             )
         });
-        let (turn_tx, mut turn_rx) = mpsc::channel::<(String, CancellationToken)>(4);
+        let (turn_tx, mut turn_rx) = mpsc::channel::<(Job, CancellationToken)>(4);
+        let vision = options.vision.clone();
+        let speaks_only = activation.is_some();
         let (turn_out, id, turn_queue) = (out.clone(), session_id.clone(), queue.clone());
         let (turn_mcp, max_pages) = (mcp.clone(), config.device.mcp_max_list_pages);
         let asr_prompt = Arc::new(std::sync::Mutex::new(None));
         let (turn_prompt, asr_config) = (asr_prompt.clone(), config.asr.clone());
         tokio::spawn(async move {
             if let Some(mcp) = turn_mcp {
-                match mcp.discover(max_pages).await {
+                let vision = vision.as_ref().map(|(u, t)| (u.as_str(), t.as_str()));
+                match mcp.discover(max_pages, vision).await {
                     Ok(tools) => {
                         let names: Vec<&str> = tools.iter().map(|t| t.tool.as_str()).collect();
                         tracing::info!(session = %id, tools = ?names, "device tools");
@@ -175,10 +210,12 @@ impl DeviceConversation {
                     }
                 }
             }
-            let prompt = conversation.asr_prompt(&asr_config).await;
-            *turn_prompt.lock().unwrap_or_else(|e| e.into_inner()) = prompt;
-            conversation.warm_up().await;
-            while let Some((heard, cancel)) = turn_rx.recv().await {
+            if !speaks_only {
+                let prompt = conversation.asr_prompt(&asr_config).await;
+                *turn_prompt.lock().unwrap_or_else(|e| e.into_inner()) = prompt;
+                conversation.warm_up().await;
+            }
+            while let Some((job, cancel)) = turn_rx.recv().await {
                 let tts = |state| {
                     text(ServerMessage::Tts {
                         session_id: id.clone(),
@@ -186,9 +223,32 @@ impl DeviceConversation {
                         text: None,
                     })
                 };
-                if turn_out.send(tts(TtsState::Start)).await.is_err() {
+                // The firmware shows the reply's mood (`llm {emotion}`); voxloop has no
+                // emotion model, so every reply is neutral.
+                let mood = text(ServerMessage::Llm {
+                    session_id: id.clone(),
+                    emotion: "neutral".into(),
+                    text: None,
+                });
+                if turn_out.send(mood).await.is_err()
+                    || turn_out.send(tts(TtsState::Start)).await.is_err()
+                {
                     break;
                 }
+                let heard = match job {
+                    Job::Say(message) => {
+                        conversation.say(&message).await;
+                        tokio::select! {
+                            _ = turn_queue.idle() => {}
+                            _ = cancel.cancelled() => {}
+                        }
+                        if turn_out.send(tts(TtsState::Stop)).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                    Job::Turn(heard) => heard,
+                };
                 let report = conversation.turn(&heard, &cancel).await;
                 tracing::info!(
                     session = %id,
@@ -221,6 +281,7 @@ impl DeviceConversation {
             current: CancellationToken::new(),
             mcp,
             asr_prompt,
+            activation,
             assistant,
             session_id,
             out,
@@ -270,6 +331,9 @@ impl DeviceConversation {
                 .collect::<Vec<_>>()
                 .join(" ")
         };
+        if self.activation.is_some() {
+            return self.start_turn(String::new()).await;
+        }
         let said = words(text);
         if said.is_empty()
             || self
@@ -340,6 +404,9 @@ impl DeviceConversation {
 
     /// Transcribes an utterance and starts its turn.
     async fn hear(&mut self, pcm: Vec<f32>) {
+        if self.activation.is_some() {
+            return self.start_turn(String::new()).await;
+        }
         let asr = self.assistant.asr.clone();
         let prompt = self
             .asr_prompt
@@ -367,8 +434,15 @@ impl DeviceConversation {
     }
 
     /// Tells the device what was heard (`stt`) and starts its turn (a running turn is
-    /// superseded).
+    /// superseded). A device waiting for activation hears its activation message instead.
     async fn start_turn(&mut self, heard: String) {
+        if let Some(message) = &self.activation {
+            self.current.cancel();
+            self.current = CancellationToken::new();
+            let job = Job::Say(message.clone());
+            let _ = self.turn_tx.send((job, self.current.clone())).await;
+            return;
+        }
         let stt = text(ServerMessage::Stt {
             session_id: self.session_id.clone(),
             text: heard.clone(),
@@ -378,6 +452,9 @@ impl DeviceConversation {
         }
         self.current.cancel();
         self.current = CancellationToken::new();
-        let _ = self.turn_tx.send((heard, self.current.clone())).await;
+        let _ = self
+            .turn_tx
+            .send((Job::Turn(heard), self.current.clone()))
+            .await;
     }
 }
