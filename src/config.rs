@@ -345,6 +345,9 @@ impl Default for VadConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TtsProvider {
+    /// Kokoro-82M, a neural voice, offline through ONNX Runtime (`voxloop models fetch`); when
+    /// its files are missing, espeak-ng speaks instead (logged once).
+    Kokoro,
     /// The `espeak-ng` program (offline; Debian package `espeak-ng`).
     EspeakNg,
     /// An OpenAI-compatible `POST {url}/audio/speech` endpoint.
@@ -355,9 +358,22 @@ pub enum TtsProvider {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TtsConfig {
-    /// `espeak-ng` or `openai`.
+    /// `kokoro`, `espeak-ng` or `openai`.
     pub provider: TtsProvider,
-    /// Voice: an espeak-ng voice or language (`en-us`, `zh`, ...), or the endpoint's voice name.
+    /// Kokoro's voice for English sentences (`af_heart`, `am_michael`, `bf_emma`, ...).
+    pub voice_en: String,
+    /// Kokoro's voice for Chinese sentences (`zf_xiaobei`, `zm_yunjian`, ...).
+    pub voice_zh: String,
+    /// The language of every sentence (`en` or `zh`); unset: each sentence's from its script
+    /// (Chinese when it holds a Han character).
+    pub language: Option<crate::pipeline::g2p::Language>,
+    /// Kokoro's speaking rate, 1.0 the voice's own (0.5..=2.0).
+    pub speed: f32,
+    /// Threads one Kokoro synthesis uses (0: one per core). Syntheses run one at a time.
+    pub threads: usize,
+    /// Voice: an espeak-ng voice or language (`en-us`, `cmn`, ...) for English sentences (and
+    /// for every sentence when `language` is set), or the endpoint's voice name. espeak-ng
+    /// speaks Chinese sentences as `cmn` (Mandarin) otherwise.
     pub voice: String,
     /// espeak-ng speaking rate, words per minute.
     pub speed_wpm: u32,
@@ -378,7 +394,12 @@ pub struct TtsConfig {
 impl Default for TtsConfig {
     fn default() -> Self {
         Self {
-            provider: TtsProvider::EspeakNg,
+            provider: TtsProvider::Kokoro,
+            voice_en: "af_heart".into(),
+            voice_zh: "zf_xiaobei".into(),
+            language: None,
+            speed: 1.0,
+            threads: 0,
             voice: "en-us".into(),
             speed_wpm: 170,
             espeak_command: "espeak-ng".into(),
@@ -1365,6 +1386,25 @@ impl Config {
         )?;
         let tts = &self.tts;
         in_range("tts.speed_wpm", tts.speed_wpm, 80..=500, "words per minute")?;
+        in_range(
+            "tts.speed",
+            tts.speed,
+            0.5..=2.0,
+            "(1.0: the voice's own rate)",
+        )?;
+        in_range("tts.threads", tts.threads, 0..=256, "threads")?;
+        for (key, voice) in [
+            ("tts.voice_en", &tts.voice_en),
+            ("tts.voice_zh", &tts.voice_zh),
+        ] {
+            if voice.is_empty() || !voice.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(ConfigError::Invalid {
+                    key: key.into(),
+                    value: format!("{voice:?}"),
+                    allowed: "a Kokoro voice name such as af_heart or zf_xiaobei".into(),
+                });
+            }
+        }
         in_range(
             "tts.timeout_ms",
             tts.timeout_ms,

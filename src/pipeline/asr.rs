@@ -273,6 +273,23 @@ fn split_identifier(name: &str) -> String {
     out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// The Levenshtein distance between `reference` and `hypothesis` (substitutions, insertions and
+/// deletions, each 1): over words it gives the word error rate's numerator (WER = distance /
+/// reference words), over characters the character error rate's.
+pub fn edit_distance<T: PartialEq>(reference: &[T], hypothesis: &[T]) -> usize {
+    let mut row: Vec<usize> = (0..=hypothesis.len()).collect();
+    for (i, r) in reference.iter().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, h) in hypothesis.iter().enumerate() {
+            let substitution = if r == h { diagonal } else { diagonal + 1 };
+            diagonal = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(diagonal + 1);
+        }
+    }
+    row[hypothesis.len()]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,9 @@
 pub mod asr;
 pub mod convert;
 pub mod decode;
+pub mod g2p;
 pub mod input;
+pub mod kokoro;
 pub mod oggopus;
 pub mod opus;
 pub mod queue;

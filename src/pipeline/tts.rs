@@ -1,6 +1,8 @@
 //! Text to speech, sentence by sentence, as a [`MediaStream`] the decoder starts on while it is
-//! still being made. Providers: `espeak-ng` (offline; run as a program, since it is GPL-3) and
-//! any OpenAI-compatible `/v1/audio/speech` endpoint (streamed response in wav, mp3, opus or pcm).
+//! still being made. Providers: Kokoro-82M (offline, neural, [`super::kokoro`]; the sentence's
+//! language from its script, a voice per language), `espeak-ng` (offline; run as a program,
+//! since it is GPL-3; also Kokoro's fallback when its files are missing) and any
+//! OpenAI-compatible `/v1/audio/speech` endpoint (streamed response in wav, mp3, opus or pcm).
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -10,6 +12,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::g2p::{G2pError, Language};
+use super::kokoro::{KokoroError, KokoroFiles};
 use crate::config::{TtsConfig, TtsProvider};
 use crate::tools::media::{MediaError, MediaStream};
 
@@ -33,6 +37,11 @@ pub enum TtsError {
     /// The TTS's circuit breaker is open: recent syntheses failed, this one was not tried.
     #[error("TTS: {0}")]
     Unavailable(String),
+    /// Kokoro could not load or speak (an unknown voice names the valid ones).
+    #[error("TTS: {0}")]
+    Kokoro(#[from] KokoroError),
+    #[error("TTS: {0}")]
+    Phonemes(#[from] G2pError),
 }
 
 /// A configured TTS provider.
@@ -83,25 +92,108 @@ impl Tts {
             .permit()
             .map_err(|open| TtsError::Unavailable(open.to_string()))?;
         let result = match self.config.provider {
+            TtsProvider::Kokoro => self.kokoro(text).await,
             TtsProvider::EspeakNg => self.espeak(text).await,
             TtsProvider::Openai => self.openai(text).await,
         };
         match &result {
             Ok(_) => self.breaker.success(),
-            Err(TtsError::MissingKey(_) | TtsError::Unavailable(_)) => {}
+            Err(
+                TtsError::MissingKey(_)
+                | TtsError::Unavailable(_)
+                | TtsError::Kokoro(KokoroError::UnknownVoice { .. }),
+            ) => {}
             Err(TtsError::Status { status, .. }) if *status < 500 && *status != 429 => {}
             Err(_) => self.breaker.failure(),
         }
         result
     }
 
+    /// The Kokoro files of the model directory, when the provider is Kokoro and they are all
+    /// there.
+    fn kokoro_files(&self) -> Option<KokoroFiles> {
+        let files = KokoroFiles::in_dir(&crate::models::model_dir());
+        match files.missing() {
+            None => Some(files),
+            Some(missing) => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    tracing::warn!(
+                        file = %missing.display(),
+                        "Kokoro's files are missing (voxloop models fetch); espeak-ng speaks instead"
+                    )
+                });
+                None
+            }
+        }
+    }
+
+    /// Checks the configured voices before the first sentence: for Kokoro, loads the model
+    /// (once per process) and looks the voices up. Missing model files are no error (espeak-ng
+    /// speaks).
+    ///
+    /// # Errors
+    /// [`TtsError::Kokoro`]: an unknown voice (naming the valid ones), a model that does not
+    /// load.
+    pub async fn check(&self) -> Result<(), TtsError> {
+        if self.config.provider != TtsProvider::Kokoro {
+            return Ok(());
+        }
+        let Some(files) = self.kokoro_files() else {
+            return Ok(());
+        };
+        let config = self.config.clone();
+        tokio::task::spawn_blocking(move || {
+            let kokoro = super::kokoro::shared(&files, config.threads)?;
+            kokoro.check_voice(&config.voice_en)?;
+            kokoro.check_voice(&config.voice_zh)?;
+            Ok::<_, TtsError>(())
+        })
+        .await
+        .map_err(|e| TtsError::Unavailable(e.to_string()))?
+    }
+
+    /// The language `text` is spoken in: the configured one, else its script's.
+    fn language(&self, text: &str) -> Language {
+        self.config.language.unwrap_or_else(|| Language::of(text))
+    }
+
+    async fn kokoro(&self, text: &str) -> Result<MediaStream, TtsError> {
+        let Some(files) = self.kokoro_files() else {
+            return self.espeak(text).await;
+        };
+        let language = self.language(text);
+        let phonemes = super::g2p::phonemes(text, language, &self.config.espeak_command).await?;
+        let voice = match language {
+            Language::En => self.config.voice_en.clone(),
+            Language::Zh => self.config.voice_zh.clone(),
+        };
+        let (threads, speed) = (self.config.threads, self.config.speed);
+        let samples = tokio::task::spawn_blocking(move || {
+            let kokoro = super::kokoro::shared(&files, threads)?;
+            kokoro.synthesize(&phonemes, &voice, speed)
+        })
+        .await
+        .map_err(|e| TtsError::Unavailable(format!("the synthesis task failed: {e}")))??;
+        let wav = wav_bytes(&samples, super::kokoro::SAMPLE_RATE);
+        let mut media =
+            MediaStream::from_bytes("audio/wav".into(), Some(text.to_string()), Bytes::from(wav));
+        media.source = "kokoro".into();
+        Ok(media)
+    }
+
     async fn espeak(&self, text: &str) -> Result<MediaStream, TtsError> {
         let program = self.config.espeak_command.clone();
+        // A Chinese sentence in Mandarin unless the language or voice is set for everything.
+        let voice = match (self.config.language, Language::of(text)) {
+            (None, Language::Zh) => "cmn",
+            _ => &self.config.voice,
+        };
         let mut child = tokio::process::Command::new(&program)
             .args([
                 "--stdout",
                 "-v",
-                &self.config.voice,
+                voice,
                 "-s",
                 &self.config.speed_wpm.to_string(),
             ])
@@ -224,4 +316,24 @@ impl Tts {
             url,
         ))
     }
+}
+
+/// `samples` (mono f32, clipped to [-1, 1]) as a 16-bit PCM WAV file at `rate` Hz.
+fn wav_bytes(samples: &[f32], rate: u32) -> Vec<u8> {
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: rate,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut cursor = std::io::Cursor::new(Vec::with_capacity(44 + samples.len() * 2));
+    {
+        let mut writer = hound::WavWriter::new(&mut cursor, spec).expect("a WAV header writes");
+        for s in samples {
+            let v = (s.clamp(-1.0, 1.0) * i16::MAX as f32) as i16;
+            writer.write_sample(v).expect("writing to memory");
+        }
+        writer.finalize().expect("writing to memory");
+    }
+    cursor.into_inner()
 }
