@@ -15,7 +15,7 @@ use common::*;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
-use voxloop::config::{Config, LlmConfig, McpServerConfig};
+use voxloop::config::{Config, LlmConfig, McpServerConfig, TtsProvider};
 use voxloop::conversation::{Conversation, ConversationSettings, Handler, TurnEnd};
 use voxloop::llm::ChatModel;
 use voxloop::llm::Role;
@@ -141,6 +141,9 @@ async fn rig_at(llm: LlmConfig, requests: Arc<Mutex<Vec<Value>>>, max_rounds: u3
     };
     config.mcp_servers.insert("music".into(), music);
     config.tools.max_tool_rounds = max_rounds;
+    // These tests are about the turn loop and its timing; espeak-ng speaks in milliseconds and
+    // in parallel. The default voice (Kokoro) has its own tests (tests/kokoro.rs).
+    config.tts.provider = TtsProvider::EspeakNg;
     let hub = Arc::new(ToolHub::start(&config).await);
     let dir = tempfile::tempdir().unwrap();
     let wav = dir.path().join("reply.wav");

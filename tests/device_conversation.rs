@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-use voxloop::config::{Config, LlmProvider, McpServerConfig};
+use voxloop::config::{Config, LlmProvider, McpServerConfig, TtsProvider};
 use voxloop::device::protocol::{BinaryFrame, ProtocolVersion};
 use voxloop::device::session::Assistant;
 use voxloop::pipeline::opus::{FrameDecoder, FrameEncoder};
@@ -99,6 +99,9 @@ async fn serve_with(
     // These tests are about the model's turns; the built-in intents are tested on their own.
     config.llm.builtin_intents = false;
     config.asr.language = "en".into();
+    // The tests are about the session and its pacing; espeak-ng speaks in milliseconds and in
+    // parallel (the default voice, Kokoro, has tests/kokoro.rs and tests/real_clients.rs).
+    config.tts.provider = TtsProvider::EspeakNg;
     config.mcp_servers.insert(
         "music".into(),
         McpServerConfig {

@@ -671,6 +671,7 @@ fn the_speaker_path_runs_on_alsas_null_device() {
 #[tokio::test]
 async fn a_tts_provider_that_is_down_is_a_clear_error() {
     let missing = TtsConfig {
+        provider: TtsProvider::EspeakNg,
         espeak_command: "/nonexistent/espeak-ng".into(),
         ..TtsConfig::default()
     };

@@ -8,7 +8,8 @@
 //!
 //! The Python clients run from the virtual environment `scripts/clients-venv` makes
 //! (`target/clients-venv`, or `$VOXLOOP_CLIENTS_PYTHON`); `scripts/test` makes it first.
-//! Real whisper and espeak-ng; the LLM is a scripted OpenAI-compatible endpoint on loopback.
+//! Real whisper and the default voice (Kokoro); the LLM is a scripted OpenAI-compatible endpoint
+//! on loopback.
 
 mod common;
 
@@ -102,7 +103,7 @@ async fn scripted_llm() -> String {
     format!("{}/v1", serve_loopback(router).await)
 }
 
-/// The device server bound to 0.0.0.0 with whisper, espeak-ng, the scripted LLM and its own
+/// The device server bound to 0.0.0.0 with whisper, the default voice, the scripted LLM and its own
 /// device store; `tweak` adjusts the config. Its port.
 async fn device_server(store: &std::path::Path, tweak: impl FnOnce(&mut Config)) -> u16 {
     let mut config = Config::default();
@@ -114,11 +115,14 @@ async fn device_server(store: &std::path::Path, tweak: impl FnOnce(&mut Config))
     config.llm.builtin_intents = false;
     config.asr.language = "en".into();
     tweak(&mut config);
+    // The default voice, loaded before the first session as `voxloop serve` does.
+    let tts = voxloop::pipeline::tts::Tts::new(&config.tts);
+    tts.check().await.unwrap();
     let assistant = Assistant {
         asr: Arc::new(voxloop::pipeline::asr::Asr::load(&config.asr).unwrap()),
         llm: voxloop::llm::ChatModel::from_config(&config.llm).unwrap(),
         hub: Arc::new(voxloop::tools::hub::ToolHub::start(&config).await),
-        tts: voxloop::pipeline::tts::Tts::new(&config.tts),
+        tts,
         config: Arc::new(config.clone()),
     };
     let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
@@ -224,14 +228,14 @@ async fn xiaozhi_sdk_is_activated_by_the_owner_then_talks() {
     let ota = format!("http://127.0.0.1:{port}/xiaozhi/ota/");
     let wav = repo_root().join("assets/speech/cmd_play_horizon.wav");
     let mac = "02:00:00:00:00:02";
-    // The owner: waits for the device's code to appear and approves it, as `voxloop devices
-    // approve CODE` does.
+    // The owner: waits for the device's code to appear, gives the pending session time to speak
+    // it, and approves it, as `voxloop devices approve CODE` does (the SDK polls for 30 s).
     let owner = tokio::spawn(async move {
         let store = DeviceStore::new(&store_path, 600, 16);
         for _ in 0..600 {
             let pending = store.snapshot().unwrap().pending;
             if let Some(p) = pending.iter().find(|p| p.device_id == mac) {
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(Duration::from_secs(8)).await;
                 return store.approve(&p.code).unwrap();
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -108,17 +108,7 @@ fn normalize(text: &str) -> Vec<String> {
 
 /// Word-level edit distance.
 fn word_errors(reference: &[String], hypothesis: &[String]) -> usize {
-    let mut row: Vec<usize> = (0..=hypothesis.len()).collect();
-    for (i, r) in reference.iter().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, h) in hypothesis.iter().enumerate() {
-            let cost = if r == h { prev } else { prev + 1 };
-            prev = row[j + 1];
-            row[j + 1] = cost.min(row[j] + 1).min(prev + 1);
-        }
-    }
-    row[hypothesis.len()]
+    voxloop::pipeline::asr::edit_distance(reference, hypothesis)
 }
 
 #[test]

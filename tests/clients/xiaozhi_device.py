@@ -27,14 +27,19 @@ async def main() -> None:
     tool_calls: list[dict] = []
     done = asyncio.Event()
     replied = asyncio.Event()
+    speaking = asyncio.Event()
     asking = asyncio.Event()
 
     async def on_message(message: dict) -> None:
         events.append(message)
-        # Only the turn of the spoken request counts (not the "hi" the SDK says on connect).
-        if asking.is_set() and message.get("type") == "stt":
+        kind, state = message.get("type"), message.get("state")
+        # Only the turn of the spoken request counts (not the "hi" the SDK says on connect,
+        # whose `tts stop` may still come after the request was heard).
+        if asking.is_set() and kind == "stt":
             replied.set()
-        if replied.is_set() and message.get("type") == "tts" and message.get("state") == "stop":
+        if replied.is_set() and kind == "tts" and state == "start":
+            speaking.set()
+        if speaking.is_set() and kind == "tts" and state == "stop":
             done.set()
 
     def turn_on(arguments: dict):
