@@ -3,7 +3,9 @@
 //! For each: the time from a six-word clause's text to its first audio bytes (median of 5, the
 //! Kokoro model loaded before), the real-time factor (synthesis time / audio time) over 40
 //! sentences, and intelligibility: each sentence's speech transcribed back by whisper base,
-//! English word error rate over 20 sentences and Chinese character error rate over 20.
+//! English word error rate over 20 sentences and Chinese character error rate over 20 (numbers
+//! written as digits by whisper count as the words or numerals said; whisper's traditional
+//! characters count as errors).
 //!
 //! ```sh
 //! cargo bench --bench tts
@@ -101,21 +103,83 @@ fn to_16k(pcm: &Pcm) -> Vec<f32> {
     out
 }
 
+/// Words for the WER: lower case, no punctuation, numbers below 100 as words (whisper writes
+/// "10" and "40%" for "ten" and "forty percent").
 fn words(text: &str) -> Vec<String> {
-    text.to_lowercase()
+    const ONES: [&str; 20] = [
+        "zero",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "ten",
+        "eleven",
+        "twelve",
+        "thirteen",
+        "fourteen",
+        "fifteen",
+        "sixteen",
+        "seventeen",
+        "eighteen",
+        "nineteen",
+    ];
+    const TENS: [&str; 10] = [
+        "", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety",
+    ];
+    let mut out = Vec::new();
+    for word in text
+        .to_lowercase()
         .replace('%', " percent")
         .split_whitespace()
-        .map(|w| {
-            w.chars()
-                .filter(|c| c.is_alphanumeric())
-                .collect::<String>()
-        })
-        .filter(|w| !w.is_empty())
-        .collect()
+    {
+        let word: String = word.chars().filter(|c| c.is_alphanumeric()).collect();
+        match word.parse::<usize>() {
+            Ok(n) if n < 20 => out.push(ONES[n].to_string()),
+            Ok(n) if n < 100 => {
+                out.push(TENS[n / 10].to_string());
+                if n % 10 > 0 {
+                    out.push(ONES[n % 10].to_string());
+                }
+            }
+            _ if !word.is_empty() => out.push(word),
+            _ => {}
+        }
+    }
+    out
 }
 
+/// Characters for the CER: no punctuation, Arabic numbers as Chinese numerals (whisper writes
+/// "40%" for 百分之四十).
 fn han(text: &str) -> Vec<char> {
-    text.chars().filter(|c| c.is_alphanumeric()).collect()
+    let mut normalised = String::new();
+    let mut digits = String::new();
+    let flush = |digits: &mut String, out: &mut String, percent: bool| {
+        if !digits.is_empty() {
+            if percent {
+                out.push_str("百分之");
+            }
+            out.push_str(&voxloop::pipeline::g2p::chinese_number(digits));
+            digits.clear();
+        }
+    };
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let percent = c == '%' || c == '％';
+        flush(&mut digits, &mut normalised, percent);
+        if !percent {
+            normalised.push(c);
+        }
+    }
+    flush(&mut digits, &mut normalised, false);
+    normalised.chars().filter(|c| c.is_alphanumeric()).collect()
 }
 
 struct Row {

@@ -124,6 +124,22 @@ pub fn misaki_from_espeak(ipa: &str) -> String {
         .replace('^', "")
 }
 
+/// Vowel symbols of misaki's English inventory (diphthongs as one capital).
+const VOWELS: &str = "AIOWYQaeiouæɑɒɔəɛɜɪʊʌᵊɐ";
+
+/// `ipa` with a primary stress on its first word when that word is a lone unstressed vowel.
+/// espeak-ng leaves "I" unstressed, and Kokoro then swallowed it at the start of a sentence (4
+/// of 20 benchmark sentences lost it: "I have set a timer" was heard as "Have set a timer");
+/// misaki's own lexicon stresses it.
+fn stress_first_word(ipa: &str) -> String {
+    let first_end = ipa.find(' ').unwrap_or(ipa.len());
+    let first = &ipa[..first_end];
+    if first.is_empty() || !first.chars().all(|c| VOWELS.contains(c)) {
+        return ipa.to_string();
+    }
+    format!("ˈ{ipa}")
+}
+
 /// English phonemes of `text` with the `espeak` program (see the module documentation).
 ///
 /// # Errors
@@ -137,6 +153,13 @@ pub async fn english(text: &str, espeak: &str) -> Result<String, G2pError> {
             Piece::Text(words) => {
                 let ipa = espeak_ipa(words, espeak).await?;
                 let ipa = misaki_from_espeak(&ipa);
+                // A run that starts a sentence: its first word carries a stress.
+                let starts_sentence = out.is_empty() || out.ends_with(['.', '!', '?', '…']);
+                let ipa = if starts_sentence {
+                    stress_first_word(&ipa)
+                } else {
+                    ipa
+                };
                 if ipa.is_empty() {
                     continue;
                 }
@@ -553,6 +576,15 @@ mod tests {
         assert_eq!(misaki_from_espeak("bˈʌʔn\u{329}"), "bˈʌtᵊn");
         assert_eq!(misaki_from_espeak("pɚsˈɛnt"), "pəɹsˈɛnt");
         assert_eq!(misaki_from_espeak("fˈɔːɹɾi"), "fˈɔɹɾi");
+    }
+
+    #[test]
+    fn an_unstressed_first_word_gets_a_stress() {
+        assert_eq!(stress_first_word("I hæv sˈɛt"), "ˈI hæv sˈɛt");
+        assert_eq!(stress_first_word("ə tˈImɚ"), "ˈə tˈImɚ");
+        assert_eq!(stress_first_word("ðə bˈYz"), "ðə bˈYz");
+        assert_eq!(stress_first_word("hˈæv"), "hˈæv");
+        assert_eq!(stress_first_word("ɹ"), "ɹ");
     }
 
     #[test]
