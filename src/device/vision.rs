@@ -56,6 +56,14 @@ fn refusal(status: StatusCode, message: impl Into<String>) -> Response {
         .into_response()
 }
 
+/// 413: the request is over the image limit.
+fn too_large(max_image_bytes: usize) -> Response {
+    refusal(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("the image is over {max_image_bytes} bytes ([vision] max_image_bytes)"),
+    )
+}
+
 impl Vision {
     /// The endpoint's state for `config`.
     pub fn new(config: VisionConfig) -> Arc<Self> {
@@ -179,33 +187,17 @@ pub async fn explain(
         let field = match multipart.next_field().await {
             Ok(Some(field)) => field,
             Ok(None) => break,
-            Err(e) => {
-                let status = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    return refusal(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        format!(
-                            "the image is over {} bytes ([vision] max_image_bytes)",
-                            vision.config.max_image_bytes
-                        ),
-                    );
-                } else {
-                    StatusCode::BAD_REQUEST
-                };
-                return refusal(status, format!("bad multipart body: {e}"));
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return too_large(vision.config.max_image_bytes);
             }
+            Err(e) => return refusal(StatusCode::BAD_REQUEST, format!("bad multipart body: {e}")),
         };
         let name = field.name().unwrap_or_default().to_string();
         let mime = field.content_type().unwrap_or("image/jpeg").to_string();
         let bytes = match field.bytes().await {
             Ok(b) => b,
             Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                return refusal(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!(
-                        "the image is over {} bytes ([vision] max_image_bytes)",
-                        vision.config.max_image_bytes
-                    ),
-                );
+                return too_large(vision.config.max_image_bytes);
             }
             Err(e) => return refusal(StatusCode::BAD_REQUEST, format!("bad multipart body: {e}")),
         };
