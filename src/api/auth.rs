@@ -201,15 +201,17 @@ impl Auth {
     ) -> Result<Self, AuthSetupError> {
         let anonymous = if config.allow_anonymous {
             Some(Principal::unkeyed(ANONYMOUS, config.anonymous_role))
-        } else if !config.has_credentials() && device_store.is_none() {
+        } else if !config.has_credentials() {
             let loopback = bind
                 .parse::<SocketAddr>()
                 .map(|a| a.ip().is_loopback())
                 .unwrap_or_else(|_| bind.starts_with("localhost:"));
-            if !loopback {
-                return Err(AuthSetupError::Unprotected { bind: bind.into() });
+            match (loopback, &device_store) {
+                (true, _) => Some(Principal::unkeyed(LOCAL, Role::Admin)),
+                // Devices get their tokens through activation; nobody else gets in.
+                (false, Some(_)) => None,
+                (false, None) => return Err(AuthSetupError::Unprotected { bind: bind.into() }),
             }
-            Some(Principal::unkeyed(LOCAL, Role::Admin))
         } else {
             None
         };
@@ -466,6 +468,17 @@ mod tests {
             err.to_string().contains("refusing to serve 0.0.0.0:8080"),
             "{err}"
         );
+        // The device surface with a store: devices get tokens through activation, so it serves
+        // any address; only loopback callers get in without one.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(DeviceStore::new(dir.path().join("d.json"), 600, 8));
+        let wide =
+            Auth::with_device_store(&AuthConfig::default(), "0.0.0.0:8000", Some(store.clone()))
+                .unwrap();
+        assert_eq!(wide.authenticate(None), Err(AuthError::Missing));
+        let local =
+            Auth::with_device_store(&AuthConfig::default(), "127.0.0.1:8000", Some(store)).unwrap();
+        assert_eq!(local.authenticate(None).unwrap().role, Role::Admin);
     }
 
     #[test]
