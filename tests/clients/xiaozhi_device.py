@@ -37,7 +37,8 @@ async def main() -> None:
         # whose `tts stop` may still come after the request was heard).
         if asking.is_set() and kind == "stt":
             replied.set()
-        if replied.is_set() and kind == "tts" and state == "start":
+        # The reply's first sentence (a turn cancelled before speaking sends start and stop only).
+        if replied.is_set() and kind == "tts" and state == "sentence_start":
             speaking.set()
         if speaking.is_set() and kind == "tts" and state == "stop":
             done.set()
