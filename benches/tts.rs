@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use voxloop::config::{AsrConfig, TtsConfig, TtsProvider};
 use voxloop::pipeline::Pcm;
-use voxloop::pipeline::asr::{ASR_RATE, Asr, edit_distance};
+use voxloop::pipeline::asr::{ASR_RATE, Asr, edit_distance, transcript_words};
 use voxloop::pipeline::convert::Converter;
 use voxloop::pipeline::tts::Tts;
 
@@ -103,56 +103,6 @@ fn to_16k(pcm: &Pcm) -> Vec<f32> {
     out
 }
 
-/// Words for the WER: lower case, no punctuation, numbers below 100 as words (whisper writes
-/// "10" and "40%" for "ten" and "forty percent").
-fn words(text: &str) -> Vec<String> {
-    const ONES: [&str; 20] = [
-        "zero",
-        "one",
-        "two",
-        "three",
-        "four",
-        "five",
-        "six",
-        "seven",
-        "eight",
-        "nine",
-        "ten",
-        "eleven",
-        "twelve",
-        "thirteen",
-        "fourteen",
-        "fifteen",
-        "sixteen",
-        "seventeen",
-        "eighteen",
-        "nineteen",
-    ];
-    const TENS: [&str; 10] = [
-        "", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety",
-    ];
-    let mut out = Vec::new();
-    for word in text
-        .to_lowercase()
-        .replace('%', " percent")
-        .split_whitespace()
-    {
-        let word: String = word.chars().filter(|c| c.is_alphanumeric()).collect();
-        match word.parse::<usize>() {
-            Ok(n) if n < 20 => out.push(ONES[n].to_string()),
-            Ok(n) if n < 100 => {
-                out.push(TENS[n / 10].to_string());
-                if n % 10 > 0 {
-                    out.push(ONES[n % 10].to_string());
-                }
-            }
-            _ if !word.is_empty() => out.push(word),
-            _ => {}
-        }
-    }
-    out
-}
-
 /// Characters for the CER: no punctuation, Arabic numbers as Chinese numerals (whisper writes
 /// "40%" for 百分之四十).
 fn han(text: &str) -> Vec<char> {
@@ -208,12 +158,12 @@ async fn measure(name: &'static str, tts: &Tts, en: &Asr, zh: &Asr) -> Row {
         synth += total.as_secs_f64();
         audio += pcm.samples.len() as f64 / f64::from(pcm.rate) / f64::from(pcm.channels);
         let heard = en.transcribe(&to_16k(&pcm)).expect("whisper").text;
-        let errors = edit_distance(&words(text), &words(&heard));
+        let errors = edit_distance(&transcript_words(text), &transcript_words(&heard));
         if errors > 0 {
             worst.push(format!("{text} -> {heard}"));
         }
         word_errors += errors;
-        word_count += words(text).len();
+        word_count += transcript_words(text).len();
     }
     let (mut char_errors, mut char_count) = (0, 0);
     for text in CHINESE {

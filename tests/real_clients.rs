@@ -423,25 +423,6 @@ async fn mcp_inspector_cli_reads_a_music_page_and_finds_portable_schemas() {
     assert_eq!(code, 0, "{stdout}\n{stderr}");
 }
 
-/// Starts a server process that prints `MCP endpoint: URL` first; the child and the URL.
-async fn endpoint_of(mut command: tokio::process::Command) -> (tokio::process::Child, String) {
-    use tokio::io::AsyncBufReadExt as _;
-    let mut child = command
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let url = line.strip_prefix("MCP endpoint: ").unwrap().to_string();
-    (child, url)
-}
-
 /// The MCP conformance suite's server scenarios that apply to voxloop's servers (the others
 /// need the suite's own fixture tools and resources, such as `test_simple_text` or
 /// `test://static-binary`), on all three.
@@ -455,11 +436,7 @@ async fn mcp_conformance_server_scenarios_pass_on_all_three_servers() {
         "server-sse-polling",
     ];
     // The music server over streamable HTTP.
-    let mut music = tokio::process::Command::new(music_server_bin());
-    music
-        .args(["--transport", "http", "--bind", "127.0.0.1:0"])
-        .current_dir(repo_root());
-    let (_music, music_url) = endpoint_of(music).await;
+    let (_music, music_url) = spawn_http_server(&[]).await;
     // `voxloop duplex mcp` over streamable HTTP, on a tiny random-weights model.
     let model = tiny_duplex_model();
     let dir = tempfile::tempdir().unwrap();
@@ -469,7 +446,7 @@ async fn mcp_conformance_server_scenarios_pass_on_all_three_servers() {
         .arg("--config")
         .arg(&file)
         .args(["duplex", "mcp", "--bind", "127.0.0.1:0"]);
-    let (_duplex, duplex_url) = endpoint_of(duplex).await;
+    let (_duplex, duplex_url) = mcp_endpoint_of(duplex).await;
     // `voxloop serve`'s `/mcp` (loopback, no credentials configured: open to local callers).
     let config = with_music(Config::default());
     let serve_url = serve_mcp(&config).await;

@@ -490,24 +490,13 @@ async fn the_duplex_mcp_process_checks_credentials_and_roles() {
         ..Config::default()
     };
     let file = common::duplex_config_file(dir.path(), model.path(), config);
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_voxloop"))
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_voxloop"));
+    command
         .arg("--config")
         .arg(&file)
         .args(["duplex", "mcp", "--bind", "127.0.0.1:0"])
-        .env(SECRET_ENV, SECRET)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    use tokio::io::AsyncBufReadExt as _;
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let url = line.strip_prefix("MCP endpoint: ").unwrap().to_string();
+        .env(SECRET_ENV, SECRET);
+    let (_child, url) = common::mcp_endpoint_of(command).await;
     check_http("duplex MCP", 200, || mcp_post(&url, initialize())).await;
     let release = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
         "params": {"name": "release_gpu", "arguments": {}}});

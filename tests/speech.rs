@@ -13,7 +13,7 @@ use common::*;
 use voxloop::config::AsrConfig;
 use voxloop::models::{self, ModelError};
 use voxloop::pipeline::Pcm;
-use voxloop::pipeline::asr::{ASR_RATE, Asr, AsrError};
+use voxloop::pipeline::asr::{ASR_RATE, Asr, AsrError, transcript_words};
 use voxloop::pipeline::convert::Converter;
 
 fn model() -> PathBuf {
@@ -52,58 +52,13 @@ fn transcript(name: &str) -> String {
     std::fs::read_to_string(repo_root().join("assets/speech").join(name)).unwrap()
 }
 
-/// Lower case, no punctuation, hyphens split, small numbers and "%" spelled out, "mr" as
-/// "mister": the forms the transcripts use.
+/// The transcript's words ([`transcript_words`]) with "mr" as "mister", as the LibriVox texts
+/// write it.
 fn normalize(text: &str) -> Vec<String> {
-    const ONES: [&str; 20] = [
-        "zero",
-        "one",
-        "two",
-        "three",
-        "four",
-        "five",
-        "six",
-        "seven",
-        "eight",
-        "nine",
-        "ten",
-        "eleven",
-        "twelve",
-        "thirteen",
-        "fourteen",
-        "fifteen",
-        "sixteen",
-        "seventeen",
-        "eighteen",
-        "nineteen",
-    ];
-    const TENS: [&str; 10] = [
-        "", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety",
-    ];
-    let spaced = text
-        .to_lowercase()
-        .replace(['-', '—'], " ")
-        .replace('%', " percent");
-    let mut words = Vec::new();
-    for word in spaced.split_whitespace() {
-        let word: String = word
-            .chars()
-            .filter(|c| c.is_alphanumeric() || *c == '\'')
-            .collect();
-        match word.parse::<usize>() {
-            Ok(n) if n < 20 => words.push(ONES[n].to_string()),
-            Ok(n) if n < 100 => {
-                words.push(TENS[n / 10].to_string());
-                if n % 10 > 0 {
-                    words.push(ONES[n % 10].to_string());
-                }
-            }
-            _ if word == "mr" => words.push("mister".into()),
-            _ if !word.is_empty() => words.push(word),
-            _ => {}
-        }
-    }
-    words
+    transcript_words(text)
+        .into_iter()
+        .map(|w| if w == "mr" { "mister".into() } else { w })
+        .collect()
 }
 
 /// Word-level edit distance.

@@ -329,35 +329,11 @@ pub fn english_number(words: &[String]) -> Option<i32> {
 }
 
 fn word_value(word: &str) -> Option<i32> {
-    const SMALL: &[&str] = &[
-        "zero",
-        "one",
-        "two",
-        "three",
-        "four",
-        "five",
-        "six",
-        "seven",
-        "eight",
-        "nine",
-        "ten",
-        "eleven",
-        "twelve",
-        "thirteen",
-        "fourteen",
-        "fifteen",
-        "sixteen",
-        "seventeen",
-        "eighteen",
-        "nineteen",
-    ];
-    const TENS: &[&str] = &[
-        "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety",
-    ];
-    if let Some(i) = SMALL.iter().position(|w| *w == word) {
+    use crate::pipeline::asr::{NUMBER_WORDS, TENS_WORDS};
+    if let Some(i) = NUMBER_WORDS.iter().position(|w| *w == word) {
         return Some(i as i32);
     }
-    if let Some(i) = TENS.iter().position(|w| *w == word) {
+    if let Some(i) = TENS_WORDS[2..].iter().position(|w| *w == word) {
         return Some(20 + 10 * i as i32);
     }
     match word {

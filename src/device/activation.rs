@@ -398,6 +398,15 @@ impl DeviceStore {
     }
 }
 
+/// What a device that must be activated shows and says.
+pub fn activation_message(code: &str) -> String {
+    let spaced: Vec<String> = code.chars().map(String::from).collect();
+    format!(
+        "This speaker is not activated yet. Its code is {}. Approve it with voxloop devices approve {code}.",
+        spaced.join(" ")
+    )
+}
+
 /// Equal strings, compared without an early exit.
 fn same(a: &str, b: &str) -> bool {
     a.len() == b.len()

@@ -424,7 +424,7 @@ async fn ota(
             answer["websocket"]["token"] = json!(pending.token);
             answer["activation"] = json!({
                 "code": pending.code,
-                "message": activation_message(&pending.code),
+                "message": super::activation::activation_message(&pending.code),
                 "challenge": pending.challenge,
                 "timeout_ms": 30_000,
             });
@@ -432,15 +432,6 @@ async fn ota(
         Err(e) => return store_failed(e),
     }
     Json(answer).into_response()
-}
-
-/// What a device that must be activated shows and says.
-pub fn activation_message(code: &str) -> String {
-    let spaced: Vec<String> = code.chars().map(String::from).collect();
-    format!(
-        "This speaker is not activated yet. Its code is {}. Approve it with voxloop devices approve {code}.",
-        spaced.join(" ")
-    )
 }
 
 /// `POST {ota_path}activate`: 200 once the device's activation was approved, 202 while it

@@ -114,7 +114,7 @@ impl DeviceConversation {
         let activation = options
             .activation_code
             .as_deref()
-            .map(super::server::activation_message);
+            .map(super::activation::activation_message);
         let device_mcp = device_mcp && activation.is_none();
         let config = assistant.config.clone();
         let audio = &config.audio;

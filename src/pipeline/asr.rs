@@ -273,6 +273,63 @@ fn split_identifier(name: &str) -> String {
     out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// English words for 0 to 19, by value.
+pub const NUMBER_WORDS: [&str; 20] = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+];
+/// English words for the tens 20 to 90, by value / 10 (0 and 1 have none).
+pub const TENS_WORDS: [&str; 10] = [
+    "", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety",
+];
+
+/// `text` as words to compare for a word error rate: lower case, hyphens and dashes split,
+/// punctuation dropped (apostrophes kept), `%` said as "percent" and whole numbers below 100
+/// spelled out (whisper writes "40%" for "forty percent").
+pub fn transcript_words(text: &str) -> Vec<String> {
+    let spaced = text
+        .to_lowercase()
+        .replace(['-', '—'], " ")
+        .replace('%', " percent");
+    let mut words = Vec::new();
+    for word in spaced.split_whitespace() {
+        let word: String = word
+            .chars()
+            .filter(|c| c.is_alphanumeric() || *c == '\'')
+            .collect();
+        match word.parse::<usize>() {
+            Ok(n) if n < 20 => words.push(NUMBER_WORDS[n].to_string()),
+            Ok(n) if n < 100 => {
+                words.push(TENS_WORDS[n / 10].to_string());
+                if n % 10 > 0 {
+                    words.push(NUMBER_WORDS[n % 10].to_string());
+                }
+            }
+            _ if !word.is_empty() => words.push(word),
+            _ => {}
+        }
+    }
+    words
+}
+
 /// The Levenshtein distance between `reference` and `hypothesis` (substitutions, insertions and
 /// deletions, each 1): over words it gives the word error rate's numerator (WER = distance /
 /// reference words), over characters the character error rate's.

@@ -85,14 +85,20 @@ pub async fn spawn_http_server(args: &[&str]) -> (tokio::process::Child, String)
     let mut cmd = tokio::process::Command::new(music_server_bin());
     cmd.args(["--transport", "http", "--bind", "127.0.0.1:0"])
         .args(args)
-        .current_dir(repo_root())
-        .stdout(Stdio::piped())
+        .current_dir(repo_root());
+    mcp_endpoint_of(cmd).await
+}
+
+/// Starts `cmd`, a server that prints `MCP endpoint: URL` as its first line on stdout (the music
+/// server and `voxloop duplex mcp --bind` do); the child (killed on drop) and the URL.
+pub async fn mcp_endpoint_of(mut cmd: tokio::process::Command) -> (tokio::process::Child, String) {
+    cmd.stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true);
-    let mut child = cmd.spawn().expect("spawn mcp_audio --transport http");
+    let mut child = cmd.spawn().expect("spawn the MCP server");
     let stdout = child.stdout.take().unwrap();
     let mut lines = tokio::io::BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
+    let line = tokio::time::timeout(std::time::Duration::from_secs(60), lines.next_line())
         .await
         .expect("server printed its endpoint in time")
         .unwrap()
