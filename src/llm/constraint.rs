@@ -519,6 +519,91 @@ impl ToolGrammar {
         text
     }
 
+    /// The same language from `state` on, written as a GBNF grammar (llama.cpp's
+    /// `grammars/README.md`: `root ::= ...`, string literals, character classes, `|` with an
+    /// empty alternative), so that llama.cpp's sampler can enforce it: one rule `pN` per
+    /// instruction that something jumps to, each a run of literal characters, string
+    /// characters and digits followed by its continuation.
+    pub fn gbnf(&self, state: &GrammarState) -> String {
+        let mut targets = vec![false; self.program.len()];
+        for inst in &self.program {
+            match *inst {
+                Inst::Split(a, b) => {
+                    targets[a] = true;
+                    targets[b] = true;
+                }
+                Inst::Jmp(a) => targets[a] = true,
+                _ => {}
+            }
+        }
+        let mut todo: Vec<usize> = Vec::new();
+        let reference = |pc: usize, todo: &mut Vec<usize>| -> String {
+            if self.program[pc] == Inst::Match {
+                String::new()
+            } else {
+                todo.push(pc);
+                format!("p{pc}")
+            }
+        };
+        let roots: Vec<String> = state.0.iter().map(|&pc| reference(pc, &mut todo)).collect();
+        let mut out = format!("root ::= {}\n", alternatives(&roots));
+        let mut written = vec![false; self.program.len()];
+        while let Some(entry) = todo.pop() {
+            if std::mem::replace(&mut written[entry], true) {
+                continue;
+            }
+            let mut body: Vec<String> = Vec::new();
+            let mut literal = String::new();
+            let mut pc = entry;
+            let flush = |literal: &mut String, body: &mut Vec<String>| {
+                if !literal.is_empty() {
+                    body.push(gbnf_literal(literal));
+                    literal.clear();
+                }
+            };
+            loop {
+                if pc != entry && targets[pc] {
+                    flush(&mut literal, &mut body);
+                    body.push(reference(pc, &mut todo));
+                    break;
+                }
+                match self.program[pc] {
+                    Inst::Char(c) => literal.push(c),
+                    Inst::StrChar => {
+                        flush(&mut literal, &mut body);
+                        body.push(r#"[^"\\\x00-\x1F\x7F-\x9F\uFFFD]"#.into());
+                    }
+                    Inst::Digit => {
+                        flush(&mut literal, &mut body);
+                        body.push("[0-9]".into());
+                    }
+                    Inst::Split(a, b) => {
+                        flush(&mut literal, &mut body);
+                        let pair = [reference(a, &mut todo), reference(b, &mut todo)];
+                        body.push(format!("({})", alternatives(&pair)));
+                        break;
+                    }
+                    Inst::Jmp(a) => {
+                        flush(&mut literal, &mut body);
+                        body.push(reference(a, &mut todo));
+                        break;
+                    }
+                    Inst::Match => {
+                        flush(&mut literal, &mut body);
+                        break;
+                    }
+                }
+                pc += 1;
+            }
+            body.retain(|b| !b.is_empty());
+            if body.is_empty() {
+                body.push("\"\"".into());
+            }
+            out.push_str(&format!("p{entry} ::= {}\n", body.join(" ")));
+        }
+        out
+    }
+
     /// The characters that may come next in `state` (for a fast first-character filter);
     /// `None` when any string character may.
     pub fn next_chars(&self, state: &GrammarState) -> Option<Vec<char>> {
@@ -535,6 +620,38 @@ impl ToolGrammar {
         chars.dedup();
         Some(chars)
     }
+}
+
+/// `options` as a GBNF alternation; an empty option is GBNF's empty alternative.
+fn alternatives(options: &[String]) -> String {
+    let mut unique: Vec<&str> = Vec::new();
+    for option in options {
+        if !unique.contains(&option.as_str()) {
+            unique.push(option);
+        }
+    }
+    if unique.len() == 1 && !unique[0].is_empty() {
+        return unique[0].to_string();
+    }
+    unique.join(" | ")
+}
+
+/// `text` as a GBNF string literal (`"..."` with `\"`, `\\` and `\xHH` escapes).
+fn gbnf_literal(text: &str) -> String {
+    let mut out = String::from("\"");
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 #[cfg(test)]
@@ -569,6 +686,51 @@ mod tests {
                 "required": ["mode", "loud"]
             }}}),
         ]
+    }
+
+    #[test]
+    fn gbnf_defines_every_rule_it_references_once() {
+        let g = ToolGrammar::with_opening(&tools(), free(), "<tool_call>\n").unwrap();
+        let state = g.advance_str(&g.start(), "<tool_call>\n").unwrap();
+        let text = g.gbnf(&state);
+        assert!(text.starts_with("root ::= "), "{text}");
+        let defined: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.split_once(" ::= ").map(|(name, _)| name))
+            .collect();
+        let mut unique = defined.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), defined.len(), "a rule defined twice");
+        for line in text.lines() {
+            let (_, body) = line.split_once(" ::= ").unwrap();
+            // Names outside literals and classes: strip those first.
+            let mut names = String::new();
+            let (mut in_literal, mut in_class, mut escaped) = (false, false, false);
+            for c in body.chars() {
+                if escaped {
+                    escaped = false;
+                    continue;
+                }
+                match c {
+                    '\\' if in_literal || in_class => escaped = true,
+                    '"' if !in_class => in_literal = !in_literal,
+                    '[' if !in_literal => in_class = true,
+                    ']' if in_class => in_class = false,
+                    c if !in_literal && !in_class => names.push(c),
+                    _ => {}
+                }
+            }
+            for name in names.split(|c: char| !c.is_ascii_alphanumeric()) {
+                if name.starts_with('p') && name.len() > 1 {
+                    assert!(defined.contains(&name), "{name} is not defined in {text}");
+                }
+            }
+        }
+        // The names and the fixed text are literals; string characters a class.
+        assert!(text.contains(r#""{\"name\": ""#), "{text}");
+        assert!(text.contains("[0-9]"));
+        assert!(text.contains(r#"[^"\\\x00-\x1F\x7F-\x9F\uFFFD]"#));
     }
 
     #[test]
