@@ -156,6 +156,20 @@ pub enum LlmProvider {
     Openai,
 }
 
+/// What runs the local GGUF model (`[llm] engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LocalEngine {
+    /// llama.cpp's `llama-server`, run by voxloop as a child process on loopback (`voxloop
+    /// models fetch llama-server` builds it): about 4 times candle's prefill and twice its
+    /// decode on 2 cores (BENCHMARKS.md). Falls back to candle, with a warning, when the binary
+    /// is missing.
+    #[serde(rename = "llama.cpp")]
+    LlamaCpp,
+    /// candle's quantized llama and qwen2 in this process.
+    #[serde(rename = "candle")]
+    Candle,
+}
+
 /// `[llm]`: the chat model: the local GGUF model (default), or an OpenAI-compatible chat
 /// completions endpoint (OpenAI, Ollama, vLLM, llama.cpp's server).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -175,6 +189,20 @@ pub struct LlmConfig {
     /// a GPT-2 tokenizer and ChatML; default: Qwen2.5-Coder-0.5B-Instruct in the model directory
     /// (`voxloop models fetch`).
     pub local_model: Option<PathBuf>,
+    /// What runs the local model: `"llama.cpp"` (default) or `"candle"`.
+    pub engine: LocalEngine,
+    /// Engine `llama.cpp`: the `llama-server` binary; default: `llama-server` in the model
+    /// directory (`voxloop models fetch llama-server`).
+    pub llama_server: Option<PathBuf>,
+    /// Engine `llama.cpp`: CPU threads for the model (0: one per core).
+    pub engine_threads: u32,
+    /// Engine `llama.cpp`: completions run at once (1..=64, default 4), each with its own
+    /// context of 4096 tokens (about 50 MB of KV cache each for Qwen2.5-0.5B) and its own
+    /// cached prompt, so that several conversations do not evict each other's; further
+    /// requests wait in the server's queue, first come first served.
+    pub engine_slots: u32,
+    /// Engine `llama.cpp`: how long the server may take to start and load the model, in ms.
+    pub engine_start_timeout_ms: u64,
     /// Requests for voxloop's own tools (volume, the time, stop, goodbye) are matched by fixed
     /// English and Chinese patterns and call the tool without the model
     /// ([`crate::conversation::intent`]); everything else goes to the model.
@@ -229,6 +257,11 @@ impl Default for LlmConfig {
             history_turns: 10,
             history_tokens: 2048,
             local_model: None,
+            engine: LocalEngine::LlamaCpp,
+            llama_server: None,
+            engine_threads: 0,
+            engine_slots: 4,
+            engine_start_timeout_ms: 60_000,
             builtin_intents: true,
             volume_step: 20,
             max_reply_sentences: 2,
@@ -255,6 +288,15 @@ impl LlmConfig {
     pub fn local_model_path(&self) -> PathBuf {
         self.local_model.clone().unwrap_or_else(|| {
             crate::models::spec("qwen2.5-0.5b")
+                .map(crate::models::model_path)
+                .unwrap_or_default()
+        })
+    }
+
+    /// The `llama-server` binary: `llama_server`, else the one in the model directory.
+    pub fn llama_server_path(&self) -> PathBuf {
+        self.llama_server.clone().unwrap_or_else(|| {
+            crate::models::spec("llama-server")
                 .map(crate::models::model_path)
                 .unwrap_or_default()
         })
@@ -1203,6 +1245,14 @@ impl Config {
             "characters",
         )?;
         in_range("llm.max_tokens", llm.max_tokens, 1..=32_768, "tokens")?;
+        in_range("llm.engine_threads", llm.engine_threads, 0..=256, "threads")?;
+        in_range("llm.engine_slots", llm.engine_slots, 1..=64, "completions")?;
+        in_range(
+            "llm.engine_start_timeout_ms",
+            llm.engine_start_timeout_ms,
+            1000..=600_000,
+            "ms",
+        )?;
         in_range(
             "llm.volume_step",
             llm.volume_step,

@@ -1,8 +1,11 @@
-//! The local chat model with the real SmolLM2-135M-Instruct GGUF: its tokenizer, a greeting
-//! answered in words, tool calls decoded under the grammar and run on the real music server,
-//! cancellation, and the main job (`voxloop run` on a recorded command) end to end.
+//! The local chat model with the real SmolLM2-135M-Instruct GGUF on both engines (candle, and
+//! llama.cpp's real `llama-server` as a child process): its tokenizer, a greeting answered in
+//! words, tool calls decoded under the grammar and run on the real music server,
+//! cancellation, a server that dies mid-reply, and the main job (`voxloop run` on a recorded
+//! command) end to end.
 //!
-//! The model must be present (`voxloop models fetch smollm2`; scripts/test fetches it once).
+//! The model and the server must be present (`voxloop models fetch smollm2 llama-server`;
+//! scripts/test fetches them once).
 
 mod common;
 
@@ -14,7 +17,7 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-use voxloop::config::{Config, LlmConfig, McpServerConfig};
+use voxloop::config::{Config, LlmConfig, LocalEngine, McpServerConfig};
 use voxloop::conversation::DEFAULT_SYSTEM_PROMPT;
 use voxloop::llm::local::LocalModel;
 use voxloop::llm::{ChatMessage, LlmError, LlmEvent, Role, ToolCallRequest};
@@ -24,16 +27,35 @@ fn model_path() -> PathBuf {
     model_file("smollm2")
 }
 
-/// One loaded model for all tests.
-fn model() -> &'static LocalModel {
-    static MODEL: OnceLock<LocalModel> = OnceLock::new();
-    MODEL.get_or_init(|| {
+/// Both engines.
+const ENGINES: [LocalEngine; 2] = [LocalEngine::Candle, LocalEngine::LlamaCpp];
+
+/// One loaded model per engine for all tests.
+fn model_on(engine: LocalEngine) -> &'static LocalModel {
+    static CANDLE: OnceLock<LocalModel> = OnceLock::new();
+    static LLAMA: OnceLock<LocalModel> = OnceLock::new();
+    let cell = match engine {
+        LocalEngine::Candle => &CANDLE,
+        LocalEngine::LlamaCpp => &LLAMA,
+    };
+    cell.get_or_init(|| {
         let config = LlmConfig {
             max_tokens: 48,
+            engine,
             ..LlmConfig::default()
         };
-        LocalModel::load(&model_path(), &config).unwrap()
+        let model = LocalModel::load(&model_path(), &config).unwrap();
+        assert_eq!(
+            model.engine(),
+            engine,
+            "no llama-server: voxloop models fetch llama-server"
+        );
+        model
     })
+}
+
+fn model() -> &'static LocalModel {
+    model_on(LocalEngine::Candle)
 }
 
 /// The tool hub over the real music server (stdio), as the assistant has it.
@@ -58,10 +80,11 @@ fn request(user: &str) -> Vec<ChatMessage> {
 /// Runs a completion through the streaming interface: the text, the tool calls and the finish
 /// reason.
 async fn complete(
+    model: &LocalModel,
     messages: &[ChatMessage],
     tools: &[Value],
 ) -> (String, Vec<ToolCallRequest>, String) {
-    let mut rx = model()
+    let mut rx = model
         .stream(messages, tools, &CancellationToken::new())
         .await
         .unwrap();
@@ -99,17 +122,34 @@ fn the_tokenizer_comes_from_the_gguf_metadata() {
 #[tokio::test]
 async fn a_greeting_is_answered_in_words() {
     let hub = hub().await;
-    let (text, calls, finish) =
-        complete(&request("Hello, how are you?"), &hub.function_tools()).await;
-    assert!(calls.is_empty(), "{calls:?}");
-    assert!(text.split_whitespace().count() >= 2, "{text:?}");
-    assert!(["stop", "length"].contains(&finish.as_str()), "{finish}");
+    for engine in ENGINES {
+        let (text, calls, finish) = complete(
+            model_on(engine),
+            &request("Hello, how are you?"),
+            &hub.function_tools(),
+        )
+        .await;
+        assert!(calls.is_empty(), "{engine:?}: {calls:?}");
+        assert!(text.split_whitespace().count() >= 2, "{engine:?}: {text:?}");
+        assert!(["stop", "length"].contains(&finish.as_str()), "{finish}");
+    }
 }
 
 #[tokio::test]
 async fn play_some_music_calls_the_music_player_and_the_call_runs() {
     let hub = hub().await;
-    let (text, calls, finish) = complete(&request("Play some music."), &hub.function_tools()).await;
+    for engine in ENGINES {
+        play_some_music_on(engine, &hub).await;
+    }
+}
+
+async fn play_some_music_on(engine: LocalEngine, hub: &ToolHub) {
+    let (text, calls, finish) = complete(
+        model_on(engine),
+        &request("Play some music."),
+        &hub.function_tools(),
+    )
+    .await;
     assert_eq!(finish, "tool_calls");
     assert!(text.is_empty(), "{text:?}");
     assert_eq!(calls.len(), 1, "{calls:?}");
@@ -147,7 +187,14 @@ async fn a_constrained_integer_stays_in_the_schema_range() {
         .into_iter()
         .filter(|t| t["function"]["name"] == "set_volume")
         .collect();
-    let (_, calls, finish) = complete(&request("Set the volume to 30."), &tools).await;
+    for engine in ENGINES {
+        set_volume_on(engine, &hub, &tools).await;
+    }
+}
+
+async fn set_volume_on(engine: LocalEngine, hub: &ToolHub, tools: &[Value]) {
+    let (_, calls, finish) =
+        complete(model_on(engine), &request("Set the volume to 30."), tools).await;
     assert_eq!(finish, "tool_calls");
     assert_eq!(calls[0].name, "set_volume");
     let arguments: Value = serde_json::from_str(&calls[0].arguments).unwrap();
@@ -169,8 +216,14 @@ async fn a_constrained_integer_stays_in_the_schema_range() {
 
 #[tokio::test]
 async fn cancelling_stops_generation_before_the_end() {
+    for engine in ENGINES {
+        cancel_on(engine).await;
+    }
+}
+
+async fn cancel_on(engine: LocalEngine) {
     let cancel = CancellationToken::new();
-    let mut rx = model()
+    let mut rx = model_on(engine)
         .stream(&request("Tell me a long story about a cat."), &[], &cancel)
         .await
         .unwrap();
@@ -189,6 +242,69 @@ async fn cancelling_stops_generation_before_the_end() {
     .unwrap();
     assert!(rest.len() <= 2, "{rest:?}");
     assert!(!rest.iter().any(|e| matches!(e, LlmEvent::Done { .. })));
+}
+
+/// llama.cpp's server killed mid-reply: the reply ends with a clear error (no panic, no hang),
+/// and the next request starts the server again and is answered.
+#[tokio::test]
+async fn a_llama_server_that_dies_mid_reply_is_an_error_and_is_started_again() {
+    let config = LlmConfig {
+        max_tokens: 200,
+        temperature: 0.0,
+        ..LlmConfig::default()
+    };
+    let model = LocalModel::load(&model_path(), &config).unwrap();
+    assert_eq!(model.engine(), LocalEngine::LlamaCpp);
+    let cancel = CancellationToken::new();
+    let mut rx = model
+        .stream(&request("Tell me a long story about a cat."), &[], &cancel)
+        .await
+        .unwrap();
+    let first = rx.recv().await.unwrap().unwrap();
+    assert!(matches!(first, LlmEvent::Text(_)), "{first:?}");
+    let pid = model.llama_server().unwrap().pid().await.unwrap();
+    let killed = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let last = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut last = None;
+        while let Some(event) = rx.recv().await {
+            last = Some(event);
+        }
+        last
+    })
+    .await
+    .expect("the stream ended");
+    let error = match last {
+        Some(Err(e)) => e,
+        other => panic!("expected an error, got {other:?}"),
+    };
+    assert!(matches!(error, LlmError::Model { .. }), "{error}");
+    assert!(error.to_string().contains("llama-server"), "{error}");
+    // The next request gets a new server.
+    let (text, _, finish) = complete(&model, &request("Hello, how are you?"), &[]).await;
+    assert!(!text.is_empty(), "{text:?}");
+    assert!(["stop", "length"].contains(&finish.as_str()), "{finish}");
+    let again = model.llama_server().unwrap().pid().await.unwrap();
+    assert_ne!(again, pid);
+}
+
+/// Without the llama-server program the model runs on candle (with a warning), not fails.
+#[test]
+fn a_missing_llama_server_falls_back_to_candle() {
+    let config = LlmConfig {
+        llama_server: Some("/nonexistent/llama-server".into()),
+        ..LlmConfig::default()
+    };
+    let model = LocalModel::load(&model_path(), &config).unwrap();
+    assert_eq!(model.engine(), LocalEngine::Candle);
+    let (events, _) = model.complete_blocking(&request("Hello!"), &[]).unwrap();
+    assert!(
+        matches!(events.last(), Some(LlmEvent::Done { .. })),
+        "{events:?}"
+    );
 }
 
 #[test]

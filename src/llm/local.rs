@@ -1,6 +1,8 @@
-//! The local chat model: a llama-architecture GGUF (by default SmolLM2-135M-Instruct Q4_1,
-//! DESIGN §7) run on the CPU with candle, streaming the same [`LlmEvent`]s as the
-//! OpenAI-compatible client.
+//! The local chat model: a llama- or qwen2-architecture GGUF (by default
+//! Qwen2.5-Coder-0.5B-Instruct) run on the CPU, streaming the same [`LlmEvent`]s as the
+//! OpenAI-compatible client. The engine is llama.cpp's `llama-server` ([`super::llama_cpp`],
+//! the default) or candle in this process (`[llm] engine`); the tokenizer, the prompt and the
+//! decisions below are voxloop's either way.
 //!
 //! - Tokenizer: built from the GGUF metadata (`tokenizer.ggml.tokens`, `.merges`,
 //!   `.token_type`): GPT-2 byte-level BPE without a prefix space, digits split one by one (as
@@ -14,7 +16,8 @@
 //!   [`ToolGrammar`]: only tokens that keep it a valid call of an offered tool are allowed, so
 //!   the call is always well formed. Text is sampled at the configured temperature.
 //!
-//! Generation runs on a blocking thread; cancelling stops it between two tokens.
+//! With candle, generation runs on a blocking thread; with llama.cpp, on a task that reads the
+//! server's stream. Cancelling stops it between two tokens.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -39,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use super::constraint::{GrammarState, StringRule, TOOL_CALL_OPEN, ToolGrammar};
 use super::qwen2;
 use super::{ChatMessage, FunctionTools, LlmError, LlmEvent, Role, ToolCallRequest, Usage};
-use crate::config::LlmConfig;
+use crate::config::{LlmConfig, LocalEngine};
 
 /// GGUF `tokenizer.ggml.token_type` of control tokens (llama.cpp's `LLAMA_TOKEN_TYPE_CONTROL`).
 const TOKEN_TYPE_CONTROL: i32 = 3;
@@ -93,6 +96,26 @@ impl ChatFormat {
 const ASSISTANT_HEADER: &str = "<|im_start|>assistant\n";
 /// Seed of the text sampler: the same prompt gives the same reply.
 const SEED: u64 = 299_792_458;
+/// With llama.cpp: how many of the most likely first tokens the server lists
+/// (`n_probs`), among which a tool call's start and a text start are looked for.
+const FIRST_TOKEN_CHOICES: usize = 20;
+
+/// Runs `future` to its end on a runtime of its own, on a thread of its own (so that a caller
+/// inside a runtime may block on it too): the blocking calls of the llama.cpp engine.
+fn block_on<T: Send>(future: impl std::future::Future<Output = T> + Send) -> T {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a current-thread runtime")
+                    .block_on(future)
+            })
+            .join()
+            .expect("the blocking llama.cpp call panicked")
+    })
+}
 
 /// A loaded model; cheap to clone (the weights are shared).
 #[derive(Clone)]
@@ -102,7 +125,10 @@ pub struct LocalModel {
 
 struct Inner {
     path: PathBuf,
-    weights: Weights,
+    /// candle's transformer, when candle is the engine.
+    weights: Option<Weights>,
+    /// llama.cpp's server, when it is the engine.
+    server: Option<super::llama_cpp::LlamaServer>,
     /// How prompts and tool calls are written for this model.
     format: ChatFormat,
     tokenizer: Tokenizer,
@@ -188,6 +214,14 @@ impl GenerationStats {
     /// Generated tokens per second, after the first.
     pub fn decode_tokens_per_s(&self) -> f64 {
         (self.generated_tokens.saturating_sub(1)) as f64 / (self.decode_ms / 1000.0)
+    }
+}
+
+/// Why the model failed, without the path that [`model_error`] adds again.
+fn reason(e: LlmError) -> String {
+    match e {
+        LlmError::Model { reason, .. } => reason,
+        other => other.to_string(),
     }
 }
 
@@ -300,7 +334,10 @@ fn tokenizer_from_gguf(content: &gguf_file::Content) -> Result<(Tokenizer, Vec<u
 
 impl LocalModel {
     /// Loads the GGUF file at `path` (llama architecture, GPT-2 tokenizer) for `config`'s
-    /// sampling settings. About 0.3 s for the 98 MB SmolLM2 file.
+    /// sampling settings: its tokenizer always, its weights into candle when candle is the
+    /// engine (`[llm] engine`; also when llama.cpp's `llama-server` is missing, with a
+    /// warning). About 0.3 s for the 98 MB SmolLM2 file. llama.cpp's server starts with the
+    /// first request or the warm-up.
     ///
     /// # Errors
     /// [`LlmError::Model`] naming the file when it cannot be read or is not such a model.
@@ -336,27 +373,38 @@ impl LocalModel {
             .get("general.architecture")
             .and_then(|v| v.to_string().ok().cloned())
             .unwrap_or_default();
-        let (weights, format) = match architecture.as_str() {
-            "llama" => (
-                Weights::Llama(
-                    llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu)
-                        .map_err(|e| model_error(path, e))?,
-                ),
-                ChatFormat::SmolLm,
-            ),
-            "qwen2" => (
-                Weights::Qwen2(
-                    qwen2::ModelWeights::from_gguf(content, &mut file, &Device::Cpu)
-                        .map_err(|e| model_error(path, e))?,
-                ),
-                ChatFormat::Qwen,
-            ),
+        let format = match architecture.as_str() {
+            "llama" => ChatFormat::SmolLm,
+            "qwen2" => ChatFormat::Qwen,
             other => {
                 return Err(model_error(
                     path,
                     format!("architecture {other:?}; only llama and qwen2 are supported"),
                 ));
             }
+        };
+        let server = match config.engine {
+            LocalEngine::Candle => None,
+            LocalEngine::LlamaCpp => match super::llama_cpp::LlamaServer::new(path, config) {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    tracing::warn!(
+                        "{e}; the local model runs on candle instead, about 4 times slower to read a prompt (set [llm] engine = \"candle\" to silence this)"
+                    );
+                    None
+                }
+            },
+        };
+        let weights = match (&server, format) {
+            (Some(_), _) => None,
+            (None, ChatFormat::SmolLm) => Some(Weights::Llama(
+                llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu)
+                    .map_err(|e| model_error(path, e))?,
+            )),
+            (None, ChatFormat::Qwen) => Some(Weights::Qwen2(
+                qwen2::ModelWeights::from_gguf(content, &mut file, &Device::Cpu)
+                    .map_err(|e| model_error(path, e))?,
+            )),
         };
         let size = tokenizer.get_vocab_size(true);
         let mut token_text = Vec::with_capacity(size);
@@ -373,6 +421,7 @@ impl LocalModel {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 weights,
+                server,
                 format,
                 tokenizer,
                 token_text,
@@ -387,6 +436,21 @@ impl LocalModel {
     /// The model file.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// What runs the model: llama.cpp's server, or candle (configured so, or because the
+    /// server program is missing).
+    pub fn engine(&self) -> LocalEngine {
+        if self.inner.server.is_some() {
+            LocalEngine::LlamaCpp
+        } else {
+            LocalEngine::Candle
+        }
+    }
+
+    /// llama.cpp's server, when it is the engine.
+    pub fn llama_server(&self) -> Option<&super::llama_cpp::LlamaServer> {
+        self.inner.server.as_ref()
     }
 
     /// How this model writes prompts and tool calls (from its architecture).
@@ -508,34 +572,23 @@ impl LocalModel {
         let inner = self.inner.clone();
         let (tx, rx) = mpsc::channel(64);
         let cancel = cancel.clone();
+        if inner.server.is_some() {
+            tokio::spawn(async move {
+                let result = inner
+                    .generate_llama(&ids, grammar.as_ref(), &tx, &cancel)
+                    .await;
+                if let Some(last) = inner.last_event(result) {
+                    let _ = tx.send(last).await;
+                }
+            });
+            return Ok(rx);
+        }
         std::thread::Builder::new()
             .name("voxloop-llm".into())
             .spawn(move || {
                 let result = inner.generate(&ids, grammar.as_ref(), &tx, &cancel);
-                match result {
-                    Ok(Some((finish_reason, stats))) => {
-                        tracing::debug!(
-                            prompt_tokens = stats.prompt_tokens,
-                            cached = stats.cached_tokens,
-                            generated = stats.generated_tokens,
-                            prefill_ms = format!("{:.0}", stats.prefill_ms),
-                            decode_tok_s = format!("{:.1}", stats.decode_tokens_per_s()),
-                            "local model reply"
-                        );
-                        crate::metrics::get()
-                            .llm_tokens(stats.prompt_tokens as u64, stats.generated_tokens as u64);
-                        let _ = tx.blocking_send(Ok(LlmEvent::Done {
-                            finish_reason,
-                            usage: Some(Usage {
-                                prompt_tokens: stats.prompt_tokens as u64,
-                                completion_tokens: stats.generated_tokens as u64,
-                            }),
-                        }));
-                    }
-                    Ok(None) => {} // cancelled or the receiver is gone
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(model_error(&inner.path, e)));
-                    }
+                if let Some(last) = inner.last_event(result) {
+                    let _ = tx.blocking_send(last);
                 }
             })
             .map_err(|e| model_error(&self.inner.path, format!("starting a thread: {e}")))?;
@@ -554,9 +607,15 @@ impl LocalModel {
         let (ids, grammar) = self.prepare(messages, tools)?;
         // Room for every event of the reply: nothing reads them until it is done.
         let (tx, mut rx) = mpsc::channel(self.inner.config.max_tokens as usize + 2);
-        let result = self
-            .inner
-            .generate(&ids, grammar.as_ref(), &tx, &CancellationToken::new());
+        let cancel = CancellationToken::new();
+        let result = if self.inner.server.is_some() {
+            block_on(
+                self.inner
+                    .generate_llama(&ids, grammar.as_ref(), &tx, &cancel),
+            )
+        } else {
+            self.inner.generate(&ids, grammar.as_ref(), &tx, &cancel)
+        };
         drop(tx);
         let (finish_reason, stats) = match result {
             Ok(Some(done)) => done,
@@ -599,6 +658,19 @@ impl LocalModel {
         let ids = self.tokenize(&prefix)?;
         let mut stats = GenerationStats::default();
         let started = Instant::now();
+        if let Some(server) = &self.inner.server {
+            // The server keeps the prefix in its slot's cache (`cache_prompt`).
+            let body = serde_json::json!({
+                "prompt": ids, "n_predict": 0, "cache_prompt": true,
+            });
+            block_on(server.complete(&body, &CancellationToken::new()))?;
+            tracing::debug!(
+                tokens = ids.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "local model warmed up (llama.cpp)"
+            );
+            return Ok(());
+        }
         self.inner
             .prefill(&ids, &mut stats)
             .map_err(|e| model_error(&self.inner.path, e))?;
@@ -901,6 +973,42 @@ fn argmax(logits: &[f32], allowed: impl Iterator<Item = usize>) -> Option<usize>
 }
 
 impl Inner {
+    /// The stream's last event for a generation's `result` (logged, and counted in the
+    /// metrics): `Done` with the usage, or the error; `None` when it was cancelled.
+    fn last_event(
+        &self,
+        result: Result<Option<(String, GenerationStats)>, String>,
+    ) -> Option<Result<LlmEvent, LlmError>> {
+        match result {
+            Ok(Some((finish_reason, stats))) => {
+                tracing::debug!(
+                    engine = if self.server.is_some() {
+                        "llama.cpp"
+                    } else {
+                        "candle"
+                    },
+                    prompt_tokens = stats.prompt_tokens,
+                    cached = stats.cached_tokens,
+                    generated = stats.generated_tokens,
+                    prefill_ms = format!("{:.0}", stats.prefill_ms),
+                    decode_tok_s = format!("{:.1}", stats.decode_tokens_per_s()),
+                    "local model reply"
+                );
+                crate::metrics::get()
+                    .llm_tokens(stats.prompt_tokens as u64, stats.generated_tokens as u64);
+                Some(Ok(LlmEvent::Done {
+                    finish_reason,
+                    usage: Some(Usage {
+                        prompt_tokens: stats.prompt_tokens as u64,
+                        completion_tokens: stats.generated_tokens as u64,
+                    }),
+                }))
+            }
+            Ok(None) => None, // cancelled or the receiver is gone
+            Err(e) => Some(Err(model_error(&self.path, e))),
+        }
+    }
+
     /// Runs `ids` through `model` from position `pos`: the logits for the token after them.
     fn forward(&self, model: &mut Weights, ids: &[u32], pos: usize) -> Result<Vec<f32>, String> {
         let input = Tensor::new(ids, &Device::Cpu)
@@ -991,7 +1099,11 @@ impl Inner {
         // candle's llama runs several tokens at once only from position 0, and one at a time
         // costs about twice a batched token: resume when that is still cheaper. Qwen2 runs the
         // rest after a cached prompt in one batch.
-        let resume = |c: &CachedPrompt| match self.weights {
+        let weights = self
+            .weights
+            .as_ref()
+            .ok_or("the model's weights are not loaded (llama.cpp runs it)")?;
+        let resume = |c: &CachedPrompt| match weights {
             Weights::Llama(_) => (ids.len() - c.ids.len()) * 2 < ids.len(),
             Weights::Qwen2(_) => !c.ids.is_empty(),
         };
@@ -1003,7 +1115,7 @@ impl Inner {
                 cursor
             }
             _ => {
-                let mut model = self.weights.clone();
+                let mut model = weights.clone();
                 let logits = self.forward(&mut model, ids, 0)?;
                 Cursor {
                     model,
@@ -1079,11 +1191,9 @@ impl Inner {
             Sampling::All { temperature }
         };
         let mut sampler = LogitsProcessor::from_sampling(SEED, sampling);
-        // A reply in words does not start like a tool call, a tag, a JSON object or a code
-        // block (after a tool's answer, or when sampling picks a less likely first token, Qwen
-        // writes a call out as JSON, or in a fenced block).
-        for (id, text) in self.token_text.iter().enumerate() {
-            if text.trim_start().starts_with(['<', '{', '[', '`']) {
+        // A reply in words does not start with markup.
+        for id in 0..self.token_text.len() {
+            if self.starts_markup(id) {
                 cursor.logits[id] = f32::NEG_INFINITY;
             }
         }
@@ -1125,6 +1235,199 @@ impl Inner {
         }
         stats.decode_ms = decode_started.elapsed().as_secs_f64() * 1000.0;
         Ok(Some((finish.into(), stats)))
+    }
+
+    /// [`Self::generate`] on llama.cpp's server, in up to two requests after the prompt's:
+    /// 1. the first token alone (`n_predict` 1), with the [`FIRST_TOKEN_CHOICES`] most likely
+    ///    ones: a tool call or text, as [`Self::starts_tool_call`] decides (a tool start
+    ///    outside that list is taken to be too unlikely);
+    /// 2. a tool call: the call opening fed after the prompt, then the call decoded greedily
+    ///    under the tool grammar as GBNF; or text: the most likely first token that does not
+    ///    start markup (greedy, whatever the temperature), then the rest streamed at the
+    ///    configured temperature, detokenized here so that a character split over tokens is
+    ///    sent whole.
+    async fn generate_llama(
+        &self,
+        ids: &[u32],
+        grammar: Option<&ToolGrammar>,
+        tx: &mpsc::Sender<Result<LlmEvent, LlmError>>,
+        cancel: &CancellationToken,
+    ) -> Result<Option<(String, GenerationStats)>, String> {
+        let server = self.server.as_ref().ok_or("llama.cpp is not the engine")?;
+        let mut stats = GenerationStats {
+            prompt_tokens: ids.len(),
+            ..Default::default()
+        };
+        let max_new = self.config.max_tokens as usize;
+        let first = server
+            .complete(
+                &serde_json::json!({
+                    "prompt": ids, "n_predict": 1, "n_probs": FIRST_TOKEN_CHOICES,
+                    "temperature": 0.0, "cache_prompt": true,
+                }),
+                cancel,
+            )
+            .await
+            .map_err(reason)?;
+        let Some(first) = first else { return Ok(None) };
+        stats.cached_tokens = first.timings.cached;
+        stats.prefill_ms = first.timings.prompt_ms;
+        let top = first.top.into_iter().next().unwrap_or_default();
+        if top.is_empty() {
+            return Err("llama-server sent no token probabilities (n_probs)".into());
+        }
+        let decode_started = Instant::now();
+
+        if let Some(grammar) = grammar {
+            let mut logits = vec![f32::NEG_INFINITY; self.token_text.len()];
+            for t in &top {
+                if let Some(l) = logits.get_mut(t.id as usize) {
+                    *l = t.logprob;
+                }
+            }
+            if self.starts_tool_call(grammar, &logits) {
+                // The opening and the text every call goes on with (`{"name": "`) are fed
+                // with the prompt, but for their last token, which the model writes under the
+                // grammar (so that it is tokenized as the model would write it).
+                let opening = self.format.call_opening();
+                let forced = grammar.forced_text(&grammar.start());
+                let mut fed: Vec<u32> = self
+                    .tokenizer
+                    .encode_fast(forced.as_str(), false)
+                    .map_err(|e| e.to_string())?
+                    .get_ids()
+                    .to_vec();
+                fed.pop();
+                let fed_text = self
+                    .tokenizer
+                    .decode(&fed, false)
+                    .map_err(|e| e.to_string())?;
+                let state = grammar
+                    .advance_str(&grammar.start(), &fed_text)
+                    .ok_or("the grammar refused the call's opening")?;
+                let mut prompt = ids.to_vec();
+                prompt.extend(&fed);
+                let call = server
+                    .complete(
+                        &serde_json::json!({
+                            "prompt": prompt, "n_predict": max_new, "temperature": 0.0,
+                            "grammar": grammar.gbnf(&state), "cache_prompt": true,
+                        }),
+                        cancel,
+                    )
+                    .await
+                    .map_err(reason)?;
+                let Some(call) = call else { return Ok(None) };
+                stats.generated_tokens = prompt.len() - ids.len() + call.timings.predicted_n;
+                stats.decode_ms = decode_started.elapsed().as_secs_f64() * 1000.0;
+                let text = format!("{fed_text}{}", call.content);
+                if !grammar.accepts(&text) {
+                    return Err(format!(
+                        "the tool call did not finish within max_tokens ({max_new}): {text}"
+                    ));
+                }
+                let json = text
+                    .strip_prefix(opening)
+                    .ok_or("the tool call lost its opening tag")?;
+                let value: Value =
+                    serde_json::from_str(json).map_err(|e| format!("{e}: {json}"))?;
+                let call = ToolCallRequest {
+                    id: format!("call_{}", stats.prompt_tokens + stats.generated_tokens),
+                    name: value["name"].as_str().unwrap_or_default().to_string(),
+                    arguments: value["arguments"].to_string(),
+                };
+                if tx.send(Ok(LlmEvent::ToolCall(call))).await.is_err() {
+                    return Ok(None);
+                }
+                return Ok(Some(("tool_calls".into(), stats)));
+            }
+        }
+
+        // Text.
+        let Some(first_id) = top
+            .iter()
+            .map(|t| t.id)
+            .find(|&id| !self.starts_markup(id as usize))
+        else {
+            return Ok(Some(("stop".into(), stats)));
+        };
+        let mut generated: Vec<u32> = Vec::new();
+        let mut sent = 0; // bytes of the decoded text already sent
+        let mut finish = "length";
+        let mut next_ids = vec![first_id];
+        let mut pieces = None;
+        'reply: loop {
+            for id in next_ids.drain(..) {
+                let control = self
+                    .token_text
+                    .get(id as usize)
+                    .is_none_or(String::is_empty);
+                if self.stop.contains(&id) || control {
+                    finish = "stop";
+                    break 'reply;
+                }
+                generated.push(id);
+                stats.generated_tokens += 1;
+                let text = self
+                    .tokenizer
+                    .decode(&generated, false)
+                    .map_err(|e| e.to_string())?;
+                // Hold back a partial UTF-8 sequence until its last byte arrives.
+                if text.len() > sent && !text.ends_with('\u{FFFD}') {
+                    let delta = text[sent..].to_string();
+                    sent = text.len();
+                    if tx.send(Ok(LlmEvent::Text(delta))).await.is_err() {
+                        return Ok(None);
+                    }
+                }
+                if generated.len() >= max_new {
+                    break 'reply;
+                }
+            }
+            if pieces.is_none() {
+                let mut prompt = ids.to_vec();
+                prompt.push(first_id);
+                let body = serde_json::json!({
+                    "prompt": prompt, "n_predict": max_new - 1,
+                    "temperature": self.config.temperature, "seed": SEED,
+                    "cache_prompt": true,
+                });
+                match server.stream(&body, cancel).await.map_err(reason)? {
+                    Some(p) => pieces = Some(p),
+                    None => return Ok(None),
+                }
+            }
+            let Some(stream) = pieces.as_mut() else {
+                break;
+            };
+            match stream.next(cancel).await.map_err(reason)? {
+                None if cancel.is_cancelled() => return Ok(None),
+                None => break,
+                Some(piece) => {
+                    next_ids = piece.tokens;
+                    if let Some((stop_type, _)) = &piece.end
+                        && stop_type != "limit"
+                    {
+                        finish = "stop";
+                    }
+                }
+            }
+            if tx.is_closed() {
+                return Ok(None);
+            }
+        }
+        stats.decode_ms = decode_started.elapsed().as_secs_f64() * 1000.0;
+        Ok(Some((finish.into(), stats)))
+    }
+
+    /// Whether token `id` starts markup, which a reply in words does not start with: a tool
+    /// call written out, a tag, a JSON object or a code block (after a tool's answer, or when
+    /// sampling picks a less likely first token, Qwen writes a call out as JSON, or in a
+    /// fenced block).
+    fn starts_markup(&self, id: usize) -> bool {
+        self.token_text
+            .get(id)
+            .is_some_and(|text| text.trim_start().starts_with(['<', '{', '[', '`']))
     }
 
     /// Whether the reply starts with a tool call: the most likely token that can start one,

@@ -2,11 +2,12 @@
 //! then the finish reason and token usage.
 //!
 //! [`openai`] talks to any OpenAI-compatible `/chat/completions` endpoint (OpenAI, Ollama, vLLM,
-//! llama.cpp's server) with server-sent events; [`local`] runs a small GGUF model on the CPU
-//! with candle, its tool calls decoded under [`constraint`]. [`ChatModel`] is either, as
-//! `[llm] provider` says.
+//! llama.cpp's server) with server-sent events; [`local`] runs a small GGUF model on the CPU,
+//! on llama.cpp's server as a child process ([`llama_cpp`]) or in-process with candle, its
+//! tool calls decoded under [`constraint`]. [`ChatModel`] is either, as `[llm] provider` says.
 
 pub mod constraint;
+pub mod llama_cpp;
 pub mod local;
 pub mod openai;
 pub mod qwen2;
@@ -236,7 +237,14 @@ impl ChatModel {
     pub fn describe(&self) -> String {
         match self {
             Self::OpenAi(client) => client.describe(),
-            Self::Local(model) => format!("local {}", model.path().display()),
+            Self::Local(model) => format!(
+                "local {} on {}",
+                model.path().display(),
+                match model.engine() {
+                    crate::config::LocalEngine::LlamaCpp => "llama.cpp",
+                    crate::config::LocalEngine::Candle => "candle",
+                }
+            ),
         }
     }
 }
