@@ -15,7 +15,9 @@
 //!
 //! Needs: espeak-ng, `voxloop models fetch` and `voxloop models fetch smollm2`.
 //! Run: `cargo bench --bench assistant` (about 10 minutes on 2 cores). `CASES=N` runs the first
-//! N requests only.
+//! N requests only; `SETUPS=3,4` those setups only (0-based; 3 and 4 are the two engines with
+//! the defaults). The reply's voice is the default one (Kokoro), or espeak-ng with
+//! `VOICE=espeak-ng`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -24,7 +26,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-use voxloop::config::{Config, McpServerConfig};
+use voxloop::config::{Config, LocalEngine, McpServerConfig};
 use voxloop::conversation::{Conversation, ConversationSettings, TurnEnd, TurnReport};
 use voxloop::llm::ChatModel;
 use voxloop::pipeline::asr::{ASR_RATE, Asr, vocabulary_prompt};
@@ -281,6 +283,7 @@ fn name_recall(name: &str, heard: &str) -> (usize, usize) {
 struct Setup {
     label: &'static str,
     model: &'static str,
+    engine: LocalEngine,
     intents: bool,
     vocabulary: bool,
     limits: bool,
@@ -301,6 +304,11 @@ async fn main() {
         .collect();
     let mut base = Config::default();
     base.tts.voice = "en-us".into();
+    // VOICE=espeak-ng: replies in espeak-ng's voice (first audio about 17 ms after the text),
+    // so that first audio measures hearing and the chat model alone.
+    if std::env::var("VOICE").as_deref() == Ok("espeak-ng") {
+        base.tts.provider = voxloop::config::TtsProvider::EspeakNg;
+    }
     base.mcp_servers = BTreeMap::from([(
         "music".to_string(),
         McpServerConfig {
@@ -366,39 +374,59 @@ async fn main() {
         Setup {
             label: "SmolLM2-135M, no intents, no prompt, no reply limits (before issue 20)",
             model: "smollm2",
+            engine: LocalEngine::Candle,
             intents: false,
             vocabulary: false,
             limits: false,
         },
         Setup {
-            label: "Qwen2.5-0.5B alone (no intents, no vocabulary prompt)",
+            label: "Qwen2.5-0.5B alone (no intents, no vocabulary prompt), llama.cpp",
             model: "qwen2.5-0.5b",
+            engine: LocalEngine::LlamaCpp,
             intents: false,
             vocabulary: false,
             limits: true,
         },
         Setup {
-            label: "Qwen2.5-0.5B with intents, with the vocabulary prompt",
+            label: "Qwen2.5-0.5B with intents, with the vocabulary prompt, llama.cpp",
             model: "qwen2.5-0.5b",
+            engine: LocalEngine::LlamaCpp,
             intents: true,
             vocabulary: true,
             limits: true,
         },
         Setup {
-            label: "Qwen2.5-0.5B with intents, no vocabulary prompt",
+            label: "Qwen2.5-0.5B with intents, no vocabulary prompt, candle",
             model: "qwen2.5-0.5b",
+            engine: LocalEngine::Candle,
+            intents: true,
+            vocabulary: false,
+            limits: true,
+        },
+        Setup {
+            label: "Qwen2.5-0.5B with intents, no vocabulary prompt, llama.cpp (the defaults)",
+            model: "qwen2.5-0.5b",
+            engine: LocalEngine::LlamaCpp,
             intents: true,
             vocabulary: false,
             limits: true,
         },
     ];
+    // SETUPS=3,4 runs those setups only (0-based), e.g. the two engines side by side.
+    let chosen: Option<Vec<usize>> = std::env::var("SETUPS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|i| i.trim().parse().ok()).collect());
     let mut summary = Vec::new();
-    for setup in &setups {
+    for (index, setup) in setups.iter().enumerate() {
+        if chosen.as_ref().is_some_and(|c| !c.contains(&index)) {
+            continue;
+        }
         let mut config = base.clone();
         config.llm.local_model = Some(voxloop::models::model_path(
             voxloop::models::spec(setup.model).expect("known model"),
         ));
         config.llm.builtin_intents = setup.intents;
+        config.llm.engine = setup.engine;
         if !setup.limits {
             config.llm.max_reply_sentences = 100;
             config.llm.max_reply_words = 10_000;

@@ -3,20 +3,72 @@
 //! count includes the forced and scored tokens), with the music server's two tools offered.
 //!
 //! Measures the default local model (Qwen2.5-0.5B; `voxloop models fetch`), or the GGUF file in
-//! `LOCAL_MODEL` (e.g. SmolLM2's). Run: `cargo bench --bench llm`.
+//! `LOCAL_MODEL` (e.g. SmolLM2's), on both engines side by side: candle in this process, and
+//! llama.cpp's `llama-server` (`voxloop models fetch llama-server`; left out when missing).
+//! Run: `cargo bench --bench llm`.
 
 use std::time::Instant;
 
 use serde_json::json;
-use voxloop::config::LlmConfig;
+use voxloop::config::{LlmConfig, LocalEngine};
 use voxloop::conversation::DEFAULT_SYSTEM_PROMPT;
 use voxloop::llm::local::LocalModel;
 use voxloop::llm::{ChatMessage, LlmEvent, Role};
 
+/// One engine's figures: cold prompt tokens/s, then for the text reply and the tool call the
+/// prompt after the warm-up (ms) and the decode rate (tokens/s), medians.
+struct Row {
+    engine: &'static str,
+    load_ms: f64,
+    cold_tokens: usize,
+    cold_tokens_per_s: f64,
+    warm_up_ms: f64,
+    text: (f64, f64),
+    call: (f64, f64),
+}
+
 fn main() {
+    let mut rows = Vec::new();
+    for engine in [LocalEngine::Candle, LocalEngine::LlamaCpp] {
+        if engine == LocalEngine::LlamaCpp && !LlmConfig::default().llama_server_path().is_file() {
+            println!("llama.cpp left out: no llama-server (voxloop models fetch llama-server)");
+            continue;
+        }
+        if let Some(row) = run(engine) {
+            rows.push(row);
+        }
+    }
+    println!();
+    println!(
+        "| engine | load | cold prompt | warm-up | text: request after warm-up | text: decode | tool call: request after warm-up | tool call: decode |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        println!(
+            "| {} | {:.0} ms | {} tokens, {:.1} tokens/s | {:.0} ms | {:.0} ms | {:.1} tokens/s | {:.0} ms | {:.1} tokens/s |",
+            r.engine,
+            r.load_ms,
+            r.cold_tokens,
+            r.cold_tokens_per_s,
+            r.warm_up_ms,
+            r.text.0,
+            r.text.1,
+            r.call.0,
+            r.call.1
+        );
+    }
+}
+
+fn run(engine: LocalEngine) -> Option<Row> {
+    let name = match engine {
+        LocalEngine::Candle => "candle",
+        LocalEngine::LlamaCpp => "llama.cpp",
+    };
+    println!("## {name}");
     let config = LlmConfig {
         temperature: 0.0,
         max_tokens: 64,
+        engine,
         ..LlmConfig::default()
     };
     let path = std::env::var_os("LOCAL_MODEL")
@@ -27,9 +79,10 @@ fn main() {
         Ok(model) => model,
         Err(e) => {
             eprintln!("skipped: {e}");
-            return;
+            return None;
         }
     };
+    let load_ms = started.elapsed().as_secs_f64() * 1000.0;
     println!(
         "load: {:.0} ms ({})",
         started.elapsed().as_secs_f64() * 1000.0,
@@ -69,10 +122,9 @@ fn main() {
     // Warm: the system message computed ahead, the request resumed from it token by token.
     let started = Instant::now();
     model.warm_up(&system, &tools).expect("warm-up");
-    println!(
-        "warm-up (system prompt and tools): {:.0} ms",
-        started.elapsed().as_secs_f64() * 1000.0
-    );
+    let warm_up_ms = started.elapsed().as_secs_f64() * 1000.0;
+    println!("warm-up (system prompt and tools): {warm_up_ms:.0} ms");
+    let mut figures = Vec::new();
     for (label, user) in [
         ("text reply", "Tell me a short story about a cat."),
         ("tool call", "Play the song just over the horizon."),
@@ -103,11 +155,11 @@ fn main() {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
+        let (prefill, decode) = (median(&mut prefill), median(&mut decode));
         println!(
-            "{label}: prompt after warm-up {:.0} ms, decode {:.1} tokens/s (median of {rounds})",
-            median(&mut prefill),
-            median(&mut decode)
+            "{label}: prompt after warm-up {prefill:.0} ms, decode {decode:.1} tokens/s (median of {rounds})"
         );
+        figures.push((prefill, decode));
         for event in last {
             match event {
                 LlmEvent::Text(t) => print!("{t}"),
@@ -116,4 +168,13 @@ fn main() {
             }
         }
     }
+    Some(Row {
+        engine: name,
+        load_ms,
+        cold_tokens: stats.prompt_tokens,
+        cold_tokens_per_s: stats.prefill_tokens_per_s(),
+        warm_up_ms,
+        text: figures[0],
+        call: figures[1],
+    })
 }
