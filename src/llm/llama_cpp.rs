@@ -270,12 +270,7 @@ impl LlamaServer {
                 _ = cancel.cancelled() => return Ok(None),
             };
             match response {
-                Err(_) => {
-                    return Err(self.error(format!(
-                        "llama-server sent nothing for {} ms",
-                        self.idle_timeout.as_millis()
-                    )));
-                }
+                Err(_) => return Err(self.stalled()),
                 // A server that died since the last request: nothing was generated yet, so
                 // start another and send the request again, once.
                 Ok(Err(e)) if attempt == 1 && e.is_connect() => {
@@ -395,6 +390,14 @@ impl LlamaServer {
         )))
     }
 
+    /// The error for a server that sent nothing for the idle timeout.
+    fn stalled(&self) -> LlmError {
+        self.error(format!(
+            "llama-server sent nothing for {} ms",
+            self.idle_timeout.as_millis()
+        ))
+    }
+
     fn error(&self, reason: impl std::fmt::Display) -> LlmError {
         model_error(&self.model, reason)
     }
@@ -462,12 +465,7 @@ impl Pieces<'_> {
                 _ = cancel.cancelled() => return Ok(None),
             };
             match chunk {
-                Err(_) => {
-                    return Err(server.error(format!(
-                        "llama-server sent nothing for {} ms",
-                        server.idle_timeout.as_millis()
-                    )));
-                }
+                Err(_) => return Err(server.stalled()),
                 Ok(None) => {
                     return Err(server.broken_stream().await);
                 }

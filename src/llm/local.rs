@@ -1217,17 +1217,10 @@ impl Inner {
             }
             generated.push(next);
             stats.generated_tokens += 1;
-            let text = self
-                .tokenizer
-                .decode(&generated, false)
-                .map_err(|e| e.to_string())?;
-            // Hold back a partial UTF-8 sequence until its last byte arrives.
-            if text.len() > sent && !text.ends_with('\u{FFFD}') {
-                let delta = text[sent..].to_string();
-                sent = text.len();
-                if tx.blocking_send(Ok(LlmEvent::Text(delta))).is_err() {
-                    return Ok(None);
-                }
+            if let Some(delta) = self.text_delta(&generated, &mut sent)?
+                && tx.blocking_send(Ok(LlmEvent::Text(delta))).is_err()
+            {
+                return Ok(None);
             }
             if generated.len() < max_new {
                 self.step(&mut cursor, next)?;
@@ -1368,17 +1361,10 @@ impl Inner {
                 }
                 generated.push(id);
                 stats.generated_tokens += 1;
-                let text = self
-                    .tokenizer
-                    .decode(&generated, false)
-                    .map_err(|e| e.to_string())?;
-                // Hold back a partial UTF-8 sequence until its last byte arrives.
-                if text.len() > sent && !text.ends_with('\u{FFFD}') {
-                    let delta = text[sent..].to_string();
-                    sent = text.len();
-                    if tx.send(Ok(LlmEvent::Text(delta))).await.is_err() {
-                        return Ok(None);
-                    }
+                if let Some(delta) = self.text_delta(&generated, &mut sent)?
+                    && tx.send(Ok(LlmEvent::Text(delta))).await.is_err()
+                {
+                    return Ok(None);
                 }
                 if generated.len() >= max_new {
                     break 'reply;
@@ -1418,6 +1404,21 @@ impl Inner {
         }
         stats.decode_ms = decode_started.elapsed().as_secs_f64() * 1000.0;
         Ok(Some((finish.into(), stats)))
+    }
+
+    /// The text of `generated` past its first `sent` bytes, which it advances; `None` while
+    /// nothing new is whole (a partial UTF-8 sequence is held back until its last byte).
+    fn text_delta(&self, generated: &[u32], sent: &mut usize) -> Result<Option<String>, String> {
+        let text = self
+            .tokenizer
+            .decode(generated, false)
+            .map_err(|e| e.to_string())?;
+        if text.len() <= *sent || text.ends_with('\u{FFFD}') {
+            return Ok(None);
+        }
+        let delta = text[*sent..].to_string();
+        *sent = text.len();
+        Ok(Some(delta))
     }
 
     /// Whether token `id` starts markup, which a reply in words does not start with: a tool

