@@ -635,42 +635,18 @@ impl LocalModel {
 
     /// Runs the system message (the system prompt in `messages`, and `tools`) through the model
     /// and keeps the state, so that the first turn's prompt resumes from it. Blocking: about
-    /// 3 s for SmolLM2's 270-token system message on 2 cores; run it while nobody is talking.
+    /// 3 s for SmolLM2's 270-token system message on candle on 2 cores, 3.5 s for Qwen's 382
+    /// tokens on llama.cpp (starting the server included); run it while nobody is talking.
     ///
     /// # Errors
     /// [`LlmError::Model`] when the model fails.
     pub fn warm_up(&self, messages: &[ChatMessage], tools: &FunctionTools) -> Result<(), LlmError> {
-        let system: Vec<ChatMessage> = messages
-            .iter()
-            .take_while(|m| m.role == Role::System)
-            .cloned()
-            .collect();
-        let prompt = Self::render_prompt(
-            self.inner.format,
-            &system,
-            tools,
-            &self.inner.config.tool_examples,
-        );
-        let prefix = prompt
-            .strip_suffix(ASSISTANT_HEADER)
-            .unwrap_or(&prompt)
-            .to_string();
-        let ids = self.tokenize(&prefix)?;
+        let ids = self.system_ids(messages, tools)?;
+        if self.inner.server.is_some() {
+            return block_on(self.warm_up_llama(&ids));
+        }
         let mut stats = GenerationStats::default();
         let started = Instant::now();
-        if let Some(server) = &self.inner.server {
-            // The server keeps the prefix in its slot's cache (`cache_prompt`).
-            let body = serde_json::json!({
-                "prompt": ids, "n_predict": 0, "cache_prompt": true,
-            });
-            block_on(server.complete(&body, &CancellationToken::new()))?;
-            tracing::debug!(
-                tokens = ids.len(),
-                ms = started.elapsed().as_millis() as u64,
-                "local model warmed up (llama.cpp)"
-            );
-            return Ok(());
-        }
         self.inner
             .prefill(&ids, &mut stats)
             .map_err(|e| model_error(&self.inner.path, e))?;
@@ -683,6 +659,71 @@ impl LocalModel {
             tokens = ids.len(),
             ms = started.elapsed().as_millis() as u64,
             "local model warmed up"
+        );
+        Ok(())
+    }
+
+    /// [`Self::warm_up`] without blocking a thread: on llama.cpp a request to the server (which
+    /// dropping the future cancels), on candle the blocking warm-up on the blocking pool.
+    ///
+    /// # Errors
+    /// As [`Self::warm_up`].
+    pub async fn warm_up_async(
+        &self,
+        messages: &[ChatMessage],
+        tools: &FunctionTools,
+    ) -> Result<(), LlmError> {
+        if self.inner.server.is_some() {
+            let ids = self.system_ids(messages, tools)?;
+            return self.warm_up_llama(&ids).await;
+        }
+        let (model, messages, tools) = (self.clone(), messages.to_vec(), tools.to_vec());
+        tokio::task::spawn_blocking(move || model.warm_up(&messages, &tools))
+            .await
+            .unwrap_or_else(|e| {
+                Err(model_error(
+                    &self.inner.path,
+                    format!("warm-up thread: {e}"),
+                ))
+            })
+    }
+
+    /// The token ids of the system message alone: the system messages of `messages` and
+    /// `tools`, without the assistant's header.
+    fn system_ids(
+        &self,
+        messages: &[ChatMessage],
+        tools: &FunctionTools,
+    ) -> Result<Vec<u32>, LlmError> {
+        let system: Vec<ChatMessage> = messages
+            .iter()
+            .take_while(|m| m.role == Role::System)
+            .cloned()
+            .collect();
+        let prompt = Self::render_prompt(
+            self.inner.format,
+            &system,
+            tools,
+            &self.inner.config.tool_examples,
+        );
+        let prefix = prompt.strip_suffix(ASSISTANT_HEADER).unwrap_or(&prompt);
+        self.tokenize(prefix)
+    }
+
+    /// The warm-up on llama.cpp: the server keeps the prefix in a slot's cache
+    /// (`cache_prompt`), where the next prompts that start with it find it.
+    async fn warm_up_llama(&self, ids: &[u32]) -> Result<(), LlmError> {
+        let Some(server) = &self.inner.server else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let body = serde_json::json!({"prompt": ids, "n_predict": 0, "cache_prompt": true});
+        let done = server.complete(&body, &CancellationToken::new()).await?;
+        tracing::debug!(
+            tokens = ids.len(),
+            cached = done.map_or(0, |d| d.timings.cached),
+            ms = started.elapsed().as_millis() as u64,
+            "local model warmed up (llama.cpp)"
         );
         Ok(())
     }

@@ -179,8 +179,8 @@ impl ChatModel {
     }
 
     /// Prepares for prompts that start with the system messages of `messages` and `tools`:
-    /// the local model computes their state now (seconds, on a blocking thread); an endpoint
-    /// needs nothing.
+    /// the local model computes their state now (seconds: a request to llama.cpp's server, or
+    /// candle on a blocking thread); an endpoint needs nothing.
     ///
     /// # Errors
     /// [`LlmError::Model`] when the local model fails.
@@ -191,17 +191,7 @@ impl ChatModel {
     ) -> Result<(), LlmError> {
         match self {
             Self::OpenAi(_) => Ok(()),
-            Self::Local(model) => {
-                let (model, messages, tools) = (model.clone(), messages.to_vec(), tools.to_vec());
-                tokio::task::spawn_blocking(move || model.warm_up(&messages, &tools))
-                    .await
-                    .unwrap_or_else(|e| {
-                        Err(LlmError::Model {
-                            path: String::new(),
-                            reason: format!("warm-up thread: {e}"),
-                        })
-                    })
-            }
+            Self::Local(model) => model.warm_up_async(messages, tools).await,
         }
     }
 
