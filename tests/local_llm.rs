@@ -263,6 +263,11 @@ async fn a_llama_server_that_dies_mid_reply_is_an_error_and_is_started_again() {
     let first = rx.recv().await.unwrap().unwrap();
     assert!(matches!(first, LlmEvent::Text(_)), "{first:?}");
     let pid = model.llama_server().unwrap().pid().await.unwrap();
+    // The server's API key is in a file, not in the command line other users can read.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    assert!(args.contains(&&b"--api-key-file"[..]), "{args:?}");
+    assert!(!args.contains(&&b"--api-key"[..]), "{args:?}");
     let killed = Command::new("kill")
         .args(["-9", &pid.to_string()])
         .status()

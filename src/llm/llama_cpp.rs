@@ -25,12 +25,16 @@ use tokio_util::sync::CancellationToken;
 use super::LlmError;
 use crate::config::LlmConfig;
 
-/// Tokens of context per slot (the local model's limit, as with candle).
-pub const CONTEXT_TOKENS: usize = 4096;
+/// Tokens of context per slot: the limit the local model checks prompts against, whatever
+/// the engine (candle's `MAX_SEQ_LEN`, 4096).
+pub const CONTEXT_TOKENS: usize = candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
 
 /// A running `llama-server`.
 struct Running {
     child: Child,
+    /// The file holding the API key (mode 0600), passed as `--api-key-file` so that the key
+    /// is not in the command line other local users can read; removed when dropped.
+    _key_file: tempfile::NamedTempFile,
     /// `http://127.0.0.1:PORT`.
     base: String,
 }
@@ -51,7 +55,7 @@ pub struct LlamaServer {
     start_timeout: Duration,
     /// The longest wait for the server's next bytes once a request is sent.
     idle_timeout: Duration,
-    /// Sent as `--api-key`: only voxloop may use the server, though it listens on loopback.
+    /// The server's API key: only voxloop may use the server, though it listens on loopback.
     api_key: String,
     client: reqwest::Client,
     running: tokio::sync::Mutex<Option<Running>>,
@@ -60,7 +64,9 @@ pub struct LlamaServer {
 /// A token and its log-probability, from `completion_probabilities[..].top_logprobs`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TokenLogprob {
+    /// The token id in the model's vocabulary.
     pub id: u32,
+    /// Its natural-log probability at that step.
     pub logprob: f32,
 }
 
@@ -108,6 +114,7 @@ pub struct Completion {
 /// (`"eos"`, `"limit"`, `"word"`) and the timings.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StreamPiece {
+    /// The ids of the tokens generated since the previous piece.
     pub tokens: Vec<u32>,
     /// Set on the last piece.
     pub end: Option<(String, Timings)>,
@@ -152,11 +159,6 @@ impl LlamaServer {
         })
     }
 
-    /// The `llama-server` program.
-    pub fn binary(&self) -> &Path {
-        &self.binary
-    }
-
     /// Starts the server unless it is running, and waits until its model is loaded
     /// (`GET /health` answers 200). Returns its base URL.
     ///
@@ -180,6 +182,8 @@ impl LlamaServer {
             .and_then(|l| l.local_addr())
             .map_err(|e| self.error(format!("no free loopback port: {e}")))?
             .port();
+        let key_file = key_file(&self.api_key)
+            .map_err(|e| self.error(format!("cannot write the API key file: {e}")))?;
         let mut command = Command::new(&self.binary);
         command
             .arg("--model")
@@ -192,7 +196,8 @@ impl LlamaServer {
                 "--ctx-size",
                 &(CONTEXT_TOKENS * self.slots as usize).to_string(),
             ])
-            .args(["--api-key", &self.api_key])
+            .arg("--api-key-file")
+            .arg(key_file.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -212,7 +217,11 @@ impl LlamaServer {
                 .map_err(|e| self.error(format!("starting a thread: {e}")))?;
         }
         let base = format!("http://127.0.0.1:{port}");
-        let mut r = Running { child, base };
+        let mut r = Running {
+            child,
+            _key_file: key_file,
+            base,
+        };
         loop {
             if let Ok(Some(status)) = r.child.try_wait() {
                 return Err(self.error(format!(
@@ -481,6 +490,18 @@ fn model_error(path: &Path, reason: impl std::fmt::Display) -> LlmError {
         path: path.display().to_string(),
         reason: reason.to_string(),
     }
+}
+
+/// A temporary file (mode 0600, `tempfile`'s default) holding `key` and a newline, the format
+/// of llama-server's `--api-key-file` (one key a line).
+fn key_file(key: &str) -> std::io::Result<tempfile::NamedTempFile> {
+    use std::io::Write as _;
+    let mut file = tempfile::Builder::new()
+        .prefix("voxloop-llama-key-")
+        .tempfile()?;
+    writeln!(file, "{key}")?;
+    file.flush()?;
+    Ok(file)
 }
 
 fn token_logprob(value: &Value) -> Option<TokenLogprob> {
