@@ -96,6 +96,7 @@ async fn everyday_requests_get_the_right_tool_or_words() {
         "Hello, how are you?",
         "Set the volume to forty percent.",
         "播放音乐",
+        "What is two plus two?",
     ])
     .await;
     let line = |r: &TurnReport| format!("{r:?}");
@@ -121,6 +122,22 @@ async fn everyday_requests_get_the_right_tool_or_words() {
     assert_eq!(reports[4].tools[0].arguments["volume"], 40);
     // A Chinese request for music plays something.
     assert!(playing(&reports[5]).is_some(), "{}", line(&reports[5]));
+    // Qwen2.5-0.5B called exit_conversation here, ending the session; the intents hear
+    // goodbyes, so the local model is not offered it.
+    assert!(
+        !reports[6]
+            .tools
+            .iter()
+            .any(|t| t.name == "exit_conversation"),
+        "{}",
+        line(&reports[6])
+    );
+    assert_ne!(
+        reports[6].end,
+        TurnEnd::Stopped(voxloop::tools::terminal::StopReason::ExitConversation),
+        "{}",
+        line(&reports[6])
+    );
     for report in &reports {
         assert!(
             report.said.split_whitespace().count() <= 60,

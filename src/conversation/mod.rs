@@ -26,7 +26,7 @@ use crate::tools::hub::{ToolCall, ToolHub, ToolSpec};
 use crate::tools::outcome::{Action, ToolOutcome};
 use crate::tools::terminal::{Decision, StopReason, decide};
 use intent::{IntentSettings, match_intent};
-use reply::{Accepted, MarkupFilter, ReplyLimitSettings, ReplyLimits};
+use reply::{Accepted, LeadIn, MarkupFilter, ReplyLimitSettings, ReplyLimits};
 
 /// Turn settings.
 #[derive(Debug, Clone)]
@@ -196,8 +196,18 @@ impl Conversation {
     /// device's. When the device offers its speaker's volume
     /// (`self.audio_speaker.set_volume`), the built-in `set_volume` (a gain on the PCM voxloop
     /// sends) is left out: one volume, one tool.
+    ///
+    /// With the built-in intents on, the local model is not offered `exit_conversation`: the
+    /// intents hear goodbyes, and every exit Qwen2.5-0.5B chose in the assistant bench was a
+    /// false one ("What is two plus two?", "Good morning!") that ended the session.
     pub fn function_tools(&self) -> Vec<Value> {
         let mut tools = self.hub.function_tools();
+        if self.settings.intents.is_some() && matches!(self.llm, ChatModel::Local(_)) {
+            tools.retain(|t| {
+                let name = t["function"]["name"].as_str().unwrap_or_default();
+                !(name == "exit_conversation" && self.hub.is_builtin(name))
+            });
+        }
         if let Some((_, device)) = &self.device {
             if device
                 .iter()
@@ -360,6 +370,7 @@ impl Conversation {
         };
         let mut filter = MarkupFilter::new();
         let mut splitter = SentenceSplitter::default();
+        let mut lead_in = LeadIn::default();
         let mut limits = ReplyLimits::new(self.settings.reply_limits);
         let mut ended = false;
         loop {
@@ -371,7 +382,10 @@ impl Conversation {
                 Some(Ok(LlmEvent::Text(delta))) => {
                     report.first_token_ms.get_or_insert(elapsed_ms());
                     text.push_str(&delta);
-                    for sentence in splitter.push(&filter.push(&delta)) {
+                    for piece in splitter.push(&filter.push(&delta)) {
+                        let Some(sentence) = lead_in.pass(&piece) else {
+                            continue;
+                        };
                         if self.say_within(&mut limits, &sentence, &mut spoken).await {
                             ended = true;
                             break;
@@ -408,11 +422,20 @@ impl Conversation {
                 .into_iter()
                 .chain(splitter.finish())
                 .collect();
-            for sentence in rest {
+            for piece in rest {
+                let Some(sentence) = lead_in.pass(&piece) else {
+                    continue;
+                };
                 if self.say_within(&mut limits, &sentence, &mut spoken).await {
                     break;
                 }
             }
+        }
+        if let Some(dropped) = lead_in.finish() {
+            tracing::debug!(
+                dropped,
+                "a lead-in with nothing speakable after it was not said"
+            );
         }
         tracing::debug!(model_text = %text, spoken = ?spoken, "model reply");
         if ended {

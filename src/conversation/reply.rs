@@ -8,8 +8,12 @@
 //!   answer is short), and at the first sign of a degenerate loop: a sentence said before, or a
 //!   three-word phrase said three times ("What? What? What?").
 //!
-//! The conversation feeds deltas through the filter, splits sentences from what is left, and
-//! passes each sentence through the limits; a limit ends the model's stream.
+//! - [`LeadIn`] holds back a piece that ends in a colon ("Here is the JSON for that:") until
+//!   something speakable follows it: when what follows was markup, and so removed, the lead-in
+//!   is dropped instead of announcing nothing.
+//!
+//! The conversation feeds deltas through the filter, splits sentences from what is left, passes
+//! them through the lead-in holder and then through the limits; a limit ends the model's stream.
 
 /// Tags whose whole content is dropped.
 const DROPPED_BLOCKS: &[&str] = &["tool_call", "tool_response", "tools", "code", "think"];
@@ -240,6 +244,45 @@ pub enum Accepted {
     Stop,
 }
 
+/// Holds back pieces that end in a colon (`:` or `：`) until a piece that does not follows; see
+/// the module docs.
+#[derive(Debug, Default, Clone)]
+pub struct LeadIn {
+    held: Option<String>,
+}
+
+impl LeadIn {
+    /// The next piece of the reply: `None` while it is held back, else the text to speak (any
+    /// held lead-in joined before it).
+    pub fn pass(&mut self, piece: &str) -> Option<String> {
+        let piece = piece.trim();
+        let joined = match self.held.take() {
+            Some(held) => format!("{held} {piece}"),
+            None => piece.to_string(),
+        };
+        // What follows the last letter or digit: a colon there, with perhaps only the
+        // punctuation of removed markup after it ("Here you go: ."), makes a lead-in.
+        let tail = match piece.rfind(char::is_alphanumeric) {
+            Some(at) => piece[at..]
+                .trim_start_matches(char::is_alphanumeric)
+                .trim_start(),
+            None => piece,
+        };
+        if tail.starts_with([':', '：']) {
+            let keep = joined.len() - tail.len() + tail.chars().next().map_or(0, char::len_utf8);
+            self.held = Some(joined[..keep].to_string());
+            None
+        } else {
+            Some(joined)
+        }
+    }
+
+    /// Ends the reply: the lead-in that nothing speakable followed, dropped (for the log).
+    pub fn finish(&mut self) -> Option<String> {
+        self.held.take()
+    }
+}
+
 /// Counts a reply's sentences and words and watches for loops.
 #[derive(Debug, Clone)]
 pub struct ReplyLimits {
@@ -454,6 +497,34 @@ mod tests {
             limits.accept("I like it and I like it and I like it and I like it"),
             Accepted::Last("I like it and I like it and.".into())
         );
+    }
+
+    #[test]
+    fn a_lead_in_waits_for_speech_and_is_dropped_without_it() {
+        let mut lead = LeadIn::default();
+        assert_eq!(lead.pass("Sure."), Some("Sure.".into()));
+        assert_eq!(
+            lead.pass("Here's the JSON response for that request:"),
+            None
+        );
+        assert_eq!(
+            lead.finish(),
+            Some("Here's the JSON response for that request:".into())
+        );
+        assert_eq!(lead.finish(), None);
+
+        let mut lead = LeadIn::default();
+        assert_eq!(lead.pass("The three tracks are:"), None);
+        assert_eq!(
+            lead.pass("Horizon, Home and Trooper."),
+            Some("The three tracks are: Horizon, Home and Trooper.".into())
+        );
+        assert_eq!(lead.pass("Here you go: ."), None);
+        assert_eq!(lead.finish(), Some("Here you go:".into()));
+        assert_eq!(lead.pass("It is 10:30."), Some("It is 10:30.".into()));
+        assert_eq!(lead.pass("现在播放："), None);
+        assert_eq!(lead.pass("晴天。"), Some("现在播放： 晴天。".into()));
+        assert_eq!(lead.finish(), None);
     }
 
     #[test]
