@@ -338,9 +338,17 @@ fn score(track: &Track, query_words: &[String]) -> f64 {
 }
 
 /// Words of a spoken request that name no track ("play some music", "I would like to hear
-/// ..."): left out of the query words.
+/// ..."), and short function words ("of", "by") whose slips would only dilute a match ("the
+/// storm of the horizon", as whisper heard "just over the horizon"): left out of the query words.
 const REQUEST_WORDS: &[&str] = &[
     "a",
+    "and",
+    "at",
+    "by",
+    "from",
+    "in",
+    "of",
+    "with",
     "an",
     "any",
     "can",
@@ -529,6 +537,10 @@ mod tests {
         assert_eq!(title("me turn to toe"), Some("Tumiki Return To Home"));
         assert_eq!(
             title("just over the horizont"),
+            Some("Tumiki Just Over The Horizon")
+        );
+        assert_eq!(
+            title("the storm of the horizon"),
             Some("Tumiki Just Over The Horizon")
         );
         assert_eq!(title("some music"), Some("Tumiki Just Over The Horizon"));
