@@ -16,8 +16,9 @@
 //! Needs: espeak-ng, `voxloop models fetch` and `voxloop models fetch smollm2`.
 //! Run: `cargo bench --bench assistant` (about 10 minutes on 2 cores). `CASES=N` runs the first
 //! N requests only; `SETUPS=3,4` those setups only (0-based; 3 and 4 are the two engines with
-//! the defaults). The reply's voice is the default one (Kokoro), or espeak-ng with
-//! `VOICE=espeak-ng`.
+//! the defaults; 5 is the defaults with llama-server at niceness 0). The reply's voice is the
+//! default one (Kokoro), or espeak-ng with `VOICE=espeak-ng`. `ASR_COMPARE=1` first compares
+//! whisper's greedy decoding with beam search on the requests (word error rate, time).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -29,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use voxloop::config::{Config, LocalEngine, McpServerConfig};
 use voxloop::conversation::{Conversation, ConversationSettings, TurnEnd, TurnReport};
 use voxloop::llm::ChatModel;
-use voxloop::pipeline::asr::{ASR_RATE, Asr, vocabulary_prompt};
+use voxloop::pipeline::asr::{ASR_RATE, Asr, edit_distance, transcript_words, vocabulary_prompt};
 use voxloop::pipeline::queue::{PlaybackQueue, QueueSettings};
 use voxloop::pipeline::sink::{NullSink, Sink};
 use voxloop::pipeline::tts::Tts;
@@ -287,6 +288,8 @@ struct Setup {
     intents: bool,
     vocabulary: bool,
     limits: bool,
+    /// `[llm] engine_nice`.
+    nice: u32,
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -324,6 +327,48 @@ async fn main() {
             return;
         }
     };
+    // ASR_COMPARE=1: whisper greedy against beam search on the spoken requests (word error
+    // rate against the text spoken, numbers as words; time per utterance).
+    if std::env::var("ASR_COMPARE").as_deref() == Ok("1") {
+        println!("| whisper base decoding | WER | utterances word for word | p50 ms | max ms |");
+        println!("|---|---:|---:|---:|---:|");
+        for beam in [0, 5] {
+            let mut config = base.asr.clone();
+            config.beam_size = beam;
+            let asr = Asr::load(&config).expect("loads");
+            let (mut errors, mut words, mut exact, mut ms) = (0, 0, 0, Vec::new());
+            for (i, case) in cases.iter().enumerate() {
+                let started = std::time::Instant::now();
+                let heard = asr.transcribe(&audio[i]).expect("transcribes").text;
+                ms.push(started.elapsed().as_millis() as u64);
+                if case.text.is_empty() || case.text == "<click>" {
+                    continue;
+                }
+                let said = transcript_words(case.text);
+                let e = edit_distance(&said, &transcript_words(&heard));
+                errors += e;
+                words += said.len();
+                exact += usize::from(e == 0);
+            }
+            let n = ms.len();
+            println!(
+                "| {} | {:.1} % of {words} | {exact} of {} | {} | {} |",
+                if beam == 0 {
+                    "greedy".to_string()
+                } else {
+                    format!("beam search, width {beam}")
+                },
+                100.0 * errors as f64 / words.max(1) as f64,
+                n - cases
+                    .iter()
+                    .filter(|c| c.text.is_empty() || c.text == "<click>")
+                    .count(),
+                percentile(&mut ms, 0.5),
+                percentile(&mut ms, 1.0),
+            );
+        }
+        println!();
+    }
     let hub = Arc::new(ToolHub::start(&base).await);
     let titles = hub.resource_titles(200).await;
     // As `Conversation::asr_prompt` builds it: the resources' titles.
@@ -378,6 +423,7 @@ async fn main() {
             intents: false,
             vocabulary: false,
             limits: false,
+            nice: 10,
         },
         Setup {
             label: "Qwen2.5-0.5B alone (no intents, no vocabulary prompt), llama.cpp",
@@ -386,6 +432,7 @@ async fn main() {
             intents: false,
             vocabulary: false,
             limits: true,
+            nice: 10,
         },
         Setup {
             label: "Qwen2.5-0.5B with intents, with the vocabulary prompt, llama.cpp",
@@ -394,6 +441,7 @@ async fn main() {
             intents: true,
             vocabulary: true,
             limits: true,
+            nice: 10,
         },
         Setup {
             label: "Qwen2.5-0.5B with intents, no vocabulary prompt, candle",
@@ -402,6 +450,7 @@ async fn main() {
             intents: true,
             vocabulary: false,
             limits: true,
+            nice: 10,
         },
         Setup {
             label: "Qwen2.5-0.5B with intents, no vocabulary prompt, llama.cpp (the defaults)",
@@ -410,6 +459,16 @@ async fn main() {
             intents: true,
             vocabulary: false,
             limits: true,
+            nice: 10,
+        },
+        Setup {
+            label: "the defaults, but llama-server at niceness 0",
+            model: "qwen2.5-0.5b",
+            engine: LocalEngine::LlamaCpp,
+            intents: true,
+            vocabulary: false,
+            limits: true,
+            nice: 0,
         },
     ];
     // SETUPS=3,4 runs those setups only (0-based), e.g. the two engines side by side.
@@ -427,6 +486,7 @@ async fn main() {
         ));
         config.llm.builtin_intents = setup.intents;
         config.llm.engine = setup.engine;
+        config.llm.engine_nice = setup.nice;
         if !setup.limits {
             config.llm.max_reply_sentences = 100;
             config.llm.max_reply_words = 10_000;

@@ -203,6 +203,11 @@ pub struct LlmConfig {
     pub engine_slots: u32,
     /// Engine `llama.cpp`: how long the server may take to start and load the model, in ms.
     pub engine_start_timeout_ms: u64,
+    /// Engine `llama.cpp`: the server's CPU niceness (0..=19, default 10; setpriority(2)).
+    /// While the model writes the rest of a reply, the TTS voices its first sentence and
+    /// whisper hears other sessions: with a higher niceness they get the cores first, and
+    /// the model takes what is left (BENCHMARKS.md).
+    pub engine_nice: u32,
     /// Requests for voxloop's own tools (volume, the time, stop, goodbye) are matched by fixed
     /// English and Chinese patterns and call the tool without the model
     /// ([`crate::conversation::intent`]); everything else goes to the model.
@@ -261,6 +266,7 @@ impl Default for LlmConfig {
             llama_server: None,
             engine_threads: 0,
             engine_slots: 4,
+            engine_nice: 10,
             engine_start_timeout_ms: 60_000,
             builtin_intents: true,
             volume_step: 20,
@@ -315,7 +321,10 @@ pub struct AsrConfig {
     pub language: String,
     /// CPU threads for whisper.cpp.
     pub threads: u32,
-    /// Beam search width; 0 or 1 for greedy decoding.
+    /// Beam search width; 0 or 1 for greedy decoding (the default). Width 5 missed fewer words
+    /// of the assistant bench's espeak-ng requests (23.9 % against 27.9 %) but, with the fitted
+    /// encoder context, wrote a LibriVox sentence twice and raised tests/speech.rs's WER on
+    /// human speech past its 10 % bound (BENCHMARKS.md).
     pub beam_size: u32,
     /// Run whisper's encoder over the utterance's length instead of a full 30 s window (much
     /// faster for short commands; see BENCHMARKS.md for the accuracy cost).
@@ -1247,6 +1256,7 @@ impl Config {
         in_range("llm.max_tokens", llm.max_tokens, 1..=32_768, "tokens")?;
         in_range("llm.engine_threads", llm.engine_threads, 0..=256, "threads")?;
         in_range("llm.engine_slots", llm.engine_slots, 1..=64, "completions")?;
+        in_range("llm.engine_nice", llm.engine_nice, 0..=19, "")?;
         in_range(
             "llm.engine_start_timeout_ms",
             llm.engine_start_timeout_ms,

@@ -268,6 +268,17 @@ async fn a_llama_server_that_dies_mid_reply_is_an_error_and_is_started_again() {
     let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
     assert!(args.contains(&&b"--api-key-file"[..]), "{args:?}");
     assert!(!args.contains(&&b"--api-key"[..]), "{args:?}");
+    // It runs at the configured niceness (field 19 of /proc/PID/stat, after the command's
+    // parenthesised name).
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    assert_eq!(fields[16], config.engine_nice.to_string(), "{stat}");
+    assert_eq!(config.engine_nice, 10);
     let killed = Command::new("kill")
         .args(["-9", &pid.to_string()])
         .status()

@@ -52,6 +52,8 @@ pub struct LlamaServer {
     model: PathBuf,
     threads: u32,
     slots: u32,
+    /// CPU niceness of the child (`[llm] engine_nice`).
+    nice: i32,
     start_timeout: Duration,
     /// The longest wait for the server's next bytes once a request is sent.
     idle_timeout: Duration,
@@ -151,6 +153,7 @@ impl LlamaServer {
             model: model.to_path_buf(),
             threads,
             slots: config.engine_slots.max(1),
+            nice: config.engine_nice.min(19) as i32,
             start_timeout: Duration::from_millis(config.engine_start_timeout_ms),
             idle_timeout: Duration::from_millis(config.timeout_ms),
             api_key,
@@ -202,6 +205,7 @@ impl LlamaServer {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         die_with_parent(&mut command);
+        lower_priority(&mut command, self.nice);
         let mut child = spawn_from_lasting_thread(command)
             .map_err(|e| self.error(format!("cannot start {}: {e}", self.binary.display())))?;
         if let Some(stderr) = child.stderr.take() {
@@ -560,3 +564,26 @@ fn die_with_parent(command: &mut Command) {
 
 #[cfg(not(target_os = "linux"))]
 fn die_with_parent(_command: &mut Command) {}
+
+/// Starts the child at CPU niceness `nice` (0..=19; setpriority(2)), so that speech work in
+/// voxloop's own process gets the cores first.
+#[cfg(unix)]
+fn lower_priority(command: &mut Command, nice: i32) {
+    use std::os::unix::process::CommandExt as _;
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: `setpriority` is async-signal-safe and touches no memory of this process; the
+    // closure runs in the child between fork and exec and allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setpriority(libc::PRIO_PROCESS, 0, nice) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(unix))]
+fn lower_priority(_command: &mut Command, _nice: i32) {}

@@ -1488,9 +1488,14 @@ impl Inner {
             );
         }
         let best = argmax(logits, 0..logits.len()).unwrap_or(0);
-        let Some(best_tool) = argmax(logits, tool_starts.into_iter()) else {
+        let tool_starts: std::collections::HashSet<usize> = tool_starts.into_iter().collect();
+        let Some(best_tool) = argmax(logits, tool_starts.iter().copied()) else {
             return false;
         };
+        let best_text = argmax(
+            logits,
+            (0..logits.len()).filter(|i| !tool_starts.contains(i)),
+        );
         let bias = self.config.tool_call_bias.unwrap_or(match self.format {
             ChatFormat::SmolLm => 3.0,
             ChatFormat::Qwen => 0.0,
@@ -1499,6 +1504,7 @@ impl Inner {
         tracing::debug!(
             best = %self.token_text[best],
             gap = logits[best] - logits[best_tool],
+            margin = best_text.map(|t| logits[best_tool] - logits[t]),
             bias,
             tool_call = choose,
             "first token: text or tool call"
