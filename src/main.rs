@@ -1076,7 +1076,8 @@ async fn finish_playback(
         None => failed,
     };
     if let Some(path) = output {
-        println!("wrote {}", path.display());
+        // A note for the person, on stderr: with --json, stdout is one JSON object a turn.
+        eprintln!("wrote {}", path.display());
     }
     Ok(if failed {
         ExitCode::FAILURE

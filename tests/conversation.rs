@@ -531,6 +531,39 @@ async fn chat_runs_typed_turns_through_the_bundled_music_server() {
     assert!((22.0..22.4).contains(&seconds), "{seconds} s: the track");
 }
 
+/// With `--json`, stdout is one JSON object a turn and nothing else (the note of the file
+/// written goes to stderr), so scripts can read it line by line.
+#[tokio::test]
+async fn chat_json_prints_only_json_lines() {
+    let (url, _) = scripted(vec![text("Paris is the capital of France.")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("reply.wav");
+    let output = voxloop_with(
+        &url,
+        &[
+            "chat",
+            "--json",
+            "--text",
+            "What is the capital of France?",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let stdout = succeeded(&output);
+    let turns: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    assert_eq!(turns.len(), 1, "{stdout}");
+    assert_eq!(turns[0]["said"], "Paris is the capital of France.");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("wrote"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 #[tokio::test]
 async fn run_hears_a_spoken_command_and_plays_the_track() {
     let (url, requests) = scripted(vec![tool("musicPlayer", json!({"query": "horizon"}))]).await;
