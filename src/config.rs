@@ -1673,7 +1673,9 @@ fn in_range<T: PartialOrd + fmt::Display>(
     Err(ConfigError::Invalid {
         key: key.to_string(),
         value: value.to_string(),
-        allowed: format!("from {} to {} {unit}", allowed.start(), allowed.end()),
+        allowed: format!("from {} to {} {unit}", allowed.start(), allowed.end())
+            .trim_end()
+            .to_string(),
     })
 }
 

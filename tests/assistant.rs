@@ -65,6 +65,38 @@ async fn turns(requests: &[&str]) -> Vec<TurnReport> {
     reports
 }
 
+/// With the intents on, the local model is offered no `exit_conversation` (the intents hear
+/// goodbyes; the model's exits were mostly false); with them off it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_local_model_may_end_the_session_only_without_the_intents() {
+    for intents in [true, false] {
+        let mut config = config();
+        config.llm.builtin_intents = intents;
+        let conversation = Conversation::new(
+            ChatModel::Local(model().clone()),
+            Arc::new(ToolHub::start(&config).await),
+            Tts::new(&config.tts),
+            PlaybackQueue::new(
+                Sink::Null(NullSink::new(24_000, 1, false)),
+                QueueSettings::from_config(&config.audio),
+            ),
+            ConversationSettings::from_config(&config),
+        );
+        let names: Vec<String> = conversation
+            .function_tools()
+            .iter()
+            .map(|t| t["function"]["name"].as_str().unwrap().to_string())
+            .collect();
+        assert!(names.contains(&"musicPlayer".to_string()), "{names:?}");
+        assert!(names.contains(&"stop_playback".to_string()), "{names:?}");
+        assert_eq!(
+            names.contains(&"exit_conversation".to_string()),
+            !intents,
+            "{names:?}"
+        );
+    }
+}
+
 fn playing(report: &TurnReport) -> Option<String> {
     report.tools.iter().find_map(|t| {
         let start = t.result.find("Playing \"")? + "Playing \"".len();

@@ -198,26 +198,27 @@ impl Conversation {
     /// sends) is left out: one volume, one tool.
     ///
     /// With the built-in intents on, the local model is not offered `exit_conversation`: the
-    /// intents hear goodbyes, and every exit Qwen2.5-0.5B chose in the assistant bench was a
-    /// false one ("What is two plus two?", "Good morning!") that ended the session.
+    /// intents hear goodbyes, while Qwen2.5-0.5B chose it mostly for other requests ("What is
+    /// two plus two?", "Good morning!"), and a false exit ends the session (BENCHMARKS.md).
     pub fn function_tools(&self) -> Vec<Value> {
-        let mut tools = self.hub.function_tools();
-        if self.settings.intents.is_some() && matches!(self.llm, ChatModel::Local(_)) {
-            tools.retain(|t| {
-                let name = t["function"]["name"].as_str().unwrap_or_default();
-                !(name == "exit_conversation" && self.hub.is_builtin(name))
-            });
-        }
-        if let Some((_, device)) = &self.device {
-            if device
+        let speaker_on_device = self.device.as_ref().is_some_and(|(_, device)| {
+            device
                 .iter()
                 .any(|t| t.tool.ends_with("audio_speaker.set_volume"))
-            {
-                tools.retain(|t| {
-                    let name = t["function"]["name"].as_str().unwrap_or_default();
-                    !(name == "set_volume" && self.hub.is_builtin(name))
-                });
-            }
+        });
+        let exit_by_intent_only =
+            self.settings.intents.is_some() && matches!(self.llm, ChatModel::Local(_));
+        let mut tools = self.hub.function_tools();
+        tools.retain(|t| {
+            let name = t["function"]["name"].as_str().unwrap_or_default();
+            let withheld = match name {
+                "set_volume" => speaker_on_device,
+                "exit_conversation" => exit_by_intent_only,
+                _ => false,
+            };
+            !(withheld && self.hub.is_builtin(name))
+        });
+        if let Some((_, device)) = &self.device {
             tools.extend(device.iter().map(ToolSpec::function_tool));
         }
         tools

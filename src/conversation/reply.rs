@@ -256,24 +256,18 @@ impl LeadIn {
     /// held lead-in joined before it).
     pub fn pass(&mut self, piece: &str) -> Option<String> {
         let piece = piece.trim();
-        let joined = match self.held.take() {
+        let text = match self.held.take() {
+            // A Chinese colon needs no space after it.
+            Some(held) if held.ends_with('：') => format!("{held}{piece}"),
             Some(held) => format!("{held} {piece}"),
             None => piece.to_string(),
         };
-        // What follows the last letter or digit: a colon there, with perhaps only the
-        // punctuation of removed markup after it ("Here you go: ."), makes a lead-in.
-        let tail = match piece.rfind(char::is_alphanumeric) {
-            Some(at) => piece[at..]
-                .trim_start_matches(char::is_alphanumeric)
-                .trim_start(),
-            None => piece,
-        };
-        if tail.starts_with([':', '：']) {
-            let keep = joined.len() - tail.len() + tail.chars().next().map_or(0, char::len_utf8);
-            self.held = Some(joined[..keep].to_string());
-            None
-        } else {
-            Some(joined)
+        match lead_in_end(&text) {
+            Some(end) => {
+                self.held = Some(text[..end].to_string());
+                None
+            }
+            None => Some(text),
         }
     }
 
@@ -281,6 +275,24 @@ impl LeadIn {
     pub fn finish(&mut self) -> Option<String> {
         self.held.take()
     }
+}
+
+/// When `text` ends in a lead-in, the byte offset just after its colon: the colon follows the
+/// last letter or digit, with only white space before it and at most the punctuation left by
+/// removed markup after it ("Here you go: .").
+fn lead_in_end(text: &str) -> Option<usize> {
+    let after_word = text
+        .char_indices()
+        .rev()
+        .find(|(_, c)| c.is_alphanumeric())
+        .map_or(0, |(at, c)| at + c.len_utf8());
+    let rest = &text[after_word..];
+    let spaces = rest.len() - rest.trim_start().len();
+    let colon = rest[spaces..]
+        .chars()
+        .next()
+        .filter(|c| [':', '：'].contains(c))?;
+    Some(after_word + spaces + colon.len_utf8())
 }
 
 /// Counts a reply's sentences and words and watches for loops.
@@ -523,7 +535,7 @@ mod tests {
         assert_eq!(lead.finish(), Some("Here you go:".into()));
         assert_eq!(lead.pass("It is 10:30."), Some("It is 10:30.".into()));
         assert_eq!(lead.pass("现在播放："), None);
-        assert_eq!(lead.pass("晴天。"), Some("现在播放： 晴天。".into()));
+        assert_eq!(lead.pass("晴天。"), Some("现在播放：晴天。".into()));
         assert_eq!(lead.finish(), None);
     }
 

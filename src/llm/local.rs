@@ -102,18 +102,21 @@ const FIRST_TOKEN_CHOICES: usize = 20;
 
 /// Runs `future` to its end on a runtime of its own, on a thread of its own (so that a caller
 /// inside a runtime may block on it too): the blocking calls of the llama.cpp engine.
-fn block_on<T: Send>(future: impl std::future::Future<Output = T> + Send) -> T {
+///
+/// # Errors
+/// The runtime could not be built (no threads or file descriptors left). A panic in `future`
+/// is resumed in the caller.
+fn block_on<T: Send>(future: impl std::future::Future<Output = T> + Send) -> std::io::Result<T> {
     std::thread::scope(|scope| {
-        scope
+        let joined = scope
             .spawn(|| {
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
-                    .expect("a current-thread runtime")
-                    .block_on(future)
+                    .map(|runtime| runtime.block_on(future))
             })
-            .join()
-            .expect("the blocking llama.cpp call panicked")
+            .join();
+        joined.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
 }
 
@@ -613,6 +616,7 @@ impl LocalModel {
                 self.inner
                     .generate_llama(&ids, grammar.as_ref(), &tx, &cancel),
             )
+            .map_err(|e| model_error(&self.inner.path, e))?
         } else {
             self.inner.generate(&ids, grammar.as_ref(), &tx, &cancel)
         };
@@ -643,7 +647,8 @@ impl LocalModel {
     pub fn warm_up(&self, messages: &[ChatMessage], tools: &FunctionTools) -> Result<(), LlmError> {
         let ids = self.system_ids(messages, tools)?;
         if self.inner.server.is_some() {
-            return block_on(self.warm_up_llama(&ids));
+            return block_on(self.warm_up_llama(&ids))
+                .map_err(|e| model_error(&self.inner.path, e))?;
         }
         let mut stats = GenerationStats::default();
         let started = Instant::now();
