@@ -18,7 +18,9 @@
 //! N requests only; `SETUPS=3,4` those setups only (0-based; 3 and 4 are the two engines with
 //! the defaults; 5 is the defaults with llama-server at niceness 0). The reply's voice is the
 //! default one (Kokoro), or espeak-ng with `VOICE=espeak-ng`. `ASR_COMPARE=1` first compares
-//! whisper's greedy decoding with beam search on the requests (word error rate, time).
+//! whisper's greedy decoding with beam search on the requests (word error rate, time), and
+//! `ASR_PROMPT="A|B|beam5:C"` adds each prompt as a variant (greedy, or beam search with the
+//! `beam5:` prefix; `ASR_SHOW=1` prints what whisper heard with them).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -30,7 +32,9 @@ use tokio_util::sync::CancellationToken;
 use voxloop::config::{Config, LocalEngine, McpServerConfig};
 use voxloop::conversation::{Conversation, ConversationSettings, TurnEnd, TurnReport};
 use voxloop::llm::ChatModel;
-use voxloop::pipeline::asr::{ASR_RATE, Asr, edit_distance, transcript_words, vocabulary_prompt};
+use voxloop::pipeline::asr::{
+    ASR_RATE, ASSISTANT_CONTEXT, Asr, edit_distance, transcript_words, vocabulary_prompt,
+};
 use voxloop::pipeline::queue::{PlaybackQueue, QueueSettings};
 use voxloop::pipeline::sink::{NullSink, Sink};
 use voxloop::pipeline::tts::Tts;
@@ -332,15 +336,32 @@ async fn main() {
     if std::env::var("ASR_COMPARE").as_deref() == Ok("1") {
         println!("| whisper base decoding | WER | utterances word for word | p50 ms | max ms |");
         println!("|---|---:|---:|---:|---:|");
-        for beam in [0, 5] {
+        // ASR_PROMPT="...": also greedy with that text as whisper's initial prompt.
+        let asr_prompt = std::env::var("ASR_PROMPT").unwrap_or_default();
+        let mut variants = vec![(0, None), (5, None), (0, Some(ASSISTANT_CONTEXT))];
+        for p in asr_prompt.split('|').filter(|p| !p.is_empty()) {
+            match p.strip_prefix("beam5:") {
+                Some(p) => variants.push((5, Some(p))),
+                None => variants.push((0, Some(p))),
+            }
+        }
+        for (beam, prompt) in variants {
             let mut config = base.asr.clone();
             config.beam_size = beam;
+            // Each variant's prompt alone, without the default context prompt.
+            config.context_prompt = Some(String::new());
             let asr = Asr::load(&config).expect("loads");
             let (mut errors, mut words, mut exact, mut spoken, mut ms) = (0, 0, 0, 0, Vec::new());
             for (i, case) in cases.iter().enumerate() {
                 let started = std::time::Instant::now();
-                let heard = asr.transcribe(&audio[i]).expect("transcribes").text;
+                let heard = asr
+                    .transcribe_with_prompt(&audio[i], prompt)
+                    .expect("transcribes")
+                    .text;
                 ms.push(started.elapsed().as_millis() as u64);
+                if prompt.is_some() && std::env::var("ASR_SHOW").is_ok() {
+                    println!("  {:?} -> {heard:?}", case.text);
+                }
                 // Room noise and the click have no words to hear.
                 if case.text.is_empty() || case.text == "<click>" {
                     continue;
@@ -352,9 +373,11 @@ async fn main() {
                 exact += usize::from(e == 0);
                 spoken += 1;
             }
-            let label = match beam {
-                0 => "greedy".to_string(),
-                width => format!("beam search, width {width}"),
+            let label = match (beam, prompt) {
+                (0, None) => "greedy, no prompt".to_string(),
+                (0, Some(p)) => format!("greedy, prompt {p:?}"),
+                (width, None) => format!("beam search, width {width}, no prompt"),
+                (width, Some(p)) => format!("beam search, width {width}, prompt {p:?}"),
             };
             println!(
                 "| {label} | {:.1} % of {words} | {exact} of {spoken} | {} | {} |",
@@ -401,7 +424,7 @@ async fn main() {
     println!("| whisper base on the track names | title words missed |");
     println!("|---|---:|");
     println!(
-        "| without a prompt | {:.1} % of {} |",
+        "| the context prompt alone (the default) | {:.1} % of {} |",
         wer(recall[0]),
         recall[0].1
     );

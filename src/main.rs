@@ -422,7 +422,10 @@ fn main() -> anyhow::Result<ExitCode> {
 
 fn transcribe(config: &Config, file: &Path, json: bool) -> anyhow::Result<ExitCode> {
     use voxloop::pipeline::asr::{ASR_RATE, Asr};
-    let asr = Asr::load(&config.asr)?;
+    // A file is any speech, not a request to the assistant: no default context prompt.
+    let mut asr_config = config.asr.clone();
+    asr_config.context_prompt.get_or_insert_with(String::new);
+    let asr = Asr::load(&asr_config)?;
     let pcm = voxloop::pipeline::decode::decode_file(file, ASR_RATE)
         .with_context(|| format!("reading {}", file.display()))?;
     let started = std::time::Instant::now();

@@ -49,6 +49,11 @@ pub struct Asr {
     config: AsrConfig,
 }
 
+/// Whisper's default initial prompt for English (`[asr] context_prompt`): it tells the decoder
+/// that short spoken requests follow. Descriptive, not example requests: whisper copied example
+/// sentences into what it heard (BENCHMARKS.md).
+pub const ASSISTANT_CONTEXT: &str = "Questions and commands for a voice assistant.";
+
 /// Encoder frames for `samples` of audio when the context is fitted: 50 per second (1500 for
 /// 30 s), plus 64 of margin, and never under 300 (6 s): with less, whisper base repeated or
 /// misheard short commands in our measurements (BENCHMARKS.md).
@@ -90,8 +95,10 @@ impl Asr {
         self.transcribe_with_prompt(pcm, None)
     }
 
-    /// As [`Self::transcribe`], with `prompt` as whisper's initial prompt (text it takes to
-    /// precede the audio: names in it are heard more readily; see [`vocabulary_prompt`]).
+    /// As [`Self::transcribe`], with `prompt` added to whisper's initial prompt (text it takes
+    /// to precede the audio, after `[asr] context_prompt`: names in it are heard more readily;
+    /// see [`vocabulary_prompt`]). A sentence whisper repeats is written once
+    /// ([`without_repeats`]).
     /// Non-speech markers (`[BLANK_AUDIO]`, `(music)`, `*cough*`, `♪`) and the captions whisper
     /// invents over silence ("Thanks for watching!") are removed: silence or noise gives an
     /// empty text.
@@ -124,8 +131,18 @@ impl Asr {
         params.set_print_special(false);
         params.set_no_context(true);
         params.set_suppress_blank(true);
-        if let Some(prompt) = prompt.filter(|p| !p.trim().is_empty()) {
-            params.set_initial_prompt(prompt);
+        let lead = match &self.config.context_prompt {
+            Some(text) => text.trim(),
+            None if language == "en" => ASSISTANT_CONTEXT,
+            None => "",
+        };
+        let prompt = [lead, prompt.unwrap_or("").trim()]
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        if !prompt.is_empty() {
+            params.set_initial_prompt(&prompt);
         }
         let context = self.context.lock().expect("asr lock");
         let mut state = context
@@ -170,7 +187,7 @@ impl Asr {
             language.to_string()
         };
         Ok(Transcript {
-            text: text.trim().to_string(),
+            text: without_repeats(text.trim()),
             language,
             segments,
         })
@@ -217,6 +234,38 @@ pub fn speech_only(text: &str) -> String {
         return String::new();
     }
     out
+}
+
+/// `text` with a sentence that repeats the one before it left out: whisper's decoder can loop on
+/// a sentence it has written ("Stop the music. Stop the music."), most of all after a prompt.
+/// Sentences end at `.`, `?`, `!` or `。？！` and are compared lower-case, letters and digits only.
+pub fn without_repeats(text: &str) -> String {
+    let mut out = String::new();
+    let mut last_key = String::new();
+    let mut sentence = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        sentence.push(c);
+        let ends = matches!(c, '.' | '?' | '!' | '。' | '？' | '！')
+            && chars
+                .peek()
+                .is_none_or(|n| n.is_whitespace() || !n.is_ascii());
+        if ends || chars.peek().is_none() {
+            let key: String = sentence
+                .chars()
+                .filter(|c| c.is_alphanumeric())
+                .flat_map(char::to_lowercase)
+                .collect();
+            if key.is_empty() || key != last_key {
+                out.push_str(&sentence);
+            }
+            if !key.is_empty() {
+                last_key = key;
+            }
+            sentence.clear();
+        }
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Whisper's initial prompt for the vocabulary of the moment: `titles` (of the resources the
@@ -368,6 +417,29 @@ mod tests {
         assert_eq!(speech_only("[MUSIC] Play the song."), "Play the song.");
         assert_eq!(speech_only("Thank you."), "Thank you.");
         assert_eq!(speech_only("播放音乐"), "播放音乐");
+    }
+
+    #[test]
+    fn a_repeated_sentence_is_written_once() {
+        assert_eq!(
+            without_repeats("Stop the music. Stop the music."),
+            "Stop the music."
+        );
+        assert_eq!(
+            without_repeats("What? What? What? What is the time?"),
+            "What? What is the time?"
+        );
+        // Case and punctuation do not hide a repeat; different sentences stay, in order.
+        assert_eq!(
+            without_repeats("Turn it up! turn it up. Thank you."),
+            "Turn it up! Thank you."
+        );
+        assert_eq!(
+            without_repeats("Play 2.5 hours of music."),
+            "Play 2.5 hours of music."
+        );
+        assert_eq!(without_repeats("停止。停止。"), "停止。");
+        assert_eq!(without_repeats(""), "");
     }
 
     #[test]
