@@ -106,9 +106,9 @@ impl MusicServer {
         vec![
             Tool::new(
                 "musicPlayer",
-                "Find a song in the music library by title, artist or file name and play it. \
-                 Returns a resource_link to the audio; the client streams it with resources/read \
-                 in byte-range pages.",
+                "Play a song from the music library, found by title, artist or file name. Only for \
+                 requests to play, hear or put on music. Returns a resource_link to the audio, \
+                 read in byte-range pages with resources/read.",
                 empty.clone(),
             )
             .with_input_schema::<MusicPlayerArgs>(),
