@@ -116,7 +116,16 @@ impl MarkupFilter {
                 '{' | '[' if c == '{' || rest[1..].trim_start().starts_with(['{', '"']) => {
                     self.brace_depth = 1;
                 }
-                '`' => self.in_code = true,
+                '`' => match inline_identifier(rest) {
+                    // `set_volume` is said "set volume"; other inline code is dropped.
+                    Some(name) => {
+                        for w in crate::pipeline::asr::split_identifier(name).chars() {
+                            self.emit(&mut out, w);
+                        }
+                        i += name.chars().count() + 1;
+                    }
+                    None => self.in_code = true,
+                },
                 '*' | '_' | '#' | '|' | '~' => {
                     // Emphasis, headings and table bars; "_" inside a word stays a space.
                     let next_alnum = rest[1..].starts_with(char::is_alphanumeric);
@@ -188,7 +197,14 @@ impl MarkupFilter {
             && !rest.contains(' ');
         // "_" between two words is a space: wait for the next character.
         let underscore = rest == "_";
-        fence_prefix || open_tag || bracket || link || list_prefix || underscore
+        // Inline code waits for its closing backtick (a name in it is spoken).
+        let inline_code = !self.in_code
+            && !self.in_fence
+            && rest.starts_with('`')
+            && !rest.starts_with("``")
+            && !rest[1..].contains('`')
+            && rest.len() < 48;
+        fence_prefix || open_tag || bracket || link || list_prefix || underscore || inline_code
     }
 
     /// Consumes one character of a JSON value being dropped.
@@ -427,6 +443,24 @@ pub fn clean(text: &str) -> String {
     out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// The name in inline code at the start of `rest` ("`set_volume` ..."): a name of several
+/// words (joined by `_` or `-`, or camelCase), letters and digits only otherwise, starting with
+/// a letter, at most 40 characters, closed by a backtick. A single word ("`ls`") is not taken
+/// for a name: it may be a command.
+fn inline_identifier(rest: &str) -> Option<&str> {
+    let inner = rest.strip_prefix('`')?;
+    let name = &inner[..inner.find('`')?];
+    let word = name
+        .chars()
+        .all(|c| c.is_alphanumeric() || matches!(c, '_' | '-'));
+    let hump = name
+        .chars()
+        .zip(name.chars().skip(1))
+        .any(|(a, b)| a.is_lowercase() && b.is_uppercase());
+    let parts = hump || name.trim_matches(['_', '-']).contains(['_', '-']);
+    (word && parts && name.len() <= 40 && name.starts_with(char::is_alphabetic)).then_some(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,6 +490,11 @@ mod tests {
             ("**Hello** there, _friend_!", "Hello there, friend!"),
             ("# Title\n- one\n- two\n1. three", "Title one two three"),
             ("Run `ls -la` now.", "Run now."),
+            (
+                "Use `musicPlayer`, `set_volume` or `stop_playback`.",
+                "Use music player, set volume or stop playback.",
+            ),
+            ("Type `x = 1` now.", "Type now."),
             ("Code:\n```python\nprint('hi')\n```\nBye.", "Code: Bye."),
             (
                 "See [the docs](https://example.com) here.",

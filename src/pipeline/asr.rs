@@ -304,7 +304,7 @@ pub fn vocabulary_prompt(titles: &[String], tools: &[String], max_chars: usize) 
 }
 
 /// `musicPlayer` -> "music player", `get_current_time` -> "get current time".
-fn split_identifier(name: &str) -> String {
+pub fn split_identifier(name: &str) -> String {
     let mut out = String::new();
     let mut prev_lower = false;
     for c in name.chars() {
