@@ -106,9 +106,9 @@ impl MusicServer {
         vec![
             Tool::new(
                 "musicPlayer",
-                "Play a song from the music library, found by title, artist or file name. Only for \
-                 requests to play, hear or put on music. Returns a resource_link to the audio, \
-                 read in byte-range pages with resources/read.",
+                "Play a song from the music library (by title, artist or file name) when the user \
+                 asks to play, hear or put on music. Returns a resource_link to the audio, read \
+                 in byte-range pages with resources/read.",
                 empty.clone(),
             )
             .with_input_schema::<MusicPlayerArgs>(),
