@@ -336,7 +336,8 @@ async fn main() {
     if std::env::var("ASR_COMPARE").as_deref() == Ok("1") {
         println!("| whisper base decoding | WER | utterances word for word | p50 ms | max ms |");
         println!("|---|---:|---:|---:|---:|");
-        // ASR_PROMPT="...": also greedy with that text as whisper's initial prompt.
+        // Without a prompt, greedy and beam search; the default context prompt; and each prompt
+        // of ASR_PROMPT="A|B|beam5:C" (greedy, or beam search with "beam5:").
         let asr_prompt = std::env::var("ASR_PROMPT").unwrap_or_default();
         let mut variants = vec![(0, None), (5, None), (0, Some(ASSISTANT_CONTEXT))];
         for p in asr_prompt.split('|').filter(|p| !p.is_empty()) {

@@ -97,8 +97,9 @@ impl Asr {
 
     /// As [`Self::transcribe`], with `prompt` added to whisper's initial prompt (text it takes
     /// to precede the audio, after `[asr] context_prompt`: names in it are heard more readily;
-    /// see [`vocabulary_prompt`]). A sentence whisper repeats is written once
-    /// ([`without_repeats`]).
+    /// see [`vocabulary_prompt`]). A sentence whisper repeats is written once in the
+    /// transcript's `text` ([`without_repeats`]); `segments` keep what whisper wrote, with
+    /// their times.
     /// Non-speech markers (`[BLANK_AUDIO]`, `(music)`, `*cough*`, `♪`) and the captions whisper
     /// invents over silence ("Thanks for watching!") are removed: silence or noise gives an
     /// empty text.
