@@ -10,11 +10,12 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+pub use mcp_audio::config::MusicConfig;
 
 use crate::tools::paging::MAX_PAGE_BYTES;
 
@@ -43,11 +44,21 @@ pub enum ConfigError {
     },
 }
 
+impl From<mcp_audio::config::InvalidSetting> for ConfigError {
+    fn from(e: mcp_audio::config::InvalidSetting) -> Self {
+        ConfigError::Invalid {
+            key: e.key,
+            value: e.value,
+            allowed: e.allowed,
+        }
+    }
+}
+
 /// The whole configuration. Each section has its own defaults; an absent section is all defaults.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// The bundled music player MCP server (`examples/mcp_audio`).
+    /// `[music]`: the bundled music player MCP server (crates/mcp-audio), which reads this section.
     pub music: MusicConfig,
     /// `[mcp_servers.NAME]`: the MCP servers the tool hub connects to. None configured: the
     /// bundled music server, as `music`.
@@ -901,50 +912,6 @@ impl Default for ToolsConfig {
     }
 }
 
-/// `[music]`: the music player MCP server (DESIGN §4).
-///
-/// Relative paths in a config file are relative to that file's directory; built-in defaults are
-/// relative to the current directory.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct MusicConfig {
-    /// Directory scanned (recursively) for mp3, ogg, opus, flac, wav and m4a files.
-    pub library: PathBuf,
-    /// Optional TOML file of remote tracks (`[[track]]` with `title`, `artist`, `url`,
-    /// `mime_type`, optional `size` in bytes). Their hosts are allowed as upstreams.
-    pub catalog: Option<PathBuf>,
-    /// The only upstream hosts read (loopback included only when listed): host names or IP
-    /// addresses, each optionally with `:port`. A listed name that resolves to a loopback or
-    /// private address is refused unless that address is listed too.
-    pub allow_hosts: Vec<String>,
-    /// Time limit for one upstream range request, headers and body, in milliseconds.
-    pub upstream_timeout_ms: u64,
-    /// Largest page a client may ask for with `?start=S&end=E` (`E - S`), in bytes.
-    pub max_page_bytes: u64,
-    /// Resources per `resources/list` page.
-    pub list_page_size: usize,
-    /// Address for `--transport http` (streamable HTTP at `/mcp`).
-    pub http_bind: SocketAddr,
-    /// Browser origins accepted by the HTTP transport besides loopback ones
-    /// (`http://localhost:*`, `http://127.0.0.1:*`, `http://[::1]:*`), e.g. `https://app.example`.
-    pub allowed_origins: Vec<String>,
-}
-
-impl Default for MusicConfig {
-    fn default() -> Self {
-        Self {
-            library: PathBuf::from("assets/music"),
-            catalog: None,
-            allow_hosts: Vec::new(),
-            upstream_timeout_ms: 30_000,
-            max_page_bytes: MAX_PAGE_BYTES,
-            list_page_size: 50,
-            http_bind: SocketAddr::from(([127, 0, 0, 1], 3001)),
-            allowed_origins: Vec::new(),
-        }
-    }
-}
-
 impl Config {
     /// Loads the configuration: `path` if given (it must exist), else [`DEFAULT_CONFIG_FILE`] in
     /// the current directory if present, else the defaults. The result has been checked with
@@ -976,10 +943,9 @@ impl Config {
         let table: toml::Table = toml::from_str(&text).unwrap_or_default();
         let written =
             |section: &str, key: &str| table.get(section).and_then(|s| s.get(key)).is_some();
-        if written("music", "library") {
-            config.music.library = base.join(&config.music.library);
-        }
-        config.music.catalog = config.music.catalog.map(|c| base.join(c));
+        config
+            .music
+            .resolve_paths(base, written("music", "library"));
         config.asr.model = config.asr.model.map(|m| base.join(m));
         config.llm.local_model = config.llm.local_model.map(|m| base.join(m));
         if let Some(jwt) = config.auth.jwt.as_mut() {
@@ -1079,31 +1045,7 @@ impl Config {
     /// # Errors
     /// The first [`ConfigError::Invalid`] found.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let m = &self.music;
-        in_range(
-            "music.upstream_timeout_ms",
-            m.upstream_timeout_ms,
-            1..=600_000,
-            "milliseconds",
-        )?;
-        in_range(
-            "music.max_page_bytes",
-            m.max_page_bytes,
-            1..=MAX_PAGE_BYTES,
-            "bytes (512 KiB at most: MCP peers cap one message at 1 MiB, DESIGN §3)",
-        )?;
-        in_range("music.list_page_size", m.list_page_size, 1..=1000, "items")?;
-        for host in &m.allow_hosts {
-            if !is_host(host) {
-                return Err(ConfigError::Invalid {
-                    key: "music.allow_hosts".into(),
-                    value: format!("{host:?}"),
-                    allowed:
-                        "a host name or IP address, optionally with :port, without scheme or path"
-                            .into(),
-                });
-            }
-        }
+        self.music.validate()?;
         let t = &self.tools;
         in_range(
             "tools.max_message_bytes",
@@ -1494,7 +1436,6 @@ impl Config {
                 allowed: "wav, mp3, opus, flac or pcm".into(),
             });
         }
-        check_origins("music.allowed_origins", &m.allowed_origins)?;
         check_origins("server.allowed_origins", &self.server.allowed_origins)?;
         let sv = &self.server;
         in_range(
@@ -1660,21 +1601,6 @@ fn check_origins(key: &str, origins: &[String]) -> Result<(), ConfigError> {
         }),
         None => Ok(()),
     }
-}
-
-/// A host name or IP address, optionally with `:port` (`[v6]:port` for IPv6).
-fn is_host(s: &str) -> bool {
-    if s.parse::<std::net::SocketAddr>().is_ok() {
-        return true;
-    }
-    let s = match s.rsplit_once(':') {
-        Some((host, port)) if port.parse::<u16>().is_ok() && !host.contains(':') => host,
-        _ => s,
-    };
-    s.parse::<std::net::IpAddr>().is_ok()
-        || (!s.is_empty()
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'))
 }
 
 fn in_range<T: PartialOrd + fmt::Display>(

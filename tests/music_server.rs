@@ -1,4 +1,4 @@
-//! The music player MCP server (examples/mcp_audio) as a real child process, driven by an rmcp
+//! The music player MCP server (crates/mcp-audio) as a real child process, driven by an rmcp
 //! client over stdio and streamable HTTP, reading from real loopback HTTP upstreams.
 
 mod common;

@@ -7,5 +7,6 @@ pub mod hub;
 pub mod media;
 pub mod outcome;
 pub mod pager;
-pub mod paging;
+/// The paged-resource contract (the `voxloop-paging` crate, shared with the music server).
+pub use voxloop_paging as paging;
 pub mod terminal;

@@ -27,7 +27,7 @@ pub fn music_file(name: &str) -> PathBuf {
     repo_root().join("assets/music").join(name)
 }
 
-/// The music server binary (built from examples/mcp_audio by cargo for tests and benches).
+/// The music server binary (built from crates/mcp-audio by cargo for tests and benches).
 pub fn music_server_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_mcp_audio"))
 }

@@ -16,7 +16,7 @@ use rmcp::service::RequestContext;
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
 use schemars::JsonSchema;
 use serde_json::{Value, json};
-use voxloop::tools::paging::{DONE_BLOB, parse_range_query};
+use voxloop_paging::{DONE_BLOB, parse_range_query};
 
 use crate::catalog::{Track, best_match, mime_for_path, suggestions};
 use crate::upstream::{RangeBytes, Upstream, UpstreamError};

@@ -35,7 +35,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt as _};
 use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, RANGE};
 use reqwest::{StatusCode, Url};
-use voxloop::tools::paging::ByteRange;
+use voxloop_paging::ByteRange;
 
 /// Open upstream responses kept for sequential reads.
 pub const MAX_CURSORS: usize = 16;

@@ -1,18 +1,20 @@
-//! The music player MCP server (DESIGN §4).
+//! The music player MCP server: tools `musicPlayer` and `set_volume`, and the library's audio
+//! as paged resources (`{uri}?start=S&end=E` until a `[DONE]` blob, [`voxloop_paging`]).
 //!
 //! Scans a music library (its files are read from disk by the server itself, never through a
 //! URL a client could aim elsewhere), and answers MCP over stdio (default) or streamable HTTP
 //! at `/mcp`:
 //!
 //! ```text
-//! cargo run --example mcp_audio                                   # stdio
-//! cargo run --example mcp_audio -- --transport http --bind 127.0.0.1:3001
+//! cargo run --bin mcp_audio                                   # stdio
+//! cargo run --bin mcp_audio -- --transport http --bind 127.0.0.1:3001
 //! ```
 //!
 //! Settings come from the `[music]` section of the voxloop config file; flags override it.
 //! Logs go to stderr (`RUST_LOG`), never stdout.
 
 mod catalog;
+pub mod config;
 mod server;
 mod upstream;
 
@@ -26,8 +28,8 @@ use clap::{Parser, ValueEnum};
 use rmcp::ServiceExt as _;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
-use voxloop::config::{Config, MusicConfig};
 
+use crate::config::MusicConfig;
 use crate::server::MusicServer;
 use crate::upstream::Upstream;
 
@@ -76,8 +78,9 @@ struct Args {
 impl Args {
     /// The `[music]` settings: config file (or defaults), then these flags on top, checked.
     fn music_config(&self) -> anyhow::Result<MusicConfig> {
-        let mut config = Config::load(self.config.as_deref()).context("invalid configuration")?;
-        let m = &mut config.music;
+        let mut config =
+            MusicConfig::load(self.config.as_deref()).context("invalid configuration")?;
+        let m = &mut config;
         if let Some(bind) = self.bind {
             m.http_bind = bind;
         }
@@ -97,16 +100,41 @@ impl Args {
             m.max_page_bytes = bytes;
         }
         config.validate().context("invalid option")?;
-        Ok(config.music)
+        Ok(config)
     }
 }
 
-// One thread is plenty: the work is I/O and a base64 encode per page, and a voxloop session runs
-// one such child process per music server.
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
-    voxloop::init_logging();
+/// The `mcp_audio` command: parses its arguments, loads the library and serves MCP until stdin
+/// closes (stdio) or Ctrl-C (HTTP). Logs go to stderr, filtered by `RUST_LOG`.
+///
+/// # Errors
+/// A bad option or `[music]` value, an unreadable library or catalog, a port that cannot be
+/// bound, or a failed stdio handshake.
+pub fn main() -> anyhow::Result<()> {
+    init_logging();
     let args = Args::parse();
+    // One thread is plenty: the work is I/O and a base64 encode per page, and a voxloop session
+    // runs one such child process per music server.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(serve(args))
+}
+
+/// Human-readable log lines on stderr (stdout carries MCP in stdio mode), `RUST_LOG` or `info`.
+fn init_logging() {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,symphonia=error,rmcp=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
     let config = args.music_config()?;
 
     let (mut tracks, files) = catalog::scan_library(&config.library)?;
