@@ -1,0 +1,112 @@
+//! `voxloop serve`: the REST bridge, the device server and the duplex co-host on one port set.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use super::announce;
+use super::assistant::tools_and_model;
+use super::bind_tcp;
+use voxloop::config::Config;
+use voxloop::pipeline::tts::Tts;
+
+/// `voxloop serve`: the device server on `[device] bind` and the HTTP API (`/mcp`, the REST
+/// bridge, `/metrics`, `/health`, `/ready`) on `[server] bind`, until Ctrl-C.
+pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
+    use std::sync::Arc;
+    use voxloop::api::Guard;
+    use voxloop::device::session::Assistant;
+    let asr = Arc::new(voxloop::pipeline::asr::Asr::load(&config.asr)?);
+    let (hub, llm) = tools_and_model(&config).await?;
+    let tts = Tts::new(&config.tts).with_breaker(&config.breaker);
+    tts.check().await.context("[tts]")?;
+    let duplex = if duplex_configured(&config) {
+        let duplex = voxloop::duplex::service::Duplex::start(&config.duplex)?;
+        Some(voxloop::duplex::mcp::DuplexMcp::new(duplex))
+    } else {
+        None
+    };
+    let device_listener = bind_tcp(&config.device.bind).await?;
+    let api_listener = bind_tcp(&config.server.bind).await?;
+    let api_addr = api_listener.local_addr()?.to_string();
+    let guard = Guard::new(&config.auth, &config.server, &api_addr, "api")?;
+    let mut breakers = vec![tts.breaker().clone()];
+    breakers.extend(llm.breaker().cloned());
+    let runtime = voxloop::api::server::Runtime::new(
+        hub.clone(),
+        duplex,
+        guard,
+        &config,
+        breakers,
+        required_models(&config),
+    );
+    let assistant = Assistant {
+        config: Arc::new(config.clone()),
+        asr,
+        llm,
+        hub,
+        tts,
+    };
+    let device_addr = device_listener.local_addr()?;
+    announce(&format!(
+        "device server: ws://{device_addr}{}",
+        config.device.path
+    ));
+    announce(&format!(
+        "OTA: http://{device_addr}{}",
+        config.device.ota_path
+    ));
+    announce(&format!(
+        "HTTP API: http://{api_addr} (/mcp, /v1/mcp/tools, /metrics, /ready)"
+    ));
+    if config.device.activation {
+        announce(&format!(
+            "new devices show an activation code: approve it with `voxloop devices approve CODE` (store: {})",
+            voxloop::device::server::device_store(&config)
+                .path()
+                .display()
+        ));
+    }
+    let stop = CancellationToken::new();
+    let shutdown = |token: CancellationToken| async move { token.cancelled().await };
+    let device = voxloop::device::server::serve(
+        device_listener,
+        &config,
+        Some(assistant),
+        shutdown(stop.clone()),
+    );
+    let api = voxloop::api::server::serve(api_listener, runtime, shutdown(stop.clone()));
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+        stop.cancel();
+    };
+    let (device, api, ()) = tokio::join!(device, api, ctrl_c);
+    device?;
+    api?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Whether a PersonaPlex model directory is configured (`[duplex] model_dir` or
+/// `PERSONAPLEX_MODEL_DIR`): then `voxloop serve` offers the duplex tools.
+pub(crate) fn duplex_configured(config: &Config) -> bool {
+    config.duplex.model_dir.is_some() || std::env::var_os("PERSONAPLEX_MODEL_DIR").is_some()
+}
+
+/// The model files `/ready` requires: the ASR model, and the local LLM when it is the one.
+pub(crate) fn required_models(config: &Config) -> Vec<(String, PathBuf)> {
+    let whisper = voxloop::models::spec("whisper-base").expect("known model");
+    let mut models = vec![(
+        "asr".to_string(),
+        config
+            .asr
+            .model
+            .clone()
+            .unwrap_or_else(|| voxloop::models::model_path(whisper)),
+    )];
+    if config.llm.provider == voxloop::config::LlmProvider::Local {
+        models.push(("llm".into(), config.llm.local_model_path()));
+    }
+    models
+}
