@@ -8,12 +8,13 @@ use std::time::Instant;
 
 use voxloop::config::AsrConfig;
 use voxloop::pipeline::Pcm;
-use voxloop::pipeline::asr::{ASR_RATE, Asr};
+use voxloop::pipeline::SPEECH_RATE;
+use voxloop::pipeline::asr::Asr;
 use voxloop::pipeline::convert::Converter;
 
 fn speech(name: &str) -> Vec<f32> {
     let path = format!("{}/assets/speech/{name}", env!("CARGO_MANIFEST_DIR"));
-    let mut converter = Converter::new(ASR_RATE, 1);
+    let mut converter = Converter::new(SPEECH_RATE, 1);
     let mut out = Vec::new();
     voxloop::pipeline::decode::decode(
         std::fs::File::open(path).unwrap(),

@@ -32,8 +32,9 @@ use tokio_util::sync::CancellationToken;
 use voxloop::config::{Config, LocalEngine, McpServerConfig};
 use voxloop::conversation::{Conversation, ConversationSettings, TurnEnd, TurnReport};
 use voxloop::llm::ChatModel;
+use voxloop::pipeline::SPEECH_RATE;
 use voxloop::pipeline::asr::{
-    ASR_RATE, ASSISTANT_CONTEXT, Asr, edit_distance, transcript_words, vocabulary_prompt,
+    ASSISTANT_CONTEXT, Asr, edit_distance, transcript_words, vocabulary_prompt,
 };
 use voxloop::pipeline::queue::{PlaybackQueue, QueueSettings};
 use voxloop::pipeline::sink::{NullSink, Sink};
@@ -163,7 +164,7 @@ impl Noise {
 /// The request `index` as 16 kHz mono PCM.
 fn speech(index: usize, case: &Case, dir: &Path) -> Vec<f32> {
     let mut noise = Noise(index as u64 + 1);
-    let rate = ASR_RATE as usize;
+    let rate = SPEECH_RATE as usize;
     if case.text.is_empty() {
         // Room noise alone: 1.5 s at about -40 dBFS.
         return (0..rate * 3 / 2).map(|_| noise.next() * 0.01).collect();
@@ -185,7 +186,7 @@ fn speech(index: usize, case: &Case, dir: &Path) -> Vec<f32> {
         .status()
         .expect("espeak-ng runs");
     assert!(status.success(), "espeak-ng failed for {:?}", case.text);
-    let mut pcm = voxloop::pipeline::decode::decode_file(&path, ASR_RATE).expect("decodes");
+    let mut pcm = voxloop::pipeline::decode::decode_file(&path, SPEECH_RATE).expect("decodes");
     if index % 2 == 1 {
         // White noise 20 dB under the speech's RMS.
         let rms = (pcm.iter().map(|s| s * s).sum::<f32>() / pcm.len() as f32).sqrt();

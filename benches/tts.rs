@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use voxloop::config::{AsrConfig, TtsConfig, TtsProvider};
 use voxloop::pipeline::Pcm;
-use voxloop::pipeline::asr::{ASR_RATE, Asr, edit_distance, transcript_words};
+use voxloop::pipeline::SPEECH_RATE;
+use voxloop::pipeline::asr::{Asr, edit_distance, transcript_words};
 use voxloop::pipeline::convert::Converter;
 use voxloop::pipeline::tts::Tts;
 
@@ -97,7 +98,7 @@ async fn synthesize(tts: &Tts, text: &str) -> (Duration, Duration, Pcm) {
 }
 
 fn to_16k(pcm: &Pcm) -> Vec<f32> {
-    let mut converter = Converter::new(ASR_RATE, 1);
+    let mut converter = Converter::new(SPEECH_RATE, 1);
     let mut out = converter.push(pcm).expect("resampling");
     out.extend(converter.flush());
     out

@@ -19,7 +19,7 @@ use rmcp::service::{RoleClient, RunningService};
 use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
-use voxloop::tools::media::file_extension;
+use voxloop::media::file_extension;
 use voxloop::tools::paging::{PagingLimits, read_paged};
 
 /// Ask the music player MCP server for a song and download it page by page.

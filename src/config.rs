@@ -504,7 +504,7 @@ pub struct McpServerConfig {
     pub bearer_token_env: Option<String>,
 }
 
-/// `[duplex]`: the PersonaPlex co-host (DESIGN §6). Durations in seconds.
+/// `[duplex]`: the PersonaPlex co-host (ARCHITECTURE §6). Durations in seconds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DuplexConfig {
@@ -556,7 +556,7 @@ impl Default for DuplexConfig {
     }
 }
 
-/// `[device]`: the xiaozhi-esp32 WebSocket server (DESIGN §5). Durations in ms, sizes in bytes.
+/// `[device]`: the xiaozhi-esp32 WebSocket server (ARCHITECTURE §5). Durations in ms, sizes in bytes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DeviceConfig {
@@ -871,7 +871,7 @@ pub struct ToolsConfig {
     pub max_message_bytes: usize,
     /// Wait before restarting a server that died, doubled after each failed start, at most 30 s.
     pub restart_backoff_ms: u64,
-    /// Bytes asked for per `resources/read` page of paged audio (DESIGN §3).
+    /// Bytes asked for per `resources/read` page of paged audio (ARCHITECTURE §3).
     pub page_bytes: u64,
     /// Pages requested ahead of the one being consumed (0: strictly one at a time).
     pub prefetch: usize,
@@ -885,9 +885,9 @@ pub struct ToolsConfig {
     pub max_media_bytes: u64,
     /// Pages one media item may stream at most.
     pub max_media_pages: u64,
-    /// Tool rounds per turn before a spoken fallback (DESIGN §2, rule 5).
+    /// Tool rounds per turn before a spoken fallback (ARCHITECTURE §2, rule 5).
     pub max_tool_rounds: u32,
-    /// Call the LLM again after media started playing (DESIGN §2, rule 2).
+    /// Call the LLM again after media started playing (ARCHITECTURE §2, rule 2).
     pub continue_after_media: bool,
 }
 
@@ -1081,7 +1081,7 @@ impl Config {
             "tools.page_bytes",
             t.page_bytes,
             1..=MAX_PAGE_BYTES,
-            "bytes (512 KiB at most, DESIGN §3)",
+            "bytes (512 KiB at most, ARCHITECTURE §3)",
         )?;
         in_range("tools.prefetch", t.prefetch, 0..=8, "pages")?;
         in_range(

@@ -1,8 +1,11 @@
 //! voxloop: a voice-assistant runtime. Speech in, an LLM that may call MCP tools, speech and
-//! music out. See `DESIGN.md` in the shared design notes and the README for the whole picture.
+//! music out. docs/ARCHITECTURE.md has the layers, the data flow and the protocol facts; the
+//! README has the commands.
 //!
-//! Modules:
+//! Modules, lowest layer first (ARCHITECTURE §1):
+//! - [`media`]: a stream of audio bytes with its MIME type, and MIME sniffing.
 //! - [`config`]: the one TOML file, every limit named.
+//! - [`breaker`], [`metrics`]: circuit breakers per upstream; the Prometheus registry.
 //! - [`tools`]: the tool hub: MCP servers, built-in tools, routing of results, paged media.
 //! - [`pipeline`]: audio: decode, resample, volume, Opus, playback queue, sinks, TTS, ASR, VAD.
 //! - [`models`]: model files and fetching them from the package registries.
@@ -10,6 +13,8 @@
 //!   OpenAI-compatible endpoints).
 //! - [`conversation`]: the turn loop joining the model, the tools and the playback queue.
 //! - [`device`]: the smart-speaker device protocol (xiaozhi-esp32 WebSocket).
+//! - [`api`]: serving safely (keys, JWTs, rate limits) and `voxloop serve`'s HTTP API.
+//! - [`duplex`]: the PersonaPlex co-host (full-duplex speech model, its GPU lifecycle).
 
 pub mod api;
 pub mod breaker;
@@ -18,6 +23,7 @@ pub mod conversation;
 pub mod device;
 pub mod duplex;
 pub mod llm;
+pub mod media;
 pub mod metrics;
 pub mod models;
 pub mod pipeline;

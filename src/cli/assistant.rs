@@ -252,13 +252,14 @@ pub(crate) async fn listen(
     seconds: Option<f64>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
+    use voxloop::pipeline::SPEECH_RATE;
     use voxloop::pipeline::asr::Asr;
     use voxloop::pipeline::input::SpeechInput;
-    use voxloop::pipeline::vad::{TurnDetector, TurnEvent, VAD_RATE};
+    use voxloop::pipeline::vad::{TurnDetector, TurnEvent};
     let asr = std::sync::Arc::new(Asr::load(&config.asr)?);
     // Blocks of PCM: from the file as fast as it decodes, or from the microphone.
     let (mut blocks, _microphone) = speech_source(input, seconds).await?;
-    let limit = seconds.map(|s| (s * f64::from(VAD_RATE)) as usize);
+    let limit = seconds.map(|s| (s * f64::from(SPEECH_RATE)) as usize);
     let mut speech = SpeechInput::default();
     let mut turns = TurnDetector::new(&config.vad);
     let mut heard = 0usize;

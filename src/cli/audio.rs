@@ -14,17 +14,18 @@ use voxloop::pipeline::sink::{Sink, SpeakerSink, WavSink};
 use voxloop::pipeline::tts::Tts;
 
 pub(crate) fn transcribe(config: &Config, file: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    use voxloop::pipeline::asr::{ASR_RATE, Asr};
+    use voxloop::pipeline::SPEECH_RATE;
+    use voxloop::pipeline::asr::Asr;
     // A file is any speech, not a request to the assistant: no default context prompt.
     let mut asr_config = config.asr.clone();
     asr_config.context_prompt.get_or_insert_with(String::new);
     let asr = Asr::load(&asr_config)?;
-    let pcm = voxloop::pipeline::decode::decode_file(file, ASR_RATE)
+    let pcm = voxloop::pipeline::decode::decode_file(file, SPEECH_RATE)
         .with_context(|| format!("reading {}", file.display()))?;
     let started = std::time::Instant::now();
     let transcript = asr.transcribe(&pcm)?;
     tracing::info!(
-        audio_s = pcm.len() as f64 / ASR_RATE as f64,
+        audio_s = pcm.len() as f64 / SPEECH_RATE as f64,
         asr_s = started.elapsed().as_secs_f64(),
         "transcribed"
     );

@@ -11,8 +11,8 @@ use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use voxloop::config::Config;
+use voxloop::media::{MediaStream, file_extension, mime_matches, sniff_container};
 use voxloop::tools::hub::ToolHub;
-use voxloop::tools::media::{MediaStream, file_extension, mime_matches, sniff_container};
 use voxloop::tools::terminal::decide;
 
 #[derive(Debug, Subcommand)]

@@ -1,4 +1,4 @@
-//! The turn loop (DESIGN §1, §2): the user's text goes to the chat model with the tools; its text
+//! The turn loop (ARCHITECTURE §1, §2): the user's text goes to the chat model with the tools; its text
 //! is spoken sentence by sentence as it streams; its tool calls run through the tool hub, media
 //! they return plays, actions apply, and the terminal rules decide whether the model speaks again.
 //! Cancelling a turn (barge-in, a stop command) ends the model's stream, the tool calls and the

@@ -1,4 +1,4 @@
-//! Device-side MCP (DESIGN §5): the device is an MCP server reached through the session's
+//! Device-side MCP (ARCHITECTURE §5): the device is an MCP server reached through the session's
 //! WebSocket, JSON-RPC 2.0 inside `{type:"mcp", payload}`. After the hello the server sends
 //! `initialize`, `notifications/initialized`, then pages `tools/list` by `nextCursor`; the
 //! device's tools (`self.audio_speaker.set_volume {volume}`, `self.get_device_status`, ...) are

@@ -1,4 +1,4 @@
-//! The smart-speaker device server (DESIGN §5): the xiaozhi-esp32 WebSocket protocol.
+//! The smart-speaker device server (ARCHITECTURE §5): the xiaozhi-esp32 WebSocket protocol.
 //!
 //! [`protocol`] holds the messages and the binary framing of protocol versions 1 to 3;
 //! [`server`] the WebSocket and OTA endpoints, the hello, session limits and keep-alive;

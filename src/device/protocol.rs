@@ -1,4 +1,4 @@
-//! The xiaozhi-esp32 WebSocket protocol's messages and binary frames (DESIGN §5; the firmware's
+//! The xiaozhi-esp32 WebSocket protocol's messages and binary frames (ARCHITECTURE §5; the firmware's
 //! `docs/websocket.md`).
 //!
 //! Text frames are JSON objects tagged by `type`. Binary frames carry Opus packets, framed by

@@ -1,4 +1,4 @@
-//! The device server's front door (DESIGN §5): the WebSocket endpoint with its checks before the
+//! The device server's front door (ARCHITECTURE §5): the WebSocket endpoint with its checks before the
 //! upgrade (token, protocol version, session limits), the hello exchange, the session's
 //! keep-alive and limits, and the OTA endpoint that tells firmware where the server is.
 //!

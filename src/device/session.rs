@@ -1,4 +1,4 @@
-//! A device's conversation (DESIGN §5): the device's Opus frames are decoded at 16 kHz, turns
+//! A device's conversation (ARCHITECTURE §5): the device's Opus frames are decoded at 16 kHz, turns
 //! end by the server's VAD (`listen` mode `auto` and `realtime`) or by the device's `listen
 //! stop` (`manual`), whisper hears them (`stt`), and the reply plays into an Opus stream paced
 //! at real time, `[audio] device_lead_ms` ahead, framed by the session's protocol version, with
@@ -17,6 +17,7 @@ use super::protocol::{ListenMode, ProtocolVersion, ServerMessage, TtsState};
 use crate::config::Config;
 use crate::conversation::{Conversation, ConversationSettings};
 use crate::llm::ChatModel;
+use crate::pipeline::SPEECH_RATE;
 use crate::pipeline::asr::Asr;
 use crate::pipeline::input::SpeechInput;
 use crate::pipeline::opus::FrameDecoder;
@@ -27,9 +28,6 @@ use crate::pipeline::sink::{OpusSink, Sink};
 use crate::pipeline::tts::Tts;
 use crate::pipeline::vad::{BargeIn, TurnDetector, TurnEvent};
 use crate::tools::hub::ToolHub;
-
-/// Uplink sample rate in Hz (the firmware's `audio_params`; whisper's rate too).
-pub const UPLINK_RATE: u32 = 16_000;
 
 /// What device sessions share to hold conversations: the configuration, whisper, the chat
 /// model and the tool hub.
@@ -269,7 +267,7 @@ impl DeviceConversation {
             }
         });
         Ok(Self {
-            decoder: FrameDecoder::new(UPLINK_RATE, 1).map_err(|e| e.to_string())?,
+            decoder: FrameDecoder::new(SPEECH_RATE, 1).map_err(|e| e.to_string())?,
             speech: SpeechInput::default(),
             turns: TurnDetector::new(&config.vad),
             barge: BargeIn::new(&config.vad),

@@ -1,6 +1,6 @@
 //! PersonaPlex's shapes and its checkpoint layout.
 //!
-//! The Hugging Face repo (nvidia/personaplex-7b-v1, DESIGN §6) ships `model.safetensors` in the
+//! The Hugging Face repo (nvidia/personaplex-7b-v1, ARCHITECTURE §6) ships `model.safetensors` in the
 //! PyTorch layout of NVIDIA's moshi fork (`moshi/models/loaders.py`): a depformer whose attention
 //! and feed-forward weights are per step (`weights_per_step`, 16 steps: in_proj rows stacked step
 //! after step, one `gating.{step}` module per step). The `moshi` crate's `LmModel` wants one
@@ -62,7 +62,7 @@ pub struct Arch {
 }
 
 impl Arch {
-    /// nvidia/personaplex-7b-v1 (DESIGN §6; the fork's `_lm_kwargs`, `_seanet_kwargs`).
+    /// nvidia/personaplex-7b-v1 (ARCHITECTURE §6; the fork's `_lm_kwargs`, `_seanet_kwargs`).
     pub fn personaplex_7b() -> Self {
         Self {
             dim: 4096,
@@ -551,7 +551,7 @@ mod tests {
 
     #[test]
     fn the_7b_arch_has_the_published_parameter_count() {
-        // DESIGN §6: about 16.7 GB in bf16, i.e. about 8.4e9 parameters with the depformer.
+        // ARCHITECTURE §6: about 16.7 GB in bf16, i.e. about 8.4e9 parameters with the depformer.
         let params: usize = Arch::personaplex_7b()
             .pytorch_tensors(16)
             .iter()

@@ -1,7 +1,7 @@
 //! Loading PersonaPlex and running it: the system prompts, then one 80 ms step per frame of the
 //! user's audio, full duplex.
 //!
-//! Streams and delays (the fork's `_lm_kwargs.delays`, DESIGN §6): 17 token streams, text, the
+//! Streams and delays (the fork's `_lm_kwargs.delays`, ARCHITECTURE §6): 17 token streams, text, the
 //! agent's 8 codebooks, the user's 8; text and each codebook 0 have delay 0, the other codebooks
 //! delay 1. Step `c` reads token column `c` and writes column `c + 1`; frame `f` of a stream is
 //! its codebook 0 in column `f` and its other codebooks in column `f + 1`, so the agent's frame
@@ -32,7 +32,7 @@ pub const SILENCE_TOKENS: [u32; 8] = [948, 243, 1178, 546, 1736, 1030, 1978, 200
 /// during every system prompt (the fork's `SINE_TOKENS`, `moshi/models/lm.py`).
 pub const SINE_TOKENS: [u32; 8] = [430, 1268, 381, 1611, 1095, 1495, 56, 472];
 
-/// Frames of silence around the text prompt (0.5 s at 12.5 Hz, DESIGN §6).
+/// Frames of silence around the text prompt (0.5 s at 12.5 Hz, ARCHITECTURE §6).
 pub const SILENCE_FRAMES: usize = 6;
 
 /// Token streams: text, then the agent's codebooks, then the user's.
@@ -559,7 +559,7 @@ impl Session<'_> {
     }
 }
 
-/// Offline inference (DESIGN §6): the agent's reply to `input` (mono at [`SAMPLE_RATE`]), exactly
+/// Offline inference (ARCHITECTURE §6): the agent's reply to `input` (mono at [`SAMPLE_RATE`]), exactly
 /// as long as the input, and its text.
 ///
 /// # Errors

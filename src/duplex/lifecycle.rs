@@ -1,4 +1,4 @@
-//! The model's place on the machine (DESIGN §6, the GPU lifecycle contract): on the compute
+//! The model's place on the machine (ARCHITECTURE §6, the GPU lifecycle contract): on the compute
 //! device ([`Location::Gpu`]), parked in host memory ([`Location::Cpu`]) or not loaded.
 //!
 //! The first request loads it onto the compute device; a monitor parks it in host memory after

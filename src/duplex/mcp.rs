@@ -1,5 +1,5 @@
 //! `voxloop duplex mcp`: the co-host as an MCP server (stdio, or streamable HTTP at `/mcp`)
-//! with the GPU-lifecycle tools of DESIGN §6. Every result is structured content of the form
+//! with the GPU-lifecycle tools of ARCHITECTURE §6. Every result is structured content of the form
 //! `{status: "success", ...}` (with `processing_time` in seconds for `process_audio`) or
 //! `{status: "error", error}`; an error result also has `isError: true`.
 

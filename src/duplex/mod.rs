@@ -1,4 +1,4 @@
-//! The PersonaPlex co-host (DESIGN §6): NVIDIA's full-duplex speech-to-speech model (a Moshi
+//! The PersonaPlex co-host (ARCHITECTURE §6): NVIDIA's full-duplex speech-to-speech model (a Moshi
 //! fine-tune) run with the `moshi` crate on candle.
 //!
 //! - [`arch`]: the model's shapes and the checkpoint layout of the Hugging Face repo.

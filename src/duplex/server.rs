@@ -1,4 +1,4 @@
-//! `voxloop duplex serve`: the PersonaPlex reference server's REST and WebSocket API (DESIGN §6).
+//! `voxloop duplex serve`: the PersonaPlex reference server's REST and WebSocket API (ARCHITECTURE §6).
 //!
 //! - `GET /health`, `GET /api/gpu/status`, `POST /api/gpu/offload`, `POST /api/gpu/release`,
 //!   `GET /api/voices`, `GET /api/prompts`: JSON.

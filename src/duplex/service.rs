@@ -1,4 +1,4 @@
-//! What the duplex surfaces share (the REST/WebSocket server and the MCP server, DESIGN §6):
+//! What the duplex surfaces share (the REST/WebSocket server and the MCP server, ARCHITECTURE §6):
 //! the managed model, prompt resolution, offline processing off the async threads, a streaming
 //! conversation on its own thread, and the `{status: "success" | "error", ...}` result form.
 

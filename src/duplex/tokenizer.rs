@@ -1,5 +1,5 @@
 //! PersonaPlex's text tokenizer: a SentencePiece unigram model (`tokenizer_spm_32k_3.model`,
-//! DESIGN §6) read from its protobuf file and run by the `tokenizers` crate's `Unigram`.
+//! ARCHITECTURE §6) read from its protobuf file and run by the `tokenizers` crate's `Unigram`.
 
 use std::path::Path;
 

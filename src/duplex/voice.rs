@@ -1,4 +1,4 @@
-//! PersonaPlex's `.pt` voice prompts (the repo's `voices/NATF2.pt` and the others; DESIGN §6).
+//! PersonaPlex's `.pt` voice prompts (the repo's `voices/NATF2.pt` and the others; ARCHITECTURE §6).
 //!
 //! A `.pt` file is what the fork's `LMGen` saves with `save_voice_prompt_embeddings`
 //! (`moshi/models/lm.py`): a `torch.save` of `{"embeddings": [N, 1, 1, dim], "cache":

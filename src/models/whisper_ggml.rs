@@ -1,5 +1,5 @@
 //! Converts a CTranslate2 Whisper model (`model.bin`, `config.json`, `vocabulary.txt`) into
-//! whisper.cpp's ggml file, in f16. The format facts are in DESIGN §7; in short:
+//! whisper.cpp's ggml file, in f16. The format facts are in ARCHITECTURE §7; in short:
 //!
 //! CT2 `model.bin`: `u32` version, string spec name, `u32` revision, `u32` variable count; per
 //! variable: string name, `u8` rank, `u32` dims, `u8` dtype (0 f32, 1 i8, 2 i16, 3 i32, 4 f16,

@@ -6,11 +6,9 @@ use std::sync::Mutex;
 use serde::Serialize;
 use whisper_rs::{FullParams, SamplingStrategy, WhisperContext, WhisperContextParameters};
 
+use super::SPEECH_RATE;
 use crate::config::AsrConfig;
 use crate::models::{self, ModelError};
-
-/// Sample rate whisper takes, in Hz (mono `f32`).
-pub const ASR_RATE: u32 = 16_000;
 
 /// Why transcription failed.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +56,7 @@ pub const ASSISTANT_CONTEXT: &str = "Questions and commands for a voice assistan
 /// 30 s), plus 64 of margin, and never under 300 (6 s): with less, whisper base repeated or
 /// misheard short commands in our measurements (BENCHMARKS.md).
 pub fn fitted_context(samples: usize) -> i32 {
-    let frames = samples as u64 * 50 / u64::from(ASR_RATE) + 64;
+    let frames = samples as u64 * 50 / u64::from(SPEECH_RATE) + 64;
     frames.clamp(300, 1500) as i32
 }
 
@@ -86,7 +84,7 @@ impl Asr {
         })
     }
 
-    /// Transcribes `pcm`: mono samples at [`ASR_RATE`]. Blocking (seconds of CPU on long audio):
+    /// Transcribes `pcm`: mono samples at [`SPEECH_RATE`]. Blocking (seconds of CPU on long audio):
     /// call it from a blocking thread in async code.
     ///
     /// # Errors
@@ -151,8 +149,8 @@ impl Asr {
             .map_err(|e| AsrError::Whisper(e.to_string()))?;
         // Whisper needs at least 1 s; pad short utterances with silence.
         let mut audio = pcm.to_vec();
-        if audio.len() < ASR_RATE as usize + 1600 {
-            audio.resize(ASR_RATE as usize + 1600, 0.0);
+        if audio.len() < SPEECH_RATE as usize + 1600 {
+            audio.resize(SPEECH_RATE as usize + 1600, 0.0);
         }
         if self.config.fit_context {
             params.set_audio_ctx(fitted_context(audio.len()));

@@ -22,7 +22,7 @@ use symphonia::core::io::{MediaSourceStream, ReadOnlySource};
 use symphonia::core::meta::MetadataOptions;
 
 use super::Pcm;
-use crate::tools::media::{file_extension, mime_matches, sniff_container};
+use crate::media::{file_extension, mime_matches, sniff_container};
 
 /// Highest sample rate accepted, in Hz.
 pub const MAX_SAMPLE_RATE: u32 = 384_000;
@@ -551,7 +551,7 @@ const READ_AHEAD_BYTES: usize = 64 << 10;
 /// do not run dry. With less, the step is a job on the blocking pool, where a read may wait.
 const INLINE_MIN_BYTES: usize = 32 << 10;
 
-/// Reads a [`MediaStream`](crate::tools::media::MediaStream) as a byte stream. Before each decode
+/// Reads a [`MediaStream`](crate::media::MediaStream) as a byte stream. Before each decode
 /// step the async side moves the chunks that have arrived into this reader's buffer
 /// ([`MediaReader::fill`]) and runs the step on the async task only when
 /// [`MediaReader::at_hand`] says the bytes are there. A read that finds the buffer empty waits for
@@ -564,14 +564,14 @@ pub struct MediaReader(std::sync::Arc<std::sync::Mutex<Feed>>);
 /// What a [`MediaReader`] holds: the stream (taken out while `fill` waits on it), the chunks
 /// received and not yet read, and how the stream ended once it has.
 struct Feed {
-    media: Option<crate::tools::media::MediaStream>,
+    media: Option<crate::media::MediaStream>,
     chunks: std::collections::VecDeque<bytes::Bytes>,
     buffered: usize,
     end: Option<Result<(), String>>,
 }
 
 impl Feed {
-    fn push(&mut self, next: Option<Result<bytes::Bytes, crate::tools::media::MediaError>>) {
+    fn push(&mut self, next: Option<Result<bytes::Bytes, crate::media::MediaError>>) {
         match next {
             Some(Ok(chunk)) => {
                 self.buffered += chunk.len();
@@ -591,7 +591,7 @@ impl Feed {
 
 impl MediaReader {
     /// Reads `media` from its start.
-    pub fn new(media: crate::tools::media::MediaStream) -> Self {
+    pub fn new(media: crate::media::MediaStream) -> Self {
         Self(std::sync::Arc::new(std::sync::Mutex::new(Feed {
             media: Some(media),
             chunks: Default::default(),
@@ -705,7 +705,7 @@ pub fn spawn_decoder(input: impl Read + Send + Sync + 'static, mime: String) -> 
 /// 32 KiB unread and the stream not over, the decoder first waits (asynchronously)
 /// for the next chunk: bytes before a pause in the transfer play when it resumes or ends. A
 /// receiver dropped during that wait stops the transfer at once.
-pub fn decode_media(media: crate::tools::media::MediaStream) -> PcmReceiver {
+pub fn decode_media(media: crate::media::MediaStream) -> PcmReceiver {
     let mime = media.mime_type.clone();
     let reader = MediaReader::new(media);
     spawn_stepped(reader.clone(), Some(reader), mime)
@@ -798,7 +798,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_read_that_runs_dry_on_a_worker_waits_for_the_next_chunk() {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let media = crate::tools::media::MediaStream::new(
+        let media = crate::media::MediaStream::new(
             "audio/mpeg".into(),
             None,
             "test".into(),

@@ -1,5 +1,5 @@
 //! Speech sources: the microphone (cpal), and a device's stream of Opus frames (16 kHz mono,
-//! 60 ms, DESIGN §5). Audio files go through [`super::source`]. Every source yields [`Pcm`]
+//! 60 ms, ARCHITECTURE §5). Audio files go through [`super::source`]. Every source yields [`Pcm`]
 //! blocks; [`SpeechInput`] turns any of them into 16 kHz mono for the VAD and ASR.
 
 use std::sync::mpsc as std_mpsc;
@@ -8,9 +8,9 @@ use cpal::traits::{DeviceTrait as _, HostTrait as _, StreamTrait as _};
 use tokio::sync::mpsc;
 
 use super::Pcm;
+use super::SPEECH_RATE;
 use super::convert::{ConvertError, Converter};
 use super::opus::FrameDecoder;
-use super::vad::VAD_RATE;
 
 /// Why a source cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -143,7 +143,7 @@ pub struct SpeechInput {
 impl Default for SpeechInput {
     fn default() -> Self {
         Self {
-            converter: Converter::new(VAD_RATE, 1),
+            converter: Converter::new(SPEECH_RATE, 1),
         }
     }
 }

@@ -1,5 +1,10 @@
-//! Audio between "bytes of audio" and "sound out" (DESIGN §1): streaming decode, resampling and
+//! Audio between "bytes of audio" and "sound out" (ARCHITECTURE §1): streaming decode, resampling and
 //! channel mixing, volume, Opus for devices, the playback queue, sinks, and TTS.
+
+/// Sample rate of speech coming in, in Hz (mono): what whisper and the VAD take, and what a
+/// xiaozhi device's uplink carries (its hello's `audio_params.sample_rate`, docs/ARCHITECTURE.md
+/// §5). Input of any other rate is resampled to it.
+pub const SPEECH_RATE: u32 = 16_000;
 
 pub mod asr;
 pub mod convert;

@@ -1,4 +1,4 @@
-//! Ogg/Opus streams (RFC 7845): the audio of the PersonaPlex WebSocket (DESIGN §6), where each
+//! Ogg/Opus streams (RFC 7845): the audio of the PersonaPlex WebSocket (ARCHITECTURE §6), where each
 //! side sends a growing Ogg/Opus stream in arbitrary pieces.
 //!
 //! [`OggOpusWriter`] encodes PCM into Opus packets and wraps each in its own Ogg page, so every

@@ -1,4 +1,4 @@
-//! Opus for devices (DESIGN §5): the frame encoder and decoder smart speakers use (uplink 16 kHz
+//! Opus for devices (ARCHITECTURE §5): the frame encoder and decoder smart speakers use (uplink 16 kHz
 //! mono 60 ms frames; downlink 16 or 24 kHz, 20 or 60 ms), and a pacer that releases frames at
 //! real-time pace a set amount ahead of playback, never in a burst.
 

@@ -1,4 +1,4 @@
-//! The playback queue (DESIGN §1): segments (TTS sentences, media streams) play in order into one
+//! The playback queue (ARCHITECTURE §1): segments (TTS sentences, media streams) play in order into one
 //! sink, with events for each, volume that applies at once (ramped), and a stop that silences
 //! output within one frame and drops what was queued.
 

@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::decode::{PcmReceiver, decode_media, spawn_decoder};
-use crate::tools::media::{MediaError, MediaStream};
+use crate::media::{MediaError, MediaStream};
 
 /// Why a source could not be opened.
 #[derive(Debug, thiserror::Error)]

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::g2p::{G2pError, Language};
 use super::kokoro::{KokoroError, KokoroFiles};
 use crate::config::{TtsConfig, TtsProvider};
-use crate::tools::media::{MediaError, MediaStream};
+use crate::media::{MediaError, MediaStream};
 
 /// Why a sentence could not be synthesized. The turn goes on without it.
 #[derive(Debug, thiserror::Error)]

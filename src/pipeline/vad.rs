@@ -7,10 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::SPEECH_RATE;
 use crate::config::VadConfig;
-
-/// Sample rate the detectors take, in Hz.
-pub const VAD_RATE: u32 = 16_000;
 
 /// Which detector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -43,7 +41,7 @@ pub struct VadFrame {
     pub speech: bool,
     /// RMS level of the frame, linear (1.0 = full scale).
     pub rms: f32,
-    /// Frame length in samples at [`VAD_RATE`].
+    /// Frame length in samples at [`SPEECH_RATE`].
     pub samples: usize,
 }
 
@@ -71,7 +69,7 @@ impl Vad {
         }
     }
 
-    /// Samples per frame at [`VAD_RATE`].
+    /// Samples per frame at [`SPEECH_RATE`].
     pub fn frame_samples(&self) -> usize {
         match self.detector {
             Detector::Earshot(_) => 256,
@@ -156,11 +154,11 @@ enum TurnState {
 }
 
 fn ms(samples: usize) -> u64 {
-    samples as u64 * 1000 / u64::from(VAD_RATE)
+    samples as u64 * 1000 / u64::from(SPEECH_RATE)
 }
 
 fn samples(ms: u32) -> usize {
-    ms as usize * VAD_RATE as usize / 1000
+    ms as usize * SPEECH_RATE as usize / 1000
 }
 
 impl TurnDetector {

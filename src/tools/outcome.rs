@@ -1,4 +1,4 @@
-//! What a tool call returned, routed by content type (DESIGN §2): media to play, text for the LLM,
+//! What a tool call returned, routed by content type (ARCHITECTURE §2): media to play, text for the LLM,
 //! or an action for the runtime, with the flags the terminal rules read.
 
 use std::sync::Arc;
@@ -12,10 +12,10 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::connection::Connection;
-use super::media::{MediaStream, is_audio_mime};
 use super::pager::{PagerSettings, stream_resource};
+use crate::media::{MediaStream, is_audio_mime};
 
-/// Something the runtime must do, from a structured `action` response (DESIGN §2).
+/// Something the runtime must do, from a structured `action` response (ARCHITECTURE §2).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Action {
@@ -30,7 +30,7 @@ pub enum Action {
 }
 
 /// The flags of a structured response; any of them set means the LLM is not called again this
-/// turn (DESIGN §2, rule 1).
+/// turn (ARCHITECTURE §2, rule 1).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Flags {
     pub final_action: bool,
@@ -120,7 +120,7 @@ impl ToolOutcome {
     }
 
     /// Routes an MCP `CallToolResult`: a structured response (in `structuredContent`, or as the
-    /// only text block) is read as such; otherwise each content block goes where DESIGN §2's
+    /// only text block) is read as such; otherwise each content block goes where ARCHITECTURE §2's
     /// table says. Nothing here fails: unusable blocks become text telling the LLM what was wrong.
     pub fn from_result(
         tool: &str,

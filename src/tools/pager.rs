@@ -1,4 +1,4 @@
-//! The resource pager (DESIGN §3): streams a paged audio resource into a [`MediaStream`] while
+//! The resource pager (ARCHITECTURE §3): streams a paged audio resource into a [`MediaStream`] while
 //! it downloads.
 //!
 //! Pages `{uri}?start=S&end=E` are requested `prefetch + 1` at a time, so the next page is on its
@@ -21,9 +21,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::connection::{Connection, Session};
-use super::media::{MediaError, MediaStream};
 use super::paging::{ByteRange, MAX_PAGE_BYTES, Page, PageError, read_page};
 use crate::config::ToolsConfig;
+use crate::media::{MediaError, MediaStream};
 
 /// The pager's limits (from `[tools]`).
 #[derive(Debug, Clone, Copy)]

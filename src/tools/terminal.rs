@@ -1,4 +1,4 @@
-//! Terminal rules (DESIGN §2): once every tool call of a round has returned, does the LLM speak
+//! Terminal rules (ARCHITECTURE §2): once every tool call of a round has returned, does the LLM speak
 //! again, or does the turn stop here? A pure function of the round's outcomes.
 
 use serde::Serialize;

@@ -1,5 +1,5 @@
 //! The MCP side of the music player: tools `musicPlayer` and `set_volume`, the catalog as
-//! resources, and the paged audio resource template (DESIGN §4).
+//! resources, and the paged audio resource template (ARCHITECTURE §4).
 
 use std::sync::Arc;
 
@@ -165,7 +165,7 @@ impl MusicServer {
         }
     }
 
-    /// `set_volume {volume}`: an `action` response for the runtime's playback (DESIGN §2).
+    /// `set_volume {volume}`: an `action` response for the runtime's playback (ARCHITECTURE §2).
     /// The volume change is the whole answer, so `final_action` is set.
     fn set_volume(args: &JsonObject) -> CallToolResult {
         match parse_volume(args.get("volume")) {

@@ -1,11 +1,11 @@
 //! Fetching byte ranges of a track from its upstream with HTTP Range requests (RFC 9110 §14).
 //!
-//! DESIGN §4 has one request per page (`Range: bytes=S-(E-1)`). That costs a whole upstream
+//! ARCHITECTURE §4 has one request per page (`Range: bytes=S-(E-1)`). That costs a whole upstream
 //! round trip per page (about 0.2 ms on loopback, an RTT against a remote host) and, from an
 //! upstream that ignores Range, a download from byte 0 for every page. So this module asks for
 //! `bytes=S-` instead and keeps the open response as a *cursor*: the next page that starts where
 //! the last one ended is read from the same response, and a sequential read of a whole track is
-//! one upstream request. Any other offset opens a new one. The answers are as DESIGN §4 says:
+//! one upstream request. Any other offset opens a new one. The answers are as ARCHITECTURE §4 says:
 //! 206 gives the bytes, 200 (Range ignored) is skipped to `S` while it streams, never held whole,
 //! and 416 or an empty answer past the end means the track is over.
 //!

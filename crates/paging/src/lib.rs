@@ -1,4 +1,4 @@
-//! Paged audio resources (DESIGN §3): the protocol both ends share, and a sequential reader.
+//! Paged audio resources (ARCHITECTURE §3): the protocol both ends share, and a sequential reader.
 //!
 //! A `resource_link` to audio is read with `resources/read` on `{uri}?start=S&end=E`: byte
 //! offsets, `end` exclusive, for `S = 0, P, 2P, ...`. Each answer is one blob (base64). The end of
@@ -18,10 +18,10 @@ pub const DONE_BLOB: &[u8] = b"[DONE]";
 
 /// Largest page, in bytes, a client asks for and a server answers: MCP peers cap one message at
 /// 1 MiB (Python HTTP client), 10 MiB (TypeScript stdio) and 16 MiB (rmcp stdio line), and base64
-/// adds a third (DESIGN §3).
+/// adds a third (ARCHITECTURE §3).
 pub const MAX_PAGE_BYTES: u64 = 512 * 1024;
 
-/// Default page size in bytes (DESIGN §3).
+/// Default page size in bytes (ARCHITECTURE §3).
 pub const DEFAULT_PAGE_BYTES: u64 = 100 * 1024;
 
 /// A byte range `[start, end)` of a resource.

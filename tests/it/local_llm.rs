@@ -7,7 +7,7 @@
 //! The model and the server must be present (`voxloop models fetch smollm2 llama-server`;
 //! scripts/test fetches them once).
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -5,7 +5,7 @@
 //!
 //! The model must be present (`voxloop models fetch`; scripts/test fetches it once).
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, OnceLock};
 

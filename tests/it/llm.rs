@@ -1,7 +1,7 @@
 //! The OpenAI-compatible client against scripted endpoints on loopback: real HTTP and
 //! server-sent events, text and tool calls streamed in pieces, and every failure.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

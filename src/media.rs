@@ -1,12 +1,12 @@
 //! Media from tool results, as one type: a MIME type plus a byte stream that a decoder can start
-//! on before it ends (DESIGN §2). Inline `audio` content and audio blobs arrive whole; audio
+//! on before it ends (ARCHITECTURE §2). Inline `audio` content and audio blobs arrive whole; audio
 //! `resource_link`s arrive page by page from the [`pager`](super::pager).
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::paging::PageError;
+use voxloop_paging::PageError;
 
 /// Why a media stream ended early: the transfer failed (a page, a TTS request, a file read).
 /// Bytes delivered before it stay valid.

@@ -3,7 +3,7 @@
 //!
 //! The model must be present (`voxloop models fetch whisper-base`; scripts/test fetches it once).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,7 +13,8 @@ use common::*;
 use voxloop::config::AsrConfig;
 use voxloop::models::{self, ModelError};
 use voxloop::pipeline::Pcm;
-use voxloop::pipeline::asr::{ASR_RATE, Asr, AsrError, transcript_words};
+use voxloop::pipeline::SPEECH_RATE;
+use voxloop::pipeline::asr::{Asr, AsrError, transcript_words};
 use voxloop::pipeline::convert::Converter;
 
 fn model() -> PathBuf {
@@ -37,7 +38,7 @@ fn asr() -> &'static Asr {
 fn speech(name: &str) -> Vec<f32> {
     let path = repo_root().join("assets/speech").join(name);
     let file = std::fs::File::open(&path).unwrap();
-    let mut converter = Converter::new(ASR_RATE, 1);
+    let mut converter = Converter::new(SPEECH_RATE, 1);
     let mut out = Vec::new();
     voxloop::pipeline::decode::decode(file, "audio/wav", &mut |pcm: Pcm| {
         out.extend(converter.push(&pcm).unwrap());

@@ -3,14 +3,15 @@
 //! hears back; a long paragraph's phonemes are cut under the model's limit; missing model files
 //! fall back to espeak-ng; an unknown voice is a configuration error naming the valid ones.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 
 use common::*;
 use voxloop::config::{AsrConfig, TtsConfig};
 use voxloop::pipeline::Pcm;
-use voxloop::pipeline::asr::{ASR_RATE, Asr, edit_distance, transcript_words};
+use voxloop::pipeline::SPEECH_RATE;
+use voxloop::pipeline::asr::{Asr, edit_distance, transcript_words};
 use voxloop::pipeline::convert::Converter;
 use voxloop::pipeline::g2p::{self, Language};
 use voxloop::pipeline::kokoro::{self, KokoroFiles, MAX_PHONEMES};
@@ -53,7 +54,7 @@ async fn speak(text: &str) -> (Pcm, String) {
 }
 
 fn hear(pcm: &Pcm, language: &str) -> String {
-    let mut converter = Converter::new(ASR_RATE, 1);
+    let mut converter = Converter::new(SPEECH_RATE, 1);
     let mut samples = converter.push(pcm).unwrap();
     samples.extend(converter.flush());
     let config = AsrConfig {

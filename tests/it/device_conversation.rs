@@ -6,7 +6,7 @@
 //! camera's vision endpoint. Real whisper (base, the
 //! model scripts/test fetches), real espeak-ng, a scripted OpenAI-compatible endpoint.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

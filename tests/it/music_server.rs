@@ -1,7 +1,7 @@
 //! The music player MCP server (crates/mcp-audio) as a real child process, driven by an rmcp
 //! client over stdio and streamable HTTP, reading from real loopback HTTP upstreams.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! bodies. Real servers on loopback: the music server as a child process over streamable HTTP,
 //! the tool hub, axum, and `voxloop duplex mcp` as a process.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

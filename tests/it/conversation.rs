@@ -2,7 +2,7 @@
 //! tool calls streamed in pieces), the real music server over stdio, espeak-ng, and a WAV sink
 //! whose PCM is checked.
 
-mod common;
+use crate::common;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;

@@ -1,6 +1,6 @@
 //! The audio pipeline on real files: decode, resample, Opus, the playback queue, sinks and TTS.
 
-mod common;
+use crate::common;
 
 use std::io::Cursor;
 use std::process::Command;
@@ -172,7 +172,7 @@ fn decoders_waiting_for_their_listener_hold_no_thread() {
 /// PCM of those bytes and then the transfer's error.
 #[test]
 fn media_arriving_in_pieces_decodes_as_the_whole_file_does() {
-    use voxloop::tools::media::{MediaError, MediaStream};
+    use voxloop::media::{MediaError, MediaStream};
     let bytes = std::fs::read(music_file("torus_trooper_tt1.mp3")).unwrap();
     let whole = decode_bytes(bytes.clone(), "audio/mpeg", 1 << 20).0;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -232,7 +232,7 @@ fn media_arriving_in_pieces_decodes_as_the_whole_file_does() {
 /// transfer at once: the media stream is dropped, which cancels its pending page requests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_listener_stops_a_stalled_transfer() {
-    use voxloop::tools::media::MediaStream;
+    use voxloop::media::MediaStream;
     let bytes = std::fs::read(music_file("torus_trooper_tt1.mp3")).unwrap();
     let (tx, rx) = mpsc::channel(1);
     let cancel = tokio_util::sync::CancellationToken::new();

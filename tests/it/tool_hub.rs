@@ -1,7 +1,7 @@
 //! The tool hub against real MCP servers: the music server and the test fixture server
 //! (tests/fixtures/mcp_fixture.rs), as child processes over stdio and over streamable HTTP.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -9,8 +9,8 @@ use common::*;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use voxloop::config::{Config, McpServerConfig, ToolsConfig};
+use voxloop::media::MediaStream;
 use voxloop::tools::hub::{ToolCall, ToolHub};
-use voxloop::tools::media::MediaStream;
 use voxloop::tools::outcome::{Action, ToolOutcome};
 use voxloop::tools::terminal::{Decision, StopReason, decide};
 

@@ -11,7 +11,7 @@
 //! Real whisper and the default voice (Kokoro); the LLM is a scripted OpenAI-compatible endpoint
 //! on loopback.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! the `/api/chat` WebSocket on real loopback sockets, and `voxloop duplex mcp` as a real child
 //! process (stdio) and over streamable HTTP, through an rmcp client.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;
