@@ -28,18 +28,28 @@ pub enum ConfigError {
     /// The file could not be read.
     #[error("cannot read config file {path}: {source}")]
     Read {
+        /// The file named.
         path: PathBuf,
+        /// The underlying error.
         source: std::io::Error,
     },
     /// The file is not valid TOML, has an unknown key, or a value of the wrong type. The TOML
     /// parser's message points at the line, the key and the value.
     #[error("config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    Parse {
+        /// The file named.
+        path: PathBuf,
+        /// The TOML parser's message: the line, the key and the value.
+        message: String,
+    },
     /// A value has the right type but is outside what is allowed.
     #[error("config key `{key}` = {value} is not allowed: {allowed}")]
     Invalid {
+        /// The dotted key, e.g. `llm.max_tokens`.
         key: String,
+        /// The value as written.
         value: String,
+        /// What is allowed, with its unit.
         allowed: String,
     },
 }
@@ -334,7 +344,7 @@ pub struct AsrConfig {
     pub threads: u32,
     /// Beam search width; 0 or 1 for greedy decoding (the default). Width 5 missed fewer words
     /// of the assistant bench's espeak-ng requests (23.9 % against 27.9 %) but, with the fitted
-    /// encoder context, wrote a LibriVox sentence twice and raised tests/speech.rs's WER on
+    /// encoder context, wrote a LibriVox sentence twice and raised tests/it/speech.rs's WER on
     /// human speech past its 10 % bound (BENCHMARKS.md).
     pub beam_size: u32,
     /// Run whisper's encoder over the utterance's length instead of a full 30 s window (much
@@ -684,7 +694,9 @@ impl Default for VisionConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// May manage the GPU model and everything a user may.
     Admin,
+    /// May talk to the assistant and call tools.
     #[default]
     User,
 }

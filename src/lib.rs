@@ -16,6 +16,8 @@
 //! - [`api`]: serving safely (keys, JWTs, rate limits) and `voxloop serve`'s HTTP API.
 //! - [`duplex`]: the PersonaPlex co-host (full-duplex speech model, its GPU lifecycle).
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod breaker;
 pub mod config;

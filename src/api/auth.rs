@@ -88,16 +88,28 @@ impl IntoResponse for AuthError {
 /// Why an auth configuration cannot serve.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthSetupError {
+    /// A non-loopback address with no credential configured and `allow_anonymous` off.
     #[error(
         "refusing to serve {bind} without credentials: configure [auth] api_keys, jwt or tokens, or allow_anonymous = true (with no credentials only loopback addresses are served)"
     )]
-    Unprotected { bind: String },
+    Unprotected {
+        /// The address it would have listened on.
+        bind: String,
+    },
+    /// The HS256 secret's environment variable (named here) is not set.
     #[error("[auth.jwt] hs256_secret_env: environment variable {0} is not set")]
     MissingSecret(String),
+    /// The HS256 secret in this environment variable is shorter than 32 bytes.
     #[error("[auth.jwt] hs256_secret_env: the secret in {0} is shorter than 32 bytes")]
     ShortSecret(String),
+    /// The RS256 public key file cannot be read or parsed.
     #[error("[auth.jwt] rs256_public_key {path}: {reason}")]
-    PublicKey { path: String, reason: String },
+    PublicKey {
+        /// The PEM file.
+        path: String,
+        /// What went wrong, in the words of the library or program that failed.
+        reason: String,
+    },
 }
 
 /// The claims voxloop reads; `exp`, `nbf`, `iss` and `aud` are checked by the validation itself.

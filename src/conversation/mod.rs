@@ -76,9 +76,14 @@ impl ConversationSettings {
 /// One tool call of a turn, for the report.
 #[derive(Debug, Clone, Serialize)]
 pub struct ToolReport {
+    /// The tool called.
     pub name: String,
+    /// Its arguments, as JSON.
     pub arguments: Value,
+    /// Where it ran: an MCP server's name, `voxloop` for a built-in tool, `device` for a
+    /// device's own tool.
     pub server: String,
+    /// Whether the call failed (a tool error or a transport failure).
     pub is_error: bool,
     /// What the model was told (the tool message).
     pub result: String,
@@ -116,17 +121,25 @@ pub enum Handler {
 /// from speech: ASR time is reported apart, in `asr_ms`).
 #[derive(Debug, Clone, Serialize)]
 pub struct TurnReport {
+    /// The user's words (the transcript, or the typed text).
     pub heard: String,
     /// Time whisper took for the utterance, when the turn came from speech (set by the caller).
     pub asr_ms: Option<u64>,
+    /// Who chose the first action.
     pub handled_by: Handler,
     /// The text given to TTS.
     pub said: String,
+    /// The tool calls, in call order.
     pub tools: Vec<ToolReport>,
+    /// How the turn ended.
     pub end: TurnEnd,
+    /// Requests made to the chat model.
     pub llm_calls: u32,
+    /// The model's first token, in ms from the turn's start.
     pub first_token_ms: Option<u64>,
+    /// The first audio queued (speech or media), in ms from the turn's start.
     pub first_audio_ms: Option<u64>,
+    /// The whole turn, in ms (playback may go on after it).
     pub total_ms: u64,
 }
 

@@ -75,7 +75,10 @@ pub struct StoreData {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OtaGrant {
     /// The device is activated for this client: its token.
-    Activated { token: String },
+    Activated {
+        /// The device's own token, for its `Authorization` header.
+        token: String,
+    },
     /// The device must be activated: show `code`; `token` works once the owner approves.
     Pending(PendingActivation),
 }
@@ -86,7 +89,10 @@ pub enum TokenState {
     /// The device's own token.
     Activated,
     /// A token of an activation not yet approved; the session only speaks the code.
-    Pending { code: String },
+    Pending {
+        /// The activation code the device speaks and shows.
+        code: String,
+    },
     /// Not a token of this device.
     Unknown,
 }
@@ -105,20 +111,28 @@ pub enum ActivateState {
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The device store cannot be read or written.
     #[error("device store {path}: {source}")]
     Io {
+        /// The device store file.
         path: PathBuf,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
+    /// The device store is not valid JSON.
     #[error("device store {path} is not valid JSON: {source}")]
     Corrupt {
+        /// The device store file.
         path: PathBuf,
+        /// The underlying error.
         #[source]
         source: serde_json::Error,
     },
+    /// No pending activation has this code.
     #[error("no pending activation has code {0:?} (codes expire; the device shows a new one)")]
     UnknownCode(String),
+    /// The OS random source failed (its message).
     #[error("the OS random source failed: {0}")]
     Random(String),
 }

@@ -15,30 +15,48 @@ use serde_json::Value;
 /// Binary framing, from the `Protocol-Version` header or query parameter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum ProtocolVersion {
+    /// Version 1: binary frames are raw Opus.
     V1,
+    /// Version 2: a 16-byte header (version, type, reserved, timestamp in ms, payload size).
     V2,
+    /// Version 3: a 4-byte header (type, reserved, payload size).
     V3,
 }
 
 /// A binary frame that cannot be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
+    /// A `Protocol-Version` other than 1, 2 or 3 (as sent).
     #[error("unsupported protocol version {0:?} (1, 2 or 3)")]
     Version(String),
+    /// A frame shorter than its header.
     #[error("binary frame of {len} bytes is shorter than the v{version} header ({header} bytes)")]
     Short {
+        /// The session's protocol version.
         version: u8,
+        /// The frame's length in bytes.
         len: usize,
+        /// That version's header length in bytes.
         header: usize,
     },
+    /// The header's payload size and the frame disagree.
     #[error("binary frame header says {declared} payload bytes, the frame has {actual}")]
-    Size { declared: usize, actual: usize },
+    Size {
+        /// Payload bytes the header declares.
+        declared: usize,
+        /// Payload bytes the frame has.
+        actual: usize,
+    },
+    /// A v2 header with another version number (the number).
     #[error("binary frame header says protocol version {0}, the session uses 2")]
     HeaderVersion(u16),
+    /// A frame type other than 0 (Opus) or 1 (JSON) (the type).
     #[error("binary frame type {0} is neither 0 (Opus) nor 1 (JSON)")]
     Type(u16),
+    /// A frame with no bytes.
     #[error("empty binary frame")]
     Empty,
+    /// A JSON frame that is not UTF-8.
     #[error("JSON in a binary frame is not UTF-8")]
     Utf8,
 }
@@ -246,37 +264,51 @@ pub enum ListenMode {
 pub enum DeviceMessage {
     /// The first message: protocol version, features, uplink audio format.
     Hello {
+        /// The protocol version the device speaks (1, 2 or 3), if it says.
         #[serde(default)]
         version: Option<u32>,
+        /// What the device supports (`mcp`, `aec`).
         #[serde(default)]
         features: Features,
+        /// `websocket`.
         #[serde(default)]
         transport: Option<String>,
+        /// The audio format: Opus, sample rate in Hz, channels, frame duration in ms.
         audio_params: Option<AudioParams>,
     },
     /// The device starts or stops sending audio, or heard its wake word (`text`).
     Listen {
+        /// What the device is doing.
         state: ListenState,
+        /// Who ends the turn: the server's VAD (`auto`, `realtime`) or the device (`manual`).
         #[serde(default)]
         mode: Option<ListenMode>,
+        /// The wake word heard, with `state: detect`.
         #[serde(default)]
         text: Option<String>,
     },
     /// Stop speaking (a button, a wake word): barge-in.
     Abort {
+        /// Why, e.g. `wake_word_detected`.
         #[serde(default)]
         reason: Option<String>,
     },
     /// A JSON-RPC 2.0 message of the device's MCP server.
-    Mcp { payload: Value },
+    Mcp {
+        /// The JSON-RPC 2.0 message.
+        payload: Value,
+    },
 }
 
 /// `tts.state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TtsState {
+    /// Speech begins (before the first frame).
     Start,
+    /// A sentence begins; `text` has it.
     SentenceStart,
+    /// Speech ended (after the last frame).
     Stop,
 }
 
@@ -286,36 +318,64 @@ pub enum TtsState {
 pub enum ServerMessage {
     /// The answer to the device's hello: the session and the downlink audio format.
     Hello {
+        /// `websocket`.
         transport: String,
+        /// The session's id, sent in the server's hello.
         session_id: String,
+        /// The audio format: Opus, sample rate in Hz, channels, frame duration in ms.
         audio_params: AudioParams,
     },
     /// What was heard.
-    Stt { session_id: String, text: String },
+    Stt {
+        /// The session's id, sent in the server's hello.
+        session_id: String,
+        /// The transcript.
+        text: String,
+    },
     /// The assistant's mood (an emotion name such as `happy` or `thinking` that the
     /// display shows), with optional text.
     Llm {
+        /// The session's id, sent in the server's hello.
         session_id: String,
+        /// An emotion name the display shows (`happy`, `thinking`, `neutral`, ...).
         emotion: String,
+        /// Text to show with the emotion, often an emoji.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         text: Option<String>,
     },
     /// Speech around the Opus frames: `start`, each sentence as it begins, `stop`.
     Tts {
+        /// The session's id, sent in the server's hello.
         session_id: String,
+        /// Where the speech is.
         state: TtsState,
+        /// The sentence, with `sentence_start`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         text: Option<String>,
     },
     /// A JSON-RPC 2.0 message to the device's MCP server.
-    Mcp { session_id: String, payload: Value },
+    Mcp {
+        /// The session's id, sent in the server's hello.
+        session_id: String,
+        /// The JSON-RPC 2.0 message.
+        payload: Value,
+    },
     /// A device command (`reboot`, ...).
-    System { session_id: String, command: String },
+    System {
+        /// The session's id, sent in the server's hello.
+        session_id: String,
+        /// The command, e.g. `reboot`.
+        command: String,
+    },
     /// A message to show: here, what was wrong with the device's last message.
     Alert {
+        /// The session's id, sent in the server's hello.
         session_id: String,
+        /// A short status title.
         status: String,
+        /// What was wrong.
         message: String,
+        /// An emotion name the display shows (`happy`, `thinking`, `neutral`, ...).
         emotion: String,
     },
 }

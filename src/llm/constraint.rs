@@ -28,7 +28,10 @@ const MAX_SPAN_WORDS: usize = 8;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StringRule {
     /// Any string of up to this many characters (no escapes).
-    Free { max_chars: usize },
+    Free {
+        /// The most characters allowed.
+        max_chars: usize,
+    },
     /// A run of 1 to 8 consecutive words of this text (the user's request), punctuation at
     /// word edges dropped: a small model then cannot invent a title or a name.
     SpansOf(String),

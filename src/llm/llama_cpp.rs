@@ -79,9 +79,11 @@ pub struct Timings {
     pub cached: usize,
     /// Prompt tokens computed, and the time they took in ms.
     pub prompt_n: usize,
+    /// Time the prompt tokens took, in ms.
     pub prompt_ms: f64,
     /// Tokens generated, and the time they took in ms.
     pub predicted_n: usize,
+    /// Time the generated tokens took, in ms.
     pub predicted_ms: f64,
 }
 
@@ -109,6 +111,7 @@ pub struct Completion {
     pub top: Vec<Vec<TokenLogprob>>,
     /// `"eos"`, `"limit"` or `"word"`.
     pub stop_type: String,
+    /// The server's timings of this completion.
     pub timings: Timings,
 }
 

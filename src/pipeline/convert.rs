@@ -14,8 +14,11 @@ const CHUNK_FRAMES: usize = 1024;
 #[derive(Debug, thiserror::Error)]
 #[error("cannot resample {from} Hz to {to} Hz: {reason}")]
 pub struct ConvertError {
+    /// The input sample rate in Hz.
     pub from: u32,
+    /// The output sample rate in Hz.
     pub to: u32,
+    /// rubato's error.
     pub reason: String,
 }
 

@@ -34,20 +34,38 @@ pub const MAX_CHANNELS: u16 = 32;
 pub enum DecodeError {
     /// Not a format voxloop can decode.
     #[error("cannot decode {mime}: {reason}")]
-    Unsupported { mime: String, reason: String },
+    Unsupported {
+        /// The MIME type (declared, or sniffed from the bytes).
+        mime: String,
+        /// What went wrong, in the words of the library or program that failed.
+        reason: String,
+    },
     /// Parameters no real audio has.
     #[error("refusing {what} = {value} (allowed: {allowed})")]
     Absurd {
+        /// The parameter.
         what: &'static str,
+        /// The value the stream declared.
         value: u64,
+        /// The range accepted.
         allowed: &'static str,
     },
     /// The container or codec data is broken beyond skipping a packet.
     #[error("corrupt audio after {frames} frames: {reason}")]
-    Corrupt { frames: u64, reason: String },
+    Corrupt {
+        /// Frames decoded before the failure.
+        frames: u64,
+        /// What went wrong, in the words of the library or program that failed.
+        reason: String,
+    },
     /// The bytes stopped coming (the source failed).
     #[error("audio input failed after {frames} frames: {reason}")]
-    Input { frames: u64, reason: String },
+    Input {
+        /// Frames decoded before the failure.
+        frames: u64,
+        /// What went wrong, in the words of the library or program that failed.
+        reason: String,
+    },
     /// The data held no audio at all (zero length, or no audio track).
     #[error("no audio in the data ({0})")]
     Empty(String),

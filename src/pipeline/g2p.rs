@@ -3,7 +3,7 @@
 //!
 //! - English: espeak-ng's IPA, run as a program (`espeak-ng -q --ipa --tie=^ -v en-us`; it is
 //!   GPL-3 and never linked), then the fix-ups misaki applies to espeak-ng's output
-//!   ([`ESPEAK_TO_MISAKI`]). Punctuation is kept (espeak-ng drops it): the text is cut at
+//!   (`ESPEAK_TO_MISAKI`). Punctuation is kept (espeak-ng drops it): the text is cut at
 //!   punctuation, each run is phonemized, and the marks go back between them.
 //! - Chinese (Mandarin): digits read as Chinese numerals, full-width punctuation mapped, words cut
 //!   with jieba (`jieba-rs`), readings from the `pinyin` crate, each syllable turned into misaki's
@@ -49,8 +49,14 @@ fn is_han(c: char) -> bool {
 /// Why text could not be turned into phonemes.
 #[derive(Debug, thiserror::Error)]
 pub enum G2pError {
+    /// espeak-ng could not run (English phonemes need it).
     #[error("espeak-ng ({program:?}) is needed for English phonemes and could not run: {reason}")]
-    Espeak { program: String, reason: String },
+    Espeak {
+        /// The espeak-ng program run.
+        program: String,
+        /// What went wrong, in the words of the library or program that failed.
+        reason: String,
+    },
 }
 
 /// espeak-ng's IPA (with `^` ties) to misaki's symbols, longest first. Each line is one of the
@@ -91,7 +97,7 @@ const KEPT_PUNCTUATION: &[char] = &[
     ';', ':', ',', '.', '!', '?', '—', '…', '"', '(', ')', '“', '”',
 ];
 
-/// misaki's American-English clean-up of espeak-ng's IPA (see [`ESPEAK_TO_MISAKI`]); also the
+/// misaki's American-English clean-up of espeak-ng's IPA (see `ESPEAK_TO_MISAKI`); also the
 /// length mark goes (American English in misaki has no long vowels), `ɜː` is `ɜɹ`, `ɪə` is
 /// `iə`, a syllabic consonant `C̩` is `ᵊC`, and a bare `o` (older espeak-ng) is `ɔ`.
 pub fn misaki_from_espeak(ipa: &str) -> String {

@@ -15,8 +15,10 @@ use super::opus::FrameDecoder;
 /// Why a source cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum InputError {
+    /// No capture device could be opened (cpal's message).
     #[error("no usable microphone ({0}); give an audio file with --input FILE")]
     NoMicrophone(String),
+    /// A device's Opus frame could not be decoded.
     #[error(transparent)]
     Opus(#[from] super::opus::OpusError),
 }

@@ -90,12 +90,31 @@ pub fn chunks(phonemes: &str) -> Vec<String> {
 /// Why Kokoro could not load or speak.
 #[derive(Debug, thiserror::Error)]
 pub enum KokoroError {
+    /// A model or voice file is missing or unreadable.
     #[error("Kokoro file {path}: {reason}")]
-    File { path: PathBuf, reason: String },
+    File {
+        /// The model or voice file.
+        path: PathBuf,
+        /// What went wrong, in the words of the library or program that failed.
+        reason: String,
+    },
+    /// ONNX Runtime could not be loaded or set up.
     #[error("ONNX Runtime ({library}): {reason}")]
-    Runtime { library: PathBuf, reason: String },
+    Runtime {
+        /// The shared library loaded.
+        library: PathBuf,
+        /// What went wrong, in the words of the library or program that failed.
+        reason: String,
+    },
+    /// A voice not in the voices file.
     #[error("unknown Kokoro voice {voice:?}; the voices are: {known}")]
-    UnknownVoice { voice: String, known: String },
+    UnknownVoice {
+        /// The voice asked for.
+        voice: String,
+        /// The valid voices, comma-separated.
+        known: String,
+    },
+    /// The model failed while running (ONNX Runtime's message).
     #[error("Kokoro inference failed: {0}")]
     Inference(String),
 }

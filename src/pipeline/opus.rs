@@ -14,7 +14,7 @@ pub const OPUS_RATES: [u32; 5] = [8_000, 12_000, 16_000, 24_000, 48_000];
 pub const FRAME_MS: [u32; 4] = [10, 20, 40, 60];
 /// Default bit rate of encoded frames, in bits per second: music to a speaker needs it (a 24 kHz
 /// mono round trip keeps over 20 dB SNR; at libopus's own choice of about 32 kb/s it is 13.6 dB,
-/// see tests/pipeline.rs).
+/// see tests/it/pipeline.rs).
 pub const DEFAULT_BITRATE: i32 = 64_000;
 /// Largest Opus packet voxloop writes, in bytes.
 const MAX_PACKET: usize = 4000;
@@ -22,8 +22,10 @@ const MAX_PACKET: usize = 4000;
 /// A codec setup Opus refuses, or a packet it cannot decode.
 #[derive(Debug, thiserror::Error)]
 pub enum OpusError {
+    /// A sample rate, channel count or frame size Opus does not take.
     #[error("unsupported Opus setup: {0}")]
     Setup(String),
+    /// libopus returned an error.
     #[error("Opus: {0}")]
     Codec(#[from] opus::Error),
 }

@@ -22,9 +22,15 @@ pub const LEVEL_WINDOW: usize = 8;
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum SegmentKind {
     /// A spoken sentence and its text.
-    Sentence { text: String },
+    Sentence {
+        /// The sentence, as it is spoken.
+        text: String,
+    },
     /// A media item (a song, a tool's audio) and its title.
-    Media { title: Option<String> },
+    Media {
+        /// The title to show, if known.
+        title: Option<String>,
+    },
 }
 
 /// Why playback stopped.
@@ -48,15 +54,26 @@ pub enum StopReason {
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum QueueEvent {
     /// Segment `id` started playing.
-    SegmentStart { id: u64, segment: SegmentKind },
+    SegmentStart {
+        /// The segment id the queue gave it.
+        id: u64,
+        /// What started.
+        segment: SegmentKind,
+    },
     /// Segment `id` ended: `played` of it went to the sink; `error` if its source failed.
     SegmentEnd {
+        /// The segment id the queue gave it.
         id: u64,
+        /// How much of it played, in ms.
         played_ms: u64,
+        /// Why it ended early, if it failed.
         error: Option<String>,
     },
     /// Playback stopped; for anything but `Finished`, what was queued was dropped.
-    Stopped { reason: StopReason },
+    Stopped {
+        /// Why it stopped.
+        reason: StopReason,
+    },
 }
 
 /// Queue settings.

@@ -20,7 +20,12 @@ pub enum SinkError {
     NoDevice(String),
     /// The WAV file could not be written.
     #[error("writing {path}: {reason}")]
-    File { path: PathBuf, reason: String },
+    File {
+        /// The WAV file.
+        path: PathBuf,
+        /// What went wrong, in the words of the library or program that failed.
+        reason: String,
+    },
     /// Opus encoding failed.
     #[error(transparent)]
     Opus(#[from] OpusError),
@@ -31,9 +36,13 @@ pub enum SinkError {
 
 /// An audio output.
 pub enum Sink {
+    /// The default output device (cpal).
     Speaker(SpeakerSink),
+    /// A WAV file.
     Wav(WavSink),
+    /// Opus frames for a device.
     Opus(OpusSink),
+    /// Nowhere, at real-time pace (tests, benchmarks).
     Null(NullSink),
 }
 

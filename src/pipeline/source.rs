@@ -12,10 +12,22 @@ use crate::media::{MediaError, MediaStream};
 /// Why a source could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    /// The file cannot be opened.
     #[error("cannot open {path}: {reason}")]
-    File { path: String, reason: String },
+    File {
+        /// The path given.
+        path: String,
+        /// What went wrong, in the words of the library or program that failed.
+        reason: String,
+    },
+    /// The URL cannot be fetched.
     #[error("cannot fetch {url}: {reason}")]
-    Http { url: String, reason: String },
+    Http {
+        /// The URL given.
+        url: String,
+        /// What went wrong, in the words of the library or program that failed.
+        reason: String,
+    },
 }
 
 /// MIME type for a file name's extension (`audio/mpeg` for `.mp3`, ...); `None` if unknown,

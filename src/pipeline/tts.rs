@@ -20,18 +20,39 @@ use crate::media::{MediaError, MediaStream};
 /// Why a sentence could not be synthesized. The turn goes on without it.
 #[derive(Debug, thiserror::Error)]
 pub enum TtsError {
+    /// The TTS program is not installed.
     #[error("TTS program {program:?} is not installed (Debian: apt-get install espeak-ng)")]
-    NotInstalled { program: String },
+    NotInstalled {
+        /// The TTS program, as configured.
+        program: String,
+    },
+    /// The TTS program failed.
     #[error("TTS program {program:?} could not run: {reason}")]
-    Program { program: String, reason: String },
+    Program {
+        /// The TTS program, as configured.
+        program: String,
+        /// What went wrong, in the words of the library or program that failed.
+        reason: String,
+    },
+    /// The TTS endpoint could not be reached.
     #[error("TTS endpoint {url}: {reason}")]
-    Http { url: String, reason: String },
+    Http {
+        /// The TTS endpoint's URL.
+        url: String,
+        /// What went wrong, in the words of the library or program that failed.
+        reason: String,
+    },
+    /// The TTS endpoint answered an HTTP error.
     #[error("TTS endpoint {url} answered HTTP {status}: {body}")]
     Status {
+        /// The TTS endpoint's URL.
         url: String,
+        /// The HTTP status code.
         status: u16,
+        /// The start of the response body.
         body: String,
     },
+    /// The API key's environment variable (named here) is not set.
     #[error("TTS: environment variable {0} (API key) is not set")]
     MissingKey(String),
     /// The TTS's circuit breaker is open: recent syntheses failed, this one was not tried.
@@ -40,6 +61,7 @@ pub enum TtsError {
     /// Kokoro could not load or speak (an unknown voice names the valid ones).
     #[error("TTS: {0}")]
     Kokoro(#[from] KokoroError),
+    /// Text could not be turned into phonemes.
     #[error("TTS: {0}")]
     Phonemes(#[from] G2pError),
 }

@@ -117,15 +117,26 @@ impl Vad {
 #[derive(Debug, Clone, PartialEq)]
 pub enum TurnEvent {
     /// Speech has lasted `min_speech_ms`: a turn has begun (at `at_ms` of the stream).
-    SpeechStart { at_ms: u64 },
+    SpeechStart {
+        /// When it began, in ms from the start of the stream.
+        at_ms: u64,
+    },
     /// A finished utterance: its PCM (16 kHz mono, with the pre-roll) and its span in the stream.
     Utterance {
+        /// The PCM, 16 kHz mono, pre-roll included.
         pcm: Vec<f32>,
+        /// Start, in ms from the start of the stream.
         start_ms: u64,
+        /// End, in ms from the start of the stream.
         end_ms: u64,
     },
     /// Speech too short to be a turn (a cough, a click) was dropped.
-    Discarded { start_ms: u64, end_ms: u64 },
+    Discarded {
+        /// Where it began, in ms from the start of the stream.
+        start_ms: u64,
+        /// Where it ended, in ms from the start of the stream.
+        end_ms: u64,
+    },
 }
 
 /// Cuts a stream into utterances: a turn ends after `end_silence_ms` of silence, shorter speech

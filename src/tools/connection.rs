@@ -31,33 +31,66 @@ pub const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(30);
 /// Why talking to an MCP server failed. Each message names the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectionError {
+    /// The server could not be started or did not complete the MCP handshake.
     #[error("MCP server `{server}` could not start: {reason}")]
-    Start { server: String, reason: String },
+    Start {
+        /// The MCP server's name in the config.
+        server: String,
+        /// What went wrong, in the words of the library or program that failed.
+        reason: String,
+    },
+    /// The server is down and its restart is backing off.
     #[error("MCP server `{server}` is down; next restart in {} ms", wait.as_millis())]
-    BackingOff { server: String, wait: Duration },
+    BackingOff {
+        /// The MCP server's name in the config.
+        server: String,
+        /// How long until the next restart is tried.
+        wait: Duration,
+    },
+    /// The call took longer than its time limit and was cancelled.
     #[error("MCP server `{server}`: `{tool}` took longer than {} ms and was cancelled", timeout.as_millis())]
     Timeout {
+        /// The MCP server's name in the config.
         server: String,
+        /// The tool called.
         tool: String,
+        /// The time limit that passed.
         timeout: Duration,
     },
+    /// A message from the server was longer than the cap.
     #[error(
         "MCP server `{server}`: its answer to `{tool}` was a line of {bytes} bytes, over the {max}-byte limit ([tools] max_message_bytes), and was dropped"
     )]
     Oversized {
+        /// The MCP server's name in the config.
         server: String,
+        /// The tool called.
         tool: String,
         /// The line's length as far as it was read.
         bytes: u64,
+        /// The cap in bytes (`[tools] max_message_bytes`).
         max: usize,
     },
+    /// The call was cancelled (barge-in).
     #[error("MCP server `{server}`: `{tool}` was cancelled")]
-    Cancelled { server: String, tool: String },
+    Cancelled {
+        /// The MCP server's name in the config.
+        server: String,
+        /// The tool called.
+        tool: String,
+    },
+    /// The server exited or hung up.
     #[error("MCP server `{server}` closed the connection (it exited or hung up)")]
-    Closed { server: String },
+    Closed {
+        /// The MCP server's name in the config.
+        server: String,
+    },
+    /// Any other rmcp error.
     #[error("MCP server `{server}`: {source}")]
     Service {
+        /// The MCP server's name in the config.
         server: String,
+        /// rmcp's error.
         #[source]
         source: ServiceError,
     },

@@ -85,7 +85,9 @@ pub enum HubCallError {
 /// A server that did not start, as reported at session start.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StartupFailure {
+    /// The server's name in the config.
     pub server: String,
+    /// Why it did not start, or why its tools could not be listed.
     pub error: String,
 }
 

@@ -20,21 +20,30 @@ use crate::media::{MediaStream, is_audio_mime};
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Action {
     /// Set the playback volume, in percent 0..=100.
-    SetVolume { volume: u8 },
+    SetVolume {
+        /// The volume in percent, 0..=100.
+        volume: u8,
+    },
     /// Stop what is playing.
     StopPlayback,
     /// End the session once playback ends.
     ExitConversation,
     /// An action voxloop does not know; reported, not performed.
-    Other { name: String },
+    Other {
+        /// The action as the tool named it.
+        name: String,
+    },
 }
 
 /// The flags of a structured response; any of them set means the LLM is not called again this
 /// turn (ARCHITECTURE §2, rule 1).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Flags {
+    /// `final_action`: this action ends the turn.
     pub final_action: bool,
+    /// `no_further_response`: the model says nothing more this turn.
     pub no_further_response: bool,
+    /// `silence_llm`: the model is not called again this turn.
     pub silence_llm: bool,
 }
 

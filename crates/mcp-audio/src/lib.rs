@@ -13,6 +13,8 @@
 //! Settings come from the `[music]` section of the voxloop config file; flags override it.
 //! Logs go to stderr (`RUST_LOG`), never stdout.
 
+#![warn(missing_docs)]
+
 mod catalog;
 pub mod config;
 mod server;

@@ -6,6 +6,8 @@
 //! empty blob also ends it. A page shorter than asked is *not* the end by itself (an upstream may
 //! answer short ranges).
 
+#![warn(missing_docs)]
+
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -108,7 +110,9 @@ fn parse_offset(key: &str, value: &str) -> Result<u64, RangeQueryError> {
 pub enum Page {
     /// Decoded bytes (never empty) and the blob's MIME type, if it had one.
     Bytes {
+        /// The decoded bytes, never empty.
         data: Vec<u8>,
+        /// The blob's MIME type, if it had one.
         mime_type: Option<String>,
     },
     /// The end of the resource: a [`DONE_BLOB`], an empty blob or an empty `contents` list.
@@ -121,34 +125,58 @@ pub enum PageError {
     /// No answer within the page timeout.
     #[error("page {page} of {uri} timed out after {} ms", timeout.as_millis())]
     Timeout {
+        /// The resource's URI.
         uri: String,
+        /// The page's index, from 0.
         page: u64,
+        /// The per-page time limit that passed.
         timeout: Duration,
     },
     /// The server answered with a JSON-RPC error, or the session closed.
     #[error("page {page} of {uri}: {source}")]
     Service {
+        /// The resource's URI.
         uri: String,
+        /// The page's index, from 0.
         page: u64,
+        /// The underlying error.
         #[source]
         source: ServiceError,
     },
     /// The answer was not a blob page of the size asked for.
     #[error("page {page} of {uri}: {reason}")]
     BadPage {
+        /// The resource's URI.
         uri: String,
+        /// The page's index, from 0.
         page: u64,
+        /// What was wrong with the answer.
         reason: String,
     },
     /// The server could not be reached: it failed to start, or is waiting to restart.
     #[error("{uri}: {reason}")]
-    Unavailable { uri: String, reason: String },
+    Unavailable {
+        /// The resource's URI.
+        uri: String,
+        /// Why the server cannot be reached.
+        reason: String,
+    },
     /// The resource did not end within the page cap.
     #[error("{uri} did not end within {max_pages} pages")]
-    TooManyPages { uri: String, max_pages: u64 },
+    TooManyPages {
+        /// The resource's URI.
+        uri: String,
+        /// The cap on pages ([`PagingLimits`]; voxloop's `[tools] max_media_pages`).
+        max_pages: u64,
+    },
     /// The resource did not end within the byte cap.
     #[error("{uri} did not end within {max_bytes} bytes")]
-    TooManyBytes { uri: String, max_bytes: u64 },
+    TooManyBytes {
+        /// The resource's URI.
+        uri: String,
+        /// The cap on bytes ([`PagingLimits`]; voxloop's `[tools] max_media_bytes`).
+        max_bytes: u64,
+    },
 }
 
 /// Limits for [`read_paged`]; every one is a config value in the runtime.
