@@ -28,6 +28,7 @@ use crate::breaker::Breaker;
 use crate::config::ServerConfig;
 use crate::duplex::mcp::DuplexMcp;
 use crate::tools::hub::{HubCallError, ToolHub};
+use crate::tools::source::ToolSource as _;
 
 /// Where an offered tool lives.
 #[derive(Clone)]
@@ -167,15 +168,10 @@ impl Runtime {
         match source {
             Source::Duplex(own) => {
                 let duplex = self.duplex.as_ref().expect("duplex tools only with duplex");
-                let started = std::time::Instant::now();
-                let result = duplex.call(own, &arguments).await;
-                let status = if result.is_error == Some(true) {
-                    "error"
-                } else {
-                    "success"
-                };
-                crate::metrics::get().tool_call("duplex", own, status, started.elapsed());
-                Ok(result)
+                duplex
+                    .call_raw(own, arguments, &CancellationToken::new())
+                    .await
+                    .map_err(CallError::Failed)
             }
             Source::Hub => self
                 .hub

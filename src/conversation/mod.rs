@@ -16,7 +16,6 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::device::mcp::DeviceMcp;
 use crate::llm::{ChatMessage, ChatModel, LlmEvent, Role};
 use crate::pipeline::decode::decode_media;
 use crate::pipeline::queue::{PlaybackQueue, QueueEvent, SegmentKind, StopReason as QueueStop};
@@ -24,6 +23,7 @@ use crate::pipeline::sentence::SentenceSplitter;
 use crate::pipeline::tts::Tts;
 use crate::tools::hub::{ToolCall, ToolHub, ToolSpec};
 use crate::tools::outcome::{Action, ToolOutcome};
+use crate::tools::source::ToolSource;
 use crate::tools::terminal::{Decision, StopReason, decide};
 use intent::{IntentSettings, match_intent};
 use reply::{Accepted, LeadIn, MarkupFilter, ReplyLimitSettings, ReplyLimits};
@@ -152,9 +152,20 @@ pub struct Conversation {
     settings: ConversationSettings,
     history: Vec<ChatMessage>,
     exit: bool,
-    /// A device's own tools (device-side MCP) and the client that calls them.
-    device: Option<(Arc<DeviceMcp>, Vec<ToolSpec>)>,
+    /// Tools of this conversation's own sources (a device's MCP server), beside the hub's.
+    session_tools: Vec<SessionTools>,
 }
+
+/// A tool source of one conversation (not the shared hub's) and the tools it offers, under
+/// their offered names.
+struct SessionTools {
+    source: Arc<dyn ToolSource>,
+    tools: Vec<ToolSpec>,
+}
+
+/// The own name of a tool that sets a device speaker's volume (the xiaozhi firmware's
+/// `self.audio_speaker.set_volume`, ARCHITECTURE §5).
+const SPEAKER_VOLUME_TOOL: &str = "audio_speaker.set_volume";
 
 /// The last `max` characters of `text`, from a word start when it is cut.
 fn last_chars(text: &str, max: usize) -> String {
@@ -195,14 +206,24 @@ impl Conversation {
             settings,
             history: Vec::new(),
             exit: false,
-            device: None,
+            session_tools: Vec::new(),
         }
     }
 
-    /// Offers a device's tools (from [`DeviceMcp::discover`]) in this conversation's turns,
-    /// beside the hub's; calls to them go to the device.
-    pub fn set_device_tools(&mut self, mcp: Arc<DeviceMcp>, tools: Vec<ToolSpec>) {
-        self.device = Some((mcp, tools));
+    /// Offers `tools` of `source` (a device's own MCP server) in this conversation's turns,
+    /// beside the hub's; calls to them go to `source`. The tools' offered names must not clash
+    /// with the hub's (a device's are prefixed `device_`).
+    pub fn add_tool_source(&mut self, source: Arc<dyn ToolSource>, tools: Vec<ToolSpec>) {
+        self.session_tools.push(SessionTools { source, tools });
+    }
+
+    /// The offered name of a session tool that sets a device speaker's volume, if one is
+    /// offered: it then stands for the built-in `set_volume`.
+    fn speaker_volume_tool(&self) -> Option<&ToolSpec> {
+        self.session_tools
+            .iter()
+            .flat_map(|s| &s.tools)
+            .find(|t| t.tool.ends_with(SPEAKER_VOLUME_TOOL))
     }
 
     /// Every tool offered to the LLM, in OpenAI's function-tool form: the hub's, then the
@@ -214,11 +235,7 @@ impl Conversation {
     /// intents hear goodbyes, while Qwen2.5-0.5B chose it mostly for other requests ("What is
     /// two plus two?", "Good morning!"), and a false exit ends the session (BENCHMARKS.md).
     pub fn function_tools(&self) -> Vec<Value> {
-        let speaker_on_device = self.device.as_ref().is_some_and(|(_, device)| {
-            device
-                .iter()
-                .any(|t| t.tool.ends_with("audio_speaker.set_volume"))
-        });
+        let speaker_on_device = self.speaker_volume_tool().is_some();
         let exit_by_intent_only =
             self.settings.intents.is_some() && matches!(self.llm, ChatModel::Local(_));
         let mut tools = self.hub.function_tools();
@@ -231,8 +248,8 @@ impl Conversation {
             };
             !(withheld && self.hub.is_builtin(name))
         });
-        if let Some((_, device)) = &self.device {
-            tools.extend(device.iter().map(ToolSpec::function_tool));
+        for session in &self.session_tools {
+            tools.extend(session.tools.iter().map(ToolSpec::function_tool));
         }
         tools
     }
@@ -249,16 +266,24 @@ impl Conversation {
         }
     }
 
-    /// One round's calls, concurrently; outcomes in call order. A device tool's call goes over
-    /// the device's socket, any other to the hub.
+    /// One round's calls, concurrently; outcomes in call order. A session tool's call goes to
+    /// its source (a device's, over the device's socket), any other to the hub.
     async fn call_round(&self, calls: &[ToolCall], cancel: &CancellationToken) -> Vec<ToolOutcome> {
         join_all(calls.iter().map(|call| async move {
-            if let Some((mcp, tools)) = &self.device
-                && let Some(spec) = tools.iter().find(|t| t.name == call.name)
-            {
-                return mcp.call(spec, call, cancel).await;
+            let session = self.session_tools.iter().find_map(|s| {
+                let spec = s.tools.iter().find(|t| t.name == call.name)?;
+                Some((&s.source, spec))
+            });
+            let Some((source, spec)) = session else {
+                return self.hub.call(call, cancel).await;
+            };
+            match call.arguments_object() {
+                Ok(arguments) => source
+                    .call(&spec.tool, arguments, cancel)
+                    .await
+                    .renamed(&spec.name),
+                Err(e) => ToolOutcome::failed(&spec.name, source.name(), e),
             }
-            self.hub.call(call, cancel).await
         }))
         .await
     }
@@ -522,12 +547,7 @@ impl Conversation {
         let hub = self.hub.clone();
         // In a device session, volume is the device's own speaker when it offers one: one
         // volume for the user, not voxloop's PCM gain beside the device's.
-        let speaker = self.device.as_ref().and_then(|(_, tools)| {
-            tools
-                .iter()
-                .find(|t| t.tool.ends_with("audio_speaker.set_volume"))
-                .map(|t| t.name.clone())
-        });
+        let speaker = self.speaker_volume_tool().map(|t| t.name.clone());
         let intent = self.settings.intents.and_then(|settings| {
             match_intent(&text, self.queue.volume(), &settings, |t| {
                 hub.is_builtin(t) || (t == "set_volume" && speaker.is_some())

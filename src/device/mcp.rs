@@ -19,9 +19,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::protocol::ServerMessage;
-use crate::tools::hub::{ToolCall, ToolSpec};
+use crate::tools::hub::ToolSpec;
 use crate::tools::outcome::{RouteContext, ToolOutcome};
 use crate::tools::pager::PagerSettings;
+use crate::tools::source::{BoxFuture, ToolSource};
 
 /// The server name device tools report ([`ToolSpec::server`]).
 pub const DEVICE_SERVER: &str = "device";
@@ -224,45 +225,64 @@ impl DeviceMcp {
         Ok(tools)
     }
 
-    /// Calls a device tool by its offered spec. Never fails: errors come back as an error
-    /// outcome whose text tells the LLM what went wrong.
-    pub async fn call(
+    /// One `tools/call` on the device, its answer read as a `CallToolResult`.
+    async fn call_result(
         &self,
-        spec: &ToolSpec,
-        call: &ToolCall,
+        tool: &str,
+        arguments: JsonObject,
         cancel: &CancellationToken,
-    ) -> ToolOutcome {
-        let arguments = match call.arguments_object() {
-            Ok(arguments) => arguments,
-            Err(e) => return ToolOutcome::failed(&spec.name, DEVICE_SERVER, e),
-        };
-        let params = json!({"name": spec.tool, "arguments": arguments});
+    ) -> Result<CallToolResult, String> {
+        let params = json!({"name": tool, "arguments": arguments});
         let started = std::time::Instant::now();
-        let result = match self.request("tools/call", params, cancel).await {
-            Ok(result) => result,
-            Err(e) => {
-                tracing::warn!(session = %self.session_id, tool = %spec.tool, error = %e, "device tool call failed");
-                return ToolOutcome::failed(&spec.name, DEVICE_SERVER, e);
+        let result = self
+            .request("tools/call", params, cancel)
+            .await
+            .inspect_err(|e| {
+                tracing::warn!(session = %self.session_id, %tool, error = %e, "device tool call failed");
+            })?;
+        let result: CallToolResult = serde_json::from_value(result)
+            .map_err(|e| format!("the device's tools/call result is not a CallToolResult: {e}"))?;
+        tracing::info!(session = %self.session_id, %tool, ms = started.elapsed().as_millis() as u64, error = result.is_error == Some(true), "device tool call");
+        Ok(result)
+    }
+}
+
+/// The device's tools as a source: calls go over the session's socket; results are routed like
+/// an MCP server's, with resource links read through no connection (the device has no
+/// resources voxloop reads).
+impl ToolSource for DeviceMcp {
+    fn name(&self) -> &str {
+        DEVICE_SERVER
+    }
+
+    fn call<'a>(
+        &'a self,
+        tool: &'a str,
+        arguments: JsonObject,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, ToolOutcome> {
+        Box::pin(async move {
+            match self.call_result(tool, arguments, cancel).await {
+                Ok(result) => {
+                    let ctx = RouteContext {
+                        connection: None,
+                        pager: self.pager,
+                        cancel: cancel.clone(),
+                    };
+                    ToolOutcome::from_result(tool, DEVICE_SERVER, result, &ctx)
+                }
+                Err(e) => ToolOutcome::failed(tool, DEVICE_SERVER, e),
             }
-        };
-        let result: CallToolResult = match serde_json::from_value(result) {
-            Ok(r) => r,
-            Err(e) => {
-                return ToolOutcome::failed(
-                    &spec.name,
-                    DEVICE_SERVER,
-                    format!("the device's tools/call result is not a CallToolResult: {e}"),
-                );
-            }
-        };
-        let ctx = RouteContext {
-            connection: None,
-            pager: self.pager,
-            cancel: cancel.clone(),
-        };
-        let outcome = ToolOutcome::from_result(&spec.name, DEVICE_SERVER, result, &ctx);
-        tracing::info!(session = %self.session_id, tool = %spec.tool, ms = started.elapsed().as_millis() as u64, error = outcome.is_error, "device tool call");
-        outcome
+        })
+    }
+
+    fn call_raw<'a>(
+        &'a self,
+        tool: &'a str,
+        arguments: JsonObject,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<CallToolResult, String>> {
+        Box::pin(self.call_result(tool, arguments, cancel))
     }
 }
 

@@ -201,7 +201,7 @@ impl DeviceConversation {
                     Ok(tools) => {
                         let names: Vec<&str> = tools.iter().map(|t| t.tool.as_str()).collect();
                         tracing::info!(session = %id, tools = ?names, "device tools");
-                        conversation.set_device_tools(mcp.clone(), tools);
+                        conversation.add_tool_source(mcp.clone(), tools);
                     }
                     Err(e) => {
                         tracing::warn!(session = %id, error = %e, "device tools unavailable")

@@ -15,8 +15,13 @@ use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
 use schemars::JsonSchema;
 use serde_json::{Value, json};
 
+use tokio_util::sync::CancellationToken;
+
 use super::DuplexError;
 use super::service::{Duplex, failure, success, wav_bytes};
+use crate::tools::outcome::{RouteContext, ToolOutcome};
+use crate::tools::pager::PagerSettings;
+use crate::tools::source::{BoxFuture, ToolSource};
 
 /// The tools, in the order `tools/list` gives them.
 pub const TOOLS: [&str; 9] = [
@@ -59,6 +64,44 @@ struct ProcessArgs {
 
 fn default_voice() -> Option<String> {
     Some("NATF2".into())
+}
+
+/// The name the duplex tools report as their source ([`ToolSource::name`]).
+pub const DUPLEX_SOURCE: &str = "duplex";
+
+/// The duplex tools as a source, for the surfaces that offer them beside the hub's
+/// (`voxloop serve`'s MCP endpoint and REST bridge). Results are structured content, never
+/// media; the call cannot be cancelled once the model runs.
+impl ToolSource for DuplexMcp {
+    fn name(&self) -> &str {
+        DUPLEX_SOURCE
+    }
+
+    fn call<'a>(
+        &'a self,
+        tool: &'a str,
+        arguments: JsonObject,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, ToolOutcome> {
+        Box::pin(async move {
+            let result = self.counted_call(tool, &arguments).await;
+            let ctx = RouteContext {
+                connection: None,
+                pager: PagerSettings::from(&crate::config::ToolsConfig::default()),
+                cancel: cancel.clone(),
+            };
+            ToolOutcome::from_result(tool, DUPLEX_SOURCE, result, &ctx)
+        })
+    }
+
+    fn call_raw<'a>(
+        &'a self,
+        tool: &'a str,
+        arguments: JsonObject,
+        _cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<CallToolResult, String>> {
+        Box::pin(async move { Ok(self.counted_call(tool, &arguments).await) })
+    }
 }
 
 /// The duplex MCP server. Cheap to clone: HTTP sessions share the model.
@@ -126,6 +169,20 @@ impl DuplexMcp {
     /// The model's status (`get_gpu_status`).
     pub fn status(&self) -> Value {
         json!(self.duplex.manager().status())
+    }
+
+    /// Runs the tool `name` (one of [`TOOLS`]) as its MCP result, counted in the metrics under
+    /// the source `duplex`.
+    async fn counted_call(&self, name: &str, args: &JsonObject) -> CallToolResult {
+        let started = std::time::Instant::now();
+        let result = self.call(name, args).await;
+        let status = if result.is_error == Some(true) {
+            "error"
+        } else {
+            "success"
+        };
+        crate::metrics::get().tool_call(DUPLEX_SOURCE, name, status, started.elapsed());
+        result
     }
 
     /// Runs the tool `name` (one of [`TOOLS`]): structured content `{status: "success", ...}`,

@@ -6,18 +6,18 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use futures_util::future::join_all;
-use rmcp::model::{CallToolResult, ContentBlock, JsonObject};
+use rmcp::model::{CallToolResult, JsonObject};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::connection::{Connection, ConnectionError};
-use super::outcome::{Action, Flags, RouteContext, ToolOutcome};
+pub use super::builtin::BUILTIN_SERVER;
+use super::builtin::{Builtins, builtin_tools};
+use super::connection::Connection;
+use super::outcome::ToolOutcome;
 use super::pager::PagerSettings;
+use super::source::{McpServer, ToolSource};
 use crate::breaker::Breaker;
 use crate::config::{Config, McpServerConfig};
-
-/// The server name built-in tools report.
-pub const BUILTIN_SERVER: &str = "voxloop";
 
 /// A tool as offered to the LLM.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,13 +91,17 @@ pub struct StartupFailure {
     pub error: String,
 }
 
-/// The hub. Cheap to share behind an `Arc`; calls may run concurrently.
+/// The hub: the built-in tools and every configured MCP server, each a [`ToolSource`], and the
+/// tools they offer under unique names. Cheap to share behind an `Arc`; calls may run
+/// concurrently.
 pub struct ToolHub {
-    connections: BTreeMap<String, Arc<Connection>>,
+    /// Every source by its name: the built-in tools and each MCP server.
+    sources: BTreeMap<String, Arc<dyn ToolSource>>,
+    /// The MCP servers among them (resources, readiness).
+    servers: BTreeMap<String, Arc<McpServer>>,
     /// One circuit breaker per server, upstream `mcp:{server}`.
     breakers: BTreeMap<String, Breaker>,
     tools: Vec<ToolSpec>,
-    pager: PagerSettings,
     failures: Vec<StartupFailure>,
 }
 
@@ -178,20 +182,25 @@ impl ToolHub {
         }
         let mut tools = builtin_tools();
         tools.extend(found);
-        let breakers = connections
-            .keys()
-            .map(|name| {
-                (
-                    name.clone(),
-                    Breaker::new(&format!("mcp:{name}"), &config.breaker),
-                )
+        let pager = PagerSettings::from(&config.tools);
+        let mut breakers = BTreeMap::new();
+        let mut sources: BTreeMap<String, Arc<dyn ToolSource>> = BTreeMap::new();
+        sources.insert(BUILTIN_SERVER.to_string(), Arc::new(Builtins));
+        let servers: BTreeMap<String, Arc<McpServer>> = connections
+            .into_iter()
+            .map(|(name, connection)| {
+                let breaker = Breaker::new(&format!("mcp:{name}"), &config.breaker);
+                breakers.insert(name.clone(), breaker.clone());
+                let server = Arc::new(McpServer::new(connection, breaker, pager));
+                sources.insert(name.clone(), server.clone());
+                (name, server)
             })
             .collect();
         ToolHub {
-            connections,
+            sources,
+            servers,
             breakers,
             tools: assign_names(tools),
-            pager: PagerSettings::from(&config.tools),
             failures,
         }
     }
@@ -199,11 +208,10 @@ impl ToolHub {
     /// Titles of the resources every server lists (at most `max` in all), for the ASR's
     /// vocabulary prompt. A server that fails to list them is logged and skipped.
     pub async fn resource_titles(&self, max: usize) -> Vec<String> {
-        let listings = join_all(
-            self.connections
-                .values()
-                .map(|c| async move { (c.name().to_string(), c.list_resource_titles(max).await) }),
-        )
+        let listings = join_all(self.servers.values().map(|s| async move {
+            let c = s.connection();
+            (c.name().to_string(), c.list_resource_titles(max).await)
+        }))
         .await;
         let mut titles = Vec::new();
         for (server, listing) in listings {
@@ -258,15 +266,13 @@ impl ToolHub {
             Ok(arguments) => arguments,
             Err(e) => return ToolOutcome::failed(&spec.name, &spec.server, e),
         };
-        if spec.server == BUILTIN_SERVER {
-            return builtin_call(&spec.tool, &arguments);
-        }
         self.call_on(&spec.server, &spec.tool, arguments, cancel)
             .await
             .renamed(&spec.name)
     }
 
-    /// Calls `tool` on `server` by their own names (the `voxloop tools call` path).
+    /// Calls `tool` on the source named `server` (an MCP server, or [`BUILTIN_SERVER`]) by their
+    /// own names: the `voxloop tools call` path. Never fails, like [`ToolHub::call`].
     pub async fn call_on(
         &self,
         server: &str,
@@ -274,11 +280,8 @@ impl ToolHub {
         arguments: JsonObject,
         cancel: &CancellationToken,
     ) -> ToolOutcome {
-        if server == BUILTIN_SERVER {
-            return builtin_call(tool, &arguments);
-        }
-        let Some(connection) = self.connections.get(server) else {
-            let known: Vec<&str> = self.connections.keys().map(String::as_str).collect();
+        let Some(source) = self.sources.get(server) else {
+            let known: Vec<&str> = self.sources.keys().map(String::as_str).collect();
             return ToolOutcome::failed(
                 tool,
                 server,
@@ -288,74 +291,7 @@ impl ToolHub {
                 ),
             );
         };
-        match self
-            .request(server, connection, tool, arguments, cancel)
-            .await
-        {
-            Ok(result) => {
-                let ctx = RouteContext {
-                    connection: Some(connection.clone()),
-                    pager: self.pager,
-                    cancel: cancel.clone(),
-                };
-                ToolOutcome::from_result(tool, server, result, &ctx)
-            }
-            Err(e) => ToolOutcome::failed(tool, server, e),
-        }
-    }
-
-    /// One `tools/call` to `server` through its circuit breaker, counted in the metrics
-    /// (`voxloop_tool_calls_total`, `voxloop_tool_call_duration_seconds`).
-    ///
-    /// # Errors
-    /// The breaker is open, or the call failed ([`ConnectionError`]), as a message naming the
-    /// server.
-    async fn request(
-        &self,
-        server: &str,
-        connection: &Connection,
-        tool: &str,
-        arguments: JsonObject,
-        cancel: &CancellationToken,
-    ) -> Result<CallToolResult, String> {
-        let metrics = crate::metrics::get();
-        let breaker = &self.breakers[server];
-        if let Err(open) = breaker.permit() {
-            metrics.tool_call(server, tool, "failed", std::time::Duration::ZERO);
-            tracing::warn!(%server, %tool, "tool call refused: {open}");
-            return Err(open.to_string());
-        }
-        let started = std::time::Instant::now();
-        let result = connection.call_tool(tool, arguments, cancel).await;
-        let took = started.elapsed();
-        match &result {
-            Ok(r) => {
-                breaker.success();
-                let status = if r.is_error == Some(true) {
-                    "error"
-                } else {
-                    "success"
-                };
-                metrics.tool_call(server, tool, status, took);
-                tracing::info!(%server, %tool, ms = took.as_millis() as u64, status, "tool call");
-            }
-            // Cancelled by the caller (barge-in), or answered with a JSON-RPC error: the
-            // server is alive.
-            Err(ConnectionError::Cancelled { .. }) => {}
-            Err(ConnectionError::Service {
-                source: rmcp::service::ServiceError::McpError(_),
-                ..
-            }) => {
-                breaker.success();
-                metrics.tool_call(server, tool, "error", took);
-            }
-            Err(e) => {
-                breaker.failure();
-                metrics.tool_call(server, tool, "failed", took);
-                tracing::warn!(%server, %tool, error = %e, "tool call failed");
-            }
-        }
-        result.map_err(|e| e.to_string())
+        source.call(tool, arguments, cancel).await
     }
 
     /// Calls the tool offered as `name` and gives its result as the server sent it, unrouted:
@@ -376,20 +312,12 @@ impl ToolHub {
             .iter()
             .find(|t| t.name == name)
             .ok_or_else(|| HubCallError::UnknownTool(name.to_string()))?;
-        if spec.server == BUILTIN_SERVER {
-            let started = std::time::Instant::now();
-            let outcome = builtin_call(&spec.tool, &arguments);
-            let status = if outcome.is_error { "error" } else { "success" };
-            crate::metrics::get().tool_call(BUILTIN_SERVER, &spec.tool, status, started.elapsed());
-            let content = vec![ContentBlock::text(outcome.text.join("\n"))];
-            return Ok(if outcome.is_error {
-                CallToolResult::error(content)
-            } else {
-                CallToolResult::success(content)
-            });
-        }
-        let connection = &self.connections[&spec.server];
-        self.request(&spec.server, connection, &spec.tool, arguments, cancel)
+        let source = self
+            .sources
+            .get(&spec.server)
+            .ok_or_else(|| HubCallError::UnknownTool(name.to_string()))?;
+        source
+            .call_raw(&spec.tool, arguments, cancel)
             .await
             .map_err(HubCallError::Failed)
     }
@@ -402,10 +330,14 @@ impl ToolHub {
     /// Whether each server answers now: starts it if needed and lists one page of tools
     /// (bounded by `[tools] start_timeout_ms` and `call_timeout_ms`). For readiness probes.
     pub async fn reachable(&self) -> Vec<(String, Result<(), String>)> {
-        join_all(self.connections.iter().map(|(name, c)| async move {
+        join_all(self.servers.iter().map(|(name, s)| async move {
             (
                 name.clone(),
-                c.list_tools().await.map(|_| ()).map_err(|e| e.to_string()),
+                s.connection()
+                    .list_tools()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
             )
         }))
         .await
@@ -418,13 +350,6 @@ impl ToolHub {
         cancel: &CancellationToken,
     ) -> Vec<ToolOutcome> {
         join_all(calls.iter().map(|call| self.call(call, cancel))).await
-    }
-}
-
-impl ToolOutcome {
-    fn renamed(mut self, offered: &str) -> Self {
-        offered.clone_into(&mut self.tool);
-        self
     }
 }
 
@@ -511,111 +436,6 @@ pub fn with_object_type(schema: &Arc<JsonObject>) -> Arc<JsonObject> {
     Arc::new(typed)
 }
 
-fn object_schema(properties: Value, required: &[&str]) -> Arc<JsonObject> {
-    let schema = json!({"type": "object", "properties": properties, "required": required});
-    Arc::new(schema.as_object().cloned().unwrap_or_default())
-}
-
-/// voxloop's own tools (issue: tool hub): `exit_conversation`, `stop_playback`, `set_volume`
-/// (runtime playback volume 0..100) and `get_current_time`.
-fn builtin_tools() -> Vec<ToolSpec> {
-    let spec = |tool: &str, description: &str, schema: Arc<JsonObject>| ToolSpec {
-        name: tool.to_string(),
-        server: BUILTIN_SERVER.to_string(),
-        tool: tool.to_string(),
-        description: description.to_string(),
-        input_schema: schema,
-    };
-    vec![
-        spec(
-            "exit_conversation",
-            "End the conversation when the user says goodbye or asks to stop talking.",
-            object_schema(json!({}), &[]),
-        ),
-        spec(
-            "stop_playback",
-            "Stop the music or audio that is playing.",
-            object_schema(json!({}), &[]),
-        ),
-        spec(
-            "set_volume",
-            "Set the playback volume, in percent from 0 to 100.",
-            object_schema(
-                json!({"volume": {"type": "integer", "minimum": 0, "maximum": 100,
-                "description": "Volume in percent"}}),
-                &["volume"],
-            ),
-        ),
-        spec(
-            "get_current_time",
-            "Get the current local date and time.",
-            object_schema(json!({}), &[]),
-        ),
-    ]
-}
-
-fn builtin_call(tool: &str, arguments: &JsonObject) -> ToolOutcome {
-    let stop = Flags {
-        final_action: true,
-        ..Flags::default()
-    };
-    match tool {
-        "exit_conversation" => ToolOutcome::builtin(
-            tool,
-            "Goodbye.".into(),
-            Some(Action::ExitConversation),
-            stop,
-        ),
-        "stop_playback" => ToolOutcome::builtin(
-            tool,
-            "Playback stopped.".into(),
-            Some(Action::StopPlayback),
-            stop,
-        ),
-        "set_volume" => {
-            let volume = arguments.get("volume");
-            let parsed = volume.and_then(|v| {
-                v.as_f64()
-                    .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
-            });
-            match parsed {
-                Some(v) if v.fract() == 0.0 && (0.0..=100.0).contains(&v) => {
-                    let volume = v as u8;
-                    ToolOutcome::builtin(
-                        tool,
-                        format!("Volume set to {volume}."),
-                        Some(Action::SetVolume { volume }),
-                        stop,
-                    )
-                }
-                _ => ToolOutcome::failed(
-                    tool,
-                    BUILTIN_SERVER,
-                    format!(
-                        "`volume` must be an integer from 0 to 100, got {}",
-                        volume.cloned().unwrap_or(Value::Null)
-                    ),
-                ),
-            }
-        }
-        "get_current_time" => {
-            let now = chrono::Local::now();
-            ToolOutcome::builtin(
-                tool,
-                // Written to be spoken: "It is 7:05 PM on Sunday, 29 November 2026."
-                now.format("It is %-I:%M %p on %A, %-d %B %Y.").to_string(),
-                None,
-                Flags::default(),
-            )
-        }
-        other => ToolOutcome::failed(
-            other,
-            BUILTIN_SERVER,
-            format!("there is no built-in tool {other:?}"),
-        ),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -626,7 +446,7 @@ mod tests {
             server: server.into(),
             tool: tool.into(),
             description: String::new(),
-            input_schema: object_schema(json!({}), &[]),
+            input_schema: Arc::new(JsonObject::new()),
         }
     }
 
@@ -666,29 +486,5 @@ mod tests {
             schema_problem(&schema(json!({"type": "object", "properties": {"a": 1}}))).is_some()
         );
         assert!(schema_problem(&schema(json!({"type": "object", "required": "a"}))).is_some());
-    }
-
-    #[test]
-    fn builtin_set_volume_bounds() {
-        let args = |v: Value| v.as_object().cloned().unwrap();
-        let ok = builtin_call("set_volume", &args(json!({"volume": 0})));
-        assert_eq!(ok.action, Some(Action::SetVolume { volume: 0 }));
-        assert!(ok.flags.final_action);
-        for bad in [
-            json!({"volume": 101}),
-            json!({"volume": "x"}),
-            json!({}),
-            json!({"volume": 2.5}),
-        ] {
-            let outcome = builtin_call("set_volume", &args(bad.clone()));
-            assert!(outcome.is_error && outcome.action.is_none(), "{bad}");
-        }
-        let time = builtin_call("get_current_time", &JsonObject::new());
-        assert!(time.text[0].starts_with("It is "), "{:?}", time.text);
-        assert!(
-            builtin_call("exit_conversation", &JsonObject::new())
-                .facts()
-                .exit
-        );
     }
 }

@@ -111,6 +111,13 @@ impl ToolOutcome {
         }
     }
 
+    /// The same outcome reported under `offered`, the name the model called the tool by (a
+    /// source knows its tools by their own names).
+    pub fn renamed(mut self, offered: &str) -> Self {
+        offered.clone_into(&mut self.tool);
+        self
+    }
+
     /// A call that failed before any result: the error is the text the LLM hears.
     pub fn failed(tool: &str, server: &str, error: impl std::fmt::Display) -> Self {
         let mut outcome = Self::new(tool, server);
@@ -121,7 +128,7 @@ impl ToolOutcome {
 
     /// A result made by voxloop itself (built-in tools).
     pub fn builtin(tool: &str, text: String, action: Option<Action>, flags: Flags) -> Self {
-        let mut outcome = Self::new(tool, "voxloop");
+        let mut outcome = Self::new(tool, super::builtin::BUILTIN_SERVER);
         outcome.text.push(text);
         outcome.action = action;
         outcome.flags = flags;

@@ -1,0 +1,162 @@
+//! Where tools come from, behind one trait: an MCP server, voxloop's built-in tools, a device's
+//! own MCP server (`device::mcp`). The hub and the turn loop call every tool through
+//! [`ToolSource`] and never ask which kind of source it is (ARCHITECTURE §1).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rmcp::model::{CallToolResult, JsonObject};
+use tokio_util::sync::CancellationToken;
+
+use super::connection::{Connection, ConnectionError};
+use super::outcome::{RouteContext, ToolOutcome};
+use super::pager::PagerSettings;
+use crate::breaker::Breaker;
+
+/// A future a [`ToolSource`] returns (boxed, so that sources can be `dyn ToolSource`).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A place tools are called: it knows its name and how to call a tool by the tool's own name.
+pub trait ToolSource: Send + Sync {
+    /// The source's name, as [`ToolOutcome::server`] and `ToolSpec::server` give it: an MCP
+    /// server's name in the config, `voxloop` for the built-in tools, `device` for a device.
+    fn name(&self) -> &str;
+
+    /// Calls `tool` (the source's own name for it) with `arguments` and routes the result
+    /// (ARCHITECTURE §2): media to play, text for the model, actions. Never fails: a failed
+    /// call is an error outcome whose text tells the model what went wrong.
+    fn call<'a>(
+        &'a self,
+        tool: &'a str,
+        arguments: JsonObject,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, ToolOutcome>;
+
+    /// Calls `tool` and gives its result as the source produced it, unrouted: what voxloop's
+    /// MCP endpoint and REST bridge forward.
+    ///
+    /// # Errors
+    /// The call got no result (a source that is down, a timeout, an open breaker), as a
+    /// message naming the source.
+    fn call_raw<'a>(
+        &'a self,
+        tool: &'a str,
+        arguments: JsonObject,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<CallToolResult, String>>;
+}
+
+/// An MCP server as a tool source: its connection, its circuit breaker (upstream
+/// `mcp:{server}`) and the pager limits its paged resources are read with. Every call is
+/// counted in the metrics (`voxloop_tool_calls_total`, `voxloop_tool_call_duration_seconds`).
+pub struct McpServer {
+    connection: Arc<Connection>,
+    breaker: Breaker,
+    pager: PagerSettings,
+}
+
+impl McpServer {
+    /// A source over `connection`, guarded by `breaker`.
+    pub fn new(connection: Arc<Connection>, breaker: Breaker, pager: PagerSettings) -> Self {
+        Self {
+            connection,
+            breaker,
+            pager,
+        }
+    }
+
+    /// The server's connection (resources, tool lists, readiness).
+    pub fn connection(&self) -> &Arc<Connection> {
+        &self.connection
+    }
+
+    /// The server's circuit breaker.
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
+    /// One `tools/call` through the breaker, counted in the metrics.
+    async fn request(
+        &self,
+        tool: &str,
+        arguments: JsonObject,
+        cancel: &CancellationToken,
+    ) -> Result<CallToolResult, String> {
+        let server = self.connection.name();
+        let metrics = crate::metrics::get();
+        if let Err(open) = self.breaker.permit() {
+            metrics.tool_call(server, tool, "failed", Duration::ZERO);
+            tracing::warn!(%server, %tool, "tool call refused: {open}");
+            return Err(open.to_string());
+        }
+        let started = Instant::now();
+        let result = self.connection.call_tool(tool, arguments, cancel).await;
+        let took = started.elapsed();
+        match &result {
+            Ok(r) => {
+                self.breaker.success();
+                let status = if r.is_error == Some(true) {
+                    "error"
+                } else {
+                    "success"
+                };
+                metrics.tool_call(server, tool, status, took);
+                tracing::info!(%server, %tool, ms = took.as_millis() as u64, status, "tool call");
+            }
+            // Cancelled by the caller (barge-in), or answered with a JSON-RPC error: the
+            // server is alive.
+            Err(ConnectionError::Cancelled { .. }) => {}
+            Err(ConnectionError::Service {
+                source: rmcp::service::ServiceError::McpError(_),
+                ..
+            }) => {
+                self.breaker.success();
+                metrics.tool_call(server, tool, "error", took);
+            }
+            Err(e) => {
+                self.breaker.failure();
+                metrics.tool_call(server, tool, "failed", took);
+                tracing::warn!(%server, %tool, error = %e, "tool call failed");
+            }
+        }
+        result.map_err(|e| e.to_string())
+    }
+}
+
+impl ToolSource for McpServer {
+    fn name(&self) -> &str {
+        self.connection.name()
+    }
+
+    fn call<'a>(
+        &'a self,
+        tool: &'a str,
+        arguments: JsonObject,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, ToolOutcome> {
+        Box::pin(async move {
+            match self.request(tool, arguments, cancel).await {
+                Ok(result) => {
+                    let ctx = RouteContext {
+                        connection: Some(self.connection.clone()),
+                        pager: self.pager,
+                        cancel: cancel.clone(),
+                    };
+                    ToolOutcome::from_result(tool, self.name(), result, &ctx)
+                }
+                Err(e) => ToolOutcome::failed(tool, self.name(), e),
+            }
+        })
+    }
+
+    fn call_raw<'a>(
+        &'a self,
+        tool: &'a str,
+        arguments: JsonObject,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<CallToolResult, String>> {
+        Box::pin(self.request(tool, arguments, cancel))
+    }
+}
