@@ -56,16 +56,40 @@ pub struct BatchRequest {
     pub max_concurrent: Option<usize>,
 }
 
+/// What is wrong with a request body (HTTP 400; the message is the answer's `error`).
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// Not JSON, a missing `tool_name`, `parameters` not an object, an unknown field: serde's
+    /// message with line and column.
+    #[error("invalid request body: {0}")]
+    Json(#[from] serde_json::Error),
+    /// `tool_name` is empty (in the batch's request `index`, if a batch).
+    #[error("{}`tool_name` is empty", .index.map(|i| format!("requests[{i}]: ")).unwrap_or_else(|| "invalid request body: ".into()))]
+    EmptyToolName {
+        /// The request's index in a batch; `None` for a single call.
+        index: Option<usize>,
+    },
+    /// `max_concurrent` outside 1..=10.
+    #[error("`max_concurrent` must be 1 to {MAX_CONCURRENT}, got {0}")]
+    MaxConcurrent(usize),
+    /// More requests than `[server] max_batch_requests`.
+    #[error("{count} requests; a batch holds at most {max} ([server] max_batch_requests)")]
+    TooMany {
+        /// Requests in the batch.
+        count: usize,
+        /// `[server] max_batch_requests`.
+        max: usize,
+    },
+}
+
 /// Parses a `tools/call` body.
 ///
 /// # Errors
-/// What is wrong with it: not JSON, a missing `tool_name`, `parameters` not an object, an
-/// unknown field; serde's message with line and column.
-pub fn parse_call(body: &[u8]) -> Result<CallRequest, String> {
-    let call: CallRequest =
-        serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))?;
+/// [`BodyError::Json`] or [`BodyError::EmptyToolName`].
+pub fn parse_call(body: &[u8]) -> Result<CallRequest, BodyError> {
+    let call: CallRequest = serde_json::from_slice(body)?;
     if call.tool_name.is_empty() {
-        return Err("invalid request body: `tool_name` is empty".into());
+        return Err(BodyError::EmptyToolName { index: None });
     }
     Ok(call)
 }
@@ -73,25 +97,22 @@ pub fn parse_call(body: &[u8]) -> Result<CallRequest, String> {
 /// Parses a batch body; at most `max_requests` calls.
 ///
 /// # Errors
-/// As [`parse_call`], and `max_concurrent` outside 1..=10 or too many requests.
-pub fn parse_batch(body: &[u8], max_requests: usize) -> Result<BatchRequest, String> {
-    let batch: BatchRequest =
-        serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))?;
+/// As [`parse_call`], and [`BodyError::MaxConcurrent`] or [`BodyError::TooMany`].
+pub fn parse_batch(body: &[u8], max_requests: usize) -> Result<BatchRequest, BodyError> {
+    let batch: BatchRequest = serde_json::from_slice(body)?;
     if let Some(n) = batch.max_concurrent
         && !(1..=MAX_CONCURRENT).contains(&n)
     {
-        return Err(format!(
-            "`max_concurrent` must be 1 to {MAX_CONCURRENT}, got {n}"
-        ));
+        return Err(BodyError::MaxConcurrent(n));
     }
     if batch.requests.len() > max_requests {
-        return Err(format!(
-            "{} requests; a batch holds at most {max_requests} ([server] max_batch_requests)",
-            batch.requests.len()
-        ));
+        return Err(BodyError::TooMany {
+            count: batch.requests.len(),
+            max: max_requests,
+        });
     }
     if let Some(i) = batch.requests.iter().position(|r| r.tool_name.is_empty()) {
-        return Err(format!("requests[{i}]: `tool_name` is empty"));
+        return Err(BodyError::EmptyToolName { index: Some(i) });
     }
     Ok(batch)
 }
@@ -174,7 +195,7 @@ async fn call(
 ) -> Response {
     let request = match parse_call(&body) {
         Ok(r) => r,
-        Err(e) => return refuse("api", StatusCode::BAD_REQUEST, e),
+        Err(e) => return refuse("api", StatusCode::BAD_REQUEST, e.to_string()),
     };
     let (status, result) = run(&runtime, &caller, &request).await;
     if status == StatusCode::FORBIDDEN {
@@ -191,7 +212,7 @@ async fn batch(
 ) -> Response {
     let batch = match parse_batch(&body, runtime.config().max_batch_requests) {
         Ok(b) => b,
-        Err(e) => return refuse("api", StatusCode::BAD_REQUEST, e),
+        Err(e) => return refuse("api", StatusCode::BAD_REQUEST, e.to_string()),
     };
     // Each call counts against the rate limits; the request itself counted for the first.
     if let Err(refusal) = meter.charge(&caller, batch.requests.len().saturating_sub(1)) {
@@ -237,18 +258,23 @@ mod tests {
     fn bodies_and_their_errors() {
         let call = parse_call(br#"{"tool_name":"set_volume","parameters":{"level":30}}"#).unwrap();
         assert_eq!(call.tool_name, "set_volume");
-        let err = parse_call(br#"{"tool_name":"x","parameters":[1]}"#).unwrap_err();
+        let err = parse_call(br#"{"tool_name":"x","parameters":[1]}"#)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("invalid type"), "{err}");
-        let err = parse_call(br#"{"tool":"x"}"#).unwrap_err();
+        let err = parse_call(br#"{"tool":"x"}"#).unwrap_err().to_string();
         assert!(err.contains("unknown field `tool`"), "{err}");
-        let err = parse_call(b"{\"tool_name\": ").unwrap_err();
+        let err = parse_call(b"{\"tool_name\": ").unwrap_err().to_string();
         assert!(err.contains("EOF"), "{err}");
-        let err = parse_batch(br#"{"requests":[],"max_concurrent":11}"#, 10).unwrap_err();
+        let err = parse_batch(br#"{"requests":[],"max_concurrent":11}"#, 10)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("1 to 10, got 11"), "{err}");
         let many = json!({"requests": vec![json!({"tool_name": "a"}); 3]}).to_string();
         assert!(
             parse_batch(many.as_bytes(), 2)
                 .unwrap_err()
+                .to_string()
                 .contains("at most 2")
         );
         assert_eq!(parse_batch(many.as_bytes(), 3).unwrap().requests.len(), 3);
@@ -285,7 +311,7 @@ mod tests {
         #[test]
         fn any_bytes_parse_or_say_why(body in prop::collection::vec(any::<u8>(), 0..256)) {
             if let Err(e) = parse_call(&body) {
-                prop_assert!(e.starts_with("invalid request body"));
+                prop_assert!(e.to_string().starts_with("invalid request body"));
             }
             let _ = parse_batch(&body, 100);
         }

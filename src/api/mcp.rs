@@ -93,7 +93,7 @@ impl ServerHandler for RuntimeMcp {
             }
             Err(e @ CallError::Forbidden(_)) => Err(McpError::invalid_request(e.to_string(), None)),
             Err(CallError::Failed(why)) => {
-                Ok(CallToolResult::error(vec![ContentBlock::text(why)]).into())
+                Ok(CallToolResult::error(vec![ContentBlock::text(why.to_string())]).into())
             }
         }
     }

@@ -28,7 +28,7 @@ use crate::breaker::Breaker;
 use crate::config::ServerConfig;
 use crate::duplex::mcp::DuplexMcp;
 use crate::tools::hub::{HubCallError, ToolHub};
-use crate::tools::source::ToolSource as _;
+use crate::tools::source::{ToolCallError, ToolSource as _};
 
 /// Where an offered tool lives.
 #[derive(Clone)]
@@ -40,7 +40,7 @@ enum Source {
 }
 
 /// Why a tool call through the API got no result.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum CallError {
     /// A `user` called an admin-only tool (HTTP 403).
     #[error("tool {0} needs the admin role")]
@@ -49,8 +49,8 @@ pub enum CallError {
     #[error("there is no tool {0:?}; GET /v1/mcp/tools lists them")]
     UnknownTool(String),
     /// The call failed before a result: server down, timeout, open breaker (HTTP 502).
-    #[error("{0}")]
-    Failed(String),
+    #[error(transparent)]
+    Failed(#[from] ToolCallError),
 }
 
 impl CallError {

@@ -22,7 +22,7 @@ use super::protocol::ServerMessage;
 use crate::tools::hub::ToolSpec;
 use crate::tools::outcome::{RouteContext, ToolOutcome};
 use crate::tools::pager::PagerSettings;
-use crate::tools::source::{BoxFuture, ToolSource};
+use crate::tools::source::{BoxFuture, ToolCallError, ToolSource};
 
 /// The server name device tools report ([`ToolSpec::server`]).
 pub const DEVICE_SERVER: &str = "device";
@@ -31,7 +31,44 @@ pub const DEVICE_PREFIX: &str = "device_";
 /// MCP protocol version sent in `initialize` (the one the xiaozhi-esp32 firmware answers with).
 pub const PROTOCOL_VERSION: &str = "2024-11-05";
 
-type Reply = Result<Value, String>;
+type Reply = Result<Value, DeviceMcpError>;
+
+/// Why a request to a device's MCP server got no result.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DeviceMcpError {
+    /// The device session ended before the answer.
+    #[error("the device session has ended")]
+    SessionEnded,
+    /// No answer within `[device] mcp_request_timeout_ms`.
+    #[error(
+        "the device did not answer {method} within {timeout_ms} ms (device.mcp_request_timeout_ms)"
+    )]
+    Timeout {
+        /// The JSON-RPC method asked.
+        method: String,
+        /// The time limit in ms.
+        timeout_ms: u64,
+    },
+    /// The caller cancelled the request (barge-in); `notifications/cancelled` was sent.
+    #[error("cancelled")]
+    Cancelled,
+    /// The device answered with a JSON-RPC error.
+    #[error("the device answered with error {code}: {message}")]
+    Rpc {
+        /// The JSON-RPC error code.
+        code: i64,
+        /// The error's message.
+        message: String,
+    },
+    /// The answer is not what the method returns.
+    #[error("the device's {method} answer is malformed: {reason}")]
+    Malformed {
+        /// The JSON-RPC method asked.
+        method: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
 
 /// The MCP client side of one device session. Shared by the session's receive loop (which
 /// hands it every `mcp` payload) and its turn task (which makes requests).
@@ -63,7 +100,7 @@ impl DeviceMcp {
         })
     }
 
-    async fn send(&self, payload: Value) -> Result<(), String> {
+    async fn send(&self, payload: Value) -> Result<(), DeviceMcpError> {
         let message = ServerMessage::Mcp {
             session_id: self.session_id.clone(),
             payload,
@@ -71,20 +108,20 @@ impl DeviceMcp {
         self.out
             .send(Message::Text(message.to_json().into()))
             .await
-            .map_err(|_| "the device session has ended".to_string())
+            .map_err(|_| DeviceMcpError::SessionEnded)
     }
 
     /// Sends a request and waits for its response.
     ///
     /// # Errors
-    /// The device's JSON-RPC `error` (its message and code), no answer within the timeout, the
+    /// [`DeviceMcpError`]: the device's JSON-RPC `error`, no answer within the timeout, the
     /// session ending, or `cancel` (then `notifications/cancelled` is sent).
     pub async fn request(
         &self,
         method: &str,
         params: Value,
         cancel: &CancellationToken,
-    ) -> Result<Value, String> {
+    ) -> Result<Value, DeviceMcpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().expect("pending lock").insert(id, tx);
@@ -96,17 +133,17 @@ impl DeviceMcp {
         let result = tokio::select! {
             r = tokio::time::timeout(self.timeout, rx) => match r {
                 Ok(Ok(reply)) => reply,
-                Ok(Err(_)) => Err("the device session has ended".into()),
-                Err(_) => Err(format!(
-                    "the device did not answer {method} within {} ms (device.mcp_request_timeout_ms)",
-                    self.timeout.as_millis()
-                )),
+                Ok(Err(_)) => Err(DeviceMcpError::SessionEnded),
+                Err(_) => Err(DeviceMcpError::Timeout {
+                    method: method.to_string(),
+                    timeout_ms: self.timeout.as_millis() as u64,
+                }),
             },
             _ = cancel.cancelled() => {
                 let note = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
                     "params": {"requestId": id, "reason": "barge-in"}});
                 let _ = self.send(note).await;
-                Err("cancelled".into())
+                Err(DeviceMcpError::Cancelled)
             }
         };
         self.forget(id);
@@ -126,17 +163,18 @@ impl DeviceMcp {
             (Some(id), None) => {
                 let reply = match (payload.get("result"), payload.get("error")) {
                     (Some(result), _) => Ok(result.clone()),
-                    (None, Some(error)) => Err(format!(
-                        "the device answered with error {}: {}",
-                        error.get("code").and_then(Value::as_i64).unwrap_or(0),
-                        error
+                    (None, Some(error)) => Err(DeviceMcpError::Rpc {
+                        code: error.get("code").and_then(Value::as_i64).unwrap_or(0),
+                        message: error
                             .get("message")
                             .and_then(Value::as_str)
                             .unwrap_or("(no message)")
-                    )),
-                    (None, None) => {
-                        Err("the device's response has neither result nor error".into())
-                    }
+                            .to_string(),
+                    }),
+                    (None, None) => Err(DeviceMcpError::Malformed {
+                        method: "a request".into(),
+                        reason: "the response has neither result nor error".into(),
+                    }),
                 };
                 let waiter = self.pending.lock().expect("pending lock").remove(&id);
                 match waiter {
@@ -169,13 +207,13 @@ impl DeviceMcp {
     /// The tools come back as offered to the LLM.
     ///
     /// # Errors
-    /// A request that fails (see [`DeviceMcp::request`]) or a `tools/list` result without a
-    /// `tools` array.
+    /// A request that fails (see [`DeviceMcp::request`]), or [`DeviceMcpError::Malformed`] for a
+    /// `tools/list` result without a `tools` array.
     pub async fn discover(
         &self,
         max_pages: u32,
         vision: Option<(&str, &str)>,
-    ) -> Result<Vec<ToolSpec>, String> {
+    ) -> Result<Vec<ToolSpec>, DeviceMcpError> {
         let never = CancellationToken::new();
         let capabilities = match vision {
             Some((url, token)) => json!({"vision": {"url": url, "token": token}}),
@@ -197,10 +235,12 @@ impl DeviceMcp {
                 None => json!({}),
             };
             let page = self.request("tools/list", params, &never).await?;
-            let listed = page
-                .get("tools")
-                .and_then(Value::as_array)
-                .ok_or("the device's tools/list result has no tools array")?;
+            let listed = page.get("tools").and_then(Value::as_array).ok_or_else(|| {
+                DeviceMcpError::Malformed {
+                    method: "tools/list".into(),
+                    reason: "no tools array".into(),
+                }
+            })?;
             for tool in listed {
                 match device_tool(tool) {
                     Some(spec) if tools.iter().any(|t: &ToolSpec| t.name == spec.name) => {
@@ -231,7 +271,7 @@ impl DeviceMcp {
         tool: &str,
         arguments: JsonObject,
         cancel: &CancellationToken,
-    ) -> Result<CallToolResult, String> {
+    ) -> Result<CallToolResult, DeviceMcpError> {
         let params = json!({"name": tool, "arguments": arguments});
         let started = std::time::Instant::now();
         let result = self
@@ -240,8 +280,11 @@ impl DeviceMcp {
             .inspect_err(|e| {
                 tracing::warn!(session = %self.session_id, %tool, error = %e, "device tool call failed");
             })?;
-        let result: CallToolResult = serde_json::from_value(result)
-            .map_err(|e| format!("the device's tools/call result is not a CallToolResult: {e}"))?;
+        let result: CallToolResult =
+            serde_json::from_value(result).map_err(|e| DeviceMcpError::Malformed {
+                method: "tools/call".into(),
+                reason: format!("not a CallToolResult: {e}"),
+            })?;
         tracing::info!(session = %self.session_id, %tool, ms = started.elapsed().as_millis() as u64, error = result.is_error == Some(true), "device tool call");
         Ok(result)
     }
@@ -281,8 +324,12 @@ impl ToolSource for DeviceMcp {
         tool: &'a str,
         arguments: JsonObject,
         cancel: &'a CancellationToken,
-    ) -> BoxFuture<'a, Result<CallToolResult, String>> {
-        Box::pin(self.call_result(tool, arguments, cancel))
+    ) -> BoxFuture<'a, Result<CallToolResult, ToolCallError>> {
+        Box::pin(async move {
+            self.call_result(tool, arguments, cancel)
+                .await
+                .map_err(|e| ToolCallError::Source(Box::new(e)))
+        })
     }
 }
 

@@ -111,11 +111,11 @@ impl Arch {
     /// The arch of `dir`: its [`ARCH_FILE`] if present, else PersonaPlex 7B.
     ///
     /// # Errors
-    /// A message when the file is present but not valid.
-    pub fn of_dir(dir: &Path) -> Result<Self, String> {
+    /// The file is present but not a valid arch (serde's message, with line and column).
+    pub fn of_dir(dir: &Path) -> Result<Self, serde_json::Error> {
         let path = dir.join(ARCH_FILE);
         match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display())),
+            Ok(text) => serde_json::from_str(&text),
             Err(_) => Ok(Self::personaplex_7b()),
         }
     }

@@ -124,9 +124,9 @@ impl Engine {
         };
         let (model, mimi_file, tokenizer_file) =
             (file(MODEL_FILE)?, file(MIMI_FILE)?, file(TOKENIZER_FILE)?);
-        let arch = Arch::of_dir(dir).map_err(|reason| DuplexError::Load {
+        let arch = Arch::of_dir(dir).map_err(|e| DuplexError::Load {
             file: dir.join(super::arch::ARCH_FILE),
-            reason,
+            reason: e.to_string(),
         })?;
         let load_error = |file: &Path| {
             let file = file.to_path_buf();

@@ -21,7 +21,7 @@ use super::DuplexError;
 use super::service::{Duplex, failure, success, wav_bytes};
 use crate::tools::outcome::{RouteContext, ToolOutcome};
 use crate::tools::pager::PagerSettings;
-use crate::tools::source::{BoxFuture, ToolSource};
+use crate::tools::source::{BoxFuture, ToolCallError, ToolSource};
 
 /// The tools, in the order `tools/list` gives them.
 pub const TOOLS: [&str; 9] = [
@@ -99,7 +99,7 @@ impl ToolSource for DuplexMcp {
         tool: &'a str,
         arguments: JsonObject,
         _cancel: &'a CancellationToken,
-    ) -> BoxFuture<'a, Result<CallToolResult, String>> {
+    ) -> BoxFuture<'a, Result<CallToolResult, ToolCallError>> {
         Box::pin(async move { Ok(self.counted_call(tool, &arguments).await) })
     }
 }

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::hub::ToolSpec;
 use super::outcome::{Action, Flags, ToolOutcome};
-use super::source::{BoxFuture, ToolSource};
+use super::source::{BoxFuture, ToolCallError, ToolSource};
 
 /// The server name built-in tools report.
 pub const BUILTIN_SERVER: &str = "voxloop";
@@ -41,7 +41,7 @@ impl ToolSource for Builtins {
         tool: &'a str,
         arguments: JsonObject,
         _cancel: &'a CancellationToken,
-    ) -> BoxFuture<'a, Result<CallToolResult, String>> {
+    ) -> BoxFuture<'a, Result<CallToolResult, ToolCallError>> {
         Box::pin(async move {
             let started = Instant::now();
             let outcome = builtin_call(tool, &arguments);

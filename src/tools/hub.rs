@@ -15,7 +15,7 @@ use super::builtin::{Builtins, builtin_tools};
 use super::connection::Connection;
 use super::outcome::ToolOutcome;
 use super::pager::PagerSettings;
-use super::source::{McpServer, ToolSource};
+use super::source::{McpServer, ToolCallError, ToolSource};
 use crate::breaker::Breaker;
 use crate::config::{Config, McpServerConfig};
 
@@ -72,14 +72,14 @@ impl ToolCall {
 }
 
 /// Why [`ToolHub::call_result`] got no result.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum HubCallError {
     /// No tool is offered under this name.
     #[error("there is no tool {0:?}")]
     UnknownTool(String),
     /// The call failed before a result (the message names the server and the cause).
-    #[error("{0}")]
-    Failed(String),
+    #[error(transparent)]
+    Failed(#[from] ToolCallError),
 }
 
 /// A server that did not start, as reported at session start.

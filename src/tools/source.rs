@@ -15,6 +15,22 @@ use super::outcome::{RouteContext, ToolOutcome};
 use super::pager::PagerSettings;
 use crate::breaker::Breaker;
 
+/// Why a tool call got no result (a result that reports a failure, `isError`, is still a
+/// result).
+#[derive(Debug, thiserror::Error)]
+pub enum ToolCallError {
+    /// The source's circuit breaker is open: calls are refused for a while.
+    #[error(transparent)]
+    BreakerOpen(#[from] crate::breaker::Open),
+    /// The MCP server could not be reached or did not answer (start, timeout, closed,
+    /// oversized message, an rmcp error).
+    #[error(transparent)]
+    Connection(#[from] ConnectionError),
+    /// Another source's own error (a device's MCP request, for one).
+    #[error(transparent)]
+    Source(Box<dyn std::error::Error + Send + Sync + 'static>),
+}
+
 /// A future a [`ToolSource`] returns (boxed, so that sources can be `dyn ToolSource`).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -38,14 +54,14 @@ pub trait ToolSource: Send + Sync {
     /// MCP endpoint and REST bridge forward.
     ///
     /// # Errors
-    /// The call got no result (a source that is down, a timeout, an open breaker), as a
-    /// message naming the source.
+    /// [`ToolCallError`]: the call got no result (a source that is down, a timeout, an open
+    /// breaker); its message names the source.
     fn call_raw<'a>(
         &'a self,
         tool: &'a str,
         arguments: JsonObject,
         cancel: &'a CancellationToken,
-    ) -> BoxFuture<'a, Result<CallToolResult, String>>;
+    ) -> BoxFuture<'a, Result<CallToolResult, ToolCallError>>;
 }
 
 /// An MCP server as a tool source: its connection, its circuit breaker (upstream
@@ -83,13 +99,13 @@ impl McpServer {
         tool: &str,
         arguments: JsonObject,
         cancel: &CancellationToken,
-    ) -> Result<CallToolResult, String> {
+    ) -> Result<CallToolResult, ToolCallError> {
         let server = self.connection.name();
         let metrics = crate::metrics::get();
         if let Err(open) = self.breaker.permit() {
             metrics.tool_call(server, tool, "failed", Duration::ZERO);
             tracing::warn!(%server, %tool, "tool call refused: {open}");
-            return Err(open.to_string());
+            return Err(open.into());
         }
         let started = Instant::now();
         let result = self.connection.call_tool(tool, arguments, cancel).await;
@@ -121,7 +137,7 @@ impl McpServer {
                 tracing::warn!(%server, %tool, error = %e, "tool call failed");
             }
         }
-        result.map_err(|e| e.to_string())
+        Ok(result?)
     }
 }
 
@@ -156,7 +172,7 @@ impl ToolSource for McpServer {
         tool: &'a str,
         arguments: JsonObject,
         cancel: &'a CancellationToken,
-    ) -> BoxFuture<'a, Result<CallToolResult, String>> {
+    ) -> BoxFuture<'a, Result<CallToolResult, ToolCallError>> {
         Box::pin(self.request(tool, arguments, cancel))
     }
 }
