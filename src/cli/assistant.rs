@@ -11,42 +11,28 @@ use super::audio::finish_playback;
 use super::audio::open_sink;
 use super::audio::queue_for;
 use voxloop::config::Config;
-use voxloop::conversation::{Conversation, ConversationSettings, TurnReport};
-use voxloop::pipeline::tts::Tts;
-use voxloop::tools::hub::ToolHub;
+use voxloop::conversation::assistant::{Assistant, Input};
+use voxloop::conversation::{Conversation, TurnReport};
 
-/// The assistant's parts: the tool hub (servers started), TTS, the playback queue into `output`
-/// or the speaker, and the chat model.
-pub(crate) async fn assistant(
-    config: &Config,
-    output: Option<&Path>,
-) -> anyhow::Result<Conversation> {
-    let queue = queue_for(config, open_sink(config, output)?);
-    let (hub, llm) = tools_and_model(config).await?;
-    let tts = Tts::new(&config.tts).with_breaker(&config.breaker);
-    tts.check().await.context("[tts]")?;
-    let conversation = Conversation::new(
-        llm,
-        hub,
-        tts,
-        queue,
-        ConversationSettings::from_config(config),
-    );
-    conversation.warm_up().await;
-    Ok(conversation)
-}
-
-/// The tool hub (servers started; those that failed are named on stderr) and the chat model.
-pub(crate) async fn tools_and_model(
-    config: &Config,
-) -> anyhow::Result<(std::sync::Arc<ToolHub>, voxloop::llm::ChatModel)> {
-    let hub = std::sync::Arc::new(ToolHub::start(config).await);
-    for failure in hub.startup_failures() {
+/// Starts the assistant ([`Assistant::start`]); the MCP servers that failed to start are named
+/// on stderr.
+pub(crate) async fn start_assistant(config: &Config, input: Input) -> anyhow::Result<Assistant> {
+    let assistant = Assistant::start(config, input).await?;
+    for failure in assistant.hub.startup_failures() {
         eprintln!("MCP server {} skipped: {}", failure.server, failure.error);
     }
-    let llm = voxloop::llm::ChatModel::from_config(&config.llm)?.with_breaker(&config.breaker);
-    tracing::info!(model = %llm.describe(), "chat model ready");
-    Ok((hub, llm))
+    Ok(assistant)
+}
+
+/// A conversation of `assistant` playing into `output` or the speaker, its model warmed up.
+async fn conversation(
+    assistant: &Assistant,
+    output: Option<&Path>,
+) -> anyhow::Result<Conversation> {
+    let config = &assistant.config;
+    let conversation = assistant.conversation(queue_for(config, open_sink(config, output)?));
+    conversation.warm_up().await;
+    Ok(conversation)
 }
 
 /// Prints a turn as it happened: what was heard, the tool calls, what was said, and timings;
@@ -91,7 +77,8 @@ pub(crate) async fn chat(
     output: Option<&Path>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let mut conversation = assistant(config, output).await?;
+    let assistant = start_assistant(config, Input::Text).await?;
+    let mut conversation = conversation(&assistant, output).await?;
     let lines: Vec<String> = match text {
         Some(text) => vec![text.to_string()],
         None => std::io::stdin().lines().collect::<Result<_, _>>()?,
@@ -147,17 +134,17 @@ pub(crate) async fn run(
 ) -> anyhow::Result<ExitCode> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use voxloop::pipeline::asr::Asr;
-    use voxloop::pipeline::input::SpeechInput;
+    use voxloop::conversation::voice::{Output, VoiceInput, transcribe};
     use voxloop::pipeline::queue::StopReason as QueueStop;
-    use voxloop::pipeline::vad::{BargeIn, TurnDetector, TurnEvent};
-    let asr = Arc::new(Asr::load(&config.asr)?);
-    let mut conversation = assistant(config, output).await?;
+    let assistant = start_assistant(config, Input::Speech).await?;
+    let asr = assistant
+        .asr
+        .clone()
+        .context("the assistant was started without ASR")?;
+    let mut conversation = conversation(&assistant, output).await?;
     let prompt = conversation.asr_prompt(&config.asr).await;
     let (mut blocks, _microphone) = speech_source(input, None).await?;
-    let mut speech = SpeechInput::default();
-    let mut turns = TurnDetector::new(&config.vad);
-    let mut barge = BargeIn::new(&config.vad);
+    let mut voice = VoiceInput::new(&config.vad);
     let queue = conversation.queue().clone();
     let from_microphone = input.is_none();
 
@@ -189,52 +176,43 @@ pub(crate) async fn run(
             _ = tokio::signal::ctrl_c() => None,
         };
         let ended = block.is_none();
-        let (mut events, frames) = match block {
-            Some(pcm) => turns.push(&speech.push(&pcm)?),
-            None => turns.push(&speech.finish()),
-        };
-        if ended {
-            events.extend(turns.finish());
-        }
         // From a microphone, speech over the assistant (thinking, calling a tool, or playing)
         // interrupts it.
-        if from_microphone {
-            for frame in &frames {
-                let busy = queue.is_busy() || turn_running.load(Ordering::SeqCst);
-                if barge.on_frame(frame, busy, queue.output_level()) {
+        let output = from_microphone.then(|| Output {
+            busy: queue.is_busy() || turn_running.load(Ordering::SeqCst),
+            level: queue.output_level(),
+        });
+        let utterances = match block {
+            Some(pcm) => {
+                let heard = voice.push(&pcm, output)?;
+                if heard.barge_in {
                     current_turn.cancel();
                     queue.stop(QueueStop::BargeIn).await;
                 }
+                heard.utterances
             }
-        }
-        for event in events {
-            if let TurnEvent::Utterance { pcm, .. } = event {
-                let started = std::time::Instant::now();
-                let asr = asr.clone();
-                let prompt = prompt.clone();
-                let transcript = tokio::task::spawn_blocking(move || {
-                    asr.transcribe_with_prompt(&pcm, prompt.as_deref())
-                })
-                .await??;
-                let asr_ms = started.elapsed().as_millis() as u64;
-                if transcript.text.is_empty() {
-                    continue;
-                }
-                // A new request supersedes a turn still running.
-                current_turn.cancel();
-                current_turn = CancellationToken::new();
-                turn_running.store(true, Ordering::SeqCst);
-                if turn_tx
-                    .send((transcript.text, asr_ms, current_turn.clone()))
-                    .await
-                    .is_err()
-                {
-                    break 'blocks;
-                }
-                // A file's utterances are turns one after another.
-                if !from_microphone && done_rx.recv().await != Some(false) {
-                    break 'blocks;
-                }
+            None => voice.finish(),
+        };
+        for utterance in utterances {
+            let (transcript, asr_ms) =
+                transcribe(asr.clone(), utterance.pcm, prompt.clone()).await?;
+            if transcript.text.is_empty() {
+                continue;
+            }
+            // A new request supersedes a turn still running.
+            current_turn.cancel();
+            current_turn = CancellationToken::new();
+            turn_running.store(true, Ordering::SeqCst);
+            if turn_tx
+                .send((transcript.text, asr_ms, current_turn.clone()))
+                .await
+                .is_err()
+            {
+                break 'blocks;
+            }
+            // A file's utterances are turns one after another.
+            if !from_microphone && done_rx.recv().await != Some(false) {
+                break 'blocks;
             }
         }
         if ended {
@@ -252,60 +230,41 @@ pub(crate) async fn listen(
     seconds: Option<f64>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    use voxloop::pipeline::SPEECH_RATE;
+    use voxloop::conversation::voice::{VoiceInput, transcribe};
     use voxloop::pipeline::asr::Asr;
-    use voxloop::pipeline::input::SpeechInput;
-    use voxloop::pipeline::vad::{TurnDetector, TurnEvent};
     let asr = std::sync::Arc::new(Asr::load(&config.asr)?);
     // Blocks of PCM: from the file as fast as it decodes, or from the microphone.
     let (mut blocks, _microphone) = speech_source(input, seconds).await?;
-    let limit = seconds.map(|s| (s * f64::from(SPEECH_RATE)) as usize);
-    let mut speech = SpeechInput::default();
-    let mut turns = TurnDetector::new(&config.vad);
-    let mut heard = 0usize;
-    let mut pending = Vec::new();
+    let mut voice = VoiceInput::new(&config.vad);
+    // Seconds of audio heard, for `--seconds`.
+    let mut heard_s = 0.0;
     loop {
         let block = tokio::select! {
             block = blocks.recv() => block,
             _ = tokio::signal::ctrl_c() => None,
         };
         let ended = block.is_none();
-        let events = match block {
+        let utterances = match &block {
             Some(pcm) => {
-                let samples = speech.push(&pcm)?;
-                heard += samples.len();
-                turns.push(&samples).0
+                heard_s += pcm.frames() as f64 / f64::from(pcm.rate.max(1));
+                voice.push(pcm, None)?.utterances
             }
-            None => {
-                let rest = speech.finish();
-                let mut events = turns.push(&rest).0;
-                events.extend(turns.finish());
-                events
-            }
+            None => voice.finish(),
         };
-        let done = ended || limit.is_some_and(|l| heard >= l);
-        pending.extend(events);
-        for event in pending.drain(..) {
-            if let TurnEvent::Utterance {
-                pcm,
-                start_ms,
-                end_ms,
-            } = event
-            {
-                let asr = asr.clone();
-                let transcript =
-                    tokio::task::spawn_blocking(move || asr.transcribe(&pcm)).await??;
-                if json {
-                    let line = json!({"start_ms": start_ms, "end_ms": end_ms, "text": transcript.text, "language": transcript.language});
-                    println!("{line}");
-                } else {
-                    println!(
-                        "[{:.2}-{:.2} s] {}",
-                        start_ms as f64 / 1000.0,
-                        end_ms as f64 / 1000.0,
-                        transcript.text
-                    );
-                }
+        let done = ended || seconds.is_some_and(|limit| heard_s >= limit);
+        for utterance in utterances {
+            let (start_ms, end_ms) = (utterance.start_ms, utterance.end_ms);
+            let (transcript, _) = transcribe(asr.clone(), utterance.pcm, None).await?;
+            if json {
+                let line = json!({"start_ms": start_ms, "end_ms": end_ms, "text": transcript.text, "language": transcript.language});
+                println!("{line}");
+            } else {
+                println!(
+                    "[{:.2}-{:.2} s] {}",
+                    start_ms as f64 / 1000.0,
+                    end_ms as f64 / 1000.0,
+                    transcript.text
+                );
             }
         }
         if done {

@@ -3,25 +3,19 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
 use super::announce;
-use super::assistant::tools_and_model;
+use super::assistant::start_assistant;
 use super::bind_tcp;
 use voxloop::config::Config;
-use voxloop::pipeline::tts::Tts;
 
 /// `voxloop serve`: the device server on `[device] bind` and the HTTP API (`/mcp`, the REST
 /// bridge, `/metrics`, `/health`, `/ready`) on `[server] bind`, until Ctrl-C.
 pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
-    use std::sync::Arc;
     use voxloop::api::Guard;
-    use voxloop::device::session::Assistant;
-    let asr = Arc::new(voxloop::pipeline::asr::Asr::load(&config.asr)?);
-    let (hub, llm) = tools_and_model(&config).await?;
-    let tts = Tts::new(&config.tts).with_breaker(&config.breaker);
-    tts.check().await.context("[tts]")?;
+    use voxloop::conversation::assistant::Input;
+    let assistant = start_assistant(&config, Input::Speech).await?;
     let duplex = if duplex_configured(&config) {
         let duplex = voxloop::duplex::service::Duplex::start(&config.duplex)?;
         Some(voxloop::duplex::mcp::DuplexMcp::new(duplex))
@@ -32,23 +26,16 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let api_listener = bind_tcp(&config.server.bind).await?;
     let api_addr = api_listener.local_addr()?.to_string();
     let guard = Guard::new(&config.auth, &config.server, &api_addr, "api")?;
-    let mut breakers = vec![tts.breaker().clone()];
-    breakers.extend(llm.breaker().cloned());
+    let mut breakers = vec![assistant.tts.breaker().clone()];
+    breakers.extend(assistant.llm.breaker().cloned());
     let runtime = voxloop::api::server::Runtime::new(
-        hub.clone(),
+        assistant.hub.clone(),
         duplex,
         guard,
         &config,
         breakers,
         required_models(&config),
     );
-    let assistant = Assistant {
-        config: Arc::new(config.clone()),
-        asr,
-        llm,
-        hub,
-        tts,
-    };
     let device_addr = device_listener.local_addr()?;
     announce(&format!(
         "device server: ws://{device_addr}{}",

@@ -4,8 +4,10 @@
 //! Cancelling a turn (barge-in, a stop command) ends the model's stream, the tool calls and the
 //! pagers, and history keeps only what was actually said.
 
+pub mod assistant;
 pub mod intent;
 pub mod reply;
+pub mod voice;
 
 use std::sync::Arc;
 use std::time::Instant;

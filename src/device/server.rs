@@ -30,10 +30,11 @@ use super::activation::{
 use super::protocol::{
     AudioParams, BinaryFrame, DeviceMessage, ListenState, ProtocolVersion, ServerMessage,
 };
-use super::session::{Assistant, DeviceConversation, SessionOptions};
+use super::session::{DeviceConversation, SessionOptions};
 use super::vision::Vision;
 use crate::api::{Guard, Principal, Role};
 use crate::config::{Config, DeviceConfig};
+use crate::conversation::assistant::Assistant;
 
 /// Close code: policy violation (RFC 6455 §7.4.1).
 pub const CLOSE_POLICY: u16 = 1008;
@@ -782,7 +783,7 @@ async fn session(
                 Ok(BinaryFrame::Opus(packet)) => {
                     if let Some(c) = conversation.as_mut()
                         && let Err(e) = c.audio(&packet).await
-                        && out.send(alert(e)).await.is_err()
+                        && out.send(alert(e.to_string())).await.is_err()
                     {
                         break None;
                     }

@@ -14,35 +14,29 @@ use tokio_util::sync::CancellationToken;
 
 use super::mcp::DeviceMcp;
 use super::protocol::{ListenMode, ProtocolVersion, ServerMessage, TtsState};
-use crate::config::Config;
-use crate::conversation::{Conversation, ConversationSettings};
-use crate::llm::ChatModel;
+use crate::conversation::assistant::Assistant;
+use crate::conversation::voice::{Output, VoiceInput, transcribe};
 use crate::pipeline::SPEECH_RATE;
-use crate::pipeline::asr::Asr;
-use crate::pipeline::input::SpeechInput;
-use crate::pipeline::opus::FrameDecoder;
+use crate::pipeline::convert::ConvertError;
+use crate::pipeline::opus::{FrameDecoder, OpusError};
 use crate::pipeline::queue::{
     PlaybackQueue, QueueEvent, QueueSettings, SegmentKind, StopReason as QueueStop,
 };
-use crate::pipeline::sink::{OpusSink, Sink};
-use crate::pipeline::tts::Tts;
-use crate::pipeline::vad::{BargeIn, TurnDetector, TurnEvent};
-use crate::tools::hub::ToolHub;
+use crate::pipeline::sink::{OpusSink, Sink, SinkError};
 
-/// What device sessions share to hold conversations: the configuration, whisper, the chat
-/// model and the tool hub.
-#[derive(Clone)]
-pub struct Assistant {
-    /// The configuration (`[audio] device_*`, `[vad]`, `[tts]`, `[llm]` settings per session).
-    pub config: Arc<Config>,
-    /// Whisper, shared (transcriptions run one at a time).
-    pub asr: Arc<Asr>,
-    /// The chat model, shared.
-    pub llm: ChatModel,
-    /// The MCP servers and built-in tools, shared.
-    pub hub: Arc<ToolHub>,
-    /// Text to speech, cloned into each session (its HTTP client is shared).
-    pub tts: Tts,
+/// Why a device session's audio failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionAudioError {
+    /// The downlink's Opus encoder could not be set up (the configured rate, frame length or
+    /// complexity).
+    #[error("playback setup: {0}")]
+    Playback(#[from] SinkError),
+    /// An uplink packet libopus cannot decode, or a decoder it cannot set up.
+    #[error("undecodable Opus packet: {0}")]
+    Opus(#[from] OpusError),
+    /// The uplink's PCM could not be resampled for speech.
+    #[error(transparent)]
+    Convert(#[from] ConvertError),
 }
 
 /// What a session is started with besides the assistant.
@@ -70,9 +64,7 @@ pub struct DeviceConversation {
     session_id: String,
     out: mpsc::Sender<Message>,
     decoder: FrameDecoder,
-    speech: SpeechInput,
-    turns: TurnDetector,
-    barge: BargeIn,
+    voice: VoiceInput,
     listening: bool,
     mode: ListenMode,
     /// Manual mode: the utterance so far (16 kHz mono).
@@ -100,7 +92,8 @@ impl DeviceConversation {
     /// (`options.activation_code`) speaks the code for every turn and nothing else.
     ///
     /// # Errors
-    /// A setup libopus refuses (the configured downlink rate or frame length).
+    /// [`SessionAudioError`]: a setup libopus refuses (the configured downlink rate or frame
+    /// length).
     pub fn start(
         assistant: Assistant,
         session_id: String,
@@ -108,7 +101,7 @@ impl DeviceConversation {
         out: mpsc::Sender<Message>,
         device_mcp: bool,
         options: SessionOptions,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SessionAudioError> {
         let activation = options
             .activation_code
             .as_deref()
@@ -123,10 +116,8 @@ impl DeviceConversation {
             audio.device_bitrate,
             Duration::from_millis(audio.device_lead_ms.into()),
             frames_tx,
-        )
-        .map_err(|e| e.to_string())?;
-        sink.set_complexity(audio.device_opus_complexity)
-            .map_err(|e| e.to_string())?;
+        )?;
+        sink.set_complexity(audio.device_opus_complexity)?;
         let queue = PlaybackQueue::new(Sink::Opus(sink), QueueSettings::from_config(audio));
         // Downlink frames, framed by protocol version.
         let frames_out = out.clone();
@@ -172,13 +163,7 @@ impl DeviceConversation {
                 }
             }
         });
-        let mut conversation = Conversation::new(
-            assistant.llm.clone(),
-            assistant.hub.clone(),
-            assistant.tts.clone(),
-            queue.clone(),
-            ConversationSettings::from_config(&config),
-        );
+        let mut conversation = assistant.conversation(queue.clone());
         let mcp = device_mcp.then(|| {
             DeviceMcp::new(
                 session_id.clone(),
@@ -267,10 +252,8 @@ impl DeviceConversation {
             }
         });
         Ok(Self {
-            decoder: FrameDecoder::new(SPEECH_RATE, 1).map_err(|e| e.to_string())?,
-            speech: SpeechInput::default(),
-            turns: TurnDetector::new(&config.vad),
-            barge: BargeIn::new(&config.vad),
+            decoder: FrameDecoder::new(SPEECH_RATE, 1)?,
+            voice: VoiceInput::new(&config.vad),
             listening: false,
             mode: ListenMode::Auto,
             manual: Vec::new(),
@@ -291,29 +274,23 @@ impl DeviceConversation {
         self.listening = true;
         self.mode = mode;
         self.manual.clear();
-        self.speech = SpeechInput::default();
-        self.turns = TurnDetector::new(&self.assistant.config.vad);
+        self.voice.reset();
     }
 
     /// `listen stop`: the utterance so far is a turn (in manual mode the only way one ends; in
     /// the others speech cut short by the device).
     pub async fn listen_stop(&mut self) {
         self.listening = false;
-        let rest = self.speech.finish();
         if self.mode == ListenMode::Manual {
             let mut pcm = std::mem::take(&mut self.manual);
-            pcm.extend(rest);
+            pcm.extend(self.voice.flush());
             if !pcm.is_empty() {
                 self.hear(pcm).await;
             }
             return;
         }
-        let (mut events, _) = self.turns.push(&rest);
-        events.extend(self.turns.finish());
-        for event in events {
-            if let TurnEvent::Utterance { pcm, .. } = event {
-                self.hear(pcm).await;
-            }
+        for utterance in self.voice.finish() {
+            self.hear(utterance.pcm).await;
         }
     }
 
@@ -367,35 +344,30 @@ impl DeviceConversation {
     /// One Opus packet from the device.
     ///
     /// # Errors
-    /// A packet libopus cannot decode (the session tells the device and goes on).
-    pub async fn audio(&mut self, packet: &[u8]) -> Result<(), String> {
+    /// [`SessionAudioError`]: a packet libopus cannot decode (the session tells the device and
+    /// goes on).
+    pub async fn audio(&mut self, packet: &[u8]) -> Result<(), SessionAudioError> {
         if !self.listening {
             return Ok(());
         }
-        let pcm = self
-            .decoder
-            .decode(packet)
-            .map_err(|e| format!("undecodable Opus packet: {e}"))?;
-        let samples = self.speech.push(&pcm).map_err(|e| e.to_string())?;
+        let pcm = self.decoder.decode(packet)?;
         if self.mode == ListenMode::Manual {
+            let samples = self.voice.convert(&pcm)?;
             self.manual.extend(samples);
             return Ok(());
         }
-        let (events, frames) = self.turns.push(&samples);
-        if self.mode == ListenMode::Realtime {
-            for frame in &frames {
-                if self
-                    .barge
-                    .on_frame(frame, self.queue.is_busy(), self.queue.output_level())
-                {
-                    self.abort().await;
-                }
-            }
+        // In realtime mode the device keeps its microphone open while the reply plays: speech
+        // over it interrupts it.
+        let output = (self.mode == ListenMode::Realtime).then(|| Output {
+            busy: self.queue.is_busy(),
+            level: self.queue.output_level(),
+        });
+        let heard = self.voice.push(&pcm, output)?;
+        if heard.barge_in {
+            self.abort().await;
         }
-        for event in events {
-            if let TurnEvent::Utterance { pcm, .. } = event {
-                self.hear(pcm).await;
-            }
+        for utterance in heard.utterances {
+            self.hear(utterance.pcm).await;
         }
         Ok(())
     }
@@ -405,24 +377,19 @@ impl DeviceConversation {
         if self.activation.is_some() {
             return self.start_turn(String::new()).await;
         }
-        let asr = self.assistant.asr.clone();
+        let Some(asr) = self.assistant.asr.clone() else {
+            tracing::error!(session = %self.session_id, "no ASR: the assistant was started for typed text");
+            return;
+        };
         let prompt = self
             .asr_prompt
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let heard = match tokio::task::spawn_blocking(move || {
-            asr.transcribe_with_prompt(&pcm, prompt.as_deref())
-        })
-        .await
-        {
-            Ok(Ok(transcript)) => transcript.text,
-            Ok(Err(e)) => {
-                tracing::error!(session = %self.session_id, error = %e, "ASR failed");
-                return;
-            }
+        let heard = match transcribe(asr, pcm, prompt).await {
+            Ok((transcript, _)) => transcript.text,
             Err(e) => {
-                tracing::error!(session = %self.session_id, error = %e, "ASR task failed");
+                tracing::error!(session = %self.session_id, error = %e, "ASR failed");
                 return;
             }
         };

@@ -19,8 +19,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use voxloop::config::{Config, LlmProvider, McpServerConfig, TtsProvider};
+use voxloop::conversation::assistant::{Assistant, Input};
 use voxloop::device::protocol::{BinaryFrame, ProtocolVersion};
-use voxloop::device::session::Assistant;
 use voxloop::pipeline::opus::{FrameDecoder, FrameEncoder};
 
 use common::*;
@@ -111,13 +111,7 @@ async fn serve_with(
         },
     );
     tweak(&mut config);
-    let assistant = Assistant {
-        asr: Arc::new(voxloop::pipeline::asr::Asr::load(&config.asr).unwrap()),
-        llm: voxloop::llm::ChatModel::from_config(&config.llm).unwrap(),
-        hub: Arc::new(voxloop::tools::hub::ToolHub::start(&config).await),
-        tts: voxloop::pipeline::tts::Tts::new(&config.tts),
-        config: Arc::new(config.clone()),
-    };
+    let assistant = Assistant::start(&config, Input::Speech).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let serve =

@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use voxloop::config::{Config, LlmProvider, McpServerConfig};
+use voxloop::conversation::assistant::{Assistant, Input};
 use voxloop::device::activation::DeviceStore;
-use voxloop::device::session::Assistant;
 
 use common::*;
 
@@ -115,16 +115,8 @@ async fn device_server(store: &std::path::Path, tweak: impl FnOnce(&mut Config))
     config.llm.builtin_intents = false;
     config.asr.language = "en".into();
     tweak(&mut config);
-    // The default voice, loaded before the first session as `voxloop serve` does.
-    let tts = voxloop::pipeline::tts::Tts::new(&config.tts);
-    tts.check().await.unwrap();
-    let assistant = Assistant {
-        asr: Arc::new(voxloop::pipeline::asr::Asr::load(&config.asr).unwrap()),
-        llm: voxloop::llm::ChatModel::from_config(&config.llm).unwrap(),
-        hub: Arc::new(voxloop::tools::hub::ToolHub::start(&config).await),
-        tts,
-        config: Arc::new(config.clone()),
-    };
+    // The default voice is loaded before the first session, as `voxloop serve` does.
+    let assistant = Assistant::start(&config, Input::Speech).await.unwrap();
     let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let serve =

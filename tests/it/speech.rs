@@ -479,3 +479,75 @@ fn cli_listens_to_a_file_and_to_the_microphone() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no usable microphone"));
 }
+
+/// `stream` in 20 ms blocks of 16 kHz mono through a `VoiceInput`, with `output` for each
+/// block; the utterances heard (start and end in ms, length in samples) and whether barge-in
+/// fired.
+fn voice_input_on(
+    stream: &[f32],
+    output: Option<voxloop::conversation::voice::Output>,
+) -> (Vec<(u64, u64, usize)>, bool) {
+    use voxloop::conversation::voice::VoiceInput;
+    let mut voice = VoiceInput::new(&VadConfig::default());
+    let mut utterances = Vec::new();
+    let mut barge_in = false;
+    for block in stream.chunks(320) {
+        let pcm = Pcm {
+            rate: SPEECH_RATE,
+            channels: 1,
+            samples: block.to_vec(),
+        };
+        let heard = voice.push(&pcm, output).unwrap();
+        barge_in |= heard.barge_in;
+        utterances.extend(heard.utterances);
+    }
+    utterances.extend(voice.finish());
+    let heard = utterances
+        .into_iter()
+        .map(|u| (u.start_ms, u.end_ms, u.pcm.len()))
+        .collect();
+    (heard, barge_in)
+}
+
+#[test]
+fn voice_input_hears_each_request_once_and_barges_in_only_over_the_assistant() {
+    use voxloop::conversation::voice::Output;
+    let silence = |s: f32| vec![0.0f32; (s * SPEECH_RATE as f32) as usize];
+    let ms = |samples: usize| samples as u64 * 1000 / u64::from(SPEECH_RATE);
+    let first = speech("cmd_play_horizon.wav");
+    let second = speech("cmd_what_time.wav");
+    let mut stream = silence(0.5);
+    stream.extend(&first);
+    stream.extend(silence(1.5));
+    let second_at_ms = ms(stream.len());
+    stream.extend(&second);
+    stream.extend(silence(1.5));
+
+    let (heard, barge_in) = voice_input_on(&stream, None);
+    assert!(!barge_in, "no output given, no barge-in");
+    assert_eq!(heard.len(), 2, "two requests, two utterances: {heard:?}");
+    // Each utterance covers its request: it starts at most the VAD's pre-roll (300 ms) before
+    // the file does and lasts at least the file's speech (the files have little silence).
+    for ((start, end, len), (at, file)) in
+        heard.iter().zip([(500, &first), (second_at_ms, &second)])
+    {
+        assert!(*start + 300 >= at && *start <= at + 300, "{heard:?}");
+        assert!(
+            end - start + 300 >= ms(file.len()) && *len > file.len() / 2,
+            "{heard:?}"
+        );
+    }
+    assert!(heard[0].1 <= heard[1].0, "in order: {heard:?}");
+
+    // Speech while the assistant is busy and quiet interrupts it; while it is idle it does not.
+    let busy = Output {
+        busy: true,
+        level: 0.0,
+    };
+    assert!(voice_input_on(&stream, Some(busy)).1);
+    let idle = Output {
+        busy: false,
+        level: 0.0,
+    };
+    assert!(!voice_input_on(&stream, Some(idle)).1);
+}
