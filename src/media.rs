@@ -1,6 +1,6 @@
 //! Media from tool results, as one type: a MIME type plus a byte stream that a decoder can start
 //! on before it ends (ARCHITECTURE §2). Inline `audio` content and audio blobs arrive whole; audio
-//! `resource_link`s arrive page by page from the [`pager`](crate::tools::pager).
+//! `resource_link`s arrive page by page from the tool layer's pager (`tools::pager`).
 
 use bytes::Bytes;
 use tokio::sync::mpsc;

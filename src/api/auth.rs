@@ -16,7 +16,6 @@ use sha2::{Digest, Sha256};
 
 use crate::config::AuthConfig;
 pub use crate::config::Role;
-use crate::device::activation::{DeviceStore, TokenState};
 use crate::models::hex;
 
 /// The name of a caller admitted without a credential (`[auth] allow_anonymous`).
@@ -141,7 +140,22 @@ pub struct Auth {
     anonymous: Option<Principal>,
     admin_tools: Vec<String>,
     /// Activated devices' tokens (and pending ones), on the device surface.
-    device_store: Option<Arc<DeviceStore>>,
+    device_store: Option<Arc<dyn DeviceTokens>>,
+}
+
+/// Tokens issued to devices at run time rather than in the config (the device server's
+/// activation store, `device::activation`), which the device surface accepts too.
+pub trait DeviceTokens: Send + Sync {
+    /// Whether `token` belongs to the device `device_id`: its own token, or one of an
+    /// activation waiting for approval.
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    fn accepts(
+        &self,
+        device_id: &str,
+        token: &str,
+    ) -> Result<bool, Box<dyn std::error::Error + Send + Sync>>;
 }
 
 /// SHA-256 of `key`, lowercase hex: what `[[auth.api_keys]] sha256` holds.
@@ -209,7 +223,7 @@ impl Auth {
     pub fn with_device_store(
         config: &AuthConfig,
         bind: &str,
-        device_store: Option<Arc<DeviceStore>>,
+        device_store: Option<Arc<dyn DeviceTokens>>,
     ) -> Result<Self, AuthSetupError> {
         let anonymous = if config.allow_anonymous {
             Some(Principal::unkeyed(ANONYMOUS, config.anonymous_role))
@@ -331,15 +345,15 @@ impl Auth {
             if let Some(store) = &self.device_store
                 && !device.is_empty()
             {
-                match store.token_state(device, credential) {
-                    Ok(TokenState::Activated | TokenState::Pending { .. }) => {
+                match store.accepts(device, credential) {
+                    Ok(true) => {
                         return Ok(Principal {
                             name: format!("device:{device}"),
                             role: Role::User,
                             id: Some(format!("device:{device}")),
                         });
                     }
-                    Ok(TokenState::Unknown) => {}
+                    Ok(false) => {}
                     Err(e) => tracing::error!(error = %e, "device store unreadable"),
                 }
             }
@@ -430,6 +444,7 @@ impl Jwt {
 mod tests {
     use super::*;
     use crate::config::ApiKeyConfig;
+    use crate::device::activation::DeviceStore;
 
     fn keyed() -> AuthConfig {
         AuthConfig {

@@ -26,17 +26,28 @@ use tower_http::trace::TraceLayer;
 use super::{Guard, Principal, Role};
 use crate::breaker::Breaker;
 use crate::config::ServerConfig;
-use crate::duplex::mcp::DuplexMcp;
 use crate::tools::hub::{HubCallError, ToolHub};
-use crate::tools::source::{ToolCallError, ToolSource as _};
+use crate::tools::source::{ToolCallError, ToolSource};
 
 /// Where an offered tool lives.
 #[derive(Clone)]
 enum Source {
     /// The hub, under this offered name.
     Hub,
-    /// The duplex co-host, under its own name.
-    Duplex(String),
+    /// The co-host, under its own name.
+    Cohost(String),
+}
+
+/// A co-host's tools, offered by the HTTP API beside the hub's: the duplex model's
+/// (`duplex::mcp::DuplexMcp::cohost`). A tool whose name the hub already offers is offered
+/// as `{source}_{name}`.
+pub struct Cohost {
+    /// The source that runs the tools.
+    pub source: Arc<dyn ToolSource>,
+    /// The tools, under the source's own names.
+    pub tools: Vec<Tool>,
+    /// Its state, shown as `duplex` by `GET /v1/mcp/status`.
+    pub status: Box<dyn Fn() -> Value + Send + Sync>,
 }
 
 /// Why a tool call through the API got no result.
@@ -68,7 +79,7 @@ impl CallError {
 /// the duplex tools when a PersonaPlex model is configured, and the state behind status pages.
 pub struct Runtime {
     hub: Arc<ToolHub>,
-    duplex: Option<DuplexMcp>,
+    cohost: Option<Cohost>,
     tools: Vec<(Tool, Source)>,
     /// The checks of this surface.
     pub guard: Arc<Guard>,
@@ -86,7 +97,7 @@ impl Runtime {
     /// TTS's for status pages; `models` the files `/ready` requires.
     pub fn new(
         hub: Arc<ToolHub>,
-        duplex: Option<DuplexMcp>,
+        cohost: Option<Cohost>,
         guard: Arc<Guard>,
         config: &crate::config::Config,
         breakers: Vec<Breaker>,
@@ -104,18 +115,19 @@ impl Runtime {
                 (tool, Source::Hub)
             })
             .collect();
-        if duplex.is_some() {
-            for mut tool in DuplexMcp::tools() {
+        if let Some(cohost) = &cohost {
+            for tool in &cohost.tools {
+                let mut tool = tool.clone();
                 let own = tool.name.to_string();
                 if tools.iter().any(|(t, _)| t.name == tool.name) {
-                    tool.name = format!("duplex_{own}").into();
+                    tool.name = format!("{}_{own}", cohost.source.name()).into();
                 }
-                tools.push((tool, Source::Duplex(own)));
+                tools.push((tool, Source::Cohost(own)));
             }
         }
         Arc::new(Self {
             hub,
-            duplex,
+            cohost,
             tools,
             guard,
             config: config.server.clone(),
@@ -132,7 +144,7 @@ impl Runtime {
 
     fn admin_only(&self, name: &str, source: &Source) -> bool {
         let auth = &self.guard.auth;
-        auth.is_admin_tool(name) || matches!(source, Source::Duplex(own) if auth.is_admin_tool(own))
+        auth.is_admin_tool(name) || matches!(source, Source::Cohost(own) if auth.is_admin_tool(own))
     }
 
     /// The tools `role` may call, as MCP tools (admin-only ones are hidden from a `user`).
@@ -166,9 +178,13 @@ impl Runtime {
             return Err(CallError::Forbidden(name.to_string()));
         }
         match source {
-            Source::Duplex(own) => {
-                let duplex = self.duplex.as_ref().expect("duplex tools only with duplex");
-                duplex
+            Source::Cohost(own) => {
+                let cohost = self
+                    .cohost
+                    .as_ref()
+                    .expect("co-host tools only with a co-host");
+                cohost
+                    .source
                     .call_raw(own, arguments, &CancellationToken::new())
                     .await
                     .map_err(CallError::Failed)
@@ -217,7 +233,7 @@ impl Runtime {
             "servers": servers,
             "breakers": breakers,
             "sessions": crate::metrics::get().sessions(),
-            "duplex": self.duplex.as_ref().map(|d| d.status()),
+            "duplex": self.cohost.as_ref().map(|c| (c.status)()),
         })
     }
 

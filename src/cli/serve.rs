@@ -18,7 +18,7 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let assistant = start_assistant(&config, Input::Speech).await?;
     let duplex = if duplex_configured(&config) {
         let duplex = voxloop::duplex::service::Duplex::start(&config.duplex)?;
-        Some(voxloop::duplex::mcp::DuplexMcp::new(duplex))
+        Some(voxloop::duplex::mcp::DuplexMcp::new(duplex).cohost())
     } else {
         None
     };

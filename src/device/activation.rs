@@ -97,6 +97,20 @@ pub enum TokenState {
     Unknown,
 }
 
+/// The device surface accepts a device's own token and a pending activation's.
+impl crate::api::auth::DeviceTokens for DeviceStore {
+    fn accepts(
+        &self,
+        device_id: &str,
+        token: &str,
+    ) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(match self.token_state(device_id, token)? {
+            TokenState::Activated | TokenState::Pending { .. } => true,
+            TokenState::Unknown => false,
+        })
+    }
+}
+
 /// The answer to `POST {ota_path}activate`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ActivateState {

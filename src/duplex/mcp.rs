@@ -166,6 +166,17 @@ impl DuplexMcp {
         ]
     }
 
+    /// These tools as the HTTP API's co-host (`voxloop serve`'s `/mcp` and REST bridge),
+    /// with the model's status for its status page.
+    pub fn cohost(self) -> crate::api::server::Cohost {
+        let status = self.clone();
+        crate::api::server::Cohost {
+            source: Arc::new(self),
+            tools: Self::tools(),
+            status: Box::new(move || status.status()),
+        }
+    }
+
     /// The model's status (`get_gpu_status`).
     pub fn status(&self) -> Value {
         json!(self.duplex.manager().status())

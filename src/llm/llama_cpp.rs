@@ -139,8 +139,11 @@ impl LlamaServer {
                 "no llama-server program (build it with `voxloop models fetch llama-server`)",
             ));
         }
-        let api_key = crate::api::auth::new_key()
+        // A key only this process knows, so that no other local program uses the server.
+        let mut key = [0u8; 16];
+        getrandom::fill(&mut key)
             .map_err(|e| model_error(&binary, format!("no random API key: {e}")))?;
+        let api_key: String = key.iter().map(|b| format!("{b:02x}")).collect();
         let threads = match config.engine_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             n => n,

@@ -153,6 +153,7 @@ async fn api(config: &Config, duplex: Option<&Path>) -> String {
         c.model_dir = Some(dir.to_path_buf());
         c.device = "cpu".into();
         voxloop::duplex::mcp::DuplexMcp::new(voxloop::duplex::service::Duplex::start(&c).unwrap())
+            .cohost()
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
