@@ -107,8 +107,10 @@ pub(crate) fn run(config: &Config, command: &DuplexCommand) -> anyhow::Result<Ex
                 .model_dir
                 .clone()
                 .ok_or(duplex::DuplexError::NoModelDir)?;
+            let recording = voxloop::pipeline::decode::decode_file(voice, duplex::SAMPLE_RATE)
+                .with_context(|| format!("reading {}", voice.display()))?;
             let mut model = engine::Engine::load(&dir, &settings.device, settings.dtype)?;
-            let embeddings = model.voice_embeddings(voice)?;
+            let embeddings = model.voice_embeddings(&recording)?;
             embeddings.write(output)?;
             println!(
                 "wrote {} ({} frames of {})",

@@ -265,7 +265,10 @@ impl DuplexMcp {
             .duplex
             .prompt(voice.as_deref(), text.as_deref(), seed)
             .map_err(|e| e.to_string())?;
-        let voice_used = prompt.voice.clone();
+        let voice_used = self
+            .duplex
+            .voice_file(voice.as_deref())
+            .map_err(|e| e.to_string())?;
         let reply = self
             .duplex
             .process_file(&input, prompt)

@@ -1,93 +1,23 @@
 //! The PersonaPlex co-host (ARCHITECTURE §6): NVIDIA's full-duplex speech-to-speech model (a Moshi
-//! fine-tune) run with the `moshi` crate on candle.
+//! fine-tune), whose code is the `personaplex` crate (crates/personaplex), served here.
 //!
-//! - [`arch`]: the model's shapes and the checkpoint layout of the Hugging Face repo.
-//! - [`engine`]: loading, the system prompts (voice, silence, `<system>` text) and the
-//!   80 ms streaming step; offline processing of a whole file.
+//! - [`arch`], [`engine`], [`tokenizer`], [`voice`]: re-exported from `personaplex`: the
+//!   model's shapes and checkpoint layout; loading, the system prompts and the 80 ms step; the
+//!   SentencePiece tokenizer; the `.pt` voice prompts.
 //! - [`lifecycle`]: where the model lives (GPU, CPU, unloaded) and when it moves.
 //! - [`service`], [`server`], [`mcp`]: the co-host's surfaces (REST + WebSocket, MCP).
-//! - [`tokenizer`]: the SentencePiece text tokenizer.
-//! - [`voice`]: the `.pt` voice prompts.
 
-pub mod arch;
-pub mod engine;
 pub mod lifecycle;
 pub mod mcp;
 pub mod server;
 pub mod service;
-pub mod tokenizer;
-pub mod voice;
 
 use std::path::PathBuf;
 
-/// The LM weights' file name in the Hugging Face repo.
-pub const MODEL_FILE: &str = "model.safetensors";
-/// Mimi's weights' file name in the Hugging Face repo.
-pub const MIMI_FILE: &str = "tokenizer-e351c8d8-checkpoint125.safetensors";
-/// The SentencePiece model's file name in the Hugging Face repo.
-pub const TOKENIZER_FILE: &str = "tokenizer_spm_32k_3.model";
-/// Mimi's sample rate, in Hz.
-pub const SAMPLE_RATE: u32 = 24_000;
-/// Samples per 80 ms frame (12.5 Hz) at [`SAMPLE_RATE`].
-pub const FRAME_SAMPLES: usize = 1920;
-
-/// What can go wrong loading or running the model.
-#[derive(Debug, thiserror::Error)]
-pub enum DuplexError {
-    /// No model directory is configured.
-    #[error(
-        "no PersonaPlex model directory: set [duplex] model_dir or PERSONAPLEX_MODEL_DIR to a directory with the files of nvidia/personaplex-7b-v1"
-    )]
-    NoModelDir,
-    /// A file the model needs is not there.
-    #[error("missing model file {0}")]
-    MissingFile(PathBuf),
-    /// A file cannot be written.
-    #[error("cannot write {file}: {reason}")]
-    Write {
-        /// The file.
-        file: PathBuf,
-        /// Why.
-        reason: String,
-    },
-    /// A file is there but cannot be used.
-    #[error("cannot load {file}: {reason}")]
-    Load {
-        /// The file.
-        file: PathBuf,
-        /// Why.
-        reason: String,
-    },
-    /// A voice id that is not one of the voices, or whose prompt file is absent.
-    #[error("unknown voice {0:?}")]
-    UnknownVoice(String),
-    /// Audio input that cannot be used.
-    #[error("bad audio input: {0}")]
-    Audio(String),
-    /// A setting (config key or environment variable) that cannot be used.
-    #[error("{key}: {reason}")]
-    Config {
-        /// The config key or environment variable.
-        key: &'static str,
-        /// Why.
-        reason: String,
-    },
-    /// A conversation holds the model (one per model instance).
-    #[error("the model is busy with another conversation")]
-    Busy,
-    /// An idle timeout outside 1..=86400 seconds.
-    #[error("idle timeout {0} s is out of range (1 to 86400 seconds)")]
-    BadTimeout(i64),
-    /// A tensor operation failed (out of memory, a device error).
-    #[error("model computation failed: {0}")]
-    Compute(String),
-}
-
-impl From<candle_core::Error> for DuplexError {
-    fn from(e: candle_core::Error) -> Self {
-        DuplexError::Compute(e.to_string())
-    }
-}
+pub use personaplex::{
+    DuplexError, FRAME_SAMPLES, MIMI_FILE, MODEL_FILE, SAMPLE_RATE, TOKENIZER_FILE, arch, engine,
+    tokenizer, voice,
+};
 
 /// One of PersonaPlex's voices (`assets/duplex/voices.toml`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -135,14 +65,48 @@ pub fn prompt_examples() -> Vec<PromptExample> {
         .prompt
 }
 
-/// The voice prompt file for `voice`: a voice id (`NATF2`, or `NATF2.pt` as the reference
-/// server names them) resolving to `{model_dir}/voices/{id}.pt` (the repo's files, unpacked
-/// from `voices.tgz`) or else `{model_dir}/voices/{id}.wav`; or a path to a `.pt` or audio file.
+/// The voice prompt for `voice`: a voice id (`NATF2`, or `NATF2.pt` as the reference server
+/// names them) resolving to `{model_dir}/voices/{id}.pt` (the repo's files, unpacked from
+/// `voices.tgz`) or else `{model_dir}/voices/{id}.wav`; or a path to a `.pt` or audio file. An
+/// audio file is decoded here ([`voice_from_file`]).
 ///
 /// # Errors
 /// [`DuplexError::UnknownVoice`] when it is neither a known id nor an existing file;
-/// [`DuplexError::MissingFile`] when a known id has neither file (naming the `.pt`).
-pub fn voice_prompt(model_dir: &std::path::Path, voice: &str) -> Result<PathBuf, DuplexError> {
+/// [`DuplexError::MissingFile`] when a known id has neither file (naming the `.pt`);
+/// [`DuplexError::Audio`] when the audio file cannot be decoded.
+pub fn voice_prompt(
+    model_dir: &std::path::Path,
+    voice: &str,
+) -> Result<engine::VoicePrompt, DuplexError> {
+    voice_from_file(&voice_file(model_dir, voice)?)
+}
+
+/// A voice prompt from a file: a `.pt` voice prompt as it is, any other file decoded as audio
+/// to mono PCM at [`SAMPLE_RATE`].
+///
+/// # Errors
+/// [`DuplexError::Audio`] naming the file when it cannot be decoded or has no audio.
+pub fn voice_from_file(path: &std::path::Path) -> Result<engine::VoicePrompt, DuplexError> {
+    if voice::is_embeddings(path) {
+        return Ok(engine::VoicePrompt::Embeddings(path.to_path_buf()));
+    }
+    let pcm = crate::pipeline::decode::decode_file(path, SAMPLE_RATE)
+        .map_err(|e| DuplexError::Audio(format!("voice prompt {}: {e}", path.display())))?;
+    if pcm.is_empty() {
+        return Err(DuplexError::Audio(format!(
+            "voice prompt {} has no audio",
+            path.display()
+        )));
+    }
+    Ok(engine::VoicePrompt::Audio(pcm))
+}
+
+/// The file of `voice`: a voice id's `.pt` or `.wav` under `{model_dir}/voices`, or a path to
+/// a file (see [`voice_prompt`]).
+///
+/// # Errors
+/// As [`voice_prompt`], but for decoding.
+pub fn voice_file(model_dir: &std::path::Path, voice: &str) -> Result<PathBuf, DuplexError> {
     let id = voice.strip_suffix(".pt").unwrap_or(voice);
     if voices().iter().any(|v| v.id == id) {
         let dir = model_dir.join("voices");

@@ -104,6 +104,20 @@ impl Duplex {
         &self.manager
     }
 
+    /// The file of a voice (id or file; default `[duplex] default_voice`), as
+    /// [`super::voice_file`] finds it.
+    ///
+    /// # Errors
+    /// [`DuplexError::NoModelDir`]; as [`super::voice_file`].
+    pub fn voice_file(&self, voice: Option<&str>) -> Result<PathBuf, DuplexError> {
+        let dir = self.model_dir.as_deref().ok_or(DuplexError::NoModelDir)?;
+        let voice = voice
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .unwrap_or(&self.default_voice);
+        super::voice_file(dir, voice)
+    }
+
     /// The prompt for a voice (id or file; default `[duplex] default_voice`), a role text and a
     /// seed (`None` or -1: `[duplex] seed`).
     ///
@@ -116,11 +130,7 @@ impl Duplex {
         text: Option<&str>,
         seed: Option<i64>,
     ) -> Result<Prompt, DuplexError> {
-        let dir = self.model_dir.as_deref().ok_or(DuplexError::NoModelDir)?;
-        let voice = voice
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .unwrap_or(&self.default_voice);
+        let voice = self.voice_file(voice)?;
         let seed = match seed {
             None | Some(-1) => self.default_seed,
             Some(s) => u64::try_from(s).map_err(|_| DuplexError::Config {
@@ -129,7 +139,7 @@ impl Duplex {
             })?,
         };
         Ok(Prompt {
-            voice: Some(super::voice_prompt(dir, voice)?),
+            voice: Some(super::voice_from_file(&voice)?),
             text: text
                 .map(str::trim)
                 .filter(|t| !t.is_empty())

@@ -8,7 +8,7 @@ use std::time::Duration;
 use voxloop::duplex::arch::{Arch, write_random_model};
 use voxloop::duplex::engine::{Engine, Prompt, process};
 use voxloop::duplex::lifecycle::{Location, ModelManager, Settings};
-use voxloop::duplex::{DuplexError, FRAME_SAMPLES, MODEL_FILE, SAMPLE_RATE};
+use voxloop::duplex::{DuplexError, FRAME_SAMPLES, MODEL_FILE, SAMPLE_RATE, voice_from_file};
 
 fn speech(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -42,7 +42,7 @@ fn offline_processing_keeps_the_length_and_speaks() {
     let mut engine = tiny_engine(&dir);
     let input = speech_pcm("cmd_what_time.wav");
     let prompt = Prompt {
-        voice: Some(speech("cmd_stop_music.wav")),
+        voice: Some(voice_from_file(&speech("cmd_stop_music.wav")).unwrap()),
         text: Some("You are a helpful assistant.".into()),
         seed: 42,
         ..Prompt::default()
@@ -96,12 +96,14 @@ fn a_pt_voice_prompt_gives_what_its_recording_gives() {
     let dir = tiny_model(16);
     let mut engine = tiny_engine(&dir);
     let recording = speech("cmd_stop_music.wav");
-    let voice = engine.voice_embeddings(&recording).unwrap();
+    let voice = engine
+        .voice_embeddings(&speech_pcm("cmd_stop_music.wav"))
+        .unwrap();
     let pt = dir.path().join("voices-stop.pt");
     voice.write(&pt).unwrap();
     let input = speech_pcm("cmd_what_time.wav");
     let with = |voice: Option<PathBuf>| Prompt {
-        voice,
+        voice: voice.map(|path| voice_from_file(&path).unwrap()),
         text: Some("Be kind.".into()),
         seed: 9,
         ..Prompt::default()
@@ -165,13 +167,8 @@ fn a_missing_or_broken_file_is_named() {
         "{text}"
     );
 
-    let voice = Prompt {
-        voice: Some(dir.path().join("no-such-voice.wav")),
-        ..Prompt::default()
-    };
-    let good = tiny_model(16);
-    let mut engine = tiny_engine(&good);
-    let err = engine.start(&voice).err().unwrap();
+    // A voice recording that is not there is refused by name before the model sees it.
+    let err = voice_from_file(&dir.path().join("no-such-voice.wav")).unwrap_err();
     assert!(err.to_string().contains("no-such-voice.wav"), "{err}");
 }
 

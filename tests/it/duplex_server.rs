@@ -32,8 +32,13 @@ fn model_dir() -> tempfile::TempDir {
     let voices = dir.path().join("voices");
     std::fs::create_dir(&voices).unwrap();
     let mut engine = Engine::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let recording = voxloop::pipeline::decode::decode_file(
+        &speech("cmd_stop_music.wav"),
+        voxloop::duplex::SAMPLE_RATE,
+    )
+    .unwrap();
     engine
-        .voice_embeddings(&speech("cmd_stop_music.wav"))
+        .voice_embeddings(&recording)
         .unwrap()
         .write(&voices.join("NATF2.pt"))
         .unwrap();

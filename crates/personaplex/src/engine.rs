@@ -10,8 +10,9 @@
 //! Tokens the prompts provide (text and both streams' audio) go into the columns of their frame,
 //! as the fork's `prepare_step_input` writes them.
 //!
-//! A voice prompt is a WAV encoded with Mimi or the repo's `.pt` file ([`super::voice`]): the inputs
-//! of all but the last voice frame as embeddings, then the token columns the last frame reads.
+//! A voice prompt is a recording (PCM) encoded with Mimi or the repo's `.pt` file
+//! ([`super::voice`]): the inputs of all but the last voice frame as embeddings, then the token
+//! columns the last frame reads.
 
 use std::path::{Path, PathBuf};
 
@@ -64,12 +65,22 @@ impl Default for SamplingSettings {
     }
 }
 
+/// A voice to speak in.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VoicePrompt {
+    /// The repo's `.pt` voice prompt file ([`super::voice`]): the model's inputs for the voice,
+    /// computed once.
+    Embeddings(PathBuf),
+    /// A recording of the voice: mono PCM at [`SAMPLE_RATE`] (at least one sample), encoded
+    /// with Mimi and fed as the agent's audio before the conversation.
+    Audio(Vec<f32>),
+}
+
 /// What conditions a conversation: the voice, the role, the random seed.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Prompt {
-    /// The voice to speak in: a `.pt` voice prompt ([`super::voice`]), or audio (any format the
-    /// decoder reads) encoded with Mimi and fed as the agent's audio before the conversation.
-    pub voice: Option<PathBuf>,
+    /// The voice to speak in; none: the model's own.
+    pub voice: Option<VoicePrompt>,
     /// The role, wrapped in `<system>` tokens and fed one token per frame.
     pub text: Option<String>,
     /// Seed of the samplers.
@@ -188,13 +199,14 @@ impl Engine {
     /// [`DuplexError::Audio`] when the voice file cannot be read or does not fit the model;
     /// [`DuplexError::Compute`].
     pub fn start(&mut self, prompt: &Prompt) -> Result<Session<'_>, DuplexError> {
-        let voice = match &prompt.voice {
-            Some(path) if super::voice::is_embeddings(path) => Some(Voice::Embeddings(
-                VoiceEmbeddings::read(path, &self.arch, &self.device, self.dtype)?,
-            )),
-            Some(path) => Some(Voice::Frames(self.voice_frames(path)?)),
-            None => None,
-        };
+        let voice =
+            match &prompt.voice {
+                Some(VoicePrompt::Embeddings(path)) => Some(Voice::Embeddings(
+                    VoiceEmbeddings::read(path, &self.arch, &self.device, self.dtype)?,
+                )),
+                Some(VoicePrompt::Audio(pcm)) => Some(Voice::Frames(self.voice_frames(pcm)?)),
+                None => None,
+            };
         let text_tokens = match prompt.text.as_deref().map(str::trim) {
             Some(text) if !text.is_empty() => {
                 self.tokenizer.encode(&format!("<system> {text} <system>"))
@@ -229,7 +241,7 @@ impl Engine {
         Ok(session)
     }
 
-    /// Computes the `.pt` voice prompt of an audio file (what the fork writes with
+    /// Computes the `.pt` voice prompt of a recording ([`SAMPLE_RATE`] mono PCM; what the fork writes with
     /// `save_voice_prompt_embeddings`): the LM's input embeddings of every voice frame but the
     /// last, and the token columns the last one reads. Starting with it gives the same
     /// conversation as starting with the audio.
@@ -237,7 +249,7 @@ impl Engine {
     /// # Errors
     /// [`DuplexError::Audio`] for unreadable or empty audio; [`DuplexError::Load`] when the
     /// embedding tables cannot be read; [`DuplexError::Compute`].
-    pub fn voice_embeddings(&mut self, audio: &Path) -> Result<VoiceEmbeddings, DuplexError> {
+    pub fn voice_embeddings(&mut self, audio: &[f32]) -> Result<VoiceEmbeddings, DuplexError> {
         let frames = self.voice_frames(audio)?;
         let (_, sine) = self.prompt_codes()?;
         let model = self.dir.join(MODEL_FILE);
@@ -282,17 +294,13 @@ impl Engine {
         VoiceEmbeddings::new(embeddings, &columns)
     }
 
-    /// The Mimi codes of a voice prompt's audio, one vector per 80 ms frame (at least one).
-    fn voice_frames(&mut self, path: &Path) -> Result<Vec<Vec<u32>>, DuplexError> {
-        let pcm = crate::pipeline::decode::decode_file(path, SAMPLE_RATE)
-            .map_err(|e| DuplexError::Audio(format!("voice prompt {}: {e}", path.display())))?;
+    /// The Mimi codes of a voice prompt's audio ([`SAMPLE_RATE`] mono), one vector per 80 ms
+    /// frame (at least one).
+    fn voice_frames(&mut self, pcm: &[f32]) -> Result<Vec<Vec<u32>>, DuplexError> {
         if pcm.is_empty() {
-            return Err(DuplexError::Audio(format!(
-                "voice prompt {} has no audio",
-                path.display()
-            )));
+            return Err(DuplexError::Audio("the voice prompt has no audio".into()));
         }
-        self.encode_all(&pcm)
+        self.encode_all(pcm)
     }
 
     /// The agent's silence frame and the user's tone frame for the system prompts: the fork's
