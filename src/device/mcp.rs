@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::protocol::ServerMessage;
 use crate::tools::hub::ToolSpec;
-use crate::tools::outcome::{RouteContext, ToolOutcome};
+use crate::tools::outcome::RouteContext;
 use crate::tools::pager::PagerSettings;
 use crate::tools::source::{BoxFuture, ToolCallError, ToolSource};
 
@@ -298,25 +298,12 @@ impl ToolSource for DeviceMcp {
         DEVICE_SERVER
     }
 
-    fn call<'a>(
-        &'a self,
-        tool: &'a str,
-        arguments: JsonObject,
-        cancel: &'a CancellationToken,
-    ) -> BoxFuture<'a, ToolOutcome> {
-        Box::pin(async move {
-            match self.call_result(tool, arguments, cancel).await {
-                Ok(result) => {
-                    let ctx = RouteContext {
-                        connection: None,
-                        pager: self.pager,
-                        cancel: cancel.clone(),
-                    };
-                    ToolOutcome::from_result(tool, DEVICE_SERVER, result, &ctx)
-                }
-                Err(e) => ToolOutcome::failed(tool, DEVICE_SERVER, e),
-            }
-        })
+    fn route_context(&self, cancel: &CancellationToken) -> RouteContext {
+        RouteContext {
+            connection: None,
+            pager: self.pager,
+            cancel: cancel.clone(),
+        }
     }
 
     fn call_raw<'a>(

@@ -19,8 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::DuplexError;
 use super::service::{Duplex, failure, success, wav_bytes};
-use crate::tools::outcome::{RouteContext, ToolOutcome};
-use crate::tools::pager::PagerSettings;
+use crate::tools::outcome::RouteContext;
 use crate::tools::source::{BoxFuture, ToolCallError, ToolSource};
 
 /// The tools, in the order `tools/list` gives them.
@@ -77,21 +76,8 @@ impl ToolSource for DuplexMcp {
         DUPLEX_SOURCE
     }
 
-    fn call<'a>(
-        &'a self,
-        tool: &'a str,
-        arguments: JsonObject,
-        cancel: &'a CancellationToken,
-    ) -> BoxFuture<'a, ToolOutcome> {
-        Box::pin(async move {
-            let result = self.counted_call(tool, &arguments).await;
-            let ctx = RouteContext {
-                connection: None,
-                pager: PagerSettings::from(&crate::config::ToolsConfig::default()),
-                cancel: cancel.clone(),
-            };
-            ToolOutcome::from_result(tool, DUPLEX_SOURCE, result, &ctx)
-        })
+    fn route_context(&self, cancel: &CancellationToken) -> RouteContext {
+        RouteContext::without_resources(cancel)
     }
 
     fn call_raw<'a>(

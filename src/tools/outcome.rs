@@ -97,6 +97,18 @@ pub struct RouteContext {
     pub cancel: CancellationToken,
 }
 
+impl RouteContext {
+    /// The context of a source whose results carry no resources to page (built-in tools, the
+    /// duplex co-host): no connection, the default pager limits.
+    pub fn without_resources(cancel: &CancellationToken) -> RouteContext {
+        RouteContext {
+            connection: None,
+            pager: PagerSettings::from(&crate::config::ToolsConfig::default()),
+            cancel: cancel.clone(),
+        }
+    }
+}
+
 impl ToolOutcome {
     fn new(tool: &str, server: &str) -> Self {
         Self {

@@ -43,12 +43,29 @@ pub trait ToolSource: Send + Sync {
     /// Calls `tool` (the source's own name for it) with `arguments` and routes the result
     /// (ARCHITECTURE §2): media to play, text for the model, actions. Never fails: a failed
     /// call is an error outcome whose text tells the model what went wrong.
+    ///
+    /// By default: [`ToolSource::call_raw`], its result routed with
+    /// [`ToolSource::route_context`].
     fn call<'a>(
         &'a self,
         tool: &'a str,
         arguments: JsonObject,
         cancel: &'a CancellationToken,
-    ) -> BoxFuture<'a, ToolOutcome>;
+    ) -> BoxFuture<'a, ToolOutcome> {
+        Box::pin(async move {
+            match self.call_raw(tool, arguments, cancel).await {
+                Ok(result) => {
+                    ToolOutcome::from_result(tool, self.name(), result, &self.route_context(cancel))
+                }
+                Err(e) => ToolOutcome::failed(tool, self.name(), e),
+            }
+        })
+    }
+
+    /// What routing this source's results needs: the connection its paged resources are read
+    /// through (none for a source without resources) and the pager's limits, cancelled by
+    /// `cancel`.
+    fn route_context(&self, cancel: &CancellationToken) -> RouteContext;
 
     /// Calls `tool` and gives its result as the source produced it, unrouted: what voxloop's
     /// MCP endpoint and REST bridge forward.
@@ -146,25 +163,12 @@ impl ToolSource for McpServer {
         self.connection.name()
     }
 
-    fn call<'a>(
-        &'a self,
-        tool: &'a str,
-        arguments: JsonObject,
-        cancel: &'a CancellationToken,
-    ) -> BoxFuture<'a, ToolOutcome> {
-        Box::pin(async move {
-            match self.request(tool, arguments, cancel).await {
-                Ok(result) => {
-                    let ctx = RouteContext {
-                        connection: Some(self.connection.clone()),
-                        pager: self.pager,
-                        cancel: cancel.clone(),
-                    };
-                    ToolOutcome::from_result(tool, self.name(), result, &ctx)
-                }
-                Err(e) => ToolOutcome::failed(tool, self.name(), e),
-            }
-        })
+    fn route_context(&self, cancel: &CancellationToken) -> RouteContext {
+        RouteContext {
+            connection: Some(self.connection.clone()),
+            pager: self.pager,
+            cancel: cancel.clone(),
+        }
     }
 
     fn call_raw<'a>(
