@@ -27,6 +27,12 @@ pub fn music_file(name: &str) -> PathBuf {
     repo_root().join("assets/music").join(name)
 }
 
+/// The local chat model's stall limit in the tests, in ms (`[llm] timeout_ms`): generous,
+/// because the tests check what a model does, not how fast it does it (that is for the
+/// benchmarks), and with every test in one process two models may share the 2 cores of CI, which
+/// can hold a stream well past the 30 s default.
+pub const TEST_LLM_TIMEOUT_MS: u64 = 300_000;
+
 /// The music server binary (built from crates/mcp-audio by cargo for tests and benches).
 pub fn music_server_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_mcp_audio"))

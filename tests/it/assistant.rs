@@ -24,7 +24,11 @@ use voxloop::tools::hub::ToolHub;
 fn model() -> &'static LocalModel {
     static MODEL: OnceLock<LocalModel> = OnceLock::new();
     MODEL.get_or_init(|| {
-        LocalModel::load(&model_file("qwen2.5-0.5b"), &LlmConfig::default()).unwrap()
+        let config = LlmConfig {
+            timeout_ms: TEST_LLM_TIMEOUT_MS,
+            ..LlmConfig::default()
+        };
+        LocalModel::load(&model_file("qwen2.5-0.5b"), &config).unwrap()
     })
 }
 

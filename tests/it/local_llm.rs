@@ -42,6 +42,7 @@ fn model_on(engine: LocalEngine) -> &'static LocalModel {
         let config = LlmConfig {
             max_tokens: 48,
             engine,
+            timeout_ms: TEST_LLM_TIMEOUT_MS,
             ..LlmConfig::default()
         };
         let model = LocalModel::load(&model_path(), &config).unwrap();
@@ -251,6 +252,7 @@ async fn a_llama_server_that_dies_mid_reply_is_an_error_and_is_started_again() {
     let config = LlmConfig {
         max_tokens: 200,
         temperature: 0.0,
+        timeout_ms: TEST_LLM_TIMEOUT_MS,
         ..LlmConfig::default()
     };
     let model = LocalModel::load(&model_path(), &config).unwrap();
