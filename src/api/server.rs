@@ -216,17 +216,20 @@ impl Runtime {
         let servers: Vec<Value> = self
             .hub
             .breakers()
-            .iter()
             .map(|(name, breaker)| {
                 json!({
                     "name": name,
-                    "tools": counts.get(name.as_str()).copied().unwrap_or(0),
+                    "tools": counts.get(name).copied().unwrap_or(0),
                     "breaker": breaker.state(),
-                    "startup_error": failures.get(name.as_str()),
+                    "startup_error": failures.get(name),
                 })
             })
             .collect();
-        let mut breakers: Vec<Value> = self.hub.breakers().values().map(Breaker::status).collect();
+        let mut breakers: Vec<Value> = self
+            .hub
+            .breakers()
+            .map(|(_, breaker)| breaker.status())
+            .collect();
         breakers.extend(self.breakers.iter().map(Breaker::status));
         json!({
             "status": "success",

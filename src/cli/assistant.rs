@@ -25,7 +25,7 @@ pub(crate) async fn start_assistant(config: &Config, input: Input) -> anyhow::Re
 }
 
 /// A conversation of `assistant` playing into `output` or the speaker, its model warmed up.
-async fn conversation(
+async fn open_conversation(
     assistant: &Assistant,
     output: Option<&Path>,
 ) -> anyhow::Result<Conversation> {
@@ -78,7 +78,7 @@ pub(crate) async fn chat(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let assistant = start_assistant(config, Input::Text).await?;
-    let mut conversation = conversation(&assistant, output).await?;
+    let mut conversation = open_conversation(&assistant, output).await?;
     let lines: Vec<String> = match text {
         Some(text) => vec![text.to_string()],
         None => std::io::stdin().lines().collect::<Result<_, _>>()?,
@@ -141,7 +141,7 @@ pub(crate) async fn run(
         .asr
         .clone()
         .context("the assistant was started without ASR")?;
-    let mut conversation = conversation(&assistant, output).await?;
+    let mut conversation = open_conversation(&assistant, output).await?;
     let prompt = conversation.asr_prompt(&config.asr).await;
     let (mut blocks, _microphone) = speech_source(input, None).await?;
     let mut voice = VoiceInput::new(&config.vad);

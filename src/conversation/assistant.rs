@@ -67,9 +67,6 @@ impl Assistant {
             Input::Text => None,
         };
         let hub = Arc::new(ToolHub::start(config).await);
-        for failure in hub.startup_failures() {
-            tracing::warn!(server = %failure.server, error = %failure.error, "MCP server skipped");
-        }
         let llm = ChatModel::from_config(&config.llm)?.with_breaker(&config.breaker);
         tracing::info!(model = %llm.describe(), "chat model ready");
         let tts = Tts::new(&config.tts).with_breaker(&config.breaker);

@@ -19,7 +19,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::DuplexError;
 use super::service::{Duplex, failure, success, wav_bytes};
-use crate::tools::outcome::RouteContext;
 use crate::tools::source::{BoxFuture, ToolCallError, ToolSource};
 
 /// The tools, in the order `tools/list` gives them.
@@ -74,10 +73,6 @@ pub const DUPLEX_SOURCE: &str = "duplex";
 impl ToolSource for DuplexMcp {
     fn name(&self) -> &str {
         DUPLEX_SOURCE
-    }
-
-    fn route_context(&self, cancel: &CancellationToken) -> RouteContext {
-        RouteContext::without_resources(cancel)
     }
 
     fn call_raw<'a>(

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::hub::ToolSpec;
-use super::outcome::{Action, Flags, RouteContext, ToolOutcome};
+use super::outcome::{Action, Flags, ToolOutcome};
 use super::source::{BoxFuture, ToolCallError, ToolSource};
 
 /// The server name built-in tools report.
@@ -33,11 +33,6 @@ impl ToolSource for Builtins {
         _cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, ToolOutcome> {
         Box::pin(async move { builtin_call(tool, &arguments) })
-    }
-
-    /// Built-in tools return no resources.
-    fn route_context(&self, cancel: &CancellationToken) -> RouteContext {
-        RouteContext::without_resources(cancel)
     }
 
     /// The outcome's text as one text block (an error result when the call failed); counted in

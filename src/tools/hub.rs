@@ -99,8 +99,6 @@ pub struct ToolHub {
     sources: BTreeMap<String, Arc<dyn ToolSource>>,
     /// The MCP servers among them (resources, readiness).
     servers: BTreeMap<String, Arc<McpServer>>,
-    /// One circuit breaker per server, upstream `mcp:{server}`.
-    breakers: BTreeMap<String, Breaker>,
     tools: Vec<ToolSpec>,
     failures: Vec<StartupFailure>,
 }
@@ -183,14 +181,12 @@ impl ToolHub {
         let mut tools = builtin_tools();
         tools.extend(found);
         let pager = PagerSettings::from(&config.tools);
-        let mut breakers = BTreeMap::new();
         let mut sources: BTreeMap<String, Arc<dyn ToolSource>> = BTreeMap::new();
         sources.insert(BUILTIN_SERVER.to_string(), Arc::new(Builtins));
         let servers: BTreeMap<String, Arc<McpServer>> = connections
             .into_iter()
             .map(|(name, connection)| {
                 let breaker = Breaker::new(&format!("mcp:{name}"), &config.breaker);
-                breakers.insert(name.clone(), breaker.clone());
                 let server = Arc::new(McpServer::new(connection, breaker, pager));
                 sources.insert(name.clone(), server.clone());
                 (name, server)
@@ -199,7 +195,6 @@ impl ToolHub {
         ToolHub {
             sources,
             servers,
-            breakers,
             tools: assign_names(tools),
             failures,
         }
@@ -323,8 +318,10 @@ impl ToolHub {
     }
 
     /// Each server's circuit breaker, by server name.
-    pub fn breakers(&self) -> &BTreeMap<String, Breaker> {
-        &self.breakers
+    pub fn breakers(&self) -> impl Iterator<Item = (&str, &Breaker)> {
+        self.servers
+            .iter()
+            .map(|(name, server)| (name.as_str(), server.breaker()))
     }
 
     /// Whether each server answers now: starts it if needed and lists one page of tools

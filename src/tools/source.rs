@@ -63,9 +63,11 @@ pub trait ToolSource: Send + Sync {
     }
 
     /// What routing this source's results needs: the connection its paged resources are read
-    /// through (none for a source without resources) and the pager's limits, cancelled by
-    /// `cancel`.
-    fn route_context(&self, cancel: &CancellationToken) -> RouteContext;
+    /// through and the pager's limits, cancelled by `cancel`. By default a source without
+    /// resources ([`RouteContext::without_resources`]).
+    fn route_context(&self, cancel: &CancellationToken) -> RouteContext {
+        RouteContext::without_resources(cancel)
+    }
 
     /// Calls `tool` and gives its result as the source produced it, unrouted: what voxloop's
     /// MCP endpoint and REST bridge forward.
