@@ -33,6 +33,22 @@ pub fn music_file(name: &str) -> PathBuf {
 /// can hold a stream well past the 30 s default.
 pub const TEST_LLM_TIMEOUT_MS: u64 = 300_000;
 
+/// One at a time, the tests that run a chat model on every core (llama.cpp's server or
+/// candle: the `local_llm` and `assistant` modules): with every test in one process, two of them
+/// at once on CI's 2 cores starved each other until a stream paused past the 30 s stall limit
+/// the CLI runs with. Hold the guard for the whole test.
+static CHAT_MODEL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The chat-model slot, for an async test ([`CHAT_MODEL`]).
+pub async fn chat_model_slot() -> tokio::sync::MutexGuard<'static, ()> {
+    CHAT_MODEL.lock().await
+}
+
+/// The chat-model slot, for a test that is not async ([`CHAT_MODEL`]).
+pub fn chat_model_slot_blocking() -> tokio::sync::MutexGuard<'static, ()> {
+    CHAT_MODEL.blocking_lock()
+}
+
 /// The music server binary (built from crates/mcp-audio by cargo for tests and benches).
 pub fn music_server_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_mcp_audio"))

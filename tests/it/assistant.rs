@@ -73,6 +73,7 @@ async fn turns(requests: &[&str]) -> Vec<TurnReport> {
 /// goodbyes; the model's exits were mostly false); with them off it is.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_local_model_may_end_the_session_only_without_the_intents() {
+    let _slot = chat_model_slot().await;
     for intents in [true, false] {
         let mut config = config();
         config.llm.builtin_intents = intents;
@@ -111,6 +112,7 @@ fn playing(report: &TurnReport) -> Option<String> {
 
 #[test]
 fn qwen_is_loaded_with_its_own_tokenizer_and_chat_format() {
+    let _slot = chat_model_slot_blocking();
     let model = model();
     assert_eq!(model.format(), ChatFormat::Qwen);
     let text = "<|im_start|>user\n<tool_call>\nPlay track 42, héllo!<|im_end|>\n";
@@ -125,6 +127,7 @@ fn qwen_is_loaded_with_its_own_tokenizer_and_chat_format() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn everyday_requests_get_the_right_tool_or_words() {
+    let _slot = chat_model_slot().await;
     let reports = turns(&[
         "Play the song just over the horizon.",
         "I would like to hear torus trooper.",
@@ -190,6 +193,7 @@ async fn everyday_requests_get_the_right_tool_or_words() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_ramble_and_an_unknown_language_get_a_short_answer() {
+    let _slot = chat_model_slot().await;
     // About ten minutes of speech (1,500 words); the model sees its last 1,000 characters.
     let ramble =
         "so then I went to the market and I saw a dog and the dog was barking at a cat ".repeat(80);

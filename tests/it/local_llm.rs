@@ -102,6 +102,7 @@ async fn complete(
 
 #[test]
 fn the_tokenizer_comes_from_the_gguf_metadata() {
+    let _slot = chat_model_slot_blocking();
     let model = model();
     let text = "<|im_start|>user\nPlay track 42, héllo!<|im_end|>\n";
     let ids = model.tokenize(text).unwrap();
@@ -122,6 +123,7 @@ fn the_tokenizer_comes_from_the_gguf_metadata() {
 
 #[tokio::test]
 async fn a_greeting_is_answered_in_words() {
+    let _slot = chat_model_slot().await;
     let hub = hub().await;
     for engine in ENGINES {
         let (text, calls, finish) = complete(
@@ -138,6 +140,7 @@ async fn a_greeting_is_answered_in_words() {
 
 #[tokio::test]
 async fn play_some_music_calls_the_music_player_and_the_call_runs() {
+    let _slot = chat_model_slot().await;
     let hub = hub().await;
     for engine in ENGINES {
         play_some_music_on(engine, &hub).await;
@@ -182,6 +185,7 @@ async fn play_some_music_on(engine: LocalEngine, hub: &ToolHub) {
 
 #[tokio::test]
 async fn a_constrained_integer_stays_in_the_schema_range() {
+    let _slot = chat_model_slot().await;
     let hub = hub().await;
     let tools: Vec<Value> = hub
         .function_tools()
@@ -217,6 +221,7 @@ async fn set_volume_on(engine: LocalEngine, hub: &ToolHub, tools: &[Value]) {
 
 #[tokio::test]
 async fn cancelling_stops_generation_before_the_end() {
+    let _slot = chat_model_slot().await;
     for engine in ENGINES {
         cancel_on(engine).await;
     }
@@ -249,6 +254,7 @@ async fn cancel_on(engine: LocalEngine) {
 /// and the next request starts the server again and is answered.
 #[tokio::test]
 async fn a_llama_server_that_dies_mid_reply_is_an_error_and_is_started_again() {
+    let _slot = chat_model_slot().await;
     let config = LlmConfig {
         max_tokens: 200,
         temperature: 0.0,
@@ -312,6 +318,7 @@ async fn a_llama_server_that_dies_mid_reply_is_an_error_and_is_started_again() {
 /// Without the llama-server program the model runs on candle (with a warning), not fails.
 #[test]
 fn a_missing_llama_server_falls_back_to_candle() {
+    let _slot = chat_model_slot_blocking();
     let config = LlmConfig {
         llama_server: Some("/nonexistent/llama-server".into()),
         ..LlmConfig::default()
@@ -327,6 +334,7 @@ fn a_missing_llama_server_falls_back_to_candle() {
 
 #[test]
 fn a_missing_model_file_names_the_fetch_command() {
+    let _slot = chat_model_slot_blocking();
     let Err(error) = LocalModel::load(
         std::path::Path::new("/nonexistent/model.gguf"),
         &LlmConfig::default(),
@@ -355,6 +363,7 @@ fn a_missing_model_file_names_the_fetch_command() {
 /// local model calls musicPlayer on the bundled server, and the track is in the output WAV.
 #[test]
 fn the_main_job_plays_the_requested_track_into_a_wav() {
+    let _slot = chat_model_slot_blocking();
     model_path();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("reply.wav");
