@@ -6,17 +6,17 @@
 
 use std::time::Instant;
 
-use voxloop::config::AsrConfig;
-use voxloop::pipeline::Pcm;
-use voxloop::pipeline::SPEECH_RATE;
-use voxloop::pipeline::asr::Asr;
-use voxloop::pipeline::convert::Converter;
+use voxloop::audio::Pcm;
+use voxloop::audio::convert::Converter;
+use voxloop::speech::SPEECH_RATE;
+use voxloop::speech::asr::Asr;
+use voxloop::speech::asr::AsrConfig;
 
 fn speech(name: &str) -> Vec<f32> {
     let path = format!("{}/assets/speech/{name}", env!("CARGO_MANIFEST_DIR"));
     let mut converter = Converter::new(SPEECH_RATE, 1);
     let mut out = Vec::new();
-    voxloop::pipeline::decode::decode(
+    voxloop::audio::decode::decode(
         std::fs::File::open(path).unwrap(),
         "audio/wav",
         &mut |pcm: Pcm| {

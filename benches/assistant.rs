@@ -29,16 +29,18 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-use voxloop::config::{Config, LocalEngine, McpServerConfig};
+use voxloop::audio::queue::{PlaybackQueue, QueueSettings};
+use voxloop::audio::sink::{NullSink, Sink};
+use voxloop::config::Config;
 use voxloop::conversation::{Conversation, ConversationSettings, TurnEnd, TurnReport};
 use voxloop::llm::ChatModel;
-use voxloop::pipeline::SPEECH_RATE;
-use voxloop::pipeline::asr::{
+use voxloop::llm::config::LocalEngine;
+use voxloop::speech::SPEECH_RATE;
+use voxloop::speech::asr::{
     ASSISTANT_CONTEXT, Asr, edit_distance, transcript_words, vocabulary_prompt,
 };
-use voxloop::pipeline::queue::{PlaybackQueue, QueueSettings};
-use voxloop::pipeline::sink::{NullSink, Sink};
-use voxloop::pipeline::tts::Tts;
+use voxloop::speech::tts::Tts;
+use voxloop::tools::config::McpServerConfig;
 use voxloop::tools::hub::ToolHub;
 
 const HORIZON: &str = "Tumiki Just Over The Horizon";
@@ -186,7 +188,7 @@ fn speech(index: usize, case: &Case, dir: &Path) -> Vec<f32> {
         .status()
         .expect("espeak-ng runs");
     assert!(status.success(), "espeak-ng failed for {:?}", case.text);
-    let mut pcm = voxloop::pipeline::decode::decode_file(&path, SPEECH_RATE).expect("decodes");
+    let mut pcm = voxloop::audio::decode::decode_file(&path, SPEECH_RATE).expect("decodes");
     if index % 2 == 1 {
         // White noise 20 dB under the speech's RMS.
         let rms = (pcm.iter().map(|s| s * s).sum::<f32>() / pcm.len() as f32).sqrt();
@@ -315,7 +317,7 @@ async fn main() {
     // VOICE=espeak-ng: replies in espeak-ng's voice (first audio about 17 ms after the text),
     // so that first audio measures hearing and the chat model alone.
     if std::env::var("VOICE").as_deref() == Ok("espeak-ng") {
-        base.tts.provider = voxloop::config::TtsProvider::EspeakNg;
+        base.tts.provider = voxloop::speech::tts::TtsProvider::EspeakNg;
     }
     base.mcp_servers = BTreeMap::from([(
         "music".to_string(),
@@ -390,7 +392,7 @@ async fn main() {
         }
         println!();
     }
-    let hub = Arc::new(ToolHub::start(&base).await);
+    let hub = Arc::new(ToolHub::start(base.hub()).await);
     let titles = hub.resource_titles(200).await;
     // As `Conversation::asr_prompt` builds it: the resources' titles.
     let prompt = vocabulary_prompt(&titles, &[], base.asr.prompt_max_chars as usize);
@@ -519,7 +521,7 @@ async fn main() {
                 continue;
             }
         };
-        let settings = ConversationSettings::from_config(&config);
+        let settings = ConversationSettings::new(&config.llm, &config.tools);
         let tts = Tts::new(&config.tts);
         let new_conversation = || {
             let queue = PlaybackQueue::new(
@@ -562,7 +564,7 @@ async fn main() {
             report.asr_ms = Some(asr_ms);
             conversation
                 .queue()
-                .stop(voxloop::pipeline::queue::StopReason::StopCommand)
+                .stop(voxloop::audio::queue::StopReason::StopCommand)
                 .await;
             longest = longest.max(report.said.split_whitespace().count());
             let verdict = judge(

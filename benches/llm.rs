@@ -10,8 +10,8 @@
 use std::time::Instant;
 
 use serde_json::json;
-use voxloop::config::{LlmConfig, LocalEngine};
-use voxloop::conversation::DEFAULT_SYSTEM_PROMPT;
+use voxloop::llm::config::DEFAULT_SYSTEM_PROMPT;
+use voxloop::llm::config::{LlmConfig, LocalEngine};
 use voxloop::llm::local::LocalModel;
 use voxloop::llm::{ChatMessage, LlmEvent, Role};
 

@@ -116,13 +116,13 @@ async fn memory() {
 /// prefetch 2).
 async fn pager_hub() -> voxloop::tools::hub::ToolHub {
     let mut config = voxloop::config::Config::default();
-    let server = voxloop::config::McpServerConfig {
+    let server = voxloop::tools::config::McpServerConfig {
         command: Some(common::music_server_bin().display().to_string()),
         cwd: Some(common::repo_root()),
         ..Default::default()
     };
     config.mcp_servers.insert("music".into(), server);
-    voxloop::tools::hub::ToolHub::start(&config).await
+    voxloop::tools::hub::ToolHub::start(config.hub()).await
 }
 
 /// The track through the hub: the tool call, then the media stream drained (timed).

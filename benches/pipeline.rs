@@ -10,11 +10,11 @@
 use std::io::Cursor;
 use std::time::{Duration, Instant};
 
-use voxloop::config::TtsConfig;
-use voxloop::pipeline::convert::Converter;
-use voxloop::pipeline::decode::{decode, decode_media};
-use voxloop::pipeline::opus::FrameEncoder;
-use voxloop::pipeline::tts::Tts;
+use voxloop::audio::convert::Converter;
+use voxloop::audio::decode::{decode, decode_media};
+use voxloop::audio::opus::FrameEncoder;
+use voxloop::speech::tts::Tts;
+use voxloop::speech::tts::TtsConfig;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

@@ -18,7 +18,8 @@ mod common;
 use common::fixture_bin;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use voxloop::config::{Config, McpServerConfig};
+use voxloop::config::Config;
+use voxloop::tools::config::McpServerConfig;
 use voxloop::tools::hub::{ToolCall, ToolHub};
 
 async fn hub(page_delay_ms: u64, page_bytes: u64, prefetch: usize) -> ToolHub {
@@ -32,7 +33,7 @@ async fn hub(page_delay_ms: u64, page_bytes: u64, prefetch: usize) -> ToolHub {
     config.tools.page_bytes = page_bytes;
     config.tools.prefetch = prefetch;
     config.tools.max_media_bytes = 1 << 30;
-    ToolHub::start(&config).await
+    ToolHub::start(config.hub()).await
 }
 
 /// Streams `fixture://gen/{bytes}` through `hub`: (time to the first byte after the tool result,

@@ -14,12 +14,13 @@
 
 use std::time::{Duration, Instant};
 
-use voxloop::config::{AsrConfig, TtsConfig, TtsProvider};
-use voxloop::pipeline::Pcm;
-use voxloop::pipeline::SPEECH_RATE;
-use voxloop::pipeline::asr::{Asr, edit_distance, transcript_words};
-use voxloop::pipeline::convert::Converter;
-use voxloop::pipeline::tts::Tts;
+use voxloop::audio::Pcm;
+use voxloop::audio::convert::Converter;
+use voxloop::speech::SPEECH_RATE;
+use voxloop::speech::asr::AsrConfig;
+use voxloop::speech::asr::{Asr, edit_distance, transcript_words};
+use voxloop::speech::tts::Tts;
+use voxloop::speech::tts::{TtsConfig, TtsProvider};
 
 const CLAUSE: &str = "Turn on the lights, please.";
 
@@ -84,7 +85,7 @@ async fn synthesize(tts: &Tts, text: &str) -> (Duration, Duration, Pcm) {
     }
     let total = started.elapsed();
     let mut pcm: Option<Pcm> = None;
-    voxloop::pipeline::decode::decode(std::io::Cursor::new(bytes), "audio/wav", &mut |p: Pcm| {
+    voxloop::audio::decode::decode(std::io::Cursor::new(bytes), "audio/wav", &mut |p: Pcm| {
         let all = pcm.get_or_insert(Pcm {
             rate: p.rate,
             channels: p.channels,
@@ -114,7 +115,7 @@ fn han(text: &str) -> Vec<char> {
             if percent {
                 out.push_str("百分之");
             }
-            out.push_str(&voxloop::pipeline::g2p::chinese_number(digits));
+            out.push_str(&voxloop::speech::g2p::chinese_number(digits));
             digits.clear();
         }
     };

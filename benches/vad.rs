@@ -9,9 +9,9 @@
 
 use std::time::Instant;
 
-use voxloop::pipeline::Pcm;
-use voxloop::pipeline::convert::Converter;
-use voxloop::pipeline::vad::{Vad, VadEngine};
+use voxloop::audio::Pcm;
+use voxloop::audio::convert::Converter;
+use voxloop::speech::vad::{Vad, VadEngine};
 
 fn load(path: &str) -> Vec<f32> {
     let file = std::fs::File::open(path).unwrap();
@@ -24,7 +24,7 @@ fn load(path: &str) -> Vec<f32> {
     };
     let mut converter = Converter::new(16_000, 1);
     let mut out = Vec::new();
-    voxloop::pipeline::decode::decode(file, mime, &mut |pcm: Pcm| {
+    voxloop::audio::decode::decode(file, mime, &mut |pcm: Pcm| {
         out.extend(converter.push(&pcm).unwrap());
         true
     })

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use failsafe::backoff::{self, Constant};
 use failsafe::failure_policy::{self, ConsecutiveFailures};
 use failsafe::{Instrument, StateMachine};
-use serde::Serialize;
 
-use crate::config::BreakerConfig;
+use serde::{Deserialize, Serialize};
+use voxloop_settings::{InvalidSetting, in_range};
 
 /// Where a breaker stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -171,6 +171,44 @@ impl Breaker {
     /// `{upstream, state}` for status pages.
     pub fn status(&self) -> serde_json::Value {
         serde_json::json!({"upstream": self.0.upstream, "state": self.state()})
+    }
+}
+
+/// `[breaker]`: a circuit breaker per upstream (each MCP server, the LLM endpoint, the TTS). It
+/// opens after `failures` consecutive failures, fails fast while open, lets calls through again
+/// (half-open) after `open_ms`, and closes on the first success.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Consecutive failures that open the breaker.
+    pub failures: u32,
+    /// Time open before calls are tried again, ms.
+    pub open_ms: u64,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failures: 5,
+            open_ms: 30_000,
+        }
+    }
+}
+
+impl BreakerConfig {
+    /// Checks every `[breaker]` value against its allowed range.
+    ///
+    /// # Errors
+    /// The first [`InvalidSetting`] found, naming the `breaker.` key.
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        in_range("breaker.failures", self.failures, 1..=1_000, "failures")?;
+        in_range(
+            "breaker.open_ms",
+            self.open_ms,
+            1..=3_600_000,
+            "milliseconds",
+        )?;
+        Ok(())
     }
 }
 

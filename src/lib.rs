@@ -7,7 +7,8 @@
 //! - [`config`]: the one TOML file, every limit named.
 //! - [`breaker`], [`metrics`]: circuit breakers per upstream; the Prometheus registry.
 //! - [`tools`]: the tool hub: MCP servers, built-in tools, routing of results, paged media.
-//! - [`pipeline`]: audio: decode, resample, volume, Opus, playback queue, sinks, TTS, ASR, VAD.
+//! - [`audio`]: audio plumbing: decode, resample, volume, Opus, the playback queue, sinks, input.
+//! - [`speech`]: VAD, ASR (whisper.cpp), TTS (Kokoro, espeak-ng), the sentence splitter.
 //! - [`models`]: model files and fetching them from the package registries.
 //! - [`llm`]: chat models as a stream of text and tool calls (the local GGUF model, or
 //!   OpenAI-compatible endpoints).
@@ -19,6 +20,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod audio;
 pub mod breaker;
 pub mod config;
 pub mod conversation;
@@ -28,7 +30,7 @@ pub mod llm;
 pub mod media;
 pub mod metrics;
 pub mod models;
-pub mod pipeline;
+pub mod speech;
 pub mod tools;
 
 /// Installs the `tracing` subscriber: human-readable lines on **stderr** (stdout may carry a

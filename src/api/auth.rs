@@ -14,8 +14,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::config::AuthConfig;
-pub use crate::config::Role;
+use crate::api::config::AuthConfig;
+pub use crate::api::config::Role;
 use crate::models::hex;
 
 /// The name of a caller admitted without a credential (`[auth] allow_anonymous`).
@@ -443,7 +443,7 @@ impl Jwt {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ApiKeyConfig;
+    use crate::api::config::ApiKeyConfig;
     use crate::device::activation::DeviceStore;
 
     fn keyed() -> AuthConfig {

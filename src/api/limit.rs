@@ -11,7 +11,7 @@ use std::time::Duration;
 use governor::clock::Clock as _;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
-use crate::config::ServerConfig;
+use crate::api::config::ServerConfig;
 
 /// Checks between two sweeps of keys whose state is back to full (bounded memory under many
 /// distinct IPs or keys).

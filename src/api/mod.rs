@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod bridge;
+pub mod config;
 pub mod limit;
 pub mod mcp;
 pub mod server;
@@ -26,7 +27,7 @@ use serde_json::{Value, json};
 pub use auth::{Auth, AuthError, AuthSetupError, Principal, Role};
 use limit::{RateLimits, retry_after_s};
 
-use crate::config::{AuthConfig, ServerConfig};
+use crate::api::config::{AuthConfig, ServerConfig};
 
 /// Browser origins every surface accepts: pages served from this machine.
 const LOOPBACK_ORIGINS: [&str; 3] = ["http://localhost", "http://127.0.0.1", "http://[::1]"];

@@ -24,8 +24,8 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 use super::{Guard, Principal, Role};
+use crate::api::config::ServerConfig;
 use crate::breaker::Breaker;
-use crate::config::ServerConfig;
 use crate::tools::hub::{HubCallError, ToolHub};
 use crate::tools::source::{ToolCallError, ToolSource};
 
@@ -93,13 +93,15 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// A runtime over `hub` and, when given, the duplex co-host. `breakers` are the LLM's and
-    /// TTS's for status pages; `models` the files `/ready` requires.
+    /// A runtime over `hub` and, when given, the duplex co-host, serving as `server` says.
+    /// `ready_timeout` bounds `/ready`'s check of each MCP server (`[tools] start_timeout_ms`);
+    /// `breakers` are the LLM's and TTS's for status pages; `models` the files `/ready` requires.
     pub fn new(
         hub: Arc<ToolHub>,
         cohost: Option<Cohost>,
         guard: Arc<Guard>,
-        config: &crate::config::Config,
+        server: &ServerConfig,
+        ready_timeout: Duration,
         breakers: Vec<Breaker>,
         models: Vec<(String, PathBuf)>,
     ) -> Arc<Self> {
@@ -130,10 +132,10 @@ impl Runtime {
             cohost,
             tools,
             guard,
-            config: config.server.clone(),
+            config: server.clone(),
             breakers,
             models,
-            ready_timeout: Duration::from_millis(config.tools.start_timeout_ms),
+            ready_timeout,
         })
     }
 

@@ -40,7 +40,7 @@ pub(crate) enum DevicesCommand {
 
 /// `voxloop devices ...`: the device store of `[device] store`.
 pub(crate) fn devices(config: &Config, command: &DevicesCommand) -> anyhow::Result<ExitCode> {
-    let store = voxloop::device::server::device_store(config);
+    let store = voxloop::device::server::device_store(&config.device);
     match command {
         DevicesCommand::List => {
             let data = store.snapshot()?;

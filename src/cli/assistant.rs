@@ -99,12 +99,12 @@ pub(crate) async fn speech_source(
     input: Option<&Path>,
     seconds: Option<f64>,
 ) -> anyhow::Result<(
-    tokio::sync::mpsc::Receiver<voxloop::pipeline::Pcm>,
-    Option<voxloop::pipeline::input::Microphone>,
+    tokio::sync::mpsc::Receiver<voxloop::audio::Pcm>,
+    Option<voxloop::audio::input::Microphone>,
 )> {
     match input {
         Some(path) => {
-            let mut decoded = voxloop::pipeline::source::open(&path.to_string_lossy()).await?;
+            let mut decoded = voxloop::audio::source::open(&path.to_string_lossy()).await?;
             let (tx, rx) = tokio::sync::mpsc::channel(16);
             tokio::spawn(async move {
                 while let Some(Ok(pcm)) = decoded.recv().await {
@@ -116,7 +116,7 @@ pub(crate) async fn speech_source(
             Ok((rx, None))
         }
         None => {
-            let (microphone, rx) = voxloop::pipeline::input::Microphone::open()?;
+            let (microphone, rx) = voxloop::audio::input::Microphone::open()?;
             let limit = seconds
                 .map(|s| format!(" for {s} s"))
                 .unwrap_or_else(|| " (Ctrl-C ends)".into());
@@ -134,8 +134,8 @@ pub(crate) async fn run(
 ) -> anyhow::Result<ExitCode> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
+    use voxloop::audio::queue::StopReason as QueueStop;
     use voxloop::conversation::voice::{Output, VoiceInput, transcribe};
-    use voxloop::pipeline::queue::StopReason as QueueStop;
     let assistant = start_assistant(config, Input::Speech).await?;
     let asr = assistant
         .asr
@@ -231,7 +231,7 @@ pub(crate) async fn listen(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     use voxloop::conversation::voice::{VoiceInput, transcribe};
-    use voxloop::pipeline::asr::Asr;
+    use voxloop::speech::asr::Asr;
     let asr = std::sync::Arc::new(Asr::load(&config.asr)?);
     // Blocks of PCM: from the file as fast as it decodes, or from the microphone.
     let (mut blocks, _microphone) = speech_source(input, seconds).await?;

@@ -6,21 +6,21 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use std::time::Duration;
 
+use voxloop::audio::decode::decode_media;
+use voxloop::audio::queue::{PlaybackQueue, QueueEvent, QueueSettings, SegmentKind, StopReason};
+use voxloop::audio::sink::{Sink, SpeakerSink, WavSink};
 use voxloop::config::Config;
-use voxloop::pipeline::decode::decode_media;
-use voxloop::pipeline::queue::{PlaybackQueue, QueueEvent, QueueSettings, SegmentKind, StopReason};
-use voxloop::pipeline::sentence::SentenceSplitter;
-use voxloop::pipeline::sink::{Sink, SpeakerSink, WavSink};
-use voxloop::pipeline::tts::Tts;
+use voxloop::speech::sentence::SentenceSplitter;
+use voxloop::speech::tts::Tts;
 
 pub(crate) fn transcribe(config: &Config, file: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    use voxloop::pipeline::SPEECH_RATE;
-    use voxloop::pipeline::asr::Asr;
+    use voxloop::speech::SPEECH_RATE;
+    use voxloop::speech::asr::Asr;
     // A file is any speech, not a request to the assistant: no default context prompt.
     let mut asr_config = config.asr.clone();
     asr_config.context_prompt.get_or_insert_with(String::new);
     let asr = Asr::load(&asr_config)?;
-    let pcm = voxloop::pipeline::decode::decode_file(file, SPEECH_RATE)
+    let pcm = voxloop::audio::decode::decode_file(file, SPEECH_RATE)
         .with_context(|| format!("reading {}", file.display()))?;
     let started = std::time::Instant::now();
     let transcript = asr.transcribe(&pcm)?;
@@ -101,7 +101,7 @@ pub(crate) async fn play(
 ) -> anyhow::Result<ExitCode> {
     let queue = queue_for(config, open_sink(config, output)?);
     let events = tokio::spawn(report_events(queue.events()));
-    let pcm = voxloop::pipeline::source::open(source).await?;
+    let pcm = voxloop::audio::source::open(source).await?;
     let title = source.rsplit('/').next().map(String::from);
     queue.enqueue(SegmentKind::Media { title }, pcm).await;
     finish_playback(queue, Some(events), output, false).await

@@ -107,7 +107,7 @@ pub(crate) fn run(config: &Config, command: &DuplexCommand) -> anyhow::Result<Ex
                 .model_dir
                 .clone()
                 .ok_or(duplex::DuplexError::NoModelDir)?;
-            let recording = voxloop::pipeline::decode::decode_file(voice, duplex::SAMPLE_RATE)
+            let recording = voxloop::audio::decode::decode_file(voice, duplex::SAMPLE_RATE)
                 .with_context(|| format!("reading {}", voice.display()))?;
             let mut model = engine::Engine::load(&dir, &settings.device, settings.dtype)?;
             let embeddings = model.voice_embeddings(&recording)?;
@@ -138,7 +138,7 @@ pub(crate) fn run(config: &Config, command: &DuplexCommand) -> anyhow::Result<Ex
                 seed: seed.unwrap_or(config.duplex.seed),
                 ..engine::Prompt::default()
             };
-            let pcm = voxloop::pipeline::decode::decode_file(input, SAMPLE_RATE)
+            let pcm = voxloop::audio::decode::decode_file(input, SAMPLE_RATE)
                 .with_context(|| format!("reading {}", input.display()))?;
             let started = std::time::Instant::now();
             let mut model = engine::Engine::load(&dir, &settings.device, settings.dtype)?;

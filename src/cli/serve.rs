@@ -32,7 +32,8 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
         assistant.hub.clone(),
         duplex,
         guard,
-        &config,
+        &config.server,
+        std::time::Duration::from_millis(config.tools.start_timeout_ms),
         breakers,
         required_models(&config),
     );
@@ -51,7 +52,7 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
     if config.device.activation {
         announce(&format!(
             "new devices show an activation code: approve it with `voxloop devices approve CODE` (store: {})",
-            voxloop::device::server::device_store(&config)
+            voxloop::device::server::device_store(&config.device)
                 .path()
                 .display()
         ));
@@ -92,7 +93,7 @@ pub(crate) fn required_models(config: &Config) -> Vec<(String, PathBuf)> {
             .clone()
             .unwrap_or_else(|| voxloop::models::model_path(whisper)),
     )];
-    if config.llm.provider == voxloop::config::LlmProvider::Local {
+    if config.llm.provider == voxloop::llm::config::LlmProvider::Local {
         models.push(("llm".into(), config.llm.local_model_path()));
     }
     models

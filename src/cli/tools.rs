@@ -37,7 +37,7 @@ pub(crate) enum ToolsCommand {
 }
 
 pub(crate) async fn run(config: &Config, command: &ToolsCommand) -> anyhow::Result<ExitCode> {
-    let hub = ToolHub::start(config).await;
+    let hub = ToolHub::start(config.hub()).await;
     for failure in hub.startup_failures() {
         eprintln!("{}: {}", failure.server, failure.error);
     }

@@ -5,11 +5,11 @@
 
 use std::sync::Arc;
 
+use crate::audio::queue::PlaybackQueue;
 use crate::config::Config;
 use crate::llm::{ChatModel, LlmError};
-use crate::pipeline::asr::{Asr, AsrError};
-use crate::pipeline::queue::PlaybackQueue;
-use crate::pipeline::tts::{Tts, TtsError};
+use crate::speech::asr::{Asr, AsrError};
+use crate::speech::tts::{Tts, TtsError};
 use crate::tools::hub::ToolHub;
 
 use super::{Conversation, ConversationSettings};
@@ -66,7 +66,7 @@ impl Assistant {
             Input::Speech => Some(Arc::new(Asr::load(&config.asr)?)),
             Input::Text => None,
         };
-        let hub = Arc::new(ToolHub::start(config).await);
+        let hub = Arc::new(ToolHub::start(config.hub()).await);
         let llm = ChatModel::from_config(&config.llm)?.with_breaker(&config.breaker);
         tracing::info!(model = %llm.describe(), "chat model ready");
         let tts = Tts::new(&config.tts).with_breaker(&config.breaker);
@@ -87,7 +87,7 @@ impl Assistant {
             self.hub.clone(),
             self.tts.clone(),
             queue,
-            ConversationSettings::from_config(&self.config),
+            ConversationSettings::new(&self.config.llm, &self.config.tools),
         )
     }
 }

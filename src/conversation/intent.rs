@@ -329,7 +329,7 @@ pub fn english_number(words: &[String]) -> Option<i32> {
 }
 
 fn word_value(word: &str) -> Option<i32> {
-    use crate::pipeline::asr::{NUMBER_WORDS, TENS_WORDS};
+    use crate::speech::asr::{NUMBER_WORDS, TENS_WORDS};
     if let Some(i) = NUMBER_WORDS.iter().position(|w| *w == word) {
         return Some(i as i32);
     }

@@ -17,12 +17,13 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::audio::decode::decode_media;
+use crate::audio::queue::{PlaybackQueue, QueueEvent, SegmentKind, StopReason as QueueStop};
+use crate::llm::config::LlmConfig;
 use crate::llm::{ChatMessage, ChatModel, LlmEvent, Role};
-use crate::pipeline::decode::decode_media;
-use crate::pipeline::queue::{PlaybackQueue, QueueEvent, SegmentKind, StopReason as QueueStop};
-use crate::pipeline::sentence::SentenceSplitter;
-use crate::pipeline::tts::Tts;
+use crate::speech::sentence::SentenceSplitter;
+use crate::speech::tts::Tts;
+use crate::tools::config::ToolsConfig;
 use crate::tools::hub::{ToolCall, ToolHub, ToolSpec};
 use crate::tools::outcome::{Action, ToolOutcome};
 use crate::tools::source::ToolSource;
@@ -51,26 +52,24 @@ pub struct ConversationSettings {
     pub max_request_chars: usize,
 }
 
-/// The default system prompt: short spoken answers, and the tools for music.
-pub const DEFAULT_SYSTEM_PROMPT: &str = "You are voxloop, a voice assistant. Your replies are spoken aloud: answer in one or two short sentences, without lists or markup. Use the tools to play music, set the volume, stop playback, tell the time, or end the conversation.";
-
 impl ConversationSettings {
-    /// From the configuration.
-    pub fn from_config(config: &Config) -> Self {
+    /// From the `[llm]` section (prompt, history, intents, reply limits) and the `[tools]`
+    /// section (tool rounds, media as the answer).
+    pub fn new(llm: &LlmConfig, tools: &ToolsConfig) -> Self {
         Self {
-            system_prompt: config.llm.system_prompt.clone(),
-            history_turns: config.llm.history_turns as usize,
-            history_tokens: config.llm.history_tokens as usize,
-            max_tool_rounds: config.tools.max_tool_rounds,
-            continue_after_media: config.tools.continue_after_media,
-            intents: config.llm.builtin_intents.then_some(IntentSettings {
-                volume_step: config.llm.volume_step.min(100) as u8,
+            system_prompt: llm.system_prompt.clone(),
+            history_turns: llm.history_turns as usize,
+            history_tokens: llm.history_tokens as usize,
+            max_tool_rounds: tools.max_tool_rounds,
+            continue_after_media: tools.continue_after_media,
+            intents: llm.builtin_intents.then_some(IntentSettings {
+                volume_step: llm.volume_step.min(100) as u8,
             }),
             reply_limits: ReplyLimitSettings {
-                max_sentences: config.llm.max_reply_sentences as usize,
-                max_words: config.llm.max_reply_words as usize,
+                max_sentences: llm.max_reply_sentences as usize,
+                max_words: llm.max_reply_words as usize,
             },
-            max_request_chars: config.llm.max_request_chars as usize,
+            max_request_chars: llm.max_request_chars as usize,
         }
     }
 }
@@ -260,7 +259,7 @@ impl Conversation {
     /// a message such as a device's activation code.
     pub async fn say(&self, text: &str) {
         self.queue.new_turn().await;
-        let mut splitter = crate::pipeline::sentence::SentenceSplitter::default();
+        let mut splitter = crate::speech::sentence::SentenceSplitter::default();
         let mut sentences = splitter.push(text);
         sentences.extend(splitter.finish());
         for sentence in sentences {
@@ -303,17 +302,17 @@ impl Conversation {
         }
     }
 
-    /// Whisper's vocabulary prompt for this conversation ([`crate::pipeline::asr::vocabulary_prompt`]):
+    /// Whisper's vocabulary prompt for this conversation ([`crate::speech::asr::vocabulary_prompt`]):
     /// the titles of the resources the MCP servers list. (The tools' names were tried too and
     /// left out: whisper then wrote "set volume" into requests that did not say it,
     /// BENCHMARKS.md.) `None` when `[asr] vocabulary_prompt` is off or there is nothing to say.
-    pub async fn asr_prompt(&self, asr: &crate::config::AsrConfig) -> Option<String> {
+    pub async fn asr_prompt(&self, asr: &crate::speech::asr::AsrConfig) -> Option<String> {
         if !asr.vocabulary_prompt || asr.prompt_max_chars == 0 {
             return None;
         }
         let titles = self.hub.resource_titles(200).await;
         let prompt =
-            crate::pipeline::asr::vocabulary_prompt(&titles, &[], asr.prompt_max_chars as usize);
+            crate::speech::asr::vocabulary_prompt(&titles, &[], asr.prompt_max_chars as usize);
         (!prompt.is_empty()).then_some(prompt)
     }
 
@@ -534,7 +533,7 @@ impl Conversation {
             first_audio_ms: None,
             total_ms: 0,
         };
-        let text = crate::pipeline::asr::speech_only(text);
+        let text = crate::speech::asr::speech_only(text);
         if text.is_empty() {
             first_audio.abort();
             report.end = TurnEnd::Ignored;

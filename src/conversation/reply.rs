@@ -119,7 +119,7 @@ impl MarkupFilter {
                 '`' => match inline_identifier(rest) {
                     // `set_volume` is said "set volume"; other inline code is dropped.
                     Some(name) => {
-                        for w in crate::pipeline::asr::split_identifier(name).chars() {
+                        for w in crate::speech::asr::split_identifier(name).chars() {
                             self.emit(&mut out, w);
                         }
                         i += name.chars().count() + 1;

@@ -1,24 +1,24 @@
 //! Voice turns: what every surface that hears speech shares between audio in and a turn
-//! (ARCHITECTURE §1, "One turn"): speech converted to [`SPEECH_RATE`](crate::pipeline::SPEECH_RATE) mono, the VAD's turn
+//! (ARCHITECTURE §1, "One turn"): speech converted to [`SPEECH_RATE`](crate::speech::SPEECH_RATE) mono, the VAD's turn
 //! detection, barge-in against the assistant's own output, and whisper on a blocking thread.
 //! `voxloop run` and `listen` feed it microphone or file blocks; a device session feeds it its
 //! decoded Opus frames.
 
 use std::sync::Arc;
 
-use crate::config::VadConfig;
-use crate::pipeline::Pcm;
-use crate::pipeline::asr::{Asr, AsrError, Transcript};
-use crate::pipeline::convert::ConvertError;
-use crate::pipeline::input::SpeechInput;
-use crate::pipeline::vad::{BargeIn, TurnDetector, TurnEvent};
+use crate::audio::Pcm;
+use crate::audio::convert::ConvertError;
+use crate::speech::SpeechInput;
+use crate::speech::asr::{Asr, AsrError, Transcript};
+use crate::speech::vad::VadConfig;
+use crate::speech::vad::{BargeIn, TurnDetector, TurnEvent};
 
 /// The assistant's output, which barge-in is judged against.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Output {
     /// Whether the assistant is busy (thinking, calling a tool, or playing).
     pub busy: bool,
-    /// RMS level of what is playing now ([`crate::pipeline::queue::PlaybackQueue::output_level`]),
+    /// RMS level of what is playing now ([`crate::audio::queue::PlaybackQueue::output_level`]),
     /// so that the assistant's own voice in the microphone is not taken for the user's.
     pub level: f32,
 }
@@ -26,7 +26,7 @@ pub struct Output {
 /// One finished utterance.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Utterance {
-    /// [`SPEECH_RATE`](crate::pipeline::SPEECH_RATE) mono PCM, with the VAD's pre-roll.
+    /// [`SPEECH_RATE`](crate::speech::SPEECH_RATE) mono PCM, with the VAD's pre-roll.
     pub pcm: Vec<f32>,
     /// Where the speech began, in ms from the start of the stream.
     pub start_ms: u64,
@@ -68,7 +68,7 @@ impl VoiceInput {
         *self = Self::new(&self.vad);
     }
 
-    /// Converts a block of any rate and channel count to [`SPEECH_RATE`](crate::pipeline::SPEECH_RATE) mono, without turn
+    /// Converts a block of any rate and channel count to [`SPEECH_RATE`](crate::speech::SPEECH_RATE) mono, without turn
     /// detection (for a caller that keeps the samples itself, as a device's manual mode does).
     ///
     /// # Errors
@@ -145,7 +145,7 @@ pub enum TranscribeError {
     Task(#[from] tokio::task::JoinError),
 }
 
-/// Transcribes `pcm` ([`SPEECH_RATE`](crate::pipeline::SPEECH_RATE) mono) with whisper's initial `prompt`, on a blocking
+/// Transcribes `pcm` ([`SPEECH_RATE`](crate::speech::SPEECH_RATE) mono) with whisper's initial `prompt`, on a blocking
 /// thread (whisper is CPU-bound); the time it took in ms comes back with the transcript.
 ///
 /// # Errors

@@ -6,6 +6,7 @@
 //! [`activation`] how devices get their own tokens; [`vision`] the camera's vision endpoint.
 
 pub mod activation;
+pub mod config;
 pub mod mcp;
 pub mod protocol;
 pub mod server;

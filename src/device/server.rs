@@ -33,8 +33,9 @@ use super::protocol::{
 use super::session::{DeviceConversation, SessionOptions};
 use super::vision::Vision;
 use crate::api::{Guard, Principal, Role};
-use crate::config::{Config, DeviceConfig};
+use crate::config::Config;
 use crate::conversation::assistant::Assistant;
+use crate::device::config::DeviceConfig;
 
 /// Close code: policy violation (RFC 6455 §7.4.1).
 pub const CLOSE_POLICY: u16 = 1008;
@@ -142,9 +143,9 @@ fn field(
         .or_else(|| query.get(param).cloned())
 }
 
-/// The device store of `config` (`[device] store`, else the default path).
-pub fn device_store(config: &Config) -> Arc<DeviceStore> {
-    let device = &config.device;
+/// The device store `[device]` names (`store`, else the default path), with its activation
+/// limits.
+pub fn device_store(device: &DeviceConfig) -> Arc<DeviceStore> {
     Arc::new(DeviceStore::new(
         device.store.clone().unwrap_or_else(default_store_path),
         device.activation_ttl_s,
@@ -585,7 +586,7 @@ pub fn serve(
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| config.device.bind.clone());
-    let store = device_store(config);
+    let store = device_store(&config.device);
     let app = crate::api::Auth::with_device_store(&config.auth, &bind, Some(store.clone()))
         .map(|auth| {
             let guard = Guard::with_auth(auth, &config.server, "device");

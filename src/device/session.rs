@@ -14,15 +14,15 @@ use tokio_util::sync::CancellationToken;
 
 use super::mcp::DeviceMcp;
 use super::protocol::{ListenMode, ProtocolVersion, ServerMessage, TtsState};
-use crate::conversation::assistant::Assistant;
-use crate::conversation::voice::{Output, VoiceInput, transcribe};
-use crate::pipeline::SPEECH_RATE;
-use crate::pipeline::convert::ConvertError;
-use crate::pipeline::opus::{FrameDecoder, OpusError};
-use crate::pipeline::queue::{
+use crate::audio::convert::ConvertError;
+use crate::audio::opus::{FrameDecoder, OpusError};
+use crate::audio::queue::{
     PlaybackQueue, QueueEvent, QueueSettings, SegmentKind, StopReason as QueueStop,
 };
-use crate::pipeline::sink::{OpusSink, Sink, SinkError};
+use crate::audio::sink::{OpusSink, Sink, SinkError};
+use crate::conversation::assistant::Assistant;
+use crate::conversation::voice::{Output, VoiceInput, transcribe};
+use crate::speech::SPEECH_RATE;
 
 /// Why a device session's audio failed.
 #[derive(Debug, thiserror::Error)]

@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use crate::config::VisionConfig;
+use crate::device::config::VisionConfig;
 
 /// What the vision endpoint needs: the model's settings, an HTTP client and the tokens given
 /// to live sessions.

@@ -7,6 +7,7 @@
 //! - [`lifecycle`]: where the model lives (GPU, CPU, unloaded) and when it moves.
 //! - [`service`], [`server`], [`mcp`]: the co-host's surfaces (REST + WebSocket, MCP).
 
+pub mod config;
 pub mod lifecycle;
 pub mod mcp;
 pub mod server;
@@ -90,7 +91,7 @@ pub fn voice_from_file(path: &std::path::Path) -> Result<engine::VoicePrompt, Du
     if voice::is_embeddings(path) {
         return Ok(engine::VoicePrompt::Embeddings(path.to_path_buf()));
     }
-    let pcm = crate::pipeline::decode::decode_file(path, SAMPLE_RATE)
+    let pcm = crate::audio::decode::decode_file(path, SAMPLE_RATE)
         .map_err(|e| DuplexError::Audio(format!("voice prompt {}: {e}", path.display())))?;
     if pcm.is_empty() {
         return Err(DuplexError::Audio(format!(
@@ -133,7 +134,9 @@ pub fn voice_file(model_dir: &std::path::Path, voice: &str) -> Result<PathBuf, D
 /// # Errors
 /// [`DuplexError::Config`] for a `GPU_IDLE_TIMEOUT` that is not a number or a `cuda` device this
 /// build or machine lacks. (The timeout's range is checked by [`lifecycle::ModelManager::new`].)
-pub fn settings(config: &crate::config::DuplexConfig) -> Result<lifecycle::Settings, DuplexError> {
+pub fn settings(
+    config: &crate::duplex::config::DuplexConfig,
+) -> Result<lifecycle::Settings, DuplexError> {
     let model_dir = std::env::var_os("PERSONAPLEX_MODEL_DIR")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)

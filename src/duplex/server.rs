@@ -32,7 +32,7 @@ use serde_json::{Value, json};
 use super::service::{ChatEvent, Duplex, failure, success, wav_bytes};
 use super::{DuplexError, FRAME_SAMPLES, SAMPLE_RATE};
 use crate::api::Guard;
-use crate::pipeline::oggopus::{OggOpusReader, OggOpusWriter};
+use crate::audio::oggopus::{OggOpusReader, OggOpusWriter};
 
 /// Message kinds of `/api/chat` (first byte of each binary message).
 pub mod kind {

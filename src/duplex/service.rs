@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use super::engine::{self, Prompt, StepOutput};
 use super::lifecycle::{Lease, ModelManager};
 use super::{DuplexError, FRAME_SAMPLES, MIMI_FILE, MODEL_FILE, SAMPLE_RATE, TOKENIZER_FILE};
-use crate::config::DuplexConfig;
+use crate::duplex::config::DuplexConfig;
 
 /// The Hugging Face repo whose files `[duplex] model_dir` holds.
 pub const MODEL_ID: &str = "nvidia/personaplex-7b-v1";
@@ -168,7 +168,7 @@ impl Duplex {
         }
         let path = input.to_path_buf();
         let pcm = decoded(input.display().to_string(), move || {
-            crate::pipeline::decode::decode_file(&path, SAMPLE_RATE)
+            crate::audio::decode::decode_file(&path, SAMPLE_RATE)
         })
         .await?;
         self.process_pcm(pcm, prompt).await
@@ -188,7 +188,7 @@ impl Duplex {
     ) -> Result<Processed, DuplexError> {
         let pcm = decoded("the upload".into(), move || {
             let input = std::io::Cursor::new(audio);
-            crate::pipeline::decode::decode_to_mono(input, &mime, SAMPLE_RATE)
+            crate::audio::decode::decode_to_mono(input, &mime, SAMPLE_RATE)
         })
         .await?;
         self.process_pcm(pcm, prompt).await
@@ -319,7 +319,7 @@ impl Duplex {
 /// Runs a blocking decode off the async threads; errors name `what` was decoded.
 async fn decoded(
     what: String,
-    decode: impl FnOnce() -> Result<Vec<f32>, crate::pipeline::decode::DecodeError> + Send + 'static,
+    decode: impl FnOnce() -> Result<Vec<f32>, crate::audio::decode::DecodeError> + Send + 'static,
 ) -> Result<Vec<f32>, DuplexError> {
     tokio::task::spawn_blocking(decode)
         .await

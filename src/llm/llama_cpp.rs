@@ -23,7 +23,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::LlmError;
-use crate::config::LlmConfig;
+use crate::llm::config::LlmConfig;
 
 /// Tokens of context per slot: the limit the local model checks prompts against, whatever
 /// the engine (candle's `MAX_SEQ_LEN`, 4096).

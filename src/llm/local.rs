@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use super::constraint::{GrammarState, StringRule, TOOL_CALL_OPEN, ToolGrammar};
 use super::qwen2;
 use super::{ChatMessage, FunctionTools, LlmError, LlmEvent, Role, ToolCallRequest, Usage};
-use crate::config::{LlmConfig, LocalEngine};
+use crate::llm::config::{LlmConfig, LocalEngine};
 
 /// GGUF `tokenizer.ggml.token_type` of control tokens (llama.cpp's `LLAMA_TOKEN_TYPE_CONTROL`).
 const TOKEN_TYPE_CONTROL: i32 = 3;

@@ -6,6 +6,7 @@
 //! on llama.cpp's server as a child process ([`llama_cpp`]) or in-process with candle, its
 //! tool calls decoded under [`constraint`]. [`ChatModel`] is either, as `[llm] provider` says.
 
+pub mod config;
 pub mod constraint;
 pub mod llama_cpp;
 pub mod local;
@@ -197,12 +198,12 @@ impl ChatModel {
     ///
     /// # Errors
     /// [`LlmError::Model`] when the local model file is missing or unreadable.
-    pub fn from_config(config: &crate::config::LlmConfig) -> Result<Self, LlmError> {
+    pub fn from_config(config: &crate::llm::config::LlmConfig) -> Result<Self, LlmError> {
         Ok(match config.provider {
-            crate::config::LlmProvider::Openai => {
+            crate::llm::config::LlmProvider::Openai => {
                 Self::OpenAi(Box::new(openai::OpenAiClient::new(config)))
             }
-            crate::config::LlmProvider::Local => {
+            crate::llm::config::LlmProvider::Local => {
                 Self::Local(local::LocalModel::load(&config.local_model_path(), config)?)
             }
         })
@@ -255,7 +256,7 @@ impl ChatModel {
     }
 
     /// The same model; an endpoint gets a circuit breaker of `config` (`[breaker]`).
-    pub fn with_breaker(self, config: &crate::config::BreakerConfig) -> Self {
+    pub fn with_breaker(self, config: &crate::breaker::BreakerConfig) -> Self {
         match self {
             Self::OpenAi(client) => Self::OpenAi(Box::new(client.with_breaker(config))),
             local => local,
@@ -278,8 +279,8 @@ impl ChatModel {
                 "local {} on {}",
                 model.path().display(),
                 match model.engine() {
-                    crate::config::LocalEngine::LlamaCpp => "llama.cpp",
-                    crate::config::LocalEngine::Candle => "candle",
+                    crate::llm::config::LocalEngine::LlamaCpp => "llama.cpp",
+                    crate::llm::config::LocalEngine::Candle => "candle",
                 }
             ),
         }

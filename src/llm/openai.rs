@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{ChatMessage, FunctionTools, LlmError, LlmEvent, Role, ToolCallRequest, Usage};
-use crate::config::LlmConfig;
+use crate::llm::config::LlmConfig;
 
 /// A client for one endpoint and model.
 #[derive(Clone)]
@@ -69,7 +69,7 @@ impl OpenAiClient {
 
     /// The same client behind a circuit breaker of `config` (`[breaker]`; the default one
     /// otherwise).
-    pub fn with_breaker(mut self, config: &crate::config::BreakerConfig) -> Self {
+    pub fn with_breaker(mut self, config: &crate::breaker::BreakerConfig) -> Self {
         self.breaker = crate::breaker::Breaker::new("llm", config);
         self
     }

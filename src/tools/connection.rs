@@ -23,7 +23,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncRead, ReadBuf};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{McpServerConfig, ToolsConfig};
+use crate::tools::config::{McpServerConfig, ToolsConfig};
 
 /// The longest wait between restarts of a server that keeps dying.
 pub const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(30);

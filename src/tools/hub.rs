@@ -2,7 +2,7 @@
 //! offered to the LLM as function tools and called by name.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures_util::future::join_all;
@@ -12,12 +12,12 @@ use tokio_util::sync::CancellationToken;
 
 pub use super::builtin::BUILTIN_SERVER;
 use super::builtin::{Builtins, builtin_tools};
+use super::config::{HubSettings, McpServerConfig};
 use super::connection::Connection;
 use super::outcome::ToolOutcome;
 use super::pager::PagerSettings;
 use super::source::{McpServer, ToolCallError, ToolSource};
 use crate::breaker::Breaker;
-use crate::config::{Config, McpServerConfig};
 
 /// A tool as offered to the LLM.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,14 +103,15 @@ pub struct ToolHub {
     failures: Vec<StartupFailure>,
 }
 
-/// The bundled music server: `mcp_audio` beside the running executable, with the same config.
-pub fn default_servers(config: &Config) -> BTreeMap<String, McpServerConfig> {
+/// The bundled music server: `mcp_audio` beside the running executable, reading the same
+/// config file (`config_file`, when there is one).
+pub fn default_servers(config_file: Option<&Path>) -> BTreeMap<String, McpServerConfig> {
     let dir = std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent().map(PathBuf::from))
         .unwrap_or_default();
     let mut args = Vec::new();
-    if let Some(source) = &config.source {
+    if let Some(source) = config_file {
         args.extend(["--config".to_string(), source.display().to_string()]);
     }
     let music = McpServerConfig {
@@ -122,20 +123,20 @@ pub fn default_servers(config: &Config) -> BTreeMap<String, McpServerConfig> {
 }
 
 impl ToolHub {
-    /// Starts every server of `config.mcp_servers` (the bundled music server when there are
+    /// Starts every server of `config.servers` (the bundled music server when there are
     /// none) in parallel and lists their tools. A server that fails to start, or whose tools
     /// cannot be listed, is reported in [`ToolHub::startup_failures`] and skipped; its
     /// connection stays, and the next call to it tries to start it again.
-    pub async fn start(config: &Config) -> ToolHub {
-        let servers = if config.mcp_servers.is_empty() {
-            default_servers(config)
+    pub async fn start(config: HubSettings<'_>) -> ToolHub {
+        let servers = if config.servers.is_empty() {
+            default_servers(config.config_file)
         } else {
-            config.mcp_servers.clone()
+            config.servers.clone()
         };
         let connections: BTreeMap<String, Arc<Connection>> = servers
             .into_iter()
             .map(|(name, server)| {
-                let connection = Arc::new(Connection::new(&name, server, &config.tools));
+                let connection = Arc::new(Connection::new(&name, server, config.tools));
                 (name, connection)
             })
             .collect();
@@ -180,13 +181,13 @@ impl ToolHub {
         }
         let mut tools = builtin_tools();
         tools.extend(found);
-        let pager = PagerSettings::from(&config.tools);
+        let pager = PagerSettings::from(config.tools);
         let mut sources: BTreeMap<String, Arc<dyn ToolSource>> = BTreeMap::new();
         sources.insert(BUILTIN_SERVER.to_string(), Arc::new(Builtins));
         let servers: BTreeMap<String, Arc<McpServer>> = connections
             .into_iter()
             .map(|(name, connection)| {
-                let breaker = Breaker::new(&format!("mcp:{name}"), &config.breaker);
+                let breaker = Breaker::new(&format!("mcp:{name}"), config.breaker);
                 let server = Arc::new(McpServer::new(connection, breaker, pager));
                 sources.insert(name.clone(), server.clone());
                 (name, server)

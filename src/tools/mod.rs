@@ -5,6 +5,7 @@
 //! contract), and the [`terminal`] rules decide whether the model speaks again.
 
 pub mod builtin;
+pub mod config;
 pub mod connection;
 pub mod hub;
 pub mod outcome;

@@ -103,7 +103,7 @@ impl RouteContext {
     pub fn without_resources(cancel: &CancellationToken) -> RouteContext {
         RouteContext {
             connection: None,
-            pager: PagerSettings::from(&crate::config::ToolsConfig::default()),
+            pager: PagerSettings::from(&crate::tools::config::ToolsConfig::default()),
             cancel: cancel.clone(),
         }
     }

@@ -22,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::connection::{Connection, Session};
 use super::paging::{ByteRange, MAX_PAGE_BYTES, Page, PageError, read_page};
-use crate::config::ToolsConfig;
 use crate::media::{MediaError, MediaStream};
+use crate::tools::config::ToolsConfig;
 
 /// The pager's limits (from `[tools]`).
 #[derive(Debug, Clone, Copy)]

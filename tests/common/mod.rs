@@ -215,9 +215,9 @@ pub fn read_wav(path: &std::path::Path) -> Vec<f32> {
 /// A bundled track decoded as the playback queue plays it: 24 kHz mono.
 pub fn track_at_24k(name: &str, mime: &str) -> Vec<f32> {
     let file = std::fs::File::open(music_file(name)).unwrap();
-    let mut converter = voxloop::pipeline::convert::Converter::new(24_000, 1);
+    let mut converter = voxloop::audio::convert::Converter::new(24_000, 1);
     let mut pcm = Vec::new();
-    voxloop::pipeline::decode::decode(file, mime, &mut |block| {
+    voxloop::audio::decode::decode(file, mime, &mut |block| {
         pcm.extend(converter.push(&block).unwrap());
         true
     })

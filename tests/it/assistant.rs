@@ -11,13 +11,15 @@ use std::sync::{Arc, OnceLock};
 
 use common::*;
 use tokio_util::sync::CancellationToken;
-use voxloop::config::{Config, LlmConfig, McpServerConfig};
+use voxloop::audio::queue::{PlaybackQueue, QueueSettings};
+use voxloop::audio::sink::{NullSink, Sink};
+use voxloop::config::Config;
 use voxloop::conversation::{Conversation, ConversationSettings, Handler, TurnEnd, TurnReport};
 use voxloop::llm::ChatModel;
+use voxloop::llm::config::LlmConfig;
 use voxloop::llm::local::{ChatFormat, LocalModel};
-use voxloop::pipeline::queue::{PlaybackQueue, QueueSettings};
-use voxloop::pipeline::sink::{NullSink, Sink};
-use voxloop::pipeline::tts::Tts;
+use voxloop::speech::tts::Tts;
+use voxloop::tools::config::McpServerConfig;
 use voxloop::tools::hub::ToolHub;
 
 /// One loaded model for all tests (its warm-up state is shared too).
@@ -46,7 +48,7 @@ fn config() -> Config {
 /// Runs each request in a fresh conversation on the default settings; the reports in order.
 async fn turns(requests: &[&str]) -> Vec<TurnReport> {
     let config = config();
-    let hub = Arc::new(ToolHub::start(&config).await);
+    let hub = Arc::new(ToolHub::start(config.hub()).await);
     let llm = ChatModel::Local(model().clone());
     let mut reports = Vec::new();
     for (i, request) in requests.iter().enumerate() {
@@ -59,7 +61,7 @@ async fn turns(requests: &[&str]) -> Vec<TurnReport> {
             hub.clone(),
             Tts::new(&config.tts),
             queue,
-            ConversationSettings::from_config(&config),
+            ConversationSettings::new(&config.llm, &config.tools),
         );
         if i == 0 {
             conversation.warm_up().await;
@@ -79,13 +81,13 @@ async fn the_local_model_may_end_the_session_only_without_the_intents() {
         config.llm.builtin_intents = intents;
         let conversation = Conversation::new(
             ChatModel::Local(model().clone()),
-            Arc::new(ToolHub::start(&config).await),
+            Arc::new(ToolHub::start(config.hub()).await),
             Tts::new(&config.tts),
             PlaybackQueue::new(
                 Sink::Null(NullSink::new(24_000, 1, false)),
                 QueueSettings::from_config(&config.audio),
             ),
-            ConversationSettings::from_config(&config),
+            ConversationSettings::new(&config.llm, &config.tools),
         );
         let names: Vec<String> = conversation
             .function_tools()

@@ -15,16 +15,19 @@ use common::*;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
-use voxloop::config::{Config, LlmConfig, McpServerConfig, TtsProvider};
+use voxloop::audio::queue::{
+    PlaybackQueue, QueueEvent, QueueSettings, SegmentKind, StopReason as QueueStop,
+};
+use voxloop::audio::sink::{Sink, WavSink};
+use voxloop::config::Config;
 use voxloop::conversation::{Conversation, ConversationSettings, Handler, TurnEnd};
 use voxloop::llm::ChatModel;
 use voxloop::llm::Role;
+use voxloop::llm::config::LlmConfig;
 use voxloop::llm::openai::OpenAiClient;
-use voxloop::pipeline::queue::{
-    PlaybackQueue, QueueEvent, QueueSettings, SegmentKind, StopReason as QueueStop,
-};
-use voxloop::pipeline::sink::{Sink, WavSink};
-use voxloop::pipeline::tts::Tts;
+use voxloop::speech::tts::Tts;
+use voxloop::speech::tts::TtsProvider;
+use voxloop::tools::config::McpServerConfig;
 use voxloop::tools::hub::ToolHub;
 use voxloop::tools::terminal::StopReason;
 
@@ -144,7 +147,7 @@ async fn rig_at(llm: LlmConfig, requests: Arc<Mutex<Vec<Value>>>, max_rounds: u3
     // These tests are about the turn loop and its timing; espeak-ng speaks in milliseconds and
     // in parallel. The default voice (Kokoro) has its own tests (tests/kokoro.rs).
     config.tts.provider = TtsProvider::EspeakNg;
-    let hub = Arc::new(ToolHub::start(&config).await);
+    let hub = Arc::new(ToolHub::start(config.hub()).await);
     let dir = tempfile::tempdir().unwrap();
     let wav = dir.path().join("reply.wav");
     let queue = PlaybackQueue::new(
@@ -154,7 +157,7 @@ async fn rig_at(llm: LlmConfig, requests: Arc<Mutex<Vec<Value>>>, max_rounds: u3
             ..QueueSettings::default()
         },
     );
-    let settings = ConversationSettings::from_config(&config);
+    let settings = ConversationSettings::new(&config.llm, &config.tools);
     let conversation = Conversation::new(
         ChatModel::OpenAi(Box::new(OpenAiClient::new(&llm))),
         hub,

@@ -387,9 +387,9 @@ const ADMIN_KEY: &str = "vxk_device_admin_for_tests";
 fn ota_config(dir: &tempfile::TempDir) -> Config {
     let mut config = config();
     config.device.store = Some(dir.path().join("devices.json"));
-    config.auth.api_keys = vec![voxloop::config::ApiKeyConfig {
+    config.auth.api_keys = vec![voxloop::api::config::ApiKeyConfig {
         name: "owner".into(),
-        role: voxloop::config::Role::Admin,
+        role: voxloop::api::config::Role::Admin,
         sha256: voxloop::api::auth::hash_key(ADMIN_KEY),
     }];
     config

@@ -18,10 +18,13 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-use voxloop::config::{Config, LlmProvider, McpServerConfig, TtsProvider};
+use voxloop::audio::opus::{FrameDecoder, FrameEncoder};
+use voxloop::config::Config;
 use voxloop::conversation::assistant::{Assistant, Input};
 use voxloop::device::protocol::{BinaryFrame, ProtocolVersion};
-use voxloop::pipeline::opus::{FrameDecoder, FrameEncoder};
+use voxloop::llm::config::LlmProvider;
+use voxloop::speech::tts::TtsProvider;
+use voxloop::tools::config::McpServerConfig;
 
 use common::*;
 

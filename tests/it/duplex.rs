@@ -18,7 +18,7 @@ fn speech(name: &str) -> PathBuf {
 
 /// A spoken command at 24 kHz.
 fn speech_pcm(name: &str) -> Vec<f32> {
-    voxloop::pipeline::decode::decode_file(&speech(name), SAMPLE_RATE).unwrap()
+    voxloop::audio::decode::decode_file(&speech(name), SAMPLE_RATE).unwrap()
 }
 
 /// The tiny model, loaded on the CPU.

@@ -14,12 +14,12 @@ use rmcp::model::CallToolRequestParams;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use voxloop::config::DuplexConfig;
+use voxloop::audio::oggopus::{OggOpusReader, OggOpusWriter};
 use voxloop::duplex::SAMPLE_RATE;
 use voxloop::duplex::arch::{Arch, write_random_model};
+use voxloop::duplex::config::DuplexConfig;
 use voxloop::duplex::engine::Engine;
 use voxloop::duplex::service::Duplex;
-use voxloop::pipeline::oggopus::{OggOpusReader, OggOpusWriter};
 
 fn speech(name: &str) -> std::path::PathBuf {
     common::repo_root().join("assets/speech").join(name)
@@ -32,7 +32,7 @@ fn model_dir() -> tempfile::TempDir {
     let voices = dir.path().join("voices");
     std::fs::create_dir(&voices).unwrap();
     let mut engine = Engine::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
-    let recording = voxloop::pipeline::decode::decode_file(
+    let recording = voxloop::audio::decode::decode_file(
         &speech("cmd_stop_music.wav"),
         voxloop::duplex::SAMPLE_RATE,
     )
@@ -132,7 +132,7 @@ async fn rest_endpoints_answer_and_offline_replies_as_long_as_the_input() {
     let input = std::fs::read(speech("cmd_what_time.wav")).unwrap();
     // The input at 24 kHz, as long as the reply must be.
     let input_samples =
-        voxloop::pipeline::decode::decode_file(&speech("cmd_what_time.wav"), SAMPLE_RATE)
+        voxloop::audio::decode::decode_file(&speech("cmd_what_time.wav"), SAMPLE_RATE)
             .unwrap()
             .len();
     let response = post_offline(
@@ -270,7 +270,7 @@ async fn a_conversation_streams_ogg_opus_both_ways_and_a_second_one_is_busy() {
 
     // The user's speech as an Ogg/Opus stream, sent in 80 ms pieces.
     let user =
-        voxloop::pipeline::decode::decode_file(&speech("cmd_what_time.wav"), SAMPLE_RATE).unwrap();
+        voxloop::audio::decode::decode_file(&speech("cmd_what_time.wav"), SAMPLE_RATE).unwrap();
     let mut writer = OggOpusWriter::new(SAMPLE_RATE, 20).unwrap();
     for chunk in user.chunks(1920) {
         let pages = writer.push(chunk).unwrap();

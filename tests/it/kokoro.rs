@@ -8,14 +8,15 @@ use crate::common;
 use std::process::Command;
 
 use common::*;
-use voxloop::config::{AsrConfig, TtsConfig};
-use voxloop::pipeline::Pcm;
-use voxloop::pipeline::SPEECH_RATE;
-use voxloop::pipeline::asr::{Asr, edit_distance, transcript_words};
-use voxloop::pipeline::convert::Converter;
-use voxloop::pipeline::g2p::{self, Language};
-use voxloop::pipeline::kokoro::{self, KokoroFiles, MAX_PHONEMES};
-use voxloop::pipeline::tts::Tts;
+use voxloop::audio::Pcm;
+use voxloop::audio::convert::Converter;
+use voxloop::speech::SPEECH_RATE;
+use voxloop::speech::asr::AsrConfig;
+use voxloop::speech::asr::{Asr, edit_distance, transcript_words};
+use voxloop::speech::g2p::{self, Language};
+use voxloop::speech::kokoro::{self, KokoroFiles, MAX_PHONEMES};
+use voxloop::speech::tts::Tts;
+use voxloop::speech::tts::TtsConfig;
 
 fn files() -> KokoroFiles {
     let files = KokoroFiles::in_dir(&voxloop::models::model_dir());
@@ -40,7 +41,7 @@ async fn speak(text: &str) -> (Pcm, String) {
         bytes.extend_from_slice(&chunk.unwrap());
     }
     let mut pcm = None;
-    voxloop::pipeline::decode::decode(std::io::Cursor::new(bytes), "audio/wav", &mut |p: Pcm| {
+    voxloop::audio::decode::decode(std::io::Cursor::new(bytes), "audio/wav", &mut |p: Pcm| {
         let all = pcm.get_or_insert(Pcm {
             rate: p.rate,
             channels: p.channels,

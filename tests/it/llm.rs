@@ -12,7 +12,7 @@ use common::serve_loopback;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
-use voxloop::config::LlmConfig;
+use voxloop::llm::config::LlmConfig;
 use voxloop::llm::openai::OpenAiClient;
 use voxloop::llm::{ChatMessage, LlmError, LlmEvent, Role};
 

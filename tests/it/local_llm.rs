@@ -17,10 +17,12 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-use voxloop::config::{Config, LlmConfig, LocalEngine, McpServerConfig};
-use voxloop::conversation::DEFAULT_SYSTEM_PROMPT;
+use voxloop::config::Config;
+use voxloop::llm::config::DEFAULT_SYSTEM_PROMPT;
+use voxloop::llm::config::{LlmConfig, LocalEngine};
 use voxloop::llm::local::LocalModel;
 use voxloop::llm::{ChatMessage, LlmError, LlmEvent, Role, ToolCallRequest};
+use voxloop::tools::config::McpServerConfig;
 use voxloop::tools::hub::{ToolCall, ToolHub};
 
 fn model_path() -> PathBuf {
@@ -68,7 +70,7 @@ async fn hub() -> Arc<ToolHub> {
         ..McpServerConfig::default()
     };
     config.mcp_servers.insert("music".into(), music);
-    Arc::new(ToolHub::start(&config).await)
+    Arc::new(ToolHub::start(config.hub()).await)
 }
 
 fn request(user: &str) -> Vec<ChatMessage> {

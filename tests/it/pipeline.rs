@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use common::*;
 use tokio::sync::mpsc;
-use voxloop::config::{TtsConfig, TtsProvider};
-use voxloop::pipeline::Pcm;
-use voxloop::pipeline::convert::Converter;
-use voxloop::pipeline::decode::{DecodeError, Decoder, PcmReceiver, decode, spawn_decoder};
-use voxloop::pipeline::opus::{FrameDecoder, FrameEncoder};
-use voxloop::pipeline::queue::{PlaybackQueue, QueueEvent, QueueSettings, SegmentKind, StopReason};
-use voxloop::pipeline::sink::{NullSink, Sink, WavSink};
-use voxloop::pipeline::tts::{Tts, TtsError};
+use voxloop::audio::Pcm;
+use voxloop::audio::convert::Converter;
+use voxloop::audio::decode::{DecodeError, Decoder, PcmReceiver, decode, spawn_decoder};
+use voxloop::audio::opus::{FrameDecoder, FrameEncoder};
+use voxloop::audio::queue::{PlaybackQueue, QueueEvent, QueueSettings, SegmentKind, StopReason};
+use voxloop::audio::sink::{NullSink, Sink, WavSink};
+use voxloop::speech::tts::{Tts, TtsError};
+use voxloop::speech::tts::{TtsConfig, TtsProvider};
 
 /// A reader that hands out at most `piece` bytes per read, as a network source does.
 struct Pieces {
@@ -201,8 +201,7 @@ fn media_arriving_in_pieces_decodes_as_the_whole_file_does() {
             let cancel = tokio_util::sync::CancellationToken::new();
             MediaStream::new("audio/mpeg".into(), None, "test".into(), None, rx, cancel)
         };
-        let mut pcm =
-            voxloop::pipeline::decode::decode_media(stream(bytes.clone(), 48 << 10, false));
+        let mut pcm = voxloop::audio::decode::decode_media(stream(bytes.clone(), 48 << 10, false));
         let mut samples = Vec::new();
         while let Some(block) = pcm.recv().await {
             samples.extend(block.expect("decoded").samples);
@@ -213,7 +212,7 @@ fn media_arriving_in_pieces_decodes_as_the_whole_file_does() {
         // Pieces of 300 bytes: a 100 ms block (about 1.6 KB) outruns what has arrived, and the
         // decoder waits for the rest inside its read.
         let failing = stream(bytes[..200 << 10].to_vec(), 300, true);
-        let mut pcm = voxloop::pipeline::decode::decode_media(failing);
+        let mut pcm = voxloop::audio::decode::decode_media(failing);
         let mut frames = 0;
         let mut error = None;
         while let Some(block) = pcm.recv().await {
@@ -249,7 +248,7 @@ async fn dropping_the_listener_stops_a_stalled_transfer() {
         .unwrap();
     // Less than 32 KiB and no end yet: the decoder waits for the next chunk, which never comes
     // (tx stays open). The listener leaves.
-    let pcm = voxloop::pipeline::decode::decode_media(media);
+    let pcm = voxloop::audio::decode::decode_media(media);
     drop(pcm);
     tokio::time::timeout(Duration::from_secs(5), cancel.cancelled())
         .await
@@ -328,7 +327,7 @@ fn opus_round_trip_keeps_over_20_db_snr() {
         .unwrap();
     input.extend(converter.flush());
     // libopus's own complexity, and the device downlink's default.
-    let device = voxloop::config::AudioConfig::default().device_opus_complexity;
+    let device = voxloop::audio::AudioConfig::default().device_opus_complexity;
     for complexity in [10, device] {
         let mut encoder = FrameEncoder::new(24_000, 1, 60).unwrap();
         encoder.set_complexity(complexity).unwrap();
@@ -346,7 +345,7 @@ fn opus_round_trip_keeps_over_20_db_snr() {
         let snr = snr_db(reference, &output[start..start + reference.len()]);
         println!(
             "Opus 24 kHz mono, 60 ms frames, {} b/s, complexity {complexity}: SNR {snr:.1} dB",
-            voxloop::pipeline::opus::DEFAULT_BITRATE
+            voxloop::audio::opus::DEFAULT_BITRATE
         );
         assert!(
             snr > 20.0,
@@ -722,7 +721,7 @@ async fn an_openai_compatible_tts_endpoint_streams_speech() {
         ..TtsConfig::default()
     };
     let media = Tts::new(&config).synthesize("Good morning.").await.unwrap();
-    let mut pcm = voxloop::pipeline::decode::decode_media(media);
+    let mut pcm = voxloop::audio::decode::decode_media(media);
     let mut frames = 0;
     while let Some(block) = pcm.recv().await {
         frames += block.unwrap().frames();
@@ -745,7 +744,7 @@ fn no_sound_card_is_a_clear_error_pointing_at_output() {
 
 #[tokio::test(start_paused = true)]
 async fn device_frames_are_paced_never_more_than_the_lead_ahead() {
-    use voxloop::pipeline::sink::OpusSink;
+    use voxloop::audio::sink::OpusSink;
     let (tx, mut rx) = mpsc::channel(1024);
     let sink = OpusSink::new(24_000, 60, 64_000, Duration::from_millis(120), tx).unwrap();
     let queue = PlaybackQueue::new(Sink::Opus(sink), settings(100));
@@ -796,7 +795,7 @@ async fn device_frames_are_paced_never_more_than_the_lead_ahead() {
 
 #[tokio::test(start_paused = true)]
 async fn a_device_stream_sends_its_last_partial_frame_when_playback_ends() {
-    use voxloop::pipeline::sink::OpusSink;
+    use voxloop::audio::sink::OpusSink;
     let (tx, mut rx) = mpsc::channel(1024);
     let sink = OpusSink::new(24_000, 60, 64_000, Duration::from_millis(120), tx).unwrap();
     let queue = PlaybackQueue::new(Sink::Opus(sink), settings(100));

@@ -18,9 +18,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use voxloop::config::{Config, LlmProvider, McpServerConfig};
+use voxloop::config::Config;
 use voxloop::conversation::assistant::{Assistant, Input};
 use voxloop::device::activation::DeviceStore;
+use voxloop::llm::config::LlmProvider;
+use voxloop::tools::config::McpServerConfig;
 
 use common::*;
 
@@ -127,13 +129,20 @@ async fn device_server(store: &std::path::Path, tweak: impl FnOnce(&mut Config))
 
 /// `voxloop serve`'s HTTP API over `config`'s MCP servers; the URL of its `/mcp`.
 async fn serve_mcp(config: &Config) -> String {
-    let hub = Arc::new(voxloop::tools::hub::ToolHub::start(config).await);
+    let hub = Arc::new(voxloop::tools::hub::ToolHub::start(config.hub()).await);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let guard =
         voxloop::api::Guard::new(&config.auth, &config.server, &addr.to_string(), "api").unwrap();
-    let runtime =
-        voxloop::api::server::Runtime::new(hub, None, guard, config, Vec::new(), Vec::new());
+    let runtime = voxloop::api::server::Runtime::new(
+        hub,
+        None,
+        guard,
+        &config.server,
+        Duration::from_millis(config.tools.start_timeout_ms),
+        Vec::new(),
+        Vec::new(),
+    );
     tokio::spawn(voxloop::api::server::serve(
         listener,
         runtime,
@@ -326,9 +335,9 @@ async fn python_mcp_sdk_uses_the_duplex_server() {
 async fn python_mcp_sdk_uses_the_serve_endpoint() {
     let mut config = with_music(Config::default());
     const KEY: &str = "vxk_python_sdk_test_key";
-    config.auth.api_keys = vec![voxloop::config::ApiKeyConfig {
+    config.auth.api_keys = vec![voxloop::api::config::ApiKeyConfig {
         name: "python".into(),
-        role: voxloop::config::Role::User,
+        role: voxloop::api::config::Role::User,
         sha256: voxloop::api::auth::hash_key(KEY),
     }];
     let url = serve_mcp(&config).await;

@@ -15,8 +15,10 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use voxloop::api::Guard;
 use voxloop::api::auth::hash_key;
+use voxloop::api::config::{ApiKeyConfig, AuthConfig, JwtConfig, Role};
 use voxloop::api::server::Runtime;
-use voxloop::config::{ApiKeyConfig, AuthConfig, Config, JwtConfig, McpServerConfig, Role};
+use voxloop::config::Config;
+use voxloop::tools::config::McpServerConfig;
 use voxloop::tools::hub::ToolHub;
 
 const ADMIN_KEY: &str = "vxk_admin_key_for_tests";
@@ -142,7 +144,7 @@ fn config_named(name: &str, music_port: u16) -> Config {
 /// `voxloop serve`'s HTTP API over `config`, with the duplex tools over a tiny model when
 /// `duplex` is given; returns its base URL.
 async fn api(config: &Config, duplex: Option<&Path>) -> String {
-    let hub = Arc::new(ToolHub::start(config).await);
+    let hub = Arc::new(ToolHub::start(config.hub()).await);
     assert!(
         hub.startup_failures().is_empty(),
         "{:?}",
@@ -158,7 +160,15 @@ async fn api(config: &Config, duplex: Option<&Path>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let guard = Guard::new(&config.auth, &config.server, &addr.to_string(), "api").unwrap();
-    let runtime = Runtime::new(hub, duplex, guard, config, Vec::new(), Vec::new());
+    let runtime = Runtime::new(
+        hub,
+        duplex,
+        guard,
+        &config.server,
+        Duration::from_millis(config.tools.start_timeout_ms),
+        Vec::new(),
+        Vec::new(),
+    );
     tokio::spawn(voxloop::api::server::serve(
         listener,
         runtime,

@@ -10,12 +10,12 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use common::*;
-use voxloop::config::AsrConfig;
+use voxloop::audio::Pcm;
+use voxloop::audio::convert::Converter;
 use voxloop::models::{self, ModelError};
-use voxloop::pipeline::Pcm;
-use voxloop::pipeline::SPEECH_RATE;
-use voxloop::pipeline::asr::{Asr, AsrError, transcript_words};
-use voxloop::pipeline::convert::Converter;
+use voxloop::speech::SPEECH_RATE;
+use voxloop::speech::asr::AsrConfig;
+use voxloop::speech::asr::{Asr, AsrError, transcript_words};
 
 fn model() -> PathBuf {
     model_file("whisper-base")
@@ -40,7 +40,7 @@ fn speech(name: &str) -> Vec<f32> {
     let file = std::fs::File::open(&path).unwrap();
     let mut converter = Converter::new(SPEECH_RATE, 1);
     let mut out = Vec::new();
-    voxloop::pipeline::decode::decode(file, "audio/wav", &mut |pcm: Pcm| {
+    voxloop::audio::decode::decode(file, "audio/wav", &mut |pcm: Pcm| {
         out.extend(converter.push(&pcm).unwrap());
         true
     })
@@ -64,7 +64,7 @@ fn normalize(text: &str) -> Vec<String> {
 
 /// Word-level edit distance.
 fn word_errors(reference: &[String], hypothesis: &[String]) -> usize {
-    voxloop::pipeline::asr::edit_distance(reference, hypothesis)
+    voxloop::speech::asr::edit_distance(reference, hypothesis)
 }
 
 #[test]
@@ -281,8 +281,8 @@ fn cli_transcribes_and_lists_models() {
 
 // ---- VAD, turns, barge-in, sources ----
 
-use voxloop::config::VadConfig;
-use voxloop::pipeline::vad::{BargeIn, TurnDetector, TurnEvent, Vad};
+use voxloop::speech::vad::VadConfig;
+use voxloop::speech::vad::{BargeIn, TurnDetector, TurnEvent, Vad};
 
 #[test]
 fn two_utterances_with_a_second_of_silence_are_two_turns() {
@@ -321,8 +321,8 @@ fn two_utterances_with_a_second_of_silence_are_two_turns() {
 /// Plays `playback`, feeds `mic` in 16 ms blocks at real time (tokio's paused clock), and stops
 /// playback on barge-in. Returns when playback stopped (ms into the mic stream), if it did.
 async fn barge_in_on(mic: &[f32], playback: &[f32]) -> Option<u64> {
-    use voxloop::pipeline::queue::{PlaybackQueue, QueueSettings, SegmentKind, StopReason};
-    use voxloop::pipeline::sink::{NullSink, Sink};
+    use voxloop::audio::queue::{PlaybackQueue, QueueSettings, SegmentKind, StopReason};
+    use voxloop::audio::sink::{NullSink, Sink};
     let queue = PlaybackQueue::new(
         Sink::Null(NullSink::new(16_000, 1, true)),
         QueueSettings {
@@ -391,8 +391,9 @@ async fn the_assistants_own_voice_does_not_barge_in() {
 
 #[tokio::test]
 async fn a_devices_opus_frames_are_heard() {
-    use voxloop::pipeline::input::{SpeechInput, opus_frames};
-    use voxloop::pipeline::opus::FrameEncoder;
+    use voxloop::audio::input::opus_frames;
+    use voxloop::audio::opus::FrameEncoder;
+    use voxloop::speech::SpeechInput;
     let audio = speech("cmd_play_horizon.wav");
     let mut encoder = FrameEncoder::new(16_000, 1, 60).unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(1024);

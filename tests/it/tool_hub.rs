@@ -8,8 +8,9 @@ use std::time::Duration;
 use common::*;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-use voxloop::config::{Config, McpServerConfig, ToolsConfig};
+use voxloop::config::Config;
 use voxloop::media::MediaStream;
+use voxloop::tools::config::{McpServerConfig, ToolsConfig};
 use voxloop::tools::hub::{ToolCall, ToolHub};
 use voxloop::tools::outcome::{Action, ToolOutcome};
 use voxloop::tools::terminal::{Decision, StopReason, decide};
@@ -31,6 +32,11 @@ fn music() -> McpServerConfig {
         cwd: Some(repo_root()),
         ..McpServerConfig::default()
     }
+}
+
+/// The hub over `config`'s servers and sections.
+async fn start_hub(config: Config) -> ToolHub {
+    ToolHub::start(config.hub()).await
 }
 
 /// A config with these servers and fast limits for tests.
@@ -90,7 +96,7 @@ async fn lists_tools_of_every_server_and_skips_what_is_broken() {
         ],
         |_| {},
     );
-    let hub = ToolHub::start(&config).await;
+    let hub = ToolHub::start(config.hub()).await;
     let failures = hub.startup_failures();
     assert_eq!(failures.len(), 1);
     assert_eq!(failures[0].server, "dead");
@@ -140,13 +146,13 @@ async fn lists_tools_of_every_server_and_skips_what_is_broken() {
 #[tokio::test]
 async fn tool_listing_follows_cursors_within_bounds() {
     let count = |hub: &ToolHub| hub.tools().iter().filter(|t| t.server == "f").count();
-    let paged = ToolHub::start(&config(
+    let paged = start_hub(config(
         vec![("f", fixture(&["--tools-page-size", "3"]))],
         |_| {},
     ))
     .await;
     assert_eq!(count(&paged), 17, "every valid tool, over six pages");
-    let looping = ToolHub::start(&config(
+    let looping = start_hub(config(
         vec![("f", fixture(&["--tools-page-size", "3", "--cursor-loop"]))],
         |_| {},
     ))
@@ -156,7 +162,7 @@ async fn tool_listing_follows_cursors_within_bounds() {
         6,
         "a repeated cursor stops the listing after it repeats"
     );
-    let capped = ToolHub::start(&config(
+    let capped = start_hub(config(
         vec![("f", fixture(&["--tools-page-size", "3"]))],
         |t| t.list_max_pages = 2,
     ))
@@ -166,7 +172,7 @@ async fn tool_listing_follows_cursors_within_bounds() {
 
 #[tokio::test]
 async fn every_content_type_is_routed() {
-    let hub = ToolHub::start(&config(vec![("fixture", fixture(&[]))], |_| {})).await;
+    let hub = start_hub(config(vec![("fixture", fixture(&[]))], |_| {})).await;
 
     let outcome = call(&hub, "text", json!({})).await;
     assert_eq!(outcome.text, ["plain text result"]);
@@ -248,7 +254,7 @@ async fn every_content_type_is_routed() {
 
 #[tokio::test]
 async fn structured_responses_set_actions_and_flags() {
-    let hub = ToolHub::start(&config(vec![("fixture", fixture(&[]))], |_| {})).await;
+    let hub = start_hub(config(vec![("fixture", fixture(&[]))], |_| {})).await;
     let value =
         json!({"type": "action", "action": "set_volume", "volume": 30, "final_action": true});
     let outcome = call(&hub, "structured", json!({"value": value})).await;
@@ -313,7 +319,7 @@ async fn stream_of(hub: &ToolHub, uri: &str) -> (Vec<u8>, Option<String>) {
 async fn paged_resources_survive_bad_servers() {
     let state = tempfile::tempdir().unwrap();
     let args = ["--state-dir", state.path().to_str().unwrap()];
-    let hub = ToolHub::start(&config(vec![("fixture", fixture(&args))], |t| {
+    let hub = start_hub(config(vec![("fixture", fixture(&args))], |t| {
         t.page_bytes = 64 * 1024;
         t.page_timeout_ms = 500;
         t.page_retries = 1;
@@ -325,7 +331,7 @@ async fn paged_resources_survive_bad_servers() {
 
     // Ends that are not [DONE], short pages, a page that fails once: the whole file.
     for kind in ["empty_contents", "empty_blob", "short", "flaky"] {
-        let hub_small = ToolHub::start(&config(vec![("fixture", fixture(&[]))], |t| {
+        let hub_small = start_hub(config(vec![("fixture", fixture(&[]))], |t| {
             t.page_bytes = 64 * 1024;
             t.page_retry_backoff_ms = 1;
         }))
@@ -371,7 +377,7 @@ async fn paged_resources_survive_bad_servers() {
     }
 
     // The server exits mid-stream: reconnected once, the stream goes on from where it was.
-    let hub = ToolHub::start(&config(vec![("fixture", fixture(&args))], |t| {
+    let hub = start_hub(config(vec![("fixture", fixture(&args))], |t| {
         t.page_bytes = 64 * 1024
     }))
     .await;
@@ -383,7 +389,7 @@ async fn paged_resources_survive_bad_servers() {
 
 #[tokio::test]
 async fn cancelling_a_stream_stops_its_pager() {
-    let hub = ToolHub::start(&config(vec![("fixture", fixture(&[]))], |t| {
+    let hub = start_hub(config(vec![("fixture", fixture(&[]))], |t| {
         t.page_bytes = 16 * 1024
     }))
     .await;
@@ -410,7 +416,7 @@ async fn the_music_server_streams_over_stdio_and_http() {
         url: Some(url),
         ..McpServerConfig::default()
     };
-    let hub = ToolHub::start(&config(vec![("music", music()), ("radio", http)], |_| {})).await;
+    let hub = start_hub(config(vec![("music", music()), ("radio", http)], |_| {})).await;
     assert!(hub.startup_failures().is_empty());
     for tool in ["musicPlayer", "radio_musicPlayer"] {
         // Both servers have musicPlayer: the names clash, so both are prefixed.
@@ -433,7 +439,7 @@ async fn the_music_server_streams_over_stdio_and_http() {
 #[tokio::test]
 async fn timeouts_and_cancellation_reach_the_server() {
     let dir = tempfile::tempdir().unwrap();
-    let hub = ToolHub::start(&config(vec![("fixture", fixture(&[]))], |t| {
+    let hub = start_hub(config(vec![("fixture", fixture(&[]))], |t| {
         t.call_timeout_ms = 300
     }))
     .await;
@@ -448,7 +454,7 @@ async fn timeouts_and_cancellation_reach_the_server() {
     );
     wait_for_file(&marker).await;
 
-    let hub = ToolHub::start(&config(vec![("fixture", fixture(&[]))], |_| {})).await;
+    let hub = start_hub(config(vec![("fixture", fixture(&[]))], |_| {})).await;
     let marker = dir.path().join("cancel");
     let cancel = CancellationToken::new();
     let sleeper = ToolCall {
@@ -470,7 +476,7 @@ async fn timeouts_and_cancellation_reach_the_server() {
 
 #[tokio::test]
 async fn an_answer_over_the_message_limit_is_named_as_such_and_the_server_goes_on() {
-    let hub = ToolHub::start(&config(vec![("fixture", fixture(&[]))], |t| {
+    let hub = start_hub(config(vec![("fixture", fixture(&[]))], |t| {
         t.call_timeout_ms = 1_000;
         t.max_message_bytes = 65_536;
     }))
@@ -503,7 +509,7 @@ async fn wait_for_file(path: &std::path::Path) {
 
 #[tokio::test]
 async fn a_round_runs_concurrently_and_keeps_call_order() {
-    let hub = ToolHub::start(&config(vec![("fixture", fixture(&[]))], |_| {})).await;
+    let hub = start_hub(config(vec![("fixture", fixture(&[]))], |_| {})).await;
     let calls: Vec<ToolCall> = (0..3)
         .map(|_| ToolCall {
             name: "rendezvous".into(),
@@ -525,7 +531,7 @@ async fn a_round_runs_concurrently_and_keeps_call_order() {
 
 #[tokio::test]
 async fn a_dead_server_restarts_on_next_use() {
-    let hub = ToolHub::start(&config(vec![("fixture", fixture(&[]))], |_| {})).await;
+    let hub = start_hub(config(vec![("fixture", fixture(&[]))], |_| {})).await;
     let outcome = call(&hub, "crash", json!({})).await;
     assert!(outcome.is_error);
     assert!(outcome.text[0].contains("fixture"), "{:?}", outcome.text);
@@ -535,7 +541,7 @@ async fn a_dead_server_restarts_on_next_use() {
 
 #[tokio::test]
 async fn unknown_tools_and_bad_arguments_are_errors_for_the_llm() {
-    let hub = ToolHub::start(&config(vec![("fixture", fixture(&[]))], |_| {})).await;
+    let hub = start_hub(config(vec![("fixture", fixture(&[]))], |_| {})).await;
     let outcome = call(&hub, "no_such_tool", json!({})).await;
     assert!(outcome.is_error);
     assert!(
@@ -571,7 +577,7 @@ async fn http_servers_get_headers_and_a_bearer_token() {
         bearer_token_env: Some("VOXLOOP_TEST_FIXTURE_TOKEN".into()),
         ..McpServerConfig::default()
     };
-    let hub = ToolHub::start(&config(vec![("remote", server)], |_| {})).await;
+    let hub = start_hub(config(vec![("remote", server)], |_| {})).await;
     let outcome = call(&hub, "whoami", json!({})).await;
     assert_eq!(outcome.text, ["authorization=Bearer s3cret x-fixture=yes"]);
 
@@ -580,7 +586,7 @@ async fn http_servers_get_headers_and_a_bearer_token() {
         bearer_token_env: Some("VOXLOOP_TEST_UNSET_TOKEN".into()),
         ..McpServerConfig::default()
     };
-    let hub = ToolHub::start(&config(vec![("remote", missing)], |_| {})).await;
+    let hub = start_hub(config(vec![("remote", missing)], |_| {})).await;
     assert!(
         hub.startup_failures()[0]
             .error

@@ -5,11 +5,11 @@
 //! bad `[music]` value before it starts the server.
 
 use std::net::SocketAddr;
-use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use voxloop_paging::MAX_PAGE_BYTES;
+use voxloop_settings::{in_range, origins};
 
 /// The file name looked for in the current directory when `--config` is not given (the same
 /// file the runtime reads).
@@ -59,18 +59,9 @@ impl Default for MusicConfig {
     }
 }
 
-/// A `[music]` value of the right type but outside what is allowed. Its fields match the
-/// runtime's `ConfigError::Invalid`, which it converts into.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("config key `{key}` = {value} is not allowed: {allowed}")]
-pub struct InvalidSetting {
-    /// The dotted key, e.g. `music.max_page_bytes`.
-    pub key: String,
-    /// The value as written.
-    pub value: String,
-    /// What is allowed, with the unit.
-    pub allowed: String,
-}
+/// A `[music]` value of the right type but outside what is allowed (the settings vocabulary
+/// every voxloop config section shares).
+pub use voxloop_settings::InvalidSetting;
 
 /// Errors from [`MusicConfig::load`].
 #[derive(Debug, thiserror::Error)]
@@ -177,18 +168,7 @@ impl MusicConfig {
                 });
             }
         }
-        if let Some(origin) = self
-            .allowed_origins
-            .iter()
-            .find(|o| !(o.starts_with("http://") || o.starts_with("https://")))
-        {
-            return Err(InvalidSetting {
-                key: "music.allowed_origins".into(),
-                value: format!("{origin:?}"),
-                allowed: "an origin with its scheme, e.g. \"https://app.example:443\"".into(),
-            });
-        }
-        Ok(())
+        origins("music.allowed_origins", &self.allowed_origins)
     }
 }
 
@@ -205,24 +185,6 @@ fn is_host(s: &str) -> bool {
         || (!s.is_empty()
             && s.chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'))
-}
-
-fn in_range<T: PartialOrd + std::fmt::Display>(
-    key: &str,
-    value: T,
-    allowed: RangeInclusive<T>,
-    unit: &str,
-) -> Result<(), InvalidSetting> {
-    if allowed.contains(&value) {
-        return Ok(());
-    }
-    Err(InvalidSetting {
-        key: key.to_string(),
-        value: value.to_string(),
-        allowed: format!("from {} to {} {unit}", allowed.start(), allowed.end())
-            .trim_end()
-            .to_string(),
-    })
 }
 
 #[cfg(test)]

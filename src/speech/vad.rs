@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::SPEECH_RATE;
-use crate::config::VadConfig;
+use voxloop_settings::{InvalidSetting, in_range};
 
 /// Which detector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -337,6 +337,96 @@ impl BargeIn {
             self.run = 0;
         }
         trigger
+    }
+}
+
+/// `[vad]`: voice activity detection, end of turn and barge-in. Durations in ms.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VadConfig {
+    /// The detector: `earshot` (default) or `webrtc` (see BENCHMARKS.md for the comparison).
+    pub engine: VadEngine,
+    /// Voice probability above which a frame counts as speech (0.0..=1.0).
+    pub threshold: f32,
+    /// Silence that ends a turn.
+    pub end_silence_ms: u32,
+    /// Shorter speech is ignored (a cough, a click).
+    pub min_speech_ms: u32,
+    /// An utterance is cut at this length.
+    pub max_utterance_ms: u32,
+    /// Audio kept from before speech was detected, so the first syllable is not lost.
+    pub pre_roll_ms: u32,
+    /// Barge-in: speech must last this long during playback to stop it.
+    pub barge_in_ms: u32,
+    /// Barge-in: the microphone level must exceed the playback level times this (the assistant's
+    /// own voice through a speaker must not interrupt it).
+    pub barge_in_level_ratio: f32,
+}
+
+impl Default for VadConfig {
+    fn default() -> Self {
+        Self {
+            engine: VadEngine::Earshot,
+            threshold: 0.7,
+            end_silence_ms: 600,
+            min_speech_ms: 250,
+            max_utterance_ms: 30_000,
+            pre_roll_ms: 300,
+            barge_in_ms: 32,
+            barge_in_level_ratio: 1.5,
+        }
+    }
+}
+
+impl VadConfig {
+    /// Checks every `[vad]` value against its allowed range.
+    ///
+    /// # Errors
+    /// The first [`InvalidSetting`] found, naming the `vad.` key.
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        in_range(
+            "vad.threshold",
+            self.threshold,
+            0.0..=1.0,
+            "(a probability)",
+        )?;
+        in_range(
+            "vad.end_silence_ms",
+            self.end_silence_ms,
+            100..=10_000,
+            "milliseconds",
+        )?;
+        in_range(
+            "vad.min_speech_ms",
+            self.min_speech_ms,
+            0..=5_000,
+            "milliseconds",
+        )?;
+        in_range(
+            "vad.max_utterance_ms",
+            self.max_utterance_ms,
+            1_000..=120_000,
+            "milliseconds",
+        )?;
+        in_range(
+            "vad.pre_roll_ms",
+            self.pre_roll_ms,
+            0..=2_000,
+            "milliseconds",
+        )?;
+        in_range(
+            "vad.barge_in_ms",
+            self.barge_in_ms,
+            0..=2_000,
+            "milliseconds",
+        )?;
+        in_range(
+            "vad.barge_in_level_ratio",
+            self.barge_in_level_ratio,
+            0.0..=100.0,
+            "(a ratio)",
+        )?;
+        Ok(())
     }
 }
 

@@ -661,7 +661,7 @@ mod tests {
         // English inside Chinese is read as English.
         let ipa = chinese("打开Spotify播放", "espeak-ng").await.unwrap();
         assert!(ipa.contains("spˈɑ"), "{ipa}");
-        let tokens = crate::pipeline::kokoro::tokenize(&ipa);
+        let tokens = crate::speech::kokoro::tokenize(&ipa);
         assert_eq!(
             tokens.len(),
             ipa.chars().count(),
@@ -677,7 +677,7 @@ mod tests {
         assert_eq!(ipa.matches(',').count(), 1, "{ipa}");
         assert!(ipa.contains('!') && ipa.ends_with('.'), "{ipa}");
         assert!(ipa.contains("sˈɛvən"), "{ipa}");
-        let tokens = crate::pipeline::kokoro::tokenize(&ipa);
+        let tokens = crate::speech::kokoro::tokenize(&ipa);
         assert_eq!(tokens.len(), ipa.chars().count(), "{ipa}");
     }
 }

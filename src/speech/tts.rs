@@ -14,8 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::g2p::{G2pError, Language};
 use super::kokoro::{KokoroError, KokoroFiles};
-use crate::config::{TtsConfig, TtsProvider};
 use crate::media::{MediaError, MediaStream};
+use serde::{Deserialize, Serialize};
+use voxloop_settings::{InvalidSetting, in_range};
 
 /// Why a sentence could not be synthesized. The turn goes on without it.
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +94,7 @@ impl Tts {
     }
 
     /// The same TTS behind a circuit breaker of `config` (`[breaker]`; the default otherwise).
-    pub fn with_breaker(mut self, config: &crate::config::BreakerConfig) -> Self {
+    pub fn with_breaker(mut self, config: &crate::breaker::BreakerConfig) -> Self {
         self.breaker = crate::breaker::Breaker::new("tts", config);
         self
     }
@@ -331,7 +332,7 @@ impl Tts {
             "flac" => "audio/flac",
             _ => "audio/wav",
         };
-        Ok(super::source::media_from_response(
+        Ok(crate::audio::source::media_from_response(
             response,
             mime.into(),
             Some(text.to_string()),
@@ -358,4 +359,123 @@ fn wav_bytes(samples: &[f32], rate: u32) -> Vec<u8> {
         writer.finalize().expect("writing to memory");
     }
     cursor.into_inner()
+}
+
+/// Which TTS provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TtsProvider {
+    /// Kokoro-82M, a neural voice, offline through ONNX Runtime (`voxloop models fetch`); when
+    /// its files are missing, espeak-ng speaks instead (logged once).
+    Kokoro,
+    /// The `espeak-ng` program (offline; Debian package `espeak-ng`).
+    EspeakNg,
+    /// An OpenAI-compatible `POST {url}/audio/speech` endpoint.
+    Openai,
+}
+
+/// `[tts]`: text to speech.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TtsConfig {
+    /// `kokoro`, `espeak-ng` or `openai`.
+    pub provider: TtsProvider,
+    /// Kokoro's voice for English sentences (`af_heart`, `am_michael`, `bf_emma`, ...).
+    pub voice_en: String,
+    /// Kokoro's voice for Chinese sentences (`zf_xiaobei`, `zm_yunjian`, ...).
+    pub voice_zh: String,
+    /// The language of every sentence (`en` or `zh`); unset: each sentence's from its script
+    /// (Chinese when it holds a Han character).
+    pub language: Option<Language>,
+    /// Kokoro's speaking rate, 1.0 the voice's own (0.5..=2.0).
+    pub speed: f32,
+    /// Threads one Kokoro synthesis uses (0: one per core). Syntheses run one at a time.
+    pub threads: usize,
+    /// Voice: an espeak-ng voice or language (`en-us`, `cmn`, ...) for English sentences (and
+    /// for every sentence when `language` is set), or the endpoint's voice name. espeak-ng
+    /// speaks Chinese sentences as `cmn` (Mandarin) otherwise.
+    pub voice: String,
+    /// espeak-ng speaking rate, words per minute.
+    pub speed_wpm: u32,
+    /// The espeak-ng program.
+    pub espeak_command: String,
+    /// Base URL of the OpenAI-compatible API (up to `/v1`).
+    pub url: String,
+    /// Model name sent to the endpoint.
+    pub model: String,
+    /// Response format asked of the endpoint: `wav`, `mp3`, `opus`, `flac` or `pcm`.
+    pub format: String,
+    /// Name of the environment variable holding the API key, if the endpoint needs one.
+    pub api_key_env: Option<String>,
+    /// Time limit to connect, and for the whole request to the endpoint, in ms.
+    pub timeout_ms: u64,
+}
+
+impl Default for TtsConfig {
+    fn default() -> Self {
+        Self {
+            provider: TtsProvider::Kokoro,
+            voice_en: "af_heart".into(),
+            voice_zh: "zf_xiaobei".into(),
+            language: None,
+            speed: 1.0,
+            threads: 0,
+            voice: "en-us".into(),
+            speed_wpm: 170,
+            espeak_command: "espeak-ng".into(),
+            url: "http://127.0.0.1:8880/v1".into(),
+            model: "tts-1".into(),
+            format: "wav".into(),
+            api_key_env: None,
+            timeout_ms: 30_000,
+        }
+    }
+}
+
+impl TtsConfig {
+    /// Checks every `[tts]` value against its allowed range.
+    ///
+    /// # Errors
+    /// The first [`InvalidSetting`] found, naming the `tts.` key.
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        in_range(
+            "tts.speed_wpm",
+            self.speed_wpm,
+            80..=500,
+            "words per minute",
+        )?;
+        in_range(
+            "tts.speed",
+            self.speed,
+            0.5..=2.0,
+            "(1.0: the voice's own rate)",
+        )?;
+        in_range("tts.threads", self.threads, 0..=256, "threads")?;
+        for (key, voice) in [
+            ("tts.voice_en", &self.voice_en),
+            ("tts.voice_zh", &self.voice_zh),
+        ] {
+            if voice.is_empty() || !voice.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(InvalidSetting {
+                    key: key.into(),
+                    value: format!("{voice:?}"),
+                    allowed: "a Kokoro voice name such as af_heart or zf_xiaobei".into(),
+                });
+            }
+        }
+        in_range(
+            "tts.timeout_ms",
+            self.timeout_ms,
+            1..=600_000,
+            "milliseconds",
+        )?;
+        if !["wav", "mp3", "opus", "flac", "pcm"].contains(&self.format.as_str()) {
+            return Err(InvalidSetting {
+                key: "tts.format".into(),
+                value: format!("{:?}", self.format),
+                allowed: "wav, mp3, opus, flac or pcm".into(),
+            });
+        }
+        Ok(())
+    }
 }

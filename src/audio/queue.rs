@@ -91,7 +91,7 @@ pub struct QueueSettings {
 
 impl QueueSettings {
     /// From `[audio]`.
-    pub fn from_config(audio: &crate::config::AudioConfig) -> Self {
+    pub fn from_config(audio: &crate::audio::AudioConfig) -> Self {
         Self {
             frame_ms: audio.frame_ms,
             volume: audio.volume,
@@ -419,8 +419,8 @@ async fn play(shared: Arc<Shared>, mut sink: Sink, settings: QueueSettings) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::Pcm;
-    use crate::pipeline::sink::NullSink;
+    use crate::audio::Pcm;
+    use crate::audio::sink::NullSink;
 
     /// `voxloop play` enqueues and closes at once. The player once saw `busy` set before the
     /// segment was queued, reported `Stopped` and went idle with the segment still waiting

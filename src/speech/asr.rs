@@ -3,12 +3,12 @@
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use serde::Serialize;
 use whisper_rs::{FullParams, SamplingStrategy, WhisperContext, WhisperContextParameters};
 
 use super::SPEECH_RATE;
-use crate::config::AsrConfig;
 use crate::models::{self, ModelError};
+use serde::{Deserialize, Serialize};
+use voxloop_settings::{InvalidSetting, in_range};
 
 /// Why transcription failed.
 #[derive(Debug, thiserror::Error)]
@@ -405,6 +405,95 @@ pub fn edit_distance<T: PartialEq>(reference: &[T], hypothesis: &[T]) -> usize {
         }
     }
     row[hypothesis.len()]
+}
+
+/// `[asr]`: speech to text with whisper.cpp.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AsrConfig {
+    /// A ggml Whisper model file; default: `ggml-base.bin` in the model directory
+    /// (`voxloop models fetch whisper-base`).
+    pub model: Option<PathBuf>,
+    /// Spoken language: a code such as `en` (the default) or `zh`, or `auto` (detect; about
+    /// 1.4 s more per utterance on 2 cores).
+    pub language: String,
+    /// CPU threads for whisper.cpp.
+    pub threads: u32,
+    /// Beam search width; 0 or 1 for greedy decoding (the default). Width 5 missed fewer words
+    /// of the assistant bench's espeak-ng requests (23.9 % against 27.9 %) but, with the fitted
+    /// encoder context, wrote a LibriVox sentence twice and raised tests/it/speech.rs's WER on
+    /// human speech past its 10 % bound (BENCHMARKS.md).
+    pub beam_size: u32,
+    /// Run whisper's encoder over the utterance's length instead of a full 30 s window (much
+    /// faster for short commands; see BENCHMARKS.md for the accuracy cost).
+    pub fit_context: bool,
+    /// Bias whisper towards the words of the moment: its initial prompt lists the titles of the
+    /// resources the MCP servers list ([`crate::speech::asr::vocabulary_prompt`]). Off by
+    /// default: with whisper base it cut the title words missed from 31.8 % to 4.5 %, but
+    /// whisper also wrote prompt words into other requests, and whole turns were right less
+    /// often (28 against 30 of 45; BENCHMARKS.md).
+    pub vocabulary_prompt: bool,
+    /// Longest vocabulary prompt in characters (0..=1000; whisper keeps at most 223 tokens of it).
+    pub prompt_max_chars: u32,
+    /// Text whisper takes to precede every utterance (its initial prompt; the vocabulary prompt,
+    /// when on, follows it), which tells the decoder what kind of speech to expect; at most 200
+    /// characters, "" for none. Default: [`crate::speech::asr::ASSISTANT_CONTEXT`] when
+    /// `language` is `en`, none for other languages. On the assistant bench's spoken requests it
+    /// cut whisper base's word error rate from 27.9 % to 23.4 %, with no loss on the human
+    /// recordings of `assets/speech` (BENCHMARKS.md).
+    pub context_prompt: Option<String>,
+}
+
+impl Default for AsrConfig {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get() as u32);
+        Self {
+            model: None,
+            language: "en".into(),
+            threads: cores.min(8),
+            beam_size: 0,
+            fit_context: true,
+            vocabulary_prompt: false,
+            prompt_max_chars: 600,
+            context_prompt: None,
+        }
+    }
+}
+
+impl AsrConfig {
+    /// Checks every `[asr]` value against its allowed range.
+    ///
+    /// # Errors
+    /// The first [`InvalidSetting`] found, naming the `asr.` key.
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        in_range("asr.threads", self.threads, 1..=64, "threads")?;
+        in_range("asr.beam_size", self.beam_size, 0..=16, "beams")?;
+        in_range(
+            "asr.prompt_max_chars",
+            self.prompt_max_chars,
+            0..=1000,
+            "characters",
+        )?;
+        if let Some(prompt) = &self.context_prompt {
+            in_range(
+                "asr.context_prompt (length)",
+                prompt.chars().count(),
+                0..=200,
+                "characters",
+            )?;
+        }
+        let lang = &self.language;
+        if !(lang == "auto"
+            || (2..=3).contains(&lang.len()) && lang.chars().all(|c| c.is_ascii_lowercase()))
+        {
+            return Err(InvalidSetting {
+                key: "asr.language".into(),
+                value: format!("{lang:?}"),
+                allowed: "\"auto\" or a language code such as \"en\" or \"zh\"".into(),
+            });
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
-//! Speech sources: the microphone (cpal), and a device's stream of Opus frames (16 kHz mono,
+//! Live sources: the microphone (cpal), and a device's stream of Opus frames (16 kHz mono,
 //! 60 ms, ARCHITECTURE §5). Audio files go through [`super::source`]. Every source yields [`Pcm`]
-//! blocks; [`SpeechInput`] turns any of them into 16 kHz mono for the VAD and ASR.
+//! blocks; `speech::SpeechInput` turns any of them into 16 kHz mono for the VAD and ASR.
 
 use std::sync::mpsc as std_mpsc;
 
@@ -8,8 +8,6 @@ use cpal::traits::{DeviceTrait as _, HostTrait as _, StreamTrait as _};
 use tokio::sync::mpsc;
 
 use super::Pcm;
-use super::SPEECH_RATE;
-use super::convert::{ConvertError, Converter};
 use super::opus::FrameDecoder;
 
 /// Why a source cannot start.
@@ -135,32 +133,4 @@ pub fn opus_frames(
         }
     });
     Ok(rx)
-}
-
-/// Converts blocks of any format to 16 kHz mono for the VAD and ASR.
-pub struct SpeechInput {
-    converter: Converter,
-}
-
-impl Default for SpeechInput {
-    fn default() -> Self {
-        Self {
-            converter: Converter::new(SPEECH_RATE, 1),
-        }
-    }
-}
-
-impl SpeechInput {
-    /// 16 kHz mono samples for `pcm` (the resampler may hold some back until more arrives).
-    ///
-    /// # Errors
-    /// [`ConvertError`] for a rate that cannot be resampled.
-    pub fn push(&mut self, pcm: &Pcm) -> Result<Vec<f32>, ConvertError> {
-        self.converter.push(pcm)
-    }
-
-    /// The rest, at the end of the stream.
-    pub fn finish(&mut self) -> Vec<f32> {
-        self.converter.flush()
-    }
 }
