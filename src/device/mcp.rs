@@ -1,21 +1,32 @@
 //! Device-side MCP (ARCHITECTURE §5): the device is an MCP server reached through the session's
-//! WebSocket, JSON-RPC 2.0 inside `{type:"mcp", payload}`. After the hello the server sends
-//! `initialize`, `notifications/initialized`, then pages `tools/list` by `nextCursor`; the
-//! device's tools (`self.audio_speaker.set_volume {volume}`, `self.get_device_status`, ...) are
-//! offered to the LLM as `device_` plus the name with every character the chat API refuses
-//! (outside `[a-zA-Z0-9_-]`) made `_`. Calls go out as `tools/call` and fail after
-//! `[device] mcp_request_timeout_ms`; a cancelled call is followed by `notifications/cancelled`
-//! (MCP spec, "Cancellation"). Notifications from the device (no `id`) are accepted and logged.
+//! WebSocket, JSON-RPC 2.0 inside `{type:"mcp", payload}`. The client is rmcp's, over a
+//! transport made of the session's messages ([`DeviceMcp::on_payload`] in, the session's writer
+//! out): after the hello it sends `initialize` (protocol version 2024-11-05, the one the
+//! xiaozhi-esp32 firmware answers with), `notifications/initialized`, then pages `tools/list`
+//! by `nextCursor`; the device's tools (`self.audio_speaker.set_volume {volume}`,
+//! `self.get_device_status`, ...) are offered to the LLM as `device_` plus the name with every
+//! character the chat API refuses (outside `[a-zA-Z0-9_-]`) made `_`. Calls go out as
+//! `tools/call` and fail after `[device] mcp_request_timeout_ms`; a cancelled or timed-out
+//! call is followed by `notifications/cancelled` (MCP spec, "Cancellation"). The device's own
+//! requests (`ping`) and notifications are handled by rmcp.
+//!
+//! One thing rmcp's typed client cannot say: the firmware (and the xiaozhi-sdk) read where to
+//! post camera images from a non-standard `capabilities.vision {url, token}` in `initialize`
+//! (the firmware's `mcp_server.cc`). The transport adds it to the `initialize` it carries.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ws::Message;
-use rmcp::model::{CallToolResult, JsonObject};
+use rmcp::ServiceExt as _;
+use rmcp::model::{
+    CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig, ClientJsonRpcMessage,
+    Implementation, JsonObject, PaginatedRequestParams, ProtocolVersion, ServerJsonRpcMessage,
+};
+use rmcp::service::{ClientInitializeError, RoleClient, RunningService, ServiceError};
+use rmcp::transport::Transport;
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OnceCell, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::protocol::ServerMessage;
@@ -31,12 +42,15 @@ pub const DEVICE_PREFIX: &str = "device_";
 /// MCP protocol version sent in `initialize` (the one the xiaozhi-esp32 firmware answers with).
 pub const PROTOCOL_VERSION: &str = "2024-11-05";
 
-type Reply = Result<Value, DeviceMcpError>;
+/// Messages from the device waiting for the client (a burst of `tools/list` pages and
+/// notifications); past it a device's messages are dropped, so the session's receive loop
+/// never waits on MCP.
+const INCOMING_CAPACITY: usize = 64;
 
 /// Why a request to a device's MCP server got no result.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum DeviceMcpError {
-    /// The device session ended before the answer.
+    /// The device session ended before the answer (or before the client started).
     #[error("the device session has ended")]
     SessionEnded,
     /// No answer within `[device] mcp_request_timeout_ms`.
@@ -71,192 +85,158 @@ pub enum DeviceMcpError {
 }
 
 /// The MCP client side of one device session. Shared by the session's receive loop (which
-/// hands it every `mcp` payload) and its turn task (which makes requests).
+/// hands it every `mcp` payload) and its turn task (which lists and calls the tools).
 pub struct DeviceMcp {
     session_id: String,
-    out: mpsc::Sender<Message>,
     timeout: Duration,
     pager: PagerSettings,
-    next_id: AtomicU64,
-    pending: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
+    incoming: mpsc::Sender<ServerJsonRpcMessage>,
+    /// The transport until [`DeviceMcp::discover`] starts the client on it.
+    transport: Mutex<Option<DeviceTransport>>,
+    client: OnceCell<RunningService<RoleClient, ClientConfig>>,
+}
+
+/// The session's messages as an rmcp transport: JSON-RPC out as `{type:"mcp", payload}` text
+/// frames on the session's writer, in from [`DeviceMcp::on_payload`].
+struct DeviceTransport {
+    session_id: String,
+    out: mpsc::Sender<Message>,
+    incoming: mpsc::Receiver<ServerJsonRpcMessage>,
+    /// `capabilities.vision {url, token}` for the `initialize` request.
+    vision: Option<Value>,
+}
+
+impl Transport<RoleClient> for DeviceTransport {
+    type Error = DeviceMcpError;
+
+    fn send(
+        &mut self,
+        item: ClientJsonRpcMessage,
+    ) -> impl Future<Output = Result<(), DeviceMcpError>> + Send + 'static {
+        let mut payload = serde_json::to_value(&item).unwrap_or(Value::Null);
+        if payload["method"] == "initialize"
+            && let (Some(vision), Some(capabilities)) = (
+                &self.vision,
+                payload["params"]["capabilities"].as_object_mut(),
+            )
+        {
+            capabilities.insert("vision".into(), vision.clone());
+        }
+        let message = ServerMessage::Mcp {
+            session_id: self.session_id.clone(),
+            payload,
+        };
+        let out = self.out.clone();
+        async move {
+            out.send(Message::Text(message.to_json().into()))
+                .await
+                .map_err(|_| DeviceMcpError::SessionEnded)
+        }
+    }
+
+    fn receive(&mut self) -> impl Future<Output = Option<ServerJsonRpcMessage>> + Send {
+        self.incoming.recv()
+    }
+
+    async fn close(&mut self) -> Result<(), DeviceMcpError> {
+        self.incoming.close();
+        Ok(())
+    }
 }
 
 impl DeviceMcp {
     /// A client that sends through the session's writer `out`; `timeout` bounds each request;
-    /// `pager` limits what a result's resource links may read.
+    /// `pager` limits what a result's resource links may read. Nothing is sent until
+    /// [`DeviceMcp::discover`].
     pub fn new(
         session_id: String,
         out: mpsc::Sender<Message>,
         timeout: Duration,
         pager: PagerSettings,
     ) -> Arc<Self> {
+        let (incoming, rx) = mpsc::channel(INCOMING_CAPACITY);
         Arc::new(Self {
+            transport: Mutex::new(Some(DeviceTransport {
+                session_id: session_id.clone(),
+                out,
+                incoming: rx,
+                vision: None,
+            })),
             session_id,
-            out,
             timeout,
             pager,
-            next_id: AtomicU64::new(1),
-            pending: Mutex::new(HashMap::new()),
+            incoming,
+            client: OnceCell::new(),
         })
     }
 
-    async fn send(&self, payload: Value) -> Result<(), DeviceMcpError> {
-        let message = ServerMessage::Mcp {
-            session_id: self.session_id.clone(),
-            payload,
-        };
-        self.out
-            .send(Message::Text(message.to_json().into()))
-            .await
-            .map_err(|_| DeviceMcpError::SessionEnded)
-    }
-
-    /// Sends a request and waits for its response.
-    ///
-    /// # Errors
-    /// [`DeviceMcpError`]: the device's JSON-RPC `error`, no answer within the timeout, the
-    /// session ending, or `cancel` (then `notifications/cancelled` is sent).
-    pub async fn request(
-        &self,
-        method: &str,
-        params: Value,
-        cancel: &CancellationToken,
-    ) -> Result<Value, DeviceMcpError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.pending.lock().expect("pending lock").insert(id, tx);
-        let payload = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
-        if let Err(e) = self.send(payload).await {
-            self.forget(id);
-            return Err(e);
-        }
-        let result = tokio::select! {
-            r = tokio::time::timeout(self.timeout, rx) => match r {
-                Ok(Ok(reply)) => reply,
-                Ok(Err(_)) => Err(DeviceMcpError::SessionEnded),
-                Err(_) => Err(DeviceMcpError::Timeout {
-                    method: method.to_string(),
-                    timeout_ms: self.timeout.as_millis() as u64,
-                }),
-            },
-            _ = cancel.cancelled() => {
-                let note = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
-                    "params": {"requestId": id, "reason": "barge-in"}});
-                let _ = self.send(note).await;
-                Err(DeviceMcpError::Cancelled)
-            }
-        };
-        self.forget(id);
-        result
-    }
-
-    fn forget(&self, id: u64) {
-        self.pending.lock().expect("pending lock").remove(&id);
-    }
-
-    /// One `mcp` payload from the device: a response completes its request; a notification is
-    /// logged; a request (the device asking us) is answered with "method not found" (-32601).
-    pub async fn on_payload(&self, payload: Value) {
-        let id = payload.get("id").and_then(Value::as_u64);
-        let method = payload.get("method").and_then(Value::as_str);
-        match (id, method) {
-            (Some(id), None) => {
-                let reply = match (payload.get("result"), payload.get("error")) {
-                    (Some(result), _) => Ok(result.clone()),
-                    (None, Some(error)) => Err(DeviceMcpError::Rpc {
-                        code: error.get("code").and_then(Value::as_i64).unwrap_or(0),
-                        message: error
-                            .get("message")
-                            .and_then(Value::as_str)
-                            .unwrap_or("(no message)")
-                            .to_string(),
-                    }),
-                    (None, None) => Err(DeviceMcpError::Malformed {
-                        method: "a request".into(),
-                        reason: "the response has neither result nor error".into(),
-                    }),
-                };
-                let waiter = self.pending.lock().expect("pending lock").remove(&id);
-                match waiter {
-                    Some(tx) => {
-                        let _ = tx.send(reply);
-                    }
-                    None => {
-                        tracing::warn!(session = %self.session_id, id, "device MCP response to no pending request")
-                    }
+    /// One `mcp` payload from the device, handed to the client: a response completes its
+    /// request, a request (`ping`) is answered, a notification is taken. A payload that is not
+    /// JSON-RPC is logged and dropped (a request it answered then times out).
+    pub fn on_payload(&self, payload: Value) {
+        match serde_json::from_value::<ServerJsonRpcMessage>(payload) {
+            Ok(message) => match self.incoming.try_send(message) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::warn!(session = %self.session_id, capacity = INCOMING_CAPACITY, "device MCP messages arrive faster than they are read; dropped")
                 }
-            }
-            (None, Some(method)) => {
-                tracing::info!(session = %self.session_id, method, "device MCP notification");
-            }
-            (Some(id), Some(method)) => {
-                tracing::info!(session = %self.session_id, method, "device MCP request refused");
-                let answer = json!({"jsonrpc": "2.0", "id": id,
-                    "error": {"code": -32601, "message": format!("method {method} not found")}});
-                let _ = self.send(answer).await;
-            }
-            (None, None) => {
-                tracing::warn!(session = %self.session_id, %payload, "device MCP payload is not JSON-RPC");
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    tracing::debug!(session = %self.session_id, "device MCP message after the client ended")
+                }
+            },
+            Err(e) => {
+                tracing::warn!(session = %self.session_id, error = %e, "device MCP payload is not JSON-RPC; dropped")
             }
         }
     }
 
-    /// `initialize` (with `capabilities.vision {url, token}` when `vision` gives them: where the
-    /// device's camera tool posts images, as the firmware and the xiaozhi-sdk expect),
-    /// `notifications/initialized`, then `tools/list` page after page (at most `max_pages`).
-    /// The tools come back as offered to the LLM.
+    /// Starts the client: `initialize` (with `capabilities.vision {url, token}` when `vision`
+    /// gives them: where the device's camera tool posts images, as the firmware and the
+    /// xiaozhi-sdk expect), `notifications/initialized`, then `tools/list` page after page (at
+    /// most `max_pages`). The tools come back as offered to the LLM. Runs once a session.
     ///
     /// # Errors
-    /// A request that fails (see [`DeviceMcp::request`]), or [`DeviceMcpError::Malformed`] for a
-    /// `tools/list` result without a `tools` array.
+    /// [`DeviceMcpError`]: no answer within the timeout, a JSON-RPC error, an answer that is
+    /// not `initialize`'s or `tools/list`'s result, the session ending, or a second call.
     pub async fn discover(
         &self,
         max_pages: u32,
         vision: Option<(&str, &str)>,
     ) -> Result<Vec<ToolSpec>, DeviceMcpError> {
-        let never = CancellationToken::new();
-        let capabilities = match vision {
-            Some((url, token)) => json!({"vision": {"url": url, "token": token}}),
-            None => json!({}),
-        };
-        let params = json!({
-            "protocolVersion": PROTOCOL_VERSION,
-            "capabilities": capabilities,
-            "clientInfo": {"name": "voxloop", "version": env!("CARGO_PKG_VERSION")},
-        });
-        self.request("initialize", params, &never).await?;
-        self.send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
-            .await?;
+        let mut transport = self
+            .transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or(DeviceMcpError::SessionEnded)?;
+        transport.vision = vision.map(|(url, token)| json!({"url": url, "token": token}));
+        let info = ClientConfig::new(
+            ClientCapabilities::default(),
+            Implementation::new("voxloop", env!("CARGO_PKG_VERSION")),
+        )
+        .with_protocol_version(ProtocolVersion::V_2024_11_05);
+        let client = tokio::time::timeout(self.timeout, info.serve(transport))
+            .await
+            .map_err(|_| self.timed_out("initialize"))?
+            .map_err(initialize_error)?;
+        let client = self.client.get_or_init(|| async move { client }).await;
         let mut tools = Vec::new();
         let mut cursor: Option<String> = None;
         for _ in 0..max_pages {
-            let params = match &cursor {
-                Some(c) => json!({"cursor": c}),
-                None => json!({}),
-            };
-            let page = self.request("tools/list", params, &never).await?;
-            let listed = page.get("tools").and_then(Value::as_array).ok_or_else(|| {
-                DeviceMcpError::Malformed {
-                    method: "tools/list".into(),
-                    reason: "no tools array".into(),
-                }
-            })?;
-            for tool in listed {
-                match device_tool(tool) {
-                    Some(spec) if tools.iter().any(|t: &ToolSpec| t.name == spec.name) => {
-                        tracing::warn!(session = %self.session_id, tool = %spec.tool, "device tool name taken; skipped");
-                    }
-                    Some(spec) => tools.push(spec),
-                    None => {
-                        tracing::warn!(session = %self.session_id, %tool, "device tool without a name; skipped")
-                    }
+            let params = PaginatedRequestParams::default().with_cursor(cursor.take());
+            let page = tokio::time::timeout(self.timeout, client.list_tools(Some(params)))
+                .await
+                .map_err(|_| self.timed_out("tools/list"))?
+                .map_err(|e| service_error("tools/list", e))?;
+            for tool in page.tools {
+                let spec = device_tool(tool);
+                if tools.iter().any(|t: &ToolSpec| t.name == spec.name) {
+                    tracing::warn!(session = %self.session_id, tool = %spec.tool, "device tool name taken; skipped");
+                } else {
+                    tools.push(spec);
                 }
             }
-            cursor = page
-                .get("nextCursor")
-                .and_then(Value::as_str)
-                .filter(|c| !c.is_empty())
-                .map(str::to_string);
+            cursor = page.next_cursor.filter(|c| !c.is_empty());
             if cursor.is_none() {
                 return Ok(tools);
             }
@@ -265,28 +245,72 @@ impl DeviceMcp {
         Ok(tools)
     }
 
-    /// One `tools/call` on the device, its answer read as a `CallToolResult`.
+    /// One `tools/call` on the device. Dropping the request (timeout, `cancel`) makes rmcp send
+    /// `notifications/cancelled`.
     async fn call_result(
         &self,
         tool: &str,
         arguments: JsonObject,
         cancel: &CancellationToken,
     ) -> Result<CallToolResult, DeviceMcpError> {
-        let params = json!({"name": tool, "arguments": arguments});
+        let client = self.client.get().ok_or(DeviceMcpError::SessionEnded)?;
+        let params = CallToolRequestParams::new(tool.to_string()).with_arguments(arguments);
         let started = std::time::Instant::now();
-        let result = self
-            .request("tools/call", params, cancel)
-            .await
-            .inspect_err(|e| {
-                tracing::warn!(session = %self.session_id, %tool, error = %e, "device tool call failed");
-            })?;
-        let result: CallToolResult =
-            serde_json::from_value(result).map_err(|e| DeviceMcpError::Malformed {
-                method: "tools/call".into(),
-                reason: format!("not a CallToolResult: {e}"),
-            })?;
-        tracing::info!(session = %self.session_id, %tool, ms = started.elapsed().as_millis() as u64, error = result.is_error == Some(true), "device tool call");
-        Ok(result)
+        let result = tokio::select! {
+            r = tokio::time::timeout(self.timeout, client.call_tool(params)) => match r {
+                Err(_) => Err(self.timed_out("tools/call")),
+                Ok(r) => r.map_err(|e| service_error("tools/call", e)),
+            },
+            _ = cancel.cancelled() => Err(DeviceMcpError::Cancelled),
+        };
+        match &result {
+            Ok(r) => {
+                tracing::info!(session = %self.session_id, %tool, ms = started.elapsed().as_millis() as u64, error = r.is_error == Some(true), "device tool call")
+            }
+            Err(e) => {
+                tracing::warn!(session = %self.session_id, %tool, error = %e, "device tool call failed")
+            }
+        }
+        result
+    }
+
+    fn timed_out(&self, method: &str) -> DeviceMcpError {
+        DeviceMcpError::Timeout {
+            method: method.into(),
+            timeout_ms: self.timeout.as_millis() as u64,
+        }
+    }
+}
+
+fn initialize_error(e: ClientInitializeError) -> DeviceMcpError {
+    match e {
+        ClientInitializeError::JsonRpcError(e) => DeviceMcpError::Rpc {
+            code: i64::from(e.code.0),
+            message: e.message.to_string(),
+        },
+        ClientInitializeError::ConnectionClosed(_)
+        | ClientInitializeError::TransportError { .. } => DeviceMcpError::SessionEnded,
+        e => DeviceMcpError::Malformed {
+            method: "initialize".into(),
+            reason: e.to_string(),
+        },
+    }
+}
+
+fn service_error(method: &str, e: ServiceError) -> DeviceMcpError {
+    match e {
+        ServiceError::McpError(e) => DeviceMcpError::Rpc {
+            code: i64::from(e.code.0),
+            message: e.message.to_string(),
+        },
+        ServiceError::TransportClosed | ServiceError::TransportSend(_) => {
+            DeviceMcpError::SessionEnded
+        }
+        ServiceError::Cancelled { .. } => DeviceMcpError::Cancelled,
+        e => DeviceMcpError::Malformed {
+            method: method.into(),
+            reason: e.to_string(),
+        },
     }
 }
 
@@ -338,23 +362,14 @@ pub fn offered_name(name: &str) -> String {
     offered
 }
 
-fn device_tool(tool: &Value) -> Option<ToolSpec> {
-    let name = tool.get("name")?.as_str()?;
-    let schema = match tool.get("inputSchema") {
-        Some(Value::Object(schema)) => schema.clone(),
-        _ => JsonObject::from_iter([("type".to_string(), json!("object"))]),
-    };
-    Some(ToolSpec {
-        name: offered_name(name),
+fn device_tool(tool: rmcp::model::Tool) -> ToolSpec {
+    ToolSpec {
+        name: offered_name(&tool.name),
         server: DEVICE_SERVER.into(),
-        tool: name.to_string(),
-        description: tool
-            .get("description")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string(),
-        input_schema: Arc::new(schema),
-    })
+        tool: tool.name.to_string(),
+        description: tool.description.map(|d| d.to_string()).unwrap_or_default(),
+        input_schema: tool.input_schema,
+    }
 }
 
 #[cfg(test)]

@@ -328,7 +328,7 @@ impl DeviceConversation {
     /// An `mcp` payload from the device (a response to one of our requests, or a notification).
     pub async fn mcp(&mut self, payload: serde_json::Value) {
         match &self.mcp {
-            Some(mcp) => mcp.on_payload(payload).await,
+            Some(mcp) => mcp.on_payload(payload),
             None => {
                 tracing::info!(session = %self.session_id, "mcp message from a device that did not announce features.mcp; ignored")
             }

@@ -400,7 +400,7 @@ async fn manual_mode_ends_the_turn_at_listen_stop() {
 /// The device's side of device-side MCP, as the xiaozhi-esp32 firmware answers: `initialize`,
 /// `tools/list` in two pages (a `nextCursor` after the first), and `tools/call` (answered with
 /// `true`, as the firmware's set_volume does, unless `answer_calls` is false). Returns the
-/// calls' params.
+/// calls' params, and `{cancelled: requestId}` for a `notifications/cancelled`.
 async fn device_mcp(socket: &mut Socket, payload: &Value, answer_calls: bool) -> Option<Value> {
     let id = payload.get("id").cloned();
     let result = match payload["method"].as_str().unwrap() {
@@ -436,7 +436,16 @@ async fn device_mcp(socket: &mut Socket, payload: &Value, answer_calls: bool) ->
                     .await
                     .unwrap();
             }
-            return Some(payload["params"].clone());
+            // rmcp asks for progress with `_meta.progressToken` (MCP "Progress"); the firmware
+            // ignores it.
+            let mut params = payload["params"].clone();
+            params.as_object_mut().unwrap().remove("_meta");
+            return Some(params);
+        }
+        // A call given up on (timeout, barge-in) is followed by its cancellation.
+        "notifications/cancelled" => {
+            assert!(id.is_none());
+            return Some(json!({"cancelled": payload["params"]["requestId"]}));
         }
         other => panic!("unexpected device MCP method {other}"),
     };
@@ -581,7 +590,10 @@ async fn a_device_tool_call_without_an_answer_times_out_and_the_llm_hears_why() 
     answer_discovery(&mut socket).await;
     say(&mut socket, ProtocolVersion::V1, "cmd_set_volume_30.wav").await;
     let (calls, sentences) = converse_with_mcp(&mut socket, false).await;
-    assert_eq!(calls.len(), 1);
+    // The call, then its cancellation once the server gave up on it.
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls[0]["name"], "self.audio_speaker.set_volume");
+    assert!(calls[1]["cancelled"].is_number(), "{calls:?}");
     assert_eq!(sentences, ["Sorry, the speaker did not respond."]);
     let requests = requests.lock().unwrap().clone();
     let tool_message = requests[1]["messages"]
