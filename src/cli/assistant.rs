@@ -12,6 +12,7 @@ use super::audio::open_sink;
 use super::audio::queue_for;
 use voxloop::config::Config;
 use voxloop::conversation::assistant::{Assistant, Input};
+use voxloop::conversation::turns::{Job, TurnObserver, Turns};
 use voxloop::conversation::{Conversation, TurnReport};
 
 /// Starts the assistant ([`Assistant::start`]); the MCP servers that failed to start are named
@@ -126,14 +127,40 @@ pub(crate) async fn speech_source(
     }
 }
 
+/// `voxloop run`'s side of each turn: the report printed; a turn that asks to exit (a goodbye)
+/// ends the run.
+struct Printer {
+    json: bool,
+    /// After each turn: whether it asked to exit.
+    done: tokio::sync::mpsc::Sender<bool>,
+}
+
+impl TurnObserver for Printer {
+    async fn started(&mut self, _job: &Job) -> bool {
+        true
+    }
+
+    async fn finished(
+        &mut self,
+        conversation: &Conversation,
+        report: Option<TurnReport>,
+        _cancel: &CancellationToken,
+    ) -> bool {
+        if let Some(report) = report {
+            print_turn(&report, self.json);
+        }
+        let exit = conversation.exit_requested();
+        let _ = self.done.send(exit).await;
+        !exit
+    }
+}
+
 pub(crate) async fn run(
     config: &Config,
     input: Option<&Path>,
     output: Option<&Path>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
     use voxloop::audio::queue::StopReason as QueueStop;
     use voxloop::conversation::voice::{Output, VoiceInput, transcribe};
     let assistant = start_assistant(config, Input::Speech).await?;
@@ -141,7 +168,7 @@ pub(crate) async fn run(
         .asr
         .clone()
         .context("the assistant was started without ASR")?;
-    let mut conversation = open_conversation(&assistant, output).await?;
+    let conversation = open_conversation(&assistant, output).await?;
     let prompt = conversation.asr_prompt(&config.asr).await;
     let (mut blocks, _microphone) = speech_source(input, None).await?;
     let mut voice = VoiceInput::new(&config.vad);
@@ -150,25 +177,14 @@ pub(crate) async fn run(
 
     // Turns run on their own task, so that the microphone is heard while the model thinks, a
     // tool runs or a reply plays: speech then cancels the turn (barge-in).
-    let (turn_tx, mut turn_rx) = tokio::sync::mpsc::channel::<(String, u64, CancellationToken)>(4);
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<bool>(4);
-    let turn_running = Arc::new(AtomicBool::new(false));
-    let running = turn_running.clone();
-    let turn_task = tokio::spawn(async move {
-        while let Some((text, asr_ms, cancel)) = turn_rx.recv().await {
-            let mut report = conversation.turn(&text, &cancel).await;
-            report.asr_ms = Some(asr_ms);
-            running.store(false, Ordering::SeqCst);
-            print_turn(&report, json);
-            let exit = conversation.exit_requested();
-            let _ = done_tx.send(exit).await;
-            if exit {
-                break;
-            }
-        }
-        conversation
-    });
-    let mut current_turn = CancellationToken::new();
+    let mut turns = Turns::start(
+        conversation,
+        Printer {
+            json,
+            done: done_tx,
+        },
+    );
     'blocks: loop {
         let block = tokio::select! {
             block = blocks.recv() => block,
@@ -179,14 +195,14 @@ pub(crate) async fn run(
         // From a microphone, speech over the assistant (thinking, calling a tool, or playing)
         // interrupts it.
         let output = from_microphone.then(|| Output {
-            busy: queue.is_busy() || turn_running.load(Ordering::SeqCst),
+            busy: queue.is_busy() || turns.is_running(),
             level: queue.output_level(),
         });
         let utterances = match block {
             Some(pcm) => {
                 let heard = voice.push(&pcm, output)?;
                 if heard.barge_in {
-                    current_turn.cancel();
+                    turns.cancel();
                     queue.stop(QueueStop::BargeIn).await;
                 }
                 heard.utterances
@@ -200,14 +216,11 @@ pub(crate) async fn run(
                 continue;
             }
             // A new request supersedes a turn still running.
-            current_turn.cancel();
-            current_turn = CancellationToken::new();
-            turn_running.store(true, Ordering::SeqCst);
-            if turn_tx
-                .send((transcript.text, asr_ms, current_turn.clone()))
-                .await
-                .is_err()
-            {
+            let job = Job::Turn {
+                text: transcript.text,
+                asr_ms: Some(asr_ms),
+            };
+            if !turns.submit(job).await {
                 break 'blocks;
             }
             // A file's utterances are turns one after another.
@@ -219,8 +232,7 @@ pub(crate) async fn run(
             break;
         }
     }
-    drop(turn_tx);
-    let conversation = turn_task.await?;
+    let conversation = turns.finish().await?;
     finish_playback(conversation.queue().clone(), None, output, false).await
 }
 

@@ -7,6 +7,7 @@
 pub mod assistant;
 pub mod intent;
 pub mod reply;
+pub mod turns;
 pub mod voice;
 
 use std::sync::Arc;

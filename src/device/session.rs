@@ -21,8 +21,11 @@ use crate::audio::queue::{
 };
 use crate::audio::sink::{OpusSink, Sink, SinkError};
 use crate::conversation::assistant::Assistant;
+use crate::conversation::turns::{Job, TurnObserver, Turns};
 use crate::conversation::voice::{Output, VoiceInput, transcribe};
+use crate::conversation::{Conversation, TurnReport};
 use crate::speech::SPEECH_RATE;
+use crate::speech::asr::AsrConfig;
 
 /// Why a device session's audio failed.
 #[derive(Debug, thiserror::Error)]
@@ -50,12 +53,89 @@ pub struct SessionOptions {
     pub vision: Option<(String, String)>,
 }
 
-/// What the turn task does next.
-enum Job {
-    /// A turn on what was heard.
-    Turn(String),
-    /// Speak this text (the activation message); no model, no tools.
-    Say(String),
+/// A device session around each turn: before it, `llm {emotion}` and `tts start`; after it,
+/// once the reply has played (or the turn was cancelled), `tts stop`. Before the first turn,
+/// the device's own tools are listed and offered (device-side MCP), whisper gets its
+/// vocabulary prompt and the model warms up.
+struct DeviceTurns {
+    session_id: String,
+    out: mpsc::Sender<Message>,
+    queue: PlaybackQueue,
+    mcp: Option<Arc<DeviceMcp>>,
+    max_pages: u32,
+    vision: Option<(String, String)>,
+    /// A device waiting for activation: it only hears its code, so no prompt, no warm-up.
+    speaks_only: bool,
+    asr: AsrConfig,
+    asr_prompt: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl DeviceTurns {
+    fn tts(&self, state: TtsState) -> Message {
+        text(ServerMessage::Tts {
+            session_id: self.session_id.clone(),
+            state,
+            text: None,
+        })
+    }
+}
+
+impl TurnObserver for DeviceTurns {
+    async fn prepare(&mut self, conversation: &mut Conversation) {
+        if let Some(mcp) = &self.mcp {
+            let vision = self.vision.as_ref().map(|(u, t)| (u.as_str(), t.as_str()));
+            match mcp.discover(self.max_pages, vision).await {
+                Ok(tools) => {
+                    let names: Vec<&str> = tools.iter().map(|t| t.tool.as_str()).collect();
+                    tracing::info!(session = %self.session_id, tools = ?names, "device tools");
+                    conversation.add_tool_source(mcp.clone(), tools);
+                }
+                Err(e) => {
+                    tracing::warn!(session = %self.session_id, error = %e, "device tools unavailable")
+                }
+            }
+        }
+        if !self.speaks_only {
+            let prompt = conversation.asr_prompt(&self.asr).await;
+            *self.asr_prompt.lock().unwrap_or_else(|e| e.into_inner()) = prompt;
+            conversation.warm_up().await;
+        }
+    }
+
+    async fn started(&mut self, _job: &Job) -> bool {
+        // The firmware shows the reply's mood (`llm {emotion}`); voxloop has no emotion model,
+        // so every reply is neutral.
+        let mood = text(ServerMessage::Llm {
+            session_id: self.session_id.clone(),
+            emotion: "neutral".into(),
+            text: None,
+        });
+        self.out.send(mood).await.is_ok() && self.out.send(self.tts(TtsState::Start)).await.is_ok()
+    }
+
+    async fn finished(
+        &mut self,
+        _conversation: &Conversation,
+        report: Option<TurnReport>,
+        cancel: &CancellationToken,
+    ) -> bool {
+        if let Some(report) = report {
+            tracing::info!(
+                session = %self.session_id,
+                heard = %report.heard,
+                said = %report.said,
+                tools = report.tools.len(),
+                end = ?report.end,
+                first_audio_ms = ?report.first_audio_ms,
+                "device turn"
+            );
+        }
+        tokio::select! {
+            _ = self.queue.idle() => {}
+            _ = cancel.cancelled() => {}
+        }
+        self.out.send(self.tts(TtsState::Stop)).await.is_ok()
+    }
 }
 
 /// One device's side of the conversation, fed by the session's receive loop.
@@ -70,10 +150,10 @@ pub struct DeviceConversation {
     /// Manual mode: the utterance so far (16 kHz mono).
     manual: Vec<f32>,
     queue: PlaybackQueue,
-    turn_tx: mpsc::Sender<(Job, CancellationToken)>,
+    /// The session's turn task.
+    turns: Turns,
     /// The pending activation's message, spoken for every turn.
     activation: Option<String>,
-    current: CancellationToken,
     /// The device's MCP server, when its hello announced `features.mcp`.
     mcp: Option<Arc<DeviceMcp>>,
     /// Whisper's vocabulary prompt, set by the turn task once the tools are known.
@@ -163,7 +243,7 @@ impl DeviceConversation {
                 }
             }
         });
-        let mut conversation = assistant.conversation(queue.clone());
+        let conversation = assistant.conversation(queue.clone());
         let mcp = device_mcp.then(|| {
             DeviceMcp::new(
                 session_id.clone(),
@@ -172,85 +252,19 @@ impl DeviceConversation {
                 (&config.tools).into(),
             )
         });
-        let (turn_tx, mut turn_rx) = mpsc::channel::<(Job, CancellationToken)>(4);
-        let vision = options.vision.clone();
-        let speaks_only = activation.is_some();
-        let (turn_out, id, turn_queue) = (out.clone(), session_id.clone(), queue.clone());
-        let (turn_mcp, max_pages) = (mcp.clone(), config.device.mcp_max_list_pages);
         let asr_prompt = Arc::new(std::sync::Mutex::new(None));
-        let (turn_prompt, asr_config) = (asr_prompt.clone(), config.asr.clone());
-        tokio::spawn(async move {
-            if let Some(mcp) = turn_mcp {
-                let vision = vision.as_ref().map(|(u, t)| (u.as_str(), t.as_str()));
-                match mcp.discover(max_pages, vision).await {
-                    Ok(tools) => {
-                        let names: Vec<&str> = tools.iter().map(|t| t.tool.as_str()).collect();
-                        tracing::info!(session = %id, tools = ?names, "device tools");
-                        conversation.add_tool_source(mcp.clone(), tools);
-                    }
-                    Err(e) => {
-                        tracing::warn!(session = %id, error = %e, "device tools unavailable")
-                    }
-                }
-            }
-            if !speaks_only {
-                let prompt = conversation.asr_prompt(&asr_config).await;
-                *turn_prompt.lock().unwrap_or_else(|e| e.into_inner()) = prompt;
-                conversation.warm_up().await;
-            }
-            while let Some((job, cancel)) = turn_rx.recv().await {
-                let tts = |state| {
-                    text(ServerMessage::Tts {
-                        session_id: id.clone(),
-                        state,
-                        text: None,
-                    })
-                };
-                // The firmware shows the reply's mood (`llm {emotion}`); voxloop has no
-                // emotion model, so every reply is neutral.
-                let mood = text(ServerMessage::Llm {
-                    session_id: id.clone(),
-                    emotion: "neutral".into(),
-                    text: None,
-                });
-                if turn_out.send(mood).await.is_err()
-                    || turn_out.send(tts(TtsState::Start)).await.is_err()
-                {
-                    break;
-                }
-                let heard = match job {
-                    Job::Say(message) => {
-                        conversation.say(&message).await;
-                        tokio::select! {
-                            _ = turn_queue.idle() => {}
-                            _ = cancel.cancelled() => {}
-                        }
-                        if turn_out.send(tts(TtsState::Stop)).await.is_err() {
-                            break;
-                        }
-                        continue;
-                    }
-                    Job::Turn(heard) => heard,
-                };
-                let report = conversation.turn(&heard, &cancel).await;
-                tracing::info!(
-                    session = %id,
-                    heard = %report.heard,
-                    said = %report.said,
-                    tools = report.tools.len(),
-                    end = ?report.end,
-                    first_audio_ms = ?report.first_audio_ms,
-                    "device turn"
-                );
-                tokio::select! {
-                    _ = turn_queue.idle() => {}
-                    _ = cancel.cancelled() => {}
-                }
-                if turn_out.send(tts(TtsState::Stop)).await.is_err() {
-                    break;
-                }
-            }
-        });
+        let observer = DeviceTurns {
+            session_id: session_id.clone(),
+            out: out.clone(),
+            queue: queue.clone(),
+            mcp: mcp.clone(),
+            max_pages: config.device.mcp_max_list_pages,
+            vision: options.vision.clone(),
+            speaks_only: activation.is_some(),
+            asr: config.asr.clone(),
+            asr_prompt: asr_prompt.clone(),
+        };
+        let turns = Turns::start(conversation, observer);
         Ok(Self {
             decoder: FrameDecoder::new(SPEECH_RATE, 1)?,
             voice: VoiceInput::new(&config.vad),
@@ -258,8 +272,7 @@ impl DeviceConversation {
             mode: ListenMode::Auto,
             manual: Vec::new(),
             queue,
-            turn_tx,
-            current: CancellationToken::new(),
+            turns,
             mcp,
             asr_prompt,
             activation,
@@ -337,7 +350,7 @@ impl DeviceConversation {
 
     /// `abort` (or speech over the reply): the turn is cancelled and the frames stop.
     pub async fn abort(&mut self) {
-        self.current.cancel();
+        self.turns.cancel();
         self.queue.stop(QueueStop::BargeIn).await;
     }
 
@@ -402,10 +415,7 @@ impl DeviceConversation {
     /// superseded). A device waiting for activation hears its activation message instead.
     async fn start_turn(&mut self, heard: String) {
         if let Some(message) = &self.activation {
-            self.current.cancel();
-            self.current = CancellationToken::new();
-            let job = Job::Say(message.clone());
-            let _ = self.turn_tx.send((job, self.current.clone())).await;
+            self.turns.submit(Job::Say(message.clone())).await;
             return;
         }
         let stt = text(ServerMessage::Stt {
@@ -415,11 +425,10 @@ impl DeviceConversation {
         if self.out.send(stt).await.is_err() {
             return;
         }
-        self.current.cancel();
-        self.current = CancellationToken::new();
-        let _ = self
-            .turn_tx
-            .send((Job::Turn(heard), self.current.clone()))
-            .await;
+        let job = Job::Turn {
+            text: heard,
+            asr_ms: None,
+        };
+        self.turns.submit(job).await;
     }
 }

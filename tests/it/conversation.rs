@@ -674,3 +674,88 @@ async fn markup_and_loops_never_reach_tts() {
         report.said
     );
 }
+
+/// What the turn task did, in order, as an observer saw it.
+struct Recorder(tokio::sync::mpsc::UnboundedSender<String>);
+
+impl voxloop::conversation::turns::TurnObserver for Recorder {
+    async fn started(&mut self, job: &voxloop::conversation::turns::Job) -> bool {
+        let _ = self.0.send(format!("started {job:?}"));
+        true
+    }
+
+    async fn finished(
+        &mut self,
+        _conversation: &Conversation,
+        report: Option<voxloop::conversation::TurnReport>,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let report = report.unwrap();
+        let _ = self.0.send(format!(
+            "finished {:?} {:?} cancelled={}",
+            report.said,
+            report.end,
+            cancel.is_cancelled()
+        ));
+        true
+    }
+}
+
+#[tokio::test]
+async fn the_turn_task_runs_jobs_in_order_and_a_new_request_supersedes_the_running_one() {
+    use voxloop::conversation::turns::{Job, Turns};
+    // The first reply stalls for a minute after its first words; the second answers at once.
+    let mut slow = text("Let me think.");
+    slow[1].1 = 60_000;
+    let Rig {
+        conversation,
+        requests,
+        ..
+    } = rig(vec![slow, text("The second answer.")], 5).await;
+    let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let mut turns = Turns::start(conversation, Recorder(tx));
+    assert!(!turns.is_running());
+    let job = |text: &str| Job::Turn {
+        text: text.into(),
+        asr_ms: Some(7),
+    };
+    assert!(turns.submit(job("first request")).await);
+    assert!(turns.is_running());
+    // Wait until the model is writing the first reply.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while requests.lock().await.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the model was never asked"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(turns.submit(job("second request")).await);
+    let mut events = Vec::new();
+    while events.len() < 4 {
+        let event = tokio::time::timeout(Duration::from_secs(30), seen.recv())
+            .await
+            .expect("the turn task stalled")
+            .unwrap();
+        events.push(event);
+    }
+    assert_eq!(
+        events[0],
+        "started Turn { text: \"first request\", asr_ms: Some(7) }"
+    );
+    assert!(
+        events[1].starts_with("finished") && events[1].ends_with("Cancelled cancelled=true"),
+        "{events:?}"
+    );
+    assert_eq!(
+        events[2],
+        "started Turn { text: \"second request\", asr_ms: Some(7) }"
+    );
+    assert_eq!(
+        events[3],
+        "finished \"The second answer.\" Answered cancelled=false"
+    );
+    assert!(!turns.is_running());
+    let conversation = turns.finish().await.unwrap();
+    assert!(!conversation.exit_requested());
+}
