@@ -252,7 +252,7 @@ impl Runtime {
                     checks.push(json!({
                         "check": format!("mcp:{name}"),
                         "ok": result.is_ok(),
-                        "error": result.err(),
+                        "error": result.err().map(|e| e.to_string()),
                     }));
                 }
             }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 pub use super::builtin::BUILTIN_SERVER;
 use super::builtin::{Builtins, builtin_tools};
 use super::config::{HubSettings, McpServerConfig};
-use super::connection::Connection;
+use super::connection::{Connection, ConnectionError};
 use super::outcome::ToolOutcome;
 use super::pager::PagerSettings;
 use super::source::{McpServer, ToolCallError, ToolSource};
@@ -61,15 +61,20 @@ impl ToolCall {
     /// send for a tool without parameters, is the empty object).
     ///
     /// # Errors
-    /// Anything else, as a message for the LLM.
-    pub fn arguments_object(&self) -> Result<JsonObject, String> {
+    /// [`ArgumentsError`] for anything else (its message is for the LLM).
+    pub fn arguments_object(&self) -> Result<JsonObject, ArgumentsError> {
         match &self.arguments {
             Value::Object(map) => Ok(map.clone()),
             Value::Null => Ok(JsonObject::new()),
-            other => Err(format!("arguments must be a JSON object, got {other}")),
+            other => Err(ArgumentsError(other.clone())),
         }
     }
 }
+
+/// A tool call's arguments that are not a JSON object (MCP's `tools/call` takes an object).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("arguments must be a JSON object, got {0}")]
+pub struct ArgumentsError(pub Value);
 
 /// Why [`ToolHub::call_result`] got no result.
 #[derive(Debug, thiserror::Error)]
@@ -327,16 +332,11 @@ impl ToolHub {
 
     /// Whether each server answers now: starts it if needed and lists one page of tools
     /// (bounded by `[tools] start_timeout_ms` and `call_timeout_ms`). For readiness probes.
-    pub async fn reachable(&self) -> Vec<(String, Result<(), String>)> {
+    ///
+    /// Each server's error is its [`ConnectionError`] (start failure, timeout, closed).
+    pub async fn reachable(&self) -> Vec<(String, Result<(), ConnectionError>)> {
         join_all(self.servers.iter().map(|(name, s)| async move {
-            (
-                name.clone(),
-                s.connection()
-                    .list_tools()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-            )
+            (name.clone(), s.connection().list_tools().await.map(|_| ()))
         }))
         .await
     }

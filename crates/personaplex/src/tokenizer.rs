@@ -50,24 +50,24 @@ impl TextTokenizer {
             file: path.to_path_buf(),
             reason,
         })?;
-        Self::from_pieces(pieces).map_err(|reason| DuplexError::Load {
+        Self::from_pieces(pieces).map_err(|e| DuplexError::Load {
             file: path.to_path_buf(),
-            reason,
+            reason: e.to_string(),
         })
     }
 
     /// A tokenizer over `pieces` (id = index).
     ///
     /// # Errors
-    /// A message when the vocabulary is empty or has no unknown piece.
-    pub fn from_pieces(pieces: Vec<Piece>) -> Result<Self, String> {
+    /// The `tokenizers` crate's error when the vocabulary is empty or has no unknown piece.
+    pub fn from_pieces(pieces: Vec<Piece>) -> tokenizers::Result<Self> {
         let unk = pieces.iter().position(|p| p.kind == 2);
         let vocab = pieces
             .iter()
             .map(|p| (p.text.clone(), f64::from(p.score)))
             .collect();
         let byte_fallback = pieces.iter().any(|p| p.kind == 6);
-        let model = Unigram::from(vocab, unk, byte_fallback).map_err(|e| e.to_string())?;
+        let model = Unigram::from(vocab, unk, byte_fallback)?;
         let mut tokenizer = tokenizers::Tokenizer::new(model);
         tokenizer.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::Always, true)));
         Ok(Self { pieces, tokenizer })
