@@ -16,7 +16,7 @@ use super::config::{HubSettings, McpServerConfig};
 use super::connection::{Connection, ConnectionError};
 use super::outcome::ToolOutcome;
 use super::pager::PagerSettings;
-use super::source::{McpServer, ToolCallError, ToolSource};
+use super::source::{McpClient, ToolCallError, ToolSource};
 use crate::breaker::Breaker;
 
 /// A tool as offered to the LLM.
@@ -103,7 +103,7 @@ pub struct ToolHub {
     /// Every source by its name: the built-in tools and each MCP server.
     sources: BTreeMap<String, Arc<dyn ToolSource>>,
     /// The MCP servers among them (resources, readiness).
-    servers: BTreeMap<String, Arc<McpServer>>,
+    servers: BTreeMap<String, Arc<McpClient>>,
     tools: Vec<ToolSpec>,
     failures: Vec<StartupFailure>,
 }
@@ -189,11 +189,11 @@ impl ToolHub {
         let pager = PagerSettings::from(config.tools);
         let mut sources: BTreeMap<String, Arc<dyn ToolSource>> = BTreeMap::new();
         sources.insert(BUILTIN_SERVER.to_string(), Arc::new(Builtins));
-        let servers: BTreeMap<String, Arc<McpServer>> = connections
+        let servers: BTreeMap<String, Arc<McpClient>> = connections
             .into_iter()
             .map(|(name, connection)| {
                 let breaker = Breaker::new(&format!("mcp:{name}"), config.breaker);
-                let server = Arc::new(McpServer::new(connection, breaker, pager));
+                let server = Arc::new(McpClient::new(connection, breaker, pager));
                 sources.insert(name.clone(), server.clone());
                 (name, server)
             })

@@ -83,16 +83,16 @@ pub trait ToolSource: Send + Sync {
     ) -> BoxFuture<'a, Result<CallToolResult, ToolCallError>>;
 }
 
-/// An MCP server as a tool source: its connection, its circuit breaker (upstream
-/// `mcp:{server}`) and the pager limits its paged resources are read with. Every call is
-/// counted in the metrics (`voxloop_tool_calls_total`, `voxloop_tool_call_duration_seconds`).
-pub struct McpServer {
+/// voxloop's MCP client of one configured server, as a tool source: its connection, its
+/// circuit breaker (upstream `mcp:{server}`) and the pager limits its paged resources are read
+/// with. Every call is counted in the metrics (`voxloop_tool_calls_total`, `voxloop_tool_call_duration_seconds`).
+pub struct McpClient {
     connection: Arc<Connection>,
     breaker: Breaker,
     pager: PagerSettings,
 }
 
-impl McpServer {
+impl McpClient {
     /// A source over `connection`, guarded by `breaker`.
     pub fn new(connection: Arc<Connection>, breaker: Breaker, pager: PagerSettings) -> Self {
         Self {
@@ -160,7 +160,7 @@ impl McpServer {
     }
 }
 
-impl ToolSource for McpServer {
+impl ToolSource for McpClient {
     fn name(&self) -> &str {
         self.connection.name()
     }
