@@ -231,6 +231,10 @@ pub struct Features {
     /// The device cancels its own echo (realtime listening is safe).
     #[serde(default)]
     pub aec: bool,
+    /// voxloop's own extension, for browser clients: send a [`ServerMessage::Tool`] for each
+    /// tool call of a turn. Devices never ask for it and never see it.
+    #[serde(default)]
+    pub tool_events: bool,
 }
 
 /// `listen.state`.
@@ -366,6 +370,22 @@ pub enum ServerMessage {
         session_id: String,
         /// The command, e.g. `reboot`.
         command: String,
+    },
+    /// One tool call of the last turn and its outcome, sent only to a client whose hello
+    /// asked for `features.tool_events` (voxloop's extension; not in the xiaozhi protocol).
+    Tool {
+        /// The session's id, sent in the server's hello.
+        session_id: String,
+        /// The tool's name as offered to the model.
+        name: String,
+        /// Where it ran: an MCP server's name, `voxloop` (built-in) or `device`.
+        server: String,
+        /// The arguments, as JSON.
+        arguments: Value,
+        /// Whether the call failed.
+        is_error: bool,
+        /// What the model was told of the result.
+        result: String,
     },
     /// A message to show: here, what was wrong with the device's last message.
     Alert {

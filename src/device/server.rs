@@ -287,6 +287,7 @@ async fn upgrade(
                 let options = SessionOptions {
                     activation_code,
                     vision: vision.zip(grant.as_ref().map(|g| g.token.clone())),
+                    tool_events: false,
                 };
                 session(socket, info, state, session_id, options).await;
                 drop(grant);
@@ -706,7 +707,10 @@ async fn session(
             info.version,
             out.clone(),
             features.mcp,
-            options,
+            SessionOptions {
+                tool_events: features.tool_events,
+                ..options
+            },
         ) {
             Ok(c) => Some(c),
             Err(e) => {

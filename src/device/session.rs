@@ -51,6 +51,8 @@ pub struct SessionOptions {
     /// The camera's vision endpoint and this session's token for it, announced in
     /// device-MCP `initialize`.
     pub vision: Option<(String, String)>,
+    /// Send each turn's tool calls as `tool` messages (the hello's `features.tool_events`).
+    pub tool_events: bool,
 }
 
 /// A device session around each turn: before it, `llm {emotion}` and `tts start`; after it,
@@ -68,6 +70,8 @@ struct DeviceTurns {
     speaks_only: bool,
     asr: AsrConfig,
     asr_prompt: Arc<std::sync::Mutex<Option<String>>>,
+    /// Send each tool call as a `tool` message.
+    tool_events: bool,
 }
 
 impl DeviceTurns {
@@ -129,6 +133,21 @@ impl TurnObserver for DeviceTurns {
                 first_audio_ms = ?report.first_audio_ms,
                 "device turn"
             );
+            if self.tool_events {
+                for call in report.tools {
+                    let event = text(ServerMessage::Tool {
+                        session_id: self.session_id.clone(),
+                        name: call.name,
+                        server: call.server,
+                        arguments: call.arguments,
+                        is_error: call.is_error,
+                        result: call.result,
+                    });
+                    if self.out.send(event).await.is_err() {
+                        return false;
+                    }
+                }
+            }
         }
         tokio::select! {
             _ = self.queue.idle() => {}
@@ -263,6 +282,7 @@ impl DeviceConversation {
             speaks_only: activation.is_some(),
             asr: config.asr.clone(),
             asr_prompt: asr_prompt.clone(),
+            tool_events: options.tool_events,
         };
         let turns = Turns::start(conversation, observer);
         Ok(Self {

@@ -280,3 +280,61 @@ pub fn duplex_config_file(
     std::fs::write(&file, config.to_toml()).unwrap();
     file
 }
+
+/// One scripted LLM reply: streamed words, or one tool call.
+#[derive(Clone)]
+pub enum Reply {
+    /// The reply's words, streamed word by word.
+    Words(&'static str),
+    /// One call of the named tool with these arguments.
+    Call(&'static str, serde_json::Value),
+}
+
+/// An OpenAI-compatible endpoint: each request gets the next reply (the last one repeats);
+/// the requests are kept.
+pub async fn scripted_llm(
+    replies: Vec<Reply>,
+) -> (String, Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
+    let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = requests.clone();
+    let router = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move |body: axum::Json<serde_json::Value>| {
+            let (replies, seen) = (replies.clone(), seen.clone());
+            async move {
+                let n = {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push(body.0);
+                    seen.len()
+                };
+                let reply = replies[(n - 1).min(replies.len() - 1)].clone();
+                let chunk = |delta: serde_json::Value, finish: serde_json::Value| {
+                    let chunk =
+                        serde_json::json!({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+                    format!("data: {chunk}\n\n")
+                };
+                let mut body = String::new();
+                match reply {
+                    Reply::Words(text) => {
+                        for word in text.split_inclusive(' ') {
+                            body.push_str(&chunk(serde_json::json!({"content": word}), serde_json::Value::Null));
+                        }
+                        body.push_str(&chunk(serde_json::json!({}), serde_json::json!("stop")));
+                    }
+                    Reply::Call(name, arguments) => {
+                        let call = serde_json::json!({"index": 0, "id": "call_1", "type": "function",
+                            "function": {"name": name, "arguments": arguments.to_string()}});
+                        body.push_str(&chunk(serde_json::json!({"tool_calls": [call]}), serde_json::Value::Null));
+                        body.push_str(&chunk(serde_json::json!({}), serde_json::json!("tool_calls")));
+                    }
+                }
+                body.push_str("data: [DONE]\n\n");
+                (
+                    [(axum::http::header::CONTENT_TYPE, "text/event-stream")],
+                    body,
+                )
+            }
+        }),
+    );
+    (format!("{}/v1", serve_loopback(router).await), requests)
+}

@@ -30,60 +30,6 @@ use common::*;
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// One scripted LLM reply: streamed words, or one tool call.
-#[derive(Clone)]
-enum Reply {
-    Words(&'static str),
-    Call(&'static str, Value),
-}
-
-/// An OpenAI-compatible endpoint: each request gets the next reply (the last one repeats);
-/// the requests are kept.
-async fn scripted_llm(replies: Vec<Reply>) -> (String, Arc<Mutex<Vec<Value>>>) {
-    let requests = Arc::new(Mutex::new(Vec::new()));
-    let seen = requests.clone();
-    let router = axum::Router::new().route(
-        "/v1/chat/completions",
-        axum::routing::post(move |body: axum::Json<Value>| {
-            let (replies, seen) = (replies.clone(), seen.clone());
-            async move {
-                let n = {
-                    let mut seen = seen.lock().unwrap();
-                    seen.push(body.0);
-                    seen.len()
-                };
-                let reply = replies[(n - 1).min(replies.len() - 1)].clone();
-                let chunk = |delta: Value, finish: Value| {
-                    let chunk =
-                        json!({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
-                    format!("data: {chunk}\n\n")
-                };
-                let mut body = String::new();
-                match reply {
-                    Reply::Words(text) => {
-                        for word in text.split_inclusive(' ') {
-                            body.push_str(&chunk(json!({"content": word}), Value::Null));
-                        }
-                        body.push_str(&chunk(json!({}), json!("stop")));
-                    }
-                    Reply::Call(name, arguments) => {
-                        let call = json!({"index": 0, "id": "call_1", "type": "function",
-                            "function": {"name": name, "arguments": arguments.to_string()}});
-                        body.push_str(&chunk(json!({"tool_calls": [call]}), Value::Null));
-                        body.push_str(&chunk(json!({}), json!("tool_calls")));
-                    }
-                }
-                body.push_str("data: [DONE]\n\n");
-                (
-                    [(axum::http::header::CONTENT_TYPE, "text/event-stream")],
-                    body,
-                )
-            }
-        }),
-    );
-    (format!("{}/v1", serve_loopback(router).await), requests)
-}
-
 async fn serve(reply: &'static str) -> SocketAddr {
     serve_with(vec![Reply::Words(reply)], |_| {}).await.0
 }
@@ -497,6 +443,8 @@ async fn converse_with_mcp(socket: &mut Socket, answer_calls: bool) -> (Vec<Valu
                 sentences.push(v["text"].as_str().unwrap().to_string());
             }
             Event::Json(v) if v["type"] == "tts" && v["state"] == "stop" => break,
+            // voxloop's `tool` messages go only to clients that ask (the browser page).
+            Event::Json(v) if v["type"] == "tool" => panic!("a device got {v}"),
             _ => {}
         }
     }
