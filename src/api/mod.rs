@@ -13,6 +13,7 @@ pub mod config;
 pub mod limit;
 pub mod mcp;
 pub mod server;
+pub mod web;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

@@ -84,26 +84,32 @@ pub struct Runtime {
     /// The checks of this surface.
     pub guard: Arc<Guard>,
     config: ServerConfig,
+    checks: Checks,
+    /// The browser page, when there is a device server for it to talk to.
+    web: Option<super::web::WebPage>,
+}
+
+/// What the status and readiness pages check besides the hub's servers.
+#[derive(Debug, Clone, Default)]
+pub struct Checks {
+    /// `/ready`'s bound on reaching each MCP server (`[tools] start_timeout_ms`).
+    pub ready_timeout: Duration,
     /// Breakers of upstreams outside the hub (the LLM endpoint, the TTS), for status.
-    breakers: Vec<Breaker>,
-    /// Model files `/ready` checks, by name.
-    models: Vec<(String, PathBuf)>,
-    /// `/ready`'s bound on reaching the servers.
-    ready_timeout: Duration,
+    pub breakers: Vec<Breaker>,
+    /// Model files `/ready` requires, by name.
+    pub models: Vec<(String, PathBuf)>,
 }
 
 impl Runtime {
-    /// A runtime over `hub` and, when given, the duplex co-host, serving as `server` says.
-    /// `ready_timeout` bounds `/ready`'s check of each MCP server (`[tools] start_timeout_ms`);
-    /// `breakers` are the LLM's and TTS's for status pages; `models` the files `/ready` requires.
+    /// A runtime over `hub` and, when given, the duplex co-host, serving as `server` says, with
+    /// `checks` for its status and readiness pages and, when given, the browser page (`web`).
     pub fn new(
         hub: Arc<ToolHub>,
         cohost: Option<Cohost>,
         guard: Arc<Guard>,
         server: &ServerConfig,
-        ready_timeout: Duration,
-        breakers: Vec<Breaker>,
-        models: Vec<(String, PathBuf)>,
+        checks: Checks,
+        web: Option<super::web::WebPage>,
     ) -> Arc<Self> {
         let mut tools: Vec<(Tool, Source)> = hub
             .tools()
@@ -133,9 +139,8 @@ impl Runtime {
             tools,
             guard,
             config: server.clone(),
-            breakers,
-            models,
-            ready_timeout,
+            checks,
+            web,
         })
     }
 
@@ -232,7 +237,7 @@ impl Runtime {
             .breakers()
             .map(|(_, breaker)| breaker.status())
             .collect();
-        breakers.extend(self.breakers.iter().map(Breaker::status));
+        breakers.extend(self.checks.breakers.iter().map(Breaker::status));
         json!({
             "status": "success",
             "servers": servers,
@@ -245,7 +250,7 @@ impl Runtime {
     /// `/ready`: each configured server answers, each required model file is there.
     async fn readiness(&self) -> (bool, Vec<Value>) {
         let mut checks = Vec::new();
-        let reached = tokio::time::timeout(self.ready_timeout, self.hub.reachable()).await;
+        let reached = tokio::time::timeout(self.checks.ready_timeout, self.hub.reachable()).await;
         match reached {
             Ok(servers) => {
                 for (name, result) in servers {
@@ -259,10 +264,10 @@ impl Runtime {
             Err(_) => checks.push(json!({
                 "check": "mcp",
                 "ok": false,
-                "error": format!("servers did not answer within {} ms", self.ready_timeout.as_millis()),
+                "error": format!("servers did not answer within {} ms", self.checks.ready_timeout.as_millis()),
             })),
         }
-        for (name, path) in &self.models {
+        for (name, path) in &self.checks.models {
             let ok = path.is_file();
             checks.push(json!({
                 "check": format!("model:{name}"),
@@ -334,6 +339,9 @@ pub fn router(runtime: Arc<Runtime>) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .with_state(runtime.clone());
+    if let Some(page) = &runtime.web {
+        open = open.merge(super::web::routes(page.clone(), guard.clone()));
+    }
     if runtime.config.public_metrics {
         open = open.route("/metrics", get(metrics));
     } else {

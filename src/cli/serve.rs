@@ -28,16 +28,23 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let guard = Guard::new(&config.auth, &config.server, &api_addr, "api")?;
     let mut breakers = vec![assistant.tts.breaker().clone()];
     breakers.extend(assistant.llm.breaker().cloned());
+    let device_addr = device_listener.local_addr()?;
+    let page = voxloop::api::web::WebPage {
+        device_port: device_addr.port(),
+        device_path: config.device.path.clone(),
+    };
     let runtime = voxloop::api::server::Runtime::new(
         assistant.hub.clone(),
         duplex,
         guard,
         &config.server,
-        std::time::Duration::from_millis(config.tools.start_timeout_ms),
-        breakers,
-        required_models(&config),
+        voxloop::api::server::Checks {
+            ready_timeout: std::time::Duration::from_millis(config.tools.start_timeout_ms),
+            breakers,
+            models: required_models(&config),
+        },
+        Some(page),
     );
-    let device_addr = device_listener.local_addr()?;
     announce(&format!(
         "device server: ws://{device_addr}{}",
         config.device.path
@@ -48,6 +55,9 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
     ));
     announce(&format!(
         "HTTP API: http://{api_addr} (/mcp, /v1/mcp/tools, /metrics, /ready)"
+    ));
+    announce(&format!(
+        "browser page: http://{api_addr}/ (press Talk; off loopback add ?access_token=KEY)"
     ));
     if config.device.activation {
         announce(&format!(

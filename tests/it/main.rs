@@ -6,6 +6,7 @@
 mod common;
 
 mod assistant;
+mod browser;
 mod cli;
 mod conversation;
 mod device;

@@ -27,7 +27,7 @@ use voxloop::tools::config::McpServerConfig;
 use common::*;
 
 /// The clients' Python interpreter.
-fn python() -> PathBuf {
+pub(crate) fn python() -> PathBuf {
     let path = std::env::var_os("VOXLOOP_CLIENTS_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target/clients-venv/bin/python"));
@@ -39,12 +39,12 @@ fn python() -> PathBuf {
     path
 }
 
-fn client_script(name: &str) -> PathBuf {
+pub(crate) fn client_script(name: &str) -> PathBuf {
     repo_root().join("tests/clients").join(name)
 }
 
 /// Runs a client script; its one JSON line of output.
-async fn run_client(args: &[&str], env: &[(&str, &str)]) -> Value {
+pub(crate) async fn run_client(args: &[&str], env: &[(&str, &str)]) -> Value {
     let mut command = tokio::process::Command::new(python());
     command
         .args(args)
@@ -139,9 +139,11 @@ async fn serve_mcp(config: &Config) -> String {
         None,
         guard,
         &config.server,
-        Duration::from_millis(config.tools.start_timeout_ms),
-        Vec::new(),
-        Vec::new(),
+        voxloop::api::server::Checks {
+            ready_timeout: Duration::from_millis(config.tools.start_timeout_ms),
+            ..Default::default()
+        },
+        None,
     );
     tokio::spawn(voxloop::api::server::serve(
         listener,

@@ -165,9 +165,11 @@ async fn api(config: &Config, duplex: Option<&Path>) -> String {
         duplex,
         guard,
         &config.server,
-        Duration::from_millis(config.tools.start_timeout_ms),
-        Vec::new(),
-        Vec::new(),
+        voxloop::api::server::Checks {
+            ready_timeout: Duration::from_millis(config.tools.start_timeout_ms),
+            ..Default::default()
+        },
+        None,
     );
     tokio::spawn(voxloop::api::server::serve(
         listener,
