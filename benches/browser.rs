@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::AsyncBufReadExt as _;
 
 /// `voxloop serve` with the scripted model; its device WebSocket URL and its page's URL.
 async fn start_server(llm_url: &str, dir: &Path) -> (tokio::process::Child, String, String) {
@@ -53,33 +52,9 @@ cwd = "{root}"
     );
     let path = dir.join("browser.toml");
     std::fs::write(&path, config).unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_voxloop"))
-        .arg("--config")
-        .arg(&path)
-        .arg("serve")
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("voxloop serve starts");
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let (mut device, mut page) = (None, None);
-    while device.is_none() || page.is_none() {
-        let line = lines
-            .next_line()
-            .await
-            .unwrap()
-            .expect("voxloop serve prints its URLs");
-        if let Some(url) = line.strip_prefix("device server: ") {
-            device = Some(url.to_string());
-        }
-        if let Some(rest) = line.strip_prefix("browser page: ") {
-            page = Some(rest.split_whitespace().next().unwrap().to_string());
-        }
-    }
-    // Keep reading: a closed pipe would fail the server's next print.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, device.unwrap(), page.unwrap())
+    let (child, found) = common::spawn_serve(&path, &["device server: ", "browser page: "]).await;
+    let page = found[1].split_whitespace().next().unwrap().to_string();
+    (child, found[0].clone(), page)
 }
 
 /// The request, then 3 s of silence; and where the request ends, in ms.

@@ -24,12 +24,14 @@
 //! per session. A step passes with every session playing and p99 lateness < 20 ms; the
 //! steps stop after the first that fails. Bounded: at most 1000 sessions, 20 s per step.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::io::AsyncBufReadExt;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
@@ -110,28 +112,8 @@ cwd = "{root}"
     );
     let path = dir.join("load.toml");
     std::fs::write(&path, config).unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_voxloop"))
-        .arg("--config")
-        .arg(&path)
-        .arg("serve")
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("voxloop serve starts");
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    loop {
-        let line = lines
-            .next_line()
-            .await
-            .unwrap()
-            .expect("voxloop serve prints its URL");
-        if let Some(url) = line.strip_prefix("device server: ") {
-            // Keep reading: a closed pipe would fail the server's next print.
-            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            return (child, url.to_string());
-        }
-    }
+    let (child, mut found) = common::spawn_serve(&path, &["device server: "]).await;
+    (child, found.remove(0))
 }
 
 /// Ids of `pid`'s children (the music server).

@@ -338,3 +338,71 @@ pub async fn scripted_llm(
     );
     (format!("{}/v1", serve_loopback(router).await), requests)
 }
+
+/// A free loopback port (bound, then let go).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `voxloop serve`'s HTTP API over `hub` (and the duplex tools of `cohost`) on a loopback port,
+/// with `config`'s auth and server sections; its base URL.
+pub async fn serve_api(
+    config: &voxloop::config::Config,
+    hub: Arc<voxloop::tools::hub::ToolHub>,
+    cohost: Option<voxloop::api::server::Cohost>,
+) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let guard =
+        voxloop::api::Guard::new(&config.auth, &config.server, &addr.to_string(), "api").unwrap();
+    let checks = voxloop::api::server::Checks {
+        ready_timeout: std::time::Duration::from_millis(config.tools.start_timeout_ms),
+        ..Default::default()
+    };
+    let runtime =
+        voxloop::api::server::Runtime::new(hub, cohost, guard, &config.server, checks, None);
+    tokio::spawn(voxloop::api::server::serve(
+        listener,
+        runtime,
+        std::future::pending(),
+    ));
+    format!("http://{addr}")
+}
+
+/// The built `voxloop serve` with the configuration file `config` (logging at `warn`): the
+/// process, and what it announced after each of `prefixes` (e.g. `"device server: "`), in that
+/// order. Its stdout is read on after that, so that its later prints never fail.
+pub async fn spawn_serve(
+    config: &std::path::Path,
+    prefixes: &[&str],
+) -> (tokio::process::Child, Vec<String>) {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_voxloop"))
+        .arg("--config")
+        .arg(config)
+        .arg("serve")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("voxloop serve starts");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut found: Vec<Option<String>> = vec![None; prefixes.len()];
+    while found.iter().any(Option::is_none) {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("voxloop serve prints its addresses");
+        for (prefix, slot) in prefixes.iter().zip(found.iter_mut()) {
+            if let Some(rest) = line.strip_prefix(prefix) {
+                *slot = Some(rest.to_string());
+            }
+        }
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, found.into_iter().map(Option::unwrap).collect())
+}

@@ -15,15 +15,6 @@ use serde_json::{Value, json};
 
 use common::*;
 
-/// A free loopback port (bound, then released for the server to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A `voxloop serve` configuration: fixed ports (so a restart comes back at the same address),
 /// the scripted model at `llm_url`, espeak-ng, the bundled music server, and `extra` TOML.
 fn config_file(dir: &Path, llm_url: &str, extra: &str) -> (PathBuf, u16) {

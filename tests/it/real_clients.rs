@@ -130,27 +130,7 @@ async fn device_server(store: &std::path::Path, tweak: impl FnOnce(&mut Config))
 /// `voxloop serve`'s HTTP API over `config`'s MCP servers; the URL of its `/mcp`.
 async fn serve_mcp(config: &Config) -> String {
     let hub = Arc::new(voxloop::tools::hub::ToolHub::start(config.hub()).await);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let guard =
-        voxloop::api::Guard::new(&config.auth, &config.server, &addr.to_string(), "api").unwrap();
-    let runtime = voxloop::api::server::Runtime::new(
-        hub,
-        None,
-        guard,
-        &config.server,
-        voxloop::api::server::Checks {
-            ready_timeout: Duration::from_millis(config.tools.start_timeout_ms),
-            ..Default::default()
-        },
-        None,
-    );
-    tokio::spawn(voxloop::api::server::serve(
-        listener,
-        runtime,
-        std::future::pending(),
-    ));
-    format!("http://{addr}/mcp")
+    format!("{}/mcp", serve_api(config, hub, None).await)
 }
 
 /// The config of `voxloop serve` with the bundled music server behind the tool hub.

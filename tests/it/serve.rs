@@ -16,7 +16,6 @@ use serde_json::{Value, json};
 use voxloop::api::Guard;
 use voxloop::api::auth::hash_key;
 use voxloop::api::config::{ApiKeyConfig, AuthConfig, JwtConfig, Role};
-use voxloop::api::server::Runtime;
 use voxloop::config::Config;
 use voxloop::tools::config::McpServerConfig;
 use voxloop::tools::hub::ToolHub;
@@ -79,15 +78,6 @@ fn jwt(algorithm: Algorithm, claims: Value) -> String {
             .unwrap(),
     };
     jsonwebtoken::encode(&Header::new(algorithm), &all, &key).unwrap()
-}
-
-/// A free loopback port (bound, then let go).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The music server over streamable HTTP on `port`; killed on drop.
@@ -157,26 +147,7 @@ async fn api(config: &Config, duplex: Option<&Path>) -> String {
         voxloop::duplex::mcp::DuplexMcp::new(voxloop::duplex::service::Duplex::start(&c).unwrap())
             .cohost()
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let guard = Guard::new(&config.auth, &config.server, &addr.to_string(), "api").unwrap();
-    let runtime = Runtime::new(
-        hub,
-        duplex,
-        guard,
-        &config.server,
-        voxloop::api::server::Checks {
-            ready_timeout: Duration::from_millis(config.tools.start_timeout_ms),
-            ..Default::default()
-        },
-        None,
-    );
-    tokio::spawn(voxloop::api::server::serve(
-        listener,
-        runtime,
-        std::future::pending(),
-    ));
-    format!("http://{addr}")
+    common::serve_api(config, hub, duplex).await
 }
 
 /// The music server (as `name`) on a free port and the HTTP API over it, with the duplex tools
@@ -190,7 +161,7 @@ struct Rig {
 }
 
 async fn rig(name: &str, duplex: bool, tweak: impl FnOnce(&mut Config)) -> Rig {
-    let port = free_port();
+    let port = common::free_port();
     let music = music_on(port);
     wait_listening(port).await;
     let mut config = config_named(name, port);
