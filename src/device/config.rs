@@ -61,6 +61,18 @@ pub struct DeviceConfig {
     pub mcp_request_timeout_ms: u64,
     /// Device-side MCP: most `tools/list` pages read (cursor after cursor) at session start.
     pub mcp_max_list_pages: u32,
+    /// Device-side MCP: most tools offered from one device (1..=1000); past it the device gets
+    /// an `alert` and the rest are left out.
+    pub mcp_max_tools: u32,
+    /// Device-side MCP: largest tool, in bytes of its JSON (name, description, input schema;
+    /// 256..=1048576); a larger one is left out, with an `alert`.
+    pub mcp_max_tool_bytes: usize,
+    /// Device-side MCP: most bytes of MCP messages one session may send (1 KiB..=1 GiB); past
+    /// it the device's tools are switched off for the session, with an `alert`.
+    pub mcp_max_session_bytes: u64,
+    /// Most text messages a device may send a second (1..=10000; `listen`, `abort`, `mcp`, ...);
+    /// past it they are dropped, with an `alert` at most once a second.
+    pub max_messages_per_s: u32,
     /// `listen detect` texts that are only the wake word (compared without case and
     /// punctuation): the device starts listening next, so no turn runs. Any other detect text is
     /// the user's request, as if heard.
@@ -91,6 +103,10 @@ impl Default for DeviceConfig {
             max_sessions_per_ip: 16,
             mcp_request_timeout_ms: 5_000,
             mcp_max_list_pages: 16,
+            mcp_max_tools: 128,
+            mcp_max_tool_bytes: 16_384,
+            mcp_max_session_bytes: 4 << 20,
+            max_messages_per_s: 50,
             wake_words: vec!["你好小智".into(), "hi esp".into(), "hey voxloop".into()],
         }
     }
@@ -170,6 +186,30 @@ impl DeviceConfig {
             self.mcp_max_list_pages,
             1..=1_000,
             "pages",
+        )?;
+        in_range(
+            "device.mcp_max_tools",
+            self.mcp_max_tools,
+            1..=1_000,
+            "tools",
+        )?;
+        in_range(
+            "device.mcp_max_tool_bytes",
+            self.mcp_max_tool_bytes,
+            256..=1_048_576,
+            "bytes",
+        )?;
+        in_range(
+            "device.mcp_max_session_bytes",
+            self.mcp_max_session_bytes,
+            1_024..=(1 << 30),
+            "bytes",
+        )?;
+        in_range(
+            "device.max_messages_per_s",
+            self.max_messages_per_s,
+            1..=10_000,
+            "messages",
         )?;
         in_range(
             "device.activation_ttl_s",

@@ -14,6 +14,7 @@
 //! post camera images from a non-standard `capabilities.vision {url, token}` in `initialize`
 //! (the firmware's `mcp_server.cc`). The transport adds it to the `initialize` it carries.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -84,12 +85,31 @@ pub enum DeviceMcpError {
     },
 }
 
+/// What one device's MCP server may offer (`[device] mcp_max_tools`, `mcp_max_tool_bytes`,
+/// `mcp_max_session_bytes`): past each, the device gets an `alert` and the excess is left out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct McpCaps {
+    /// Most tools offered.
+    pub max_tools: usize,
+    /// Largest tool, in bytes of its JSON.
+    pub max_tool_bytes: usize,
+    /// Most bytes of MCP messages in a session; past it the tools are off.
+    pub max_session_bytes: u64,
+}
+
 /// The MCP client side of one device session. Shared by the session's receive loop (which
 /// hands it every `mcp` payload) and its turn task (which lists and calls the tools).
 pub struct DeviceMcp {
     session_id: String,
     timeout: Duration,
     pager: PagerSettings,
+    caps: McpCaps,
+    /// The session's writer, for alerts.
+    out: mpsc::Sender<Message>,
+    /// Bytes of MCP messages the device has sent.
+    received: AtomicU64,
+    /// Set once the device went past `caps.max_session_bytes`: its messages are ignored.
+    off: AtomicBool,
     incoming: mpsc::Sender<ServerJsonRpcMessage>,
     /// The transport until [`DeviceMcp::discover`] starts the client on it.
     transport: Mutex<Option<DeviceTransport>>,
@@ -146,34 +166,57 @@ impl Transport<RoleClient> for DeviceTransport {
 
 impl DeviceMcp {
     /// A client that sends through the session's writer `out`; `timeout` bounds each request;
-    /// `pager` limits what a result's resource links may read. Nothing is sent until
-    /// [`DeviceMcp::discover`].
+    /// `pager` limits what a result's resource links may read; `caps` what the device may offer.
+    /// Nothing is sent until [`DeviceMcp::discover`].
     pub fn new(
         session_id: String,
         out: mpsc::Sender<Message>,
         timeout: Duration,
         pager: PagerSettings,
+        caps: McpCaps,
     ) -> Arc<Self> {
         let (incoming, rx) = mpsc::channel(INCOMING_CAPACITY);
         Arc::new(Self {
             transport: Mutex::new(Some(DeviceTransport {
                 session_id: session_id.clone(),
-                out,
+                out: out.clone(),
                 incoming: rx,
                 vision: None,
             })),
             session_id,
             timeout,
             pager,
+            caps,
+            out,
+            received: AtomicU64::new(0),
+            off: AtomicBool::new(false),
             incoming,
             client: OnceCell::new(),
         })
     }
 
-    /// One `mcp` payload from the device, handed to the client: a response completes its
-    /// request, a request (`ping`) is answered, a notification is taken. A payload that is not
-    /// JSON-RPC is logged and dropped (a request it answered then times out).
-    pub fn on_payload(&self, payload: Value) {
+    /// One `mcp` payload from the device (`bytes`: the size of the message that carried it),
+    /// handed to the client: a response completes its request, a request (`ping`) is answered,
+    /// a notification is taken. A payload that is not JSON-RPC is logged and dropped (a request
+    /// it answered then times out). Past `caps.max_session_bytes` the client is stopped (its
+    /// requests fail, the device's tools are off) and the device gets an `alert`.
+    pub fn on_payload(&self, payload: Value, bytes: usize) {
+        if self.off.load(Ordering::Relaxed) {
+            return;
+        }
+        let received = self.received.fetch_add(bytes as u64, Ordering::Relaxed) + bytes as u64;
+        if received > self.caps.max_session_bytes {
+            self.off.store(true, Ordering::Relaxed);
+            if let Some(client) = self.client.get() {
+                client.cancellation_token().cancel();
+            }
+            tracing::warn!(session = %self.session_id, received, "device MCP over its byte cap; its tools are off");
+            self.alert(format!(
+                "your MCP messages passed {} bytes (device.mcp_max_session_bytes): your tools are off for this session",
+                self.caps.max_session_bytes
+            ));
+            return;
+        }
         match serde_json::from_value::<ServerJsonRpcMessage>(payload) {
             Ok(message) => match self.incoming.try_send(message) {
                 Ok(()) => {}
@@ -221,6 +264,7 @@ impl DeviceMcp {
             .map_err(initialize_error)?;
         let client = self.client.get_or_init(|| async move { client }).await;
         let mut tools = Vec::new();
+        let (mut too_large, mut too_many) = (0usize, 0usize);
         let mut cursor: Option<String> = None;
         for _ in 0..max_pages {
             let params = PaginatedRequestParams::default().with_cursor(cursor.take());
@@ -229,6 +273,16 @@ impl DeviceMcp {
                 .map_err(|_| self.timed_out("tools/list"))?
                 .map_err(|e| service_error("tools/list", e))?;
             for tool in page.tools {
+                if serde_json::to_vec(&tool).map_or(usize::MAX, |j| j.len())
+                    > self.caps.max_tool_bytes
+                {
+                    too_large += 1;
+                    continue;
+                }
+                if tools.len() == self.caps.max_tools {
+                    too_many += 1;
+                    continue;
+                }
                 let spec = device_tool(tool);
                 if tools.iter().any(|t: &ToolSpec| t.name == spec.name) {
                     tracing::warn!(session = %self.session_id, tool = %spec.tool, "device tool name taken; skipped");
@@ -237,12 +291,32 @@ impl DeviceMcp {
                 }
             }
             cursor = page.next_cursor.filter(|c| !c.is_empty());
-            if cursor.is_none() {
-                return Ok(tools);
+            if cursor.is_none() || too_many > 0 {
+                break;
             }
         }
-        tracing::warn!(session = %self.session_id, max_pages, "device tools/list still had pages (device.mcp_max_list_pages)");
+        if cursor.is_some() && too_many == 0 {
+            tracing::warn!(session = %self.session_id, max_pages, "device tools/list still had pages (device.mcp_max_list_pages)");
+        }
+        if too_many > 0 {
+            self.alert(format!(
+                "you offer more than {} tools (device.mcp_max_tools): the first {} are used",
+                self.caps.max_tools, self.caps.max_tools
+            ));
+        }
+        if too_large > 0 {
+            self.alert(format!(
+                "{too_large} of your tools are over {} bytes (device.mcp_max_tool_bytes) and were left out",
+                self.caps.max_tool_bytes
+            ));
+        }
         Ok(tools)
+    }
+
+    /// Tells the device what was left out, without waiting (a full writer drops it).
+    fn alert(&self, message: String) {
+        let alert = ServerMessage::alert(&self.session_id, message);
+        let _ = self.out.try_send(Message::Text(alert.to_json().into()));
     }
 
     /// One `tools/call` on the device. Dropping the request (timeout, `cancel`) makes rmcp send

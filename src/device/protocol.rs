@@ -401,6 +401,17 @@ pub enum ServerMessage {
 }
 
 impl ServerMessage {
+    /// An `alert` about the device's own doing (a bad message, a cap reached): status `error`,
+    /// emotion `confused`.
+    pub fn alert(session_id: &str, message: String) -> ServerMessage {
+        ServerMessage::Alert {
+            session_id: session_id.to_string(),
+            status: "error".into(),
+            message,
+            emotion: "confused".into(),
+        }
+    }
+
     /// The JSON text.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("server messages serialise")

@@ -726,17 +726,14 @@ async fn session(
         None => None,
     };
     let alert = |message: String| {
-        Message::Text(
-            ServerMessage::Alert {
-                session_id: session_id.clone(),
-                status: "error".into(),
-                message,
-                emotion: "confused".into(),
-            }
-            .to_json()
-            .into(),
-        )
+        Message::Text(ServerMessage::alert(&session_id, message).to_json().into())
     };
+    // Text messages a second (audio frames are not counted); past the quota they are dropped,
+    // with an alert at most once a second.
+    let quota =
+        std::num::NonZeroU32::new(device.max_messages_per_s).unwrap_or(std::num::NonZeroU32::MIN);
+    let messages = governor::RateLimiter::direct(governor::Quota::per_second(quota));
+    let mut last_rate_alert: Option<tokio::time::Instant> = None;
     // The idle timeout counts from the device's own last frame (audio, a message, a pong): the
     // server's pings do not keep a silent device's slot.
     let idle = Duration::from_millis(device.idle_timeout_ms);
@@ -805,6 +802,21 @@ async fn session(
             Message::Close(_) => break None,
             Message::Ping(_) | Message::Pong(_) => continue,
         };
+        if messages.check().is_err() {
+            let now = tokio::time::Instant::now();
+            if last_rate_alert.is_none_or(|t| now - t >= Duration::from_secs(1)) {
+                last_rate_alert = Some(now);
+                tracing::warn!(session = %session_id, "device message flood; dropping");
+                let reason = format!(
+                    "more than {} messages a second (device.max_messages_per_s): dropped",
+                    device.max_messages_per_s
+                );
+                if out.send(alert(reason)).await.is_err() {
+                    break None;
+                }
+            }
+            continue;
+        }
         match on_text(&text) {
             Err(e) => {
                 if out.send(alert(e)).await.is_err() {
@@ -829,7 +841,7 @@ async fn session(
                             text,
                             ..
                         } => c.detect(text.as_deref().unwrap_or_default()).await,
-                        DeviceMessage::Mcp { payload } => c.mcp(payload).await,
+                        DeviceMessage::Mcp { payload } => c.mcp(payload, text.len()).await,
                         DeviceMessage::Hello { .. } => {}
                     }
                 }

@@ -12,7 +12,7 @@ use axum::extract::ws::Message;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::mcp::DeviceMcp;
+use super::mcp::{DeviceMcp, McpCaps};
 use super::protocol::{ListenMode, ProtocolVersion, ServerMessage, TtsState};
 use crate::audio::convert::ConvertError;
 use crate::audio::opus::{FrameDecoder, OpusError};
@@ -269,6 +269,11 @@ impl DeviceConversation {
                 out.clone(),
                 Duration::from_millis(config.device.mcp_request_timeout_ms),
                 (&config.tools).into(),
+                McpCaps {
+                    max_tools: config.device.mcp_max_tools as usize,
+                    max_tool_bytes: config.device.mcp_max_tool_bytes,
+                    max_session_bytes: config.device.mcp_max_session_bytes,
+                },
             )
         });
         let asr_prompt = Arc::new(std::sync::Mutex::new(None));
@@ -358,10 +363,11 @@ impl DeviceConversation {
         self.start_turn(text.trim().to_string()).await;
     }
 
-    /// An `mcp` payload from the device (a response to one of our requests, or a notification).
-    pub async fn mcp(&mut self, payload: serde_json::Value) {
+    /// An `mcp` payload from the device (a response to one of our requests, or a notification),
+    /// carried by a message of `bytes` bytes.
+    pub async fn mcp(&mut self, payload: serde_json::Value, bytes: usize) {
         match &self.mcp {
-            Some(mcp) => mcp.on_payload(payload),
+            Some(mcp) => mcp.on_payload(payload, bytes),
             None => {
                 tracing::info!(session = %self.session_id, "mcp message from a device that did not announce features.mcp; ignored")
             }
@@ -387,6 +393,15 @@ impl DeviceConversation {
         if self.mode == ListenMode::Manual {
             let samples = self.voice.convert(&pcm)?;
             self.manual.extend(samples);
+            // A turn's uplink is bounded as the VAD bounds one (`[vad] max_utterance_ms`): a
+            // device that never sends `listen stop` has what it said heard at the cap.
+            let cap =
+                self.assistant.config.vad.max_utterance_ms as usize * SPEECH_RATE as usize / 1000;
+            if self.manual.len() >= cap {
+                tracing::info!(session = %self.session_id, "manual utterance at vad.max_utterance_ms; heard now");
+                let pcm = std::mem::take(&mut self.manual);
+                self.hear(pcm).await;
+            }
             return Ok(());
         }
         // In realtime mode the device keeps its microphone open while the reply plays: speech

@@ -343,6 +343,32 @@ async fn manual_mode_ends_the_turn_at_listen_stop() {
     assert!(heard(&stt).contains("what time"), "{stt}");
 }
 
+#[tokio::test]
+async fn a_manual_turn_without_listen_stop_is_heard_at_the_utterance_cap() {
+    let addr = serve_with(vec![Reply::Words(REPLY)], |c| c.vad.max_utterance_ms = 2000)
+        .await
+        .0;
+    let mut socket = device(addr, ProtocolVersion::V1).await;
+    listen_start(&mut socket, "manual").await;
+    // The command (1.3 s and 1.2 s of silence) and never `listen stop`: the server hears what
+    // it has at 2 s instead of buffering without end.
+    let frames = command_frames("cmd_what_time.wav");
+    for frame in &frames {
+        socket
+            .send(Message::binary(ProtocolVersion::V1.encode_opus(frame, 0)))
+            .await
+            .unwrap();
+    }
+    loop {
+        if let Event::Json(v) = next(&mut socket).await
+            && v["type"] == "stt"
+        {
+            assert!(heard(&v).contains("what time"), "{v}");
+            break;
+        }
+    }
+}
+
 /// The device's side of device-side MCP, as the xiaozhi-esp32 firmware answers: `initialize`,
 /// `tools/list` in two pages (a `nextCursor` after the first), and `tools/call` (answered with
 /// `true`, as the firmware's set_volume does, unless `answer_calls` is false). Returns the
@@ -750,4 +776,182 @@ async fn playing_a_track_shows_its_title_as_the_sentence() {
     assert!(title.to_lowercase().contains("horizon"), "{title}");
     let abort = json!({"type": "abort", "reason": "wake_word_detected"});
     socket.send(Message::text(abort.to_string())).await.unwrap();
+}
+
+/// Reads until an `alert` whose message names `key`; everything before it is skipped.
+async fn alert_naming(socket: &mut Socket, key: &str) -> String {
+    loop {
+        if let Event::Json(v) = next(socket).await
+            && v["type"] == "alert"
+        {
+            let message = v["message"].as_str().unwrap().to_string();
+            if message.contains(key) {
+                return message;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_device_over_its_tool_caps_gets_alerts_and_only_its_first_tools_are_offered() {
+    let (addr, requests) = serve_with(vec![Reply::Words("Hello.")], |c| {
+        c.device.mcp_max_tools = 3;
+        c.device.mcp_max_tool_bytes = 1024;
+    })
+    .await;
+    let mut socket = device_with(addr, ProtocolVersion::V1, true).await;
+    // The device offers a 10 KB tool, then ten small ones, in one page.
+    let tool = |name: String, description: String| json!({"name": name, "description": description, "inputSchema": {"type": "object"}});
+    let mut tools = vec![tool("self.huge".into(), "x".repeat(10_000))];
+    tools.extend((0..10).map(|i| tool(format!("self.small_{i}"), "A small tool.".into())));
+    let mut alerts = Vec::new();
+    while alerts.len() < 2 {
+        let Event::Json(v) = next(&mut socket).await else {
+            continue;
+        };
+        let (method, id) = (v["payload"]["method"].as_str(), v["payload"]["id"].clone());
+        let result = match (v["type"].as_str(), method) {
+            (Some("alert"), _) => {
+                alerts.push(v["message"].as_str().unwrap().to_string());
+                continue;
+            }
+            (Some("mcp"), Some("initialize")) => json!({"protocolVersion": "2024-11-05",
+                "capabilities": {"tools": {}}, "serverInfo": {"name": "hostile", "version": "1"}}),
+            (Some("mcp"), Some("tools/list")) => json!({"tools": tools}),
+            _ => continue,
+        };
+        let answer =
+            json!({"type": "mcp", "payload": {"jsonrpc": "2.0", "id": id, "result": result}});
+        socket
+            .send(Message::text(answer.to_string()))
+            .await
+            .unwrap();
+    }
+    alerts.sort();
+    assert!(
+        alerts[0].contains("over 1024 bytes (device.mcp_max_tool_bytes)"),
+        "{alerts:?}"
+    );
+    assert!(
+        alerts[1].contains("more than 3 tools (device.mcp_max_tools)"),
+        "{alerts:?}"
+    );
+    // The next turn offers the model the first three small tools and nothing else of the device's.
+    let detect = json!({"type": "listen", "state": "detect", "text": "hello there"});
+    socket
+        .send(Message::text(detect.to_string()))
+        .await
+        .unwrap();
+    loop {
+        if let Event::Json(v) = next(&mut socket).await
+            && v["type"] == "tts"
+            && v["state"] == "stop"
+        {
+            break;
+        }
+    }
+    let requests = requests.lock().unwrap().clone();
+    let offered: Vec<String> = requests[0]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["function"]["name"].as_str())
+        .filter(|n| n.starts_with("device_"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        offered,
+        [
+            "device_self_small_0",
+            "device_self_small_1",
+            "device_self_small_2"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_device_past_its_mcp_byte_cap_gets_an_alert_and_the_session_goes_on() {
+    let addr = serve_with(vec![Reply::Words("Still here.")], |c| {
+        c.device.mcp_max_session_bytes = 4096;
+    })
+    .await
+    .0;
+    let mut socket = device_with(addr, ProtocolVersion::V1, true).await;
+    let note = json!({"type": "mcp", "payload": {"jsonrpc": "2.0", "method": "notifications/message",
+        "params": {"level": "info", "data": "y".repeat(1500)}}});
+    for _ in 0..4 {
+        socket.send(Message::text(note.to_string())).await.unwrap();
+    }
+    let message = alert_naming(&mut socket, "device.mcp_max_session_bytes").await;
+    assert!(message.contains("your tools are off"), "{message}");
+    // The conversation itself goes on.
+    let detect = json!({"type": "listen", "state": "detect", "text": "are you there"});
+    socket
+        .send(Message::text(detect.to_string()))
+        .await
+        .unwrap();
+    let said = loop {
+        if let Event::Json(v) = next(&mut socket).await
+            && v["type"] == "tts"
+            && v["state"] == "sentence_start"
+        {
+            break v["text"].as_str().unwrap().to_string();
+        }
+    };
+    assert_eq!(said, "Still here.");
+}
+
+#[tokio::test]
+async fn a_message_flood_is_dropped_with_an_alert_while_another_session_keeps_playing() {
+    let replies = vec![
+        Reply::Call("musicPlayer", json!({"query": "horizon"})),
+        Reply::Words("Enjoy."),
+    ];
+    let (addr, _) = serve_with(replies, |c| c.device.max_messages_per_s = 20).await;
+    // One device plays a track.
+    let mut player = device(addr, ProtocolVersion::V1).await;
+    let detect = json!({"type": "listen", "state": "detect", "text": "play just over the horizon"});
+    player
+        .send(Message::text(detect.to_string()))
+        .await
+        .unwrap();
+    while !matches!(next(&mut player).await, Event::Opus(_)) {}
+    // Another floods the server with 2000 `listen start` messages.
+    let mut flooder = device(addr, ProtocolVersion::V1).await;
+    let listen = json!({"type": "listen", "state": "start", "mode": "auto"}).to_string();
+    for _ in 0..2000 {
+        flooder.send(Message::text(listen.clone())).await.unwrap();
+    }
+    let message = alert_naming(&mut flooder, "device.max_messages_per_s").await;
+    assert!(
+        message.contains("more than 20 messages a second"),
+        "{message}"
+    );
+    // The player still gets its frames at real-time pace: 2 s of them within 2.5 s.
+    let started = Instant::now();
+    let mut frames = 0;
+    while frames < 33 {
+        if let Event::Opus(_) = next(&mut player).await {
+            frames += 1;
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(2500),
+            "{frames} frames"
+        );
+    }
+    // The flooder's session is still open: after the flood, its messages are taken again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let detect = json!({"type": "listen", "state": "detect", "text": "hello"});
+    flooder
+        .send(Message::text(detect.to_string()))
+        .await
+        .unwrap();
+    loop {
+        if let Event::Json(v) = next(&mut flooder).await
+            && v["type"] == "stt"
+        {
+            assert_eq!(v["text"], "hello");
+            break;
+        }
+    }
 }
