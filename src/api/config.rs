@@ -199,6 +199,12 @@ pub struct ServerConfig {
     pub rate_per_key: u32,
     /// Requests per window from one IP address, before any credential is checked; 0: no limit.
     pub rate_per_ip: u32,
+    /// Streamable-HTTP MCP sessions (`/mcp` of `voxloop serve` and of `voxloop duplex serve`)
+    /// open at once (1..=100000); a new one past it closes the longest idle first.
+    pub mcp_max_sessions: usize,
+    /// Seconds an MCP session may sit unused before it is closed (1..=86400); a client that
+    /// never sends `DELETE` holds nothing longer.
+    pub mcp_session_idle_s: u64,
 }
 
 impl Default for ServerConfig {
@@ -212,6 +218,8 @@ impl Default for ServerConfig {
             rate_window_s: 60,
             rate_per_key: 600,
             rate_per_ip: 1200,
+            mcp_max_sessions: 256,
+            mcp_session_idle_s: 300,
         }
     }
 }
@@ -253,6 +261,29 @@ impl ServerConfig {
             0..=1_000_000,
             "requests",
         )?;
+        in_range(
+            "server.mcp_max_sessions",
+            self.mcp_max_sessions,
+            1..=100_000,
+            "sessions",
+        )?;
+        in_range(
+            "server.mcp_session_idle_s",
+            self.mcp_session_idle_s,
+            1..=86_400,
+            "seconds",
+        )?;
         Ok(())
+    }
+}
+
+impl ServerConfig {
+    /// The MCP endpoints' session manager, bounded as `mcp_max_sessions` and
+    /// `mcp_session_idle_s` say.
+    pub fn mcp_sessions(&self) -> voxloop_mcp_sessions::BoundedSessions {
+        voxloop_mcp_sessions::BoundedSessions::new(
+            self.mcp_max_sessions,
+            std::time::Duration::from_secs(self.mcp_session_idle_s),
+        )
     }
 }

@@ -16,7 +16,6 @@ use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use rmcp::model::{CallToolResult, JsonObject, Tool};
-use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -321,7 +320,7 @@ pub fn router(runtime: Arc<Runtime>) -> Router {
     let mcp_runtime = runtime.clone();
     let mcp = StreamableHttpService::new(
         move || Ok(super::mcp::RuntimeMcp::new(mcp_runtime.clone())),
-        Arc::new(LocalSessionManager::default()),
+        Arc::new(runtime.config.mcp_sessions()),
         StreamableHttpServerConfig::default()
             .with_allowed_origins(mcp_origins(&runtime.config))
             .enforce_origin_validation(),

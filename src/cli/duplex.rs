@@ -180,7 +180,6 @@ pub(crate) async fn serve(config: &Config, bind: Option<&str>) -> anyhow::Result
 
 pub(crate) async fn mcp(config: &Config, bind: Option<&str>) -> anyhow::Result<ExitCode> {
     use rmcp::ServiceExt as _;
-    use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
     use rmcp::transport::streamable_http_server::{
         StreamableHttpServerConfig, StreamableHttpService,
     };
@@ -205,7 +204,7 @@ pub(crate) async fn mcp(config: &Config, bind: Option<&str>) -> anyhow::Result<E
         .enforce_origin_validation();
     let service = StreamableHttpService::new(
         move || Ok(server.clone()),
-        std::sync::Arc::new(LocalSessionManager::default()),
+        std::sync::Arc::new(config.server.mcp_sessions()),
         http_config,
     );
     let listener = bind_tcp(bind).await?;

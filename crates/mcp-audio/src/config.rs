@@ -42,6 +42,11 @@ pub struct MusicConfig {
     /// Browser origins accepted by the HTTP transport besides loopback ones
     /// (`http://localhost:*`, `http://127.0.0.1:*`, `http://[::1]:*`), e.g. `https://app.example`.
     pub allowed_origins: Vec<String>,
+    /// `--transport http`: MCP sessions open at once (1..=100000); a new one past it closes the
+    /// longest idle first.
+    pub max_sessions: usize,
+    /// `--transport http`: seconds a session may sit unused before it is closed (1..=86400).
+    pub session_idle_s: u64,
 }
 
 impl Default for MusicConfig {
@@ -55,6 +60,8 @@ impl Default for MusicConfig {
             list_page_size: 50,
             http_bind: SocketAddr::from(([127, 0, 0, 1], 3001)),
             allowed_origins: Vec::new(),
+            max_sessions: 256,
+            session_idle_s: 300,
         }
     }
 }
@@ -168,6 +175,18 @@ impl MusicConfig {
                 });
             }
         }
+        in_range(
+            "music.max_sessions",
+            self.max_sessions,
+            1..=100_000,
+            "sessions",
+        )?;
+        in_range(
+            "music.session_idle_s",
+            self.session_idle_s,
+            1..=86_400,
+            "seconds",
+        )?;
         origins("music.allowed_origins", &self.allowed_origins)
     }
 }

@@ -28,7 +28,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use rmcp::ServiceExt as _;
-use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 
 use crate::config::MusicConfig;
@@ -198,7 +197,10 @@ async fn serve_http(server: MusicServer, config: &MusicConfig) -> anyhow::Result
         .enforce_origin_validation();
     let service = StreamableHttpService::new(
         move || Ok(server.clone()),
-        Arc::new(LocalSessionManager::default()),
+        Arc::new(voxloop_mcp_sessions::BoundedSessions::new(
+            config.max_sessions,
+            std::time::Duration::from_secs(config.session_idle_s),
+        )),
         http_config,
     );
     let app = axum::Router::new().nest_service("/mcp", service);
