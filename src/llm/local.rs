@@ -759,6 +759,87 @@ impl LocalModel {
         messages: &[ChatMessage],
         tools: &FunctionTools,
     ) -> Result<(Vec<u32>, Option<ToolGrammar>), LlmError> {
+        self.fit(messages, tools).map(|f| (f.ids, f.grammar))
+    }
+
+    /// What a completion of `messages` with `tools` would be given: the prompt's length in
+    /// tokens and the names of the tools offered (all of them, or, when they do not all fit
+    /// the context, the most relevant that do).
+    ///
+    /// # Errors
+    /// As [`Self::stream`].
+    pub fn offered(
+        &self,
+        messages: &[ChatMessage],
+        tools: &FunctionTools,
+    ) -> Result<(usize, Vec<String>), LlmError> {
+        let fitted = self.fit(messages, tools)?;
+        let names = fitted
+            .tools
+            .iter()
+            .filter_map(|t| t["function"]["name"].as_str().map(str::to_string))
+            .collect();
+        Ok((fitted.ids.len(), names))
+    }
+
+    /// The prompt's ids, the grammar and the tools offered.
+    fn fit(&self, messages: &[ChatMessage], tools: &FunctionTools) -> Result<Fitted, LlmError> {
+        let max_new = self.inner.config.max_tokens as usize;
+        let fits = |ids: &[u32]| ids.len() + max_new <= MAX_SEQ_LEN;
+        let ids = self.prompt_ids(messages, tools)?;
+        if fits(&ids) || tools.is_empty() {
+            let (ids, grammar) = self.checked(ids, max_new, messages, tools)?;
+            let tools = tools.to_vec();
+            return Ok(Fitted {
+                ids,
+                grammar,
+                tools,
+            });
+        }
+        // Every tool does not fit: offer the ones the request most likely wants, as many as fit
+        // (tool retrieval), rather than fail the turn.
+        let request = messages
+            .iter()
+            .rev()
+            .find(|m| m.role == Role::User)
+            .map_or("", |m| m.content.as_str());
+        let ranked = tools_by_relevance(request, tools);
+        let subset = |k: usize| -> Vec<Value> {
+            let mut chosen: Vec<usize> = ranked[..k].to_vec();
+            chosen.sort_unstable();
+            chosen.into_iter().map(|i| tools[i].clone()).collect()
+        };
+        // The largest count that fits: `low` fits (or is 0), `high` does not.
+        let (mut low, mut high) = (0, tools.len());
+        let mut best = self.prompt_ids(messages, &[])?;
+        while high - low > 1 {
+            let middle = (low + high) / 2;
+            let ids = self.prompt_ids(messages, &subset(middle))?;
+            if fits(&ids) {
+                (low, best) = (middle, ids);
+            } else {
+                high = middle;
+            }
+        }
+        let chosen = subset(low);
+        tracing::info!(
+            offered = low,
+            of = tools.len(),
+            "tools chosen by relevance to the request, to fit the model's context"
+        );
+        let (ids, grammar) = self.checked(best, max_new, messages, &chosen)?;
+        Ok(Fitted {
+            ids,
+            grammar,
+            tools: chosen,
+        })
+    }
+
+    fn prompt_ids(
+        &self,
+        messages: &[ChatMessage],
+        tools: &FunctionTools,
+    ) -> Result<Vec<u32>, LlmError> {
         let prompt = Self::render_prompt(
             self.inner.format,
             messages,
@@ -766,8 +847,17 @@ impl LocalModel {
             &self.inner.config.tool_examples,
         );
         tracing::trace!(%prompt, "local model prompt");
-        let ids = self.tokenize(&prompt)?;
-        let max_new = self.inner.config.max_tokens as usize;
+        self.tokenize(&prompt)
+    }
+
+    /// `ids` with the grammar for `tools`, or the error of a prompt too long even so.
+    fn checked(
+        &self,
+        ids: Vec<u32>,
+        max_new: usize,
+        messages: &[ChatMessage],
+        tools: &FunctionTools,
+    ) -> Result<(Vec<u32>, Option<ToolGrammar>), LlmError> {
         if ids.len() + max_new > MAX_SEQ_LEN {
             return Err(model_error(
                 &self.inner.path,
@@ -1630,4 +1720,58 @@ impl Inner {
             arguments: call["arguments"].to_string(),
         }))
     }
+}
+/// A prompt that fits the context: its token ids, the tool-call grammar, the tools offered.
+struct Fitted {
+    ids: Vec<u32>,
+    grammar: Option<ToolGrammar>,
+    tools: Vec<Value>,
+}
+
+/// Words that say nothing about which tool a request wants.
+const STOP_WORDS: &[&str] = &[
+    "the", "and", "for", "you", "can", "please", "what", "with", "this", "that", "from", "some",
+    "set", "get", "are", "how", "its", "into", "about", "tool", "tools", "when", "will", "your",
+];
+
+/// The words of `text` that can tell tools apart: lowercased, split at anything but letters and
+/// digits and at camelCase humps, at least three characters, no stop words.
+fn words(text: &str) -> std::collections::BTreeSet<String> {
+    let mut spaced = String::with_capacity(text.len() + 8);
+    let mut previous_lower = false;
+    for c in text.chars() {
+        if c.is_uppercase() && previous_lower {
+            spaced.push(' ');
+        }
+        previous_lower = c.is_lowercase();
+        spaced.push(if c.is_alphanumeric() { c } else { ' ' });
+    }
+    spaced
+        .split_whitespace()
+        .map(str::to_lowercase)
+        .filter(|w| w.chars().count() >= 3 && !STOP_WORDS.contains(&w.as_str()))
+        .collect()
+}
+
+/// The tools in order of relevance to `request` (indices into `tools`): a request word in a
+/// tool's name counts 2, in its description 1; ties keep the offered order, so the runtime's
+/// own tools, offered first, come first among equals.
+pub fn tools_by_relevance(request: &str, tools: &FunctionTools) -> Vec<usize> {
+    let wanted = words(request);
+    let mut scored: Vec<(usize, usize)> = tools
+        .iter()
+        .enumerate()
+        .map(|(i, tool)| {
+            let function = &tool["function"];
+            let name = words(function["name"].as_str().unwrap_or_default());
+            let description = words(function["description"].as_str().unwrap_or_default());
+            let score = wanted
+                .iter()
+                .map(|w| 2 * usize::from(name.contains(w)) + usize::from(description.contains(w)))
+                .sum();
+            (i, score)
+        })
+        .collect();
+    scored.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    scored.into_iter().map(|(i, _)| i).collect()
 }

@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use voxloop::config::Config;
 use voxloop::llm::config::DEFAULT_SYSTEM_PROMPT;
@@ -414,4 +414,57 @@ fn the_main_job_plays_the_requested_track_into_a_wav() {
         2400,
     );
     assert!(r > 0.99, "correlation {r} at lag {lag}");
+}
+
+/// 300 tools a big MCP server might offer (a smart home's devices), none of them about music.
+fn many_tools() -> Vec<Value> {
+    (0..300)
+        .map(|i| {
+            json!({"type": "function", "function": {
+                "name": format!("home_device_{i}_switch"),
+                "description": format!("Turns device number {i} of the house (a lamp, a heater or a blind) on or off, and reports its state and power draw."),
+                "parameters": {"type": "object", "properties": {
+                    "on": {"type": "boolean", "description": "true to switch it on"},
+                    "room": {"type": "string", "description": "the room the device is in"}},
+                    "required": ["on"]}}})
+        })
+        .collect()
+}
+
+#[test]
+fn tools_are_ranked_by_the_request_words_in_their_names_then_descriptions() {
+    let mut tools = many_tools();
+    tools.push(
+        json!({"type": "function", "function": {"name": "musicPlayer",
+        "description": "Play music from the library: a song, an artist or an album."}}),
+    );
+    let ranked = voxloop::llm::local::tools_by_relevance("Play something by Queen.", &tools);
+    assert_eq!(ranked[0], 300, "the music player first");
+    // Equals keep their offered order.
+    assert_eq!(&ranked[1..4], &[0, 1, 2]);
+    let ranked = voxloop::llm::local::tools_by_relevance("switch the lamp in room 7 off", &tools);
+    assert!(ranked[0] < 300);
+}
+
+#[tokio::test]
+async fn three_hundred_tools_are_narrowed_to_the_relevant_ones_that_fit_the_context() {
+    let _slot = chat_model_slot().await;
+    let hub = hub().await;
+    let mut tools = many_tools();
+    tools.extend(hub.function_tools());
+    let model = model();
+    let messages = request("Play something by Queen.");
+    // Every tool together is far past the model's 4096 tokens.
+    let all = LocalModel::render_prompt(model.format(), &messages, &tools, "");
+    assert!(model.tokenize(&all).unwrap().len() > 8_000);
+    let (prompt_tokens, offered) = model.offered(&messages, &tools).unwrap();
+    assert!(prompt_tokens + 48 <= 4096, "{prompt_tokens}");
+    assert!(
+        offered.len() > 5 && offered.len() < tools.len(),
+        "{offered:?}"
+    );
+    assert!(offered.iter().any(|t| t == "musicPlayer"), "{offered:?}");
+    // With few tools nothing is left out.
+    let (_, few) = model.offered(&messages, &hub.function_tools()).unwrap();
+    assert_eq!(few.len(), hub.function_tools().len());
 }
