@@ -41,6 +41,9 @@ pub struct Metrics {
     pager_pages: Counter,
     active_sessions: Family<Labels, Gauge>,
     first_audio_seconds: Histogram,
+    asr_wait_seconds: Histogram,
+    asr_waiting: Gauge,
+    asr_busy: Counter,
     llm_tokens: Family<Labels, Counter>,
     breaker_state: Family<Labels, Gauge>,
     gpu_location: Family<Labels, Gauge>,
@@ -93,6 +96,24 @@ impl Metrics {
             "End of the user's turn to the first audio of the reply",
             first_audio_seconds.clone(),
         );
+        let asr_wait_seconds = seconds_histogram();
+        registry.register(
+            "voxloop_asr_wait_seconds",
+            "Time an utterance waited for whisper before its transcription started",
+            asr_wait_seconds.clone(),
+        );
+        let asr_waiting = Gauge::default();
+        registry.register(
+            "voxloop_asr_waiting",
+            "Utterances waiting for whisper now (the ASR queue's depth)",
+            asr_waiting.clone(),
+        );
+        let asr_busy = Counter::default();
+        registry.register(
+            "voxloop_asr_busy",
+            "Utterances refused after waiting [asr] max_wait_ms for whisper",
+            asr_busy.clone(),
+        );
         let llm_tokens = Family::<Labels, Counter>::default();
         registry.register(
             "voxloop_llm_tokens",
@@ -125,6 +146,9 @@ impl Metrics {
             pager_pages,
             active_sessions,
             first_audio_seconds,
+            asr_wait_seconds,
+            asr_waiting,
+            asr_busy,
             llm_tokens,
             breaker_state,
             gpu_location,
@@ -176,6 +200,21 @@ impl Metrics {
     /// Time from the end of a turn to its first reply audio.
     pub fn first_audio(&self, took: Duration) {
         self.first_audio_seconds.observe(took.as_secs_f64());
+    }
+
+    /// An utterance starts waiting for whisper; the gauge goes down when the returned guard
+    /// drops.
+    pub fn asr_queued(&self) -> SessionGuard {
+        self.asr_waiting.inc();
+        SessionGuard(self.asr_waiting.clone())
+    }
+
+    /// An utterance waited `took` for whisper; `busy`: it gave up.
+    pub fn asr_waited(&self, took: Duration, busy: bool) {
+        self.asr_wait_seconds.observe(took.as_secs_f64());
+        if busy {
+            self.asr_busy.inc();
+        }
     }
 
     /// Tokens one LLM request used.

@@ -143,21 +143,28 @@ pub enum TranscribeError {
     /// The blocking task running whisper panicked or was cancelled.
     #[error("the transcription task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// Whisper was busy with other utterances for longer than `[asr] max_wait_ms`.
+    #[error("whisper is busy: other utterances kept it longer than asr.max_wait_ms")]
+    Busy,
 }
 
 /// Transcribes `pcm` ([`SPEECH_RATE`](crate::speech::SPEECH_RATE) mono) with whisper's initial `prompt`, on a blocking
-/// thread (whisper is CPU-bound); the time it took in ms comes back with the transcript.
+/// thread (whisper is CPU-bound), once whisper is free (one utterance at a time, in the order
+/// they came); the time the transcription took in ms comes back with the transcript.
 ///
 /// # Errors
-/// [`TranscribeError`].
+/// [`TranscribeError`]: [`TranscribeError::Busy`] after waiting `[asr] max_wait_ms`.
 pub async fn transcribe(
     asr: Arc<Asr>,
     pcm: Vec<f32>,
     prompt: Option<String>,
 ) -> Result<(Transcript, u64), TranscribeError> {
+    let permit = asr.queue().await.ok_or(TranscribeError::Busy)?;
     let started = std::time::Instant::now();
-    let transcript =
-        tokio::task::spawn_blocking(move || asr.transcribe_with_prompt(&pcm, prompt.as_deref()))
-            .await??;
+    let transcript = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        asr.transcribe_with_prompt(&pcm, prompt.as_deref())
+    })
+    .await??;
     Ok((transcript, started.elapsed().as_millis() as u64))
 }

@@ -22,7 +22,10 @@ use crate::audio::queue::{
 use crate::audio::sink::{OpusSink, Sink, SinkError};
 use crate::conversation::assistant::Assistant;
 use crate::conversation::turns::{Job, TurnObserver, Turns};
-use crate::conversation::voice::{Output, VoiceInput, transcribe};
+use crate::conversation::voice::{Output, TranscribeError, VoiceInput, transcribe};
+
+/// What a device hears when whisper stayed busy past `[asr] max_wait_ms`.
+pub const BUSY: &str = "Sorry, I'm busy with other requests. Please say that again in a moment.";
 use crate::conversation::{Conversation, TurnReport};
 use crate::speech::SPEECH_RATE;
 use crate::speech::asr::AsrConfig;
@@ -436,6 +439,11 @@ impl DeviceConversation {
             .clone();
         let heard = match transcribe(asr, pcm, prompt).await {
             Ok((transcript, _)) => transcript.text,
+            Err(TranscribeError::Busy) => {
+                tracing::warn!(session = %self.session_id, "ASR busy; the device is told to try again");
+                self.turns.submit(Job::Say(BUSY.into())).await;
+                return;
+            }
             Err(e) => {
                 tracing::error!(session = %self.session_id, error = %e, "ASR failed");
                 return;

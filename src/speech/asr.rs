@@ -1,7 +1,7 @@
 //! Speech to text with whisper.cpp (whisper-rs) on a ggml Whisper model.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use whisper_rs::{FullParams, SamplingStrategy, WhisperContext, WhisperContextParameters};
 
@@ -57,6 +57,9 @@ pub struct Transcript {
 pub struct Asr {
     context: Mutex<WhisperContext>,
     config: AsrConfig,
+    /// One transcription at a time (each runs `threads` threads: more at once would only make
+    /// them thrash); utterances wait here, not on blocking threads.
+    turn: Arc<tokio::sync::Semaphore>,
 }
 
 /// Whisper's default initial prompt for English (`[asr] context_prompt`): it tells the decoder
@@ -93,7 +96,21 @@ impl Asr {
         Ok(Self {
             context: Mutex::new(context),
             config: config.clone(),
+            turn: Arc::new(tokio::sync::Semaphore::new(1)),
         })
+    }
+
+    /// Waits for whisper's turn, at most `[asr] max_wait_ms`; `None` when that passed (the
+    /// assistant is busy). The permit is held while the transcription runs.
+    pub async fn queue(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let metrics = crate::metrics::get();
+        let _waiting = metrics.asr_queued();
+        let started = std::time::Instant::now();
+        let wait = std::time::Duration::from_millis(self.config.max_wait_ms);
+        let permit = tokio::time::timeout(wait, self.turn.clone().acquire_owned()).await;
+        let permit = permit.ok().and_then(Result::ok);
+        metrics.asr_waited(started.elapsed(), permit.is_none());
+        permit
     }
 
     /// Transcribes `pcm`: mono samples at [`SPEECH_RATE`]. Blocking (seconds of CPU on long audio):
@@ -442,6 +459,10 @@ pub struct AsrConfig {
     /// cut whisper base's word error rate from 27.9 % to 23.4 %, with no loss on the human
     /// recordings of `assets/speech` (BENCHMARKS.md).
     pub context_prompt: Option<String>,
+    /// Most time an utterance waits for whisper while others are transcribed (one at a time,
+    /// each with `threads`), in ms (0..=600000); past it the speaker is told the assistant is
+    /// busy instead of waiting in silence.
+    pub max_wait_ms: u64,
 }
 
 impl Default for AsrConfig {
@@ -456,6 +477,7 @@ impl Default for AsrConfig {
             vocabulary_prompt: false,
             prompt_max_chars: 600,
             context_prompt: None,
+            max_wait_ms: 10_000,
         }
     }
 }
@@ -467,6 +489,12 @@ impl AsrConfig {
     /// The first [`InvalidSetting`] found, naming the `asr.` key.
     pub fn validate(&self) -> Result<(), InvalidSetting> {
         in_range("asr.threads", self.threads, 1..=64, "threads")?;
+        in_range(
+            "asr.max_wait_ms",
+            self.max_wait_ms,
+            0..=600_000,
+            "milliseconds",
+        )?;
         in_range("asr.beam_size", self.beam_size, 0..=16, "beams")?;
         in_range(
             "asr.prompt_max_chars",

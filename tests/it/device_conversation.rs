@@ -955,3 +955,46 @@ async fn a_message_flood_is_dropped_with_an_alert_while_another_session_keeps_pl
         }
     }
 }
+
+#[tokio::test]
+async fn an_utterance_that_waits_too_long_for_whisper_hears_the_busy_answer() {
+    // No wait at all: two devices speaking at once cannot both have whisper.
+    let (addr, _) = serve_with(vec![Reply::Words(REPLY)], |c| c.asr.max_wait_ms = 0).await;
+    let mut first = device(addr, ProtocolVersion::V1).await;
+    let mut second = device(addr, ProtocolVersion::V1).await;
+    tokio::join!(
+        say(&mut first, ProtocolVersion::V1, "cmd_what_time.wav"),
+        say(&mut second, ProtocolVersion::V1, "cmd_what_time.wav"),
+    );
+    /// The first sentence the device hears, and whether an `stt` came before it.
+    async fn first_sentence(socket: &mut Socket) -> (String, bool) {
+        let mut heard = false;
+        loop {
+            if let Event::Json(v) = next(socket).await {
+                heard |= v["type"] == "stt";
+                if v["type"] == "tts" && v["state"] == "sentence_start" {
+                    return (v["text"].as_str().unwrap().to_string(), heard);
+                }
+            }
+        }
+    }
+    let (a, b) = tokio::join!(first_sentence(&mut first), first_sentence(&mut second));
+    let mut answers = [a, b];
+    answers.sort_by_key(|(_, heard)| !heard);
+    // One was heard and answered; the other was told to ask again, without an stt.
+    assert!(answers[0].1, "{answers:?}");
+    assert_eq!(answers[0].0, "It is ten o'clock in the morning.");
+    assert_eq!(
+        answers[1],
+        (
+            voxloop::device::session::BUSY
+                .split(". ")
+                .next()
+                .unwrap()
+                .to_string()
+                + ".",
+            false
+        ),
+        "{answers:?}"
+    );
+}
