@@ -23,33 +23,7 @@ use serde_json::{Value, json};
 
 /// `voxloop serve` with the scripted model; its device WebSocket URL and its page's URL.
 async fn start_server(llm_url: &str, dir: &Path) -> (tokio::process::Child, String, String) {
-    let config = format!(
-        r#"[llm]
-provider = "openai"
-url = "{llm_url}"
-model = "scripted"
-
-[asr]
-language = "en"
-
-[tts]
-provider = "espeak-ng"
-
-[device]
-bind = "127.0.0.1:0"
-store = "{store}"
-
-[server]
-bind = "127.0.0.1:0"
-
-[mcp_servers.music]
-command = "{music}"
-cwd = "{root}"
-"#,
-        store = dir.join("devices.json").display(),
-        music = env!("CARGO_BIN_EXE_mcp_audio"),
-        root = env!("CARGO_MANIFEST_DIR"),
-    );
+    let config = common::scripted_serve_toml(dir, llm_url, "127.0.0.1:0", "127.0.0.1:0");
     let path = dir.join("browser.toml");
     std::fs::write(&path, config).unwrap();
     let (child, found) = common::spawn_serve(&path, &["device server: ", "browser page: "]).await;

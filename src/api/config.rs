@@ -225,6 +225,15 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    /// The MCP endpoints' session manager, bounded as `mcp_max_sessions` and
+    /// `mcp_session_idle_s` say.
+    pub fn mcp_sessions(&self) -> voxloop_mcp_sessions::BoundedSessions {
+        voxloop_mcp_sessions::BoundedSessions::new(
+            self.mcp_max_sessions,
+            std::time::Duration::from_secs(self.mcp_session_idle_s),
+        )
+    }
+
     /// Checks every `[server]` value against its allowed range.
     ///
     /// # Errors
@@ -274,16 +283,5 @@ impl ServerConfig {
             "seconds",
         )?;
         Ok(())
-    }
-}
-
-impl ServerConfig {
-    /// The MCP endpoints' session manager, bounded as `mcp_max_sessions` and
-    /// `mcp_session_idle_s` say.
-    pub fn mcp_sessions(&self) -> voxloop_mcp_sessions::BoundedSessions {
-        voxloop_mcp_sessions::BoundedSessions::new(
-            self.mcp_max_sessions,
-            std::time::Duration::from_secs(self.mcp_session_idle_s),
-        )
     }
 }

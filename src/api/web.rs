@@ -40,7 +40,8 @@ const CAPTURE: &str = include_str!("../../assets/web/capture.js");
 /// (`{device_port, device_path}`).
 pub fn routes(page: WebPage, guard: Arc<Guard>) -> Router {
     let config = json!({"device_port": page.device_port, "device_path": page.device_path});
-    let html = Arc::new(page_html());
+    // Built once; each response shares the bytes.
+    let html = axum::body::Bytes::from(page_html());
     Router::new()
         .route(
             "/",
@@ -51,7 +52,7 @@ pub fn routes(page: WebPage, guard: Arc<Guard>) -> Router {
                         (header::CONTENT_TYPE, "text/html; charset=utf-8"),
                         (header::CACHE_CONTROL, "no-cache"),
                     ];
-                    (headers, html.as_str().to_owned()).into_response()
+                    (headers, html).into_response()
                 }
             }),
         )

@@ -406,3 +406,42 @@ pub async fn spawn_serve(
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (child, found.into_iter().map(Option::unwrap).collect())
 }
+
+/// A `voxloop serve` configuration file's text: the device server at `device_bind` and the HTTP
+/// API at `api_bind` (`127.0.0.1:0` for any free port), the device store in `dir`, the chat model
+/// a scripted OpenAI-compatible endpoint at `llm_url`, espeak-ng, the bundled music server.
+/// Further tables can follow it.
+pub fn scripted_serve_toml(
+    dir: &std::path::Path,
+    llm_url: &str,
+    device_bind: &str,
+    api_bind: &str,
+) -> String {
+    format!(
+        r#"[device]
+bind = "{device_bind}"
+store = "{store}"
+
+[server]
+bind = "{api_bind}"
+
+[llm]
+provider = "openai"
+url = "{llm_url}"
+model = "scripted"
+
+[asr]
+language = "en"
+
+[tts]
+provider = "espeak-ng"
+
+[mcp_servers.music]
+command = "{music}"
+cwd = "{root}"
+"#,
+        store = dir.join("devices.json").display(),
+        music = music_server_bin().display(),
+        root = repo_root().display(),
+    )
+}

@@ -19,33 +19,12 @@ use common::*;
 /// the scripted model at `llm_url`, espeak-ng, the bundled music server, and `extra` TOML.
 fn config_file(dir: &Path, llm_url: &str, extra: &str) -> (PathBuf, u16) {
     let (device, api) = (free_port(), free_port());
-    let toml = format!(
-        r#"[device]
-bind = "127.0.0.1:{device}"
-store = "{store}"
-
-[server]
-bind = "127.0.0.1:{api}"
-
-[llm]
-provider = "openai"
-url = "{llm_url}"
-model = "scripted"
-
-[asr]
-language = "en"
-
-[tts]
-provider = "espeak-ng"
-
-[mcp_servers.music]
-command = "{music}"
-cwd = "{root}"
-{extra}"#,
-        store = dir.join("devices.json").display(),
-        music = music_server_bin().display(),
-        root = repo_root().display(),
-    );
+    let toml = scripted_serve_toml(
+        dir,
+        llm_url,
+        &format!("127.0.0.1:{device}"),
+        &format!("127.0.0.1:{api}"),
+    ) + extra;
     let path = dir.join("voxloop.toml");
     std::fs::write(&path, toml).unwrap();
     (path, api)
