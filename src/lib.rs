@@ -6,6 +6,7 @@
 //! - [`media`]: a stream of audio bytes with its MIME type, and MIME sniffing.
 //! - [`config`]: the one TOML file, every limit named.
 //! - [`breaker`], [`metrics`]: circuit breakers per upstream; the Prometheus registry.
+//! - [`compute`]: the bounded, ordered queues in front of ASR, the local chat model and TTS.
 //! - [`tools`]: the tool hub: MCP servers, built-in tools, routing of results, paged media.
 //! - [`audio`]: audio plumbing: decode, resample, volume, Opus, the playback queue, sinks, input.
 //! - [`speech`]: VAD, ASR (whisper.cpp), TTS (Kokoro, espeak-ng), the sentence splitter.
@@ -22,6 +23,7 @@
 pub mod api;
 pub mod audio;
 pub mod breaker;
+pub mod compute;
 pub mod config;
 pub mod conversation;
 pub mod device;

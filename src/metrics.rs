@@ -41,9 +41,9 @@ pub struct Metrics {
     pager_pages: Counter,
     active_sessions: Family<Labels, Gauge>,
     first_audio_seconds: Histogram,
-    asr_wait_seconds: Histogram,
-    asr_waiting: Gauge,
-    asr_busy: Counter,
+    queue_wait_seconds: HistogramFamily,
+    queue_waiting: Family<Labels, Gauge>,
+    queue_busy: Family<Labels, Counter>,
     llm_tokens: Family<Labels, Counter>,
     breaker_state: Family<Labels, Gauge>,
     gpu_location: Family<Labels, Gauge>,
@@ -96,23 +96,23 @@ impl Metrics {
             "End of the user's turn to the first audio of the reply",
             first_audio_seconds.clone(),
         );
-        let asr_wait_seconds = seconds_histogram();
+        let queue_wait_seconds: HistogramFamily = Family::new_with_constructor(seconds_histogram);
         registry.register(
-            "voxloop_asr_wait_seconds",
-            "Time an utterance waited for whisper before its transcription started",
-            asr_wait_seconds.clone(),
+            "voxloop_queue_wait_seconds",
+            "Time a job waited for a worker of a shared compute stage (asr, llm, tts)",
+            queue_wait_seconds.clone(),
         );
-        let asr_waiting = Gauge::default();
+        let queue_waiting = Family::<Labels, Gauge>::default();
         registry.register(
-            "voxloop_asr_waiting",
-            "Utterances waiting for whisper now (the ASR queue's depth)",
-            asr_waiting.clone(),
+            "voxloop_queue_waiting",
+            "Jobs waiting for a worker now, by stage (the queue's depth)",
+            queue_waiting.clone(),
         );
-        let asr_busy = Counter::default();
+        let queue_busy = Family::<Labels, Counter>::default();
         registry.register(
-            "voxloop_asr_busy",
-            "Utterances refused after waiting [asr] max_wait_ms for whisper",
-            asr_busy.clone(),
+            "voxloop_queue_busy",
+            "Jobs refused after waiting the stage's max_wait_ms, by stage",
+            queue_busy.clone(),
         );
         let llm_tokens = Family::<Labels, Counter>::default();
         registry.register(
@@ -146,9 +146,9 @@ impl Metrics {
             pager_pages,
             active_sessions,
             first_audio_seconds,
-            asr_wait_seconds,
-            asr_waiting,
-            asr_busy,
+            queue_wait_seconds,
+            queue_waiting,
+            queue_busy,
             llm_tokens,
             breaker_state,
             gpu_location,
@@ -202,18 +202,25 @@ impl Metrics {
         self.first_audio_seconds.observe(took.as_secs_f64());
     }
 
-    /// An utterance starts waiting for whisper; the gauge goes down when the returned guard
-    /// drops.
-    pub fn asr_queued(&self) -> SessionGuard {
-        self.asr_waiting.inc();
-        SessionGuard(self.asr_waiting.clone())
+    /// A job starts waiting in `stage`'s queue ([`crate::compute`]); the gauge goes down when
+    /// the returned guard drops.
+    pub fn queue_entered(&self, stage: &'static str) -> SessionGuard {
+        let gauge = self
+            .queue_waiting
+            .get_or_create(&vec![("stage", stage.to_string())])
+            .clone();
+        gauge.inc();
+        SessionGuard(gauge)
     }
 
-    /// An utterance waited `took` for whisper; `busy`: it gave up.
-    pub fn asr_waited(&self, took: Duration, busy: bool) {
-        self.asr_wait_seconds.observe(took.as_secs_f64());
+    /// A job waited `took` in `stage`'s queue; `busy`: it was refused.
+    pub fn queue_waited(&self, stage: &'static str, took: Duration, busy: bool) {
+        let labels = vec![("stage", stage.to_string())];
+        self.queue_wait_seconds
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
         if busy {
-            self.asr_busy.inc();
+            self.queue_busy.get_or_create(&labels).inc();
         }
     }
 

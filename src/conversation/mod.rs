@@ -21,9 +21,9 @@ use tokio_util::sync::CancellationToken;
 use crate::audio::decode::decode_media;
 use crate::audio::queue::{PlaybackQueue, QueueEvent, SegmentKind, StopReason as QueueStop};
 use crate::llm::config::LlmConfig;
-use crate::llm::{ChatMessage, ChatModel, LlmEvent, Role};
+use crate::llm::{ChatMessage, ChatModel, LlmError, LlmEvent, Role};
 use crate::speech::sentence::SentenceSplitter;
-use crate::speech::tts::Tts;
+use crate::speech::tts::{Tts, TtsError};
 use crate::tools::config::ToolsConfig;
 use crate::tools::hub::{ToolCall, ToolHub, ToolSpec};
 use crate::tools::outcome::{Action, ToolOutcome};
@@ -105,6 +105,9 @@ pub enum TurnEnd {
     Ignored,
     /// The model could not be reached or failed; the user heard a short apology.
     Failed(String),
+    /// A shared stage (the local model, the voice) stayed busy with other sessions past its
+    /// `max_wait_ms`; the user heard [`crate::compute::BUSY_SENTENCE`].
+    Busy(String),
 }
 
 /// Who chose the turn's first action.
@@ -156,6 +159,8 @@ pub struct Conversation {
     exit: bool,
     /// Tools of this conversation's own sources (a device's MCP server), beside the hub's.
     session_tools: Vec<SessionTools>,
+    /// Whether this turn has told the speaker the assistant is busy (said once a turn).
+    told_busy: std::sync::atomic::AtomicBool,
 }
 
 /// A tool source of one conversation (not the shared hub's) and the tools it offers, under
@@ -209,6 +214,7 @@ impl Conversation {
             history: Vec::new(),
             exit: false,
             session_tools: Vec::new(),
+            told_busy: Default::default(),
         }
     }
 
@@ -260,6 +266,8 @@ impl Conversation {
     /// a message such as a device's activation code.
     pub async fn say(&self, text: &str) {
         self.queue.new_turn().await;
+        self.told_busy
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         let mut splitter = crate::speech::sentence::SentenceSplitter::default();
         let mut sentences = splitter.push(text);
         sentences.extend(splitter.finish());
@@ -365,18 +373,47 @@ impl Conversation {
 
     /// Speaks `text` (queued behind what is playing); a TTS failure is logged and skipped.
     async fn speak(&self, text: &str) {
+        if self.is_told_busy() {
+            return;
+        }
         match self.tts.synthesize(text).await {
-            Ok(media) => {
-                self.queue
-                    .enqueue(
-                        SegmentKind::Sentence {
-                            text: text.to_string(),
-                        },
-                        decode_media(media),
-                    )
-                    .await;
+            Ok(media) => self.enqueue_sentence(text, media).await,
+            Err(TtsError::Busy(busy)) => {
+                tracing::warn!(%busy, sentence = text, "TTS busy; sentence skipped");
+                self.say_busy().await;
             }
             Err(e) => tracing::error!(error = %e, sentence = text, "TTS failed; sentence skipped"),
+        }
+    }
+
+    async fn enqueue_sentence(&self, text: &str, media: crate::media::MediaStream) {
+        self.queue
+            .enqueue(
+                SegmentKind::Sentence {
+                    text: text.to_string(),
+                },
+                decode_media(media),
+            )
+            .await;
+    }
+
+    /// Tells the speaker the assistant is busy ([`crate::compute::BUSY_SENTENCE`]), once per
+    /// turn: from the TTS's rendered clip when it has one (so that it needs no synthesis while
+    /// the voice is busy), else synthesized. A job of its own ([`turns::Job::Busy`]) when
+    /// whisper refused the words.
+    pub async fn say_busy(&self) {
+        use std::sync::atomic::Ordering;
+        if self.told_busy.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let sentence = crate::compute::BUSY_SENTENCE;
+        let media = match self.tts.busy_clip() {
+            Some(clip) => Ok(clip),
+            None => self.tts.synthesize(sentence).await,
+        };
+        match media {
+            Ok(media) => self.enqueue_sentence(sentence, media).await,
+            Err(e) => tracing::error!(error = %e, "the busy sentence could not be said"),
         }
     }
 
@@ -400,6 +437,12 @@ impl Conversation {
             Err(e) if cancel.is_cancelled() => {
                 tracing::info!(error = %e, "turn cancelled");
                 report.end = TurnEnd::Cancelled;
+                return spoken;
+            }
+            Err(LlmError::Busy(busy)) => {
+                tracing::warn!(%busy, "the local model is busy; the speaker is told to try again");
+                self.say_busy().await;
+                report.end = TurnEnd::Busy(busy.to_string());
                 return spoken;
             }
             Err(e) => {
@@ -455,6 +498,8 @@ impl Conversation {
         // The stream also ends (closed) when the turn is cancelled.
         if cancel.is_cancelled() {
             report.end = TurnEnd::Cancelled;
+        } else if self.is_told_busy() {
+            report.end = TurnEnd::Busy("the voice (TTS) is busy".into());
         }
         if report.end != TurnEnd::Cancelled && !ended {
             splitter.push(&filter.finish());
@@ -500,9 +545,17 @@ impl Conversation {
         };
         if !say.is_empty() {
             self.speak(&say).await;
+            if self.is_told_busy() {
+                // The voice is busy: the speaker was told so, and hears no more of this reply.
+                return true;
+            }
             spoken.push(say);
         }
         last
+    }
+
+    fn is_told_busy(&self) -> bool {
+        self.told_busy.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Runs one turn for the user's `text`. `cancel` ends it early (barge-in): the caller also
@@ -511,6 +564,7 @@ impl Conversation {
         let started = Instant::now();
         let ms = |t: Instant| t.duration_since(started).as_millis() as u64;
         self.queue.new_turn().await;
+        *self.told_busy.get_mut() = false;
         let mut events = self.queue.events();
         // When the turn's first audio starts playing (it may be after the model has finished).
         let mut watcher = self.queue.events();
@@ -591,7 +645,10 @@ impl Conversation {
             let mut assistant = ChatMessage::new(Role::Assistant, text.trim());
             assistant.tool_calls = calls.clone();
             self.history.push(assistant);
-            if cancelled || calls.is_empty() || matches!(report.end, TurnEnd::Failed(_)) {
+            if cancelled
+                || calls.is_empty()
+                || matches!(report.end, TurnEnd::Failed(_) | TurnEnd::Busy(_))
+            {
                 break 'rounds;
             }
             // Tool round: concurrent calls, results in call order.

@@ -29,6 +29,9 @@ pub enum Job {
     },
     /// Speak this text (a device's activation message): no model, no tools.
     Say(String),
+    /// Tell the speaker the assistant is busy ([`crate::compute::BUSY_SENTENCE`], from the
+    /// TTS's rendered clip): a stage refused their words.
+    Busy,
 }
 
 /// What a surface does around each job, on the turn task.
@@ -44,7 +47,7 @@ pub trait TurnObserver: Send + 'static {
     /// Before `job` runs. `false` ends the task (the surface has gone: a closed socket).
     fn started(&mut self, job: &Job) -> impl Future<Output = bool> + Send;
 
-    /// After `job` ran (`report` is `None` for [`Job::Say`]); `cancel` is the job's token,
+    /// After `job` ran (`report` is `None` for [`Job::Say`] and [`Job::Busy`]); `cancel` is the job's token,
     /// fired if it was superseded or interrupted. `false` ends the task (the conversation
     /// asked to exit, the surface has gone).
     fn finished(
@@ -55,13 +58,25 @@ pub trait TurnObserver: Send + 'static {
     ) -> impl Future<Output = bool> + Send;
 }
 
-/// A conversation's turn task and the token of the job it runs.
+/// A conversation's turn task and the token of the job it runs. Dropping it aborts the task
+/// (the surface has gone: a device that left stops its warm-up, its queued jobs and its
+/// turn); [`Turns::finish`] lets the queued jobs run instead.
 pub struct Turns {
     tx: mpsc::Sender<(Job, CancellationToken)>,
     current: CancellationToken,
     /// Jobs submitted and not yet finished.
     pending: Arc<AtomicUsize>,
-    task: JoinHandle<Conversation>,
+    /// `None` once [`Turns::finish`] took it.
+    task: Option<JoinHandle<Conversation>>,
+}
+
+impl Drop for Turns {
+    fn drop(&mut self) {
+        self.current.cancel();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
 }
 
 impl Turns {
@@ -86,6 +101,10 @@ impl Turns {
                         conversation.say(&text).await;
                         None
                     }
+                    Job::Busy => {
+                        conversation.say_busy().await;
+                        None
+                    }
                 };
                 done.fetch_sub(1, Ordering::SeqCst);
                 if !observer.finished(&conversation, report, &cancel).await {
@@ -98,7 +117,7 @@ impl Turns {
             tx,
             current: CancellationToken::new(),
             pending,
-            task,
+            task: Some(task),
         }
     }
 
@@ -130,8 +149,14 @@ impl Turns {
     ///
     /// # Errors
     /// The task's panic, as a [`tokio::task::JoinError`].
-    pub async fn finish(self) -> Result<Conversation, tokio::task::JoinError> {
-        drop(self.tx);
-        self.task.await
+    pub async fn finish(mut self) -> Result<Conversation, tokio::task::JoinError> {
+        let task = self.task.take().expect("taken only here");
+        // The task ends after the queued jobs once no sender is left: swap in a sender of a
+        // channel nobody reads, and drop the real one with `self`.
+        self.tx = mpsc::channel(1).0;
+        // And the running job goes on: the token dropped with `self` is a fresh one.
+        self.current = CancellationToken::new();
+        drop(self);
+        task.await
     }
 }

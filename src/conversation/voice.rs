@@ -159,7 +159,7 @@ pub async fn transcribe(
     pcm: Vec<f32>,
     prompt: Option<String>,
 ) -> Result<(Transcript, u64), TranscribeError> {
-    let permit = asr.queue().await.ok_or(TranscribeError::Busy)?;
+    let permit = asr.queue().await.map_err(|_| TranscribeError::Busy)?;
     let started = std::time::Instant::now();
     let transcript = tokio::task::spawn_blocking(move || {
         let _permit = permit;

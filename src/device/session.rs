@@ -24,8 +24,6 @@ use crate::conversation::assistant::Assistant;
 use crate::conversation::turns::{Job, TurnObserver, Turns};
 use crate::conversation::voice::{Output, TranscribeError, VoiceInput, transcribe};
 
-/// What a device hears when whisper stayed busy past `[asr] max_wait_ms`.
-pub const BUSY: &str = "Sorry, I'm busy with other requests. Please say that again in a moment.";
 use crate::conversation::{Conversation, TurnReport};
 use crate::speech::SPEECH_RATE;
 use crate::speech::asr::AsrConfig;
@@ -441,7 +439,7 @@ impl DeviceConversation {
             Ok((transcript, _)) => transcript.text,
             Err(TranscribeError::Busy) => {
                 tracing::warn!(session = %self.session_id, "ASR busy; the device is told to try again");
-                self.turns.submit(Job::Say(BUSY.into())).await;
+                self.turns.submit(Job::Busy).await;
                 return;
             }
             Err(e) => {

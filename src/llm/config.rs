@@ -77,8 +77,13 @@ pub struct LlmConfig {
     /// Engine `llama.cpp`: completions run at once (1..=64, default 4), each with its own
     /// context of 4096 tokens (about 50 MB of KV cache each for Qwen2.5-0.5B) and its own
     /// cached prompt, so that several conversations do not evict each other's; further
-    /// requests wait in the server's queue, first come first served.
+    /// requests wait in voxloop's queue (`max_wait_ms`), first come first served.
     pub engine_slots: u32,
+    /// Local model: most time a completion waits, in arrival order, for one of the engine's
+    /// workers (`engine_slots` on llama.cpp, one on candle) while other sessions' completions
+    /// run, in ms (0..=600000, default 10000); past it the speaker hears that the assistant
+    /// is busy ([`crate::compute`]).
+    pub max_wait_ms: u64,
     /// Engine `llama.cpp`: how long the server may take to start and load the model, in ms.
     pub engine_start_timeout_ms: u64,
     /// Engine `llama.cpp`: the server's CPU niceness (0..=19, default 10; setpriority(2)).
@@ -144,6 +149,7 @@ impl Default for LlmConfig {
             llama_server: None,
             engine_threads: 0,
             engine_slots: 4,
+            max_wait_ms: 10_000,
             engine_nice: 10,
             engine_start_timeout_ms: 60_000,
             builtin_intents: true,
@@ -198,6 +204,12 @@ impl LlmConfig {
             "threads",
         )?;
         in_range("llm.engine_slots", self.engine_slots, 1..=64, "completions")?;
+        in_range(
+            "llm.max_wait_ms",
+            self.max_wait_ms,
+            0..=600_000,
+            "milliseconds",
+        )?;
         in_range("llm.engine_nice", self.engine_nice, 0..=19, "")?;
         in_range(
             "llm.engine_start_timeout_ms",

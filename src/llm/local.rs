@@ -19,8 +19,10 @@
 //! With candle, generation runs on a blocking thread; with llama.cpp, on a task that reads the
 //! server's stream. Cancelling stops it between two tokens.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use candle_core::quantized::gguf_file;
@@ -145,6 +147,17 @@ struct Inner {
     /// Model states after earlier prompts, to resume from: the warm-up prefix first, then the
     /// latest prompt.
     cache: std::sync::Mutex<Vec<CachedPrompt>>,
+    /// Completions (and warm-ups) run `engine_slots` at once on llama.cpp, one at a time on
+    /// candle; the others wait here, in order, at most `[llm] max_wait_ms`.
+    queue: crate::compute::ComputeQueue,
+    /// The system prefixes warmed up (by a hash of their token ids): each is computed once for
+    /// every session that starts with it; a session arriving while it is computed waits for
+    /// that one instead of computing its own.
+    warmed: std::sync::Mutex<HashMap<u64, Arc<tokio::sync::OnceCell<()>>>>,
+    /// Warm-ups computed, for tests and logs.
+    warm_ups: AtomicUsize,
+    /// candle: whether the cache's first entry is a warm-up prefix (it then stays there).
+    pinned: AtomicBool,
 }
 
 /// A node of the vocabulary trie: the tokens spelled by the path to it, and its children.
@@ -420,6 +433,12 @@ impl LocalModel {
             token_text.push(text);
         }
         let trie = token_trie(&token_text);
+        // llama-server runs its slots' completions in one batch; candle one at a time (each
+        // would take every core).
+        let workers = match server {
+            Some(_) => config.engine_slots as usize,
+            None => 1,
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
@@ -432,6 +451,10 @@ impl LocalModel {
                 stop,
                 config: config.clone(),
                 cache: Default::default(),
+                queue: crate::compute::ComputeQueue::new("llm", workers, config.max_wait_ms),
+                warmed: Default::default(),
+                warm_ups: AtomicUsize::new(0),
+                pinned: AtomicBool::new(false),
             }),
         })
     }
@@ -561,10 +584,12 @@ impl LocalModel {
 
     /// Starts a completion of `messages`, offering `tools`; the reply streams through the
     /// receiver, like [`super::openai::OpenAiClient::stream`]. Cancelling `cancel` (or
-    /// dropping the receiver) stops generation before the next token.
+    /// dropping the receiver) stops generation before the next token. Waits first, in order,
+    /// for one of the engine's workers while other completions run ([`crate::compute`]).
     ///
     /// # Errors
-    /// [`LlmError::Model`] when the prompt cannot be tokenized or does not fit the context.
+    /// [`LlmError::Model`] when the prompt cannot be tokenized or does not fit the context;
+    /// [`LlmError::Busy`] when no worker came free within `[llm] max_wait_ms`.
     pub async fn stream(
         &self,
         messages: &[ChatMessage],
@@ -572,11 +597,17 @@ impl LocalModel {
         cancel: &CancellationToken,
     ) -> Result<super::LlmStream, LlmError> {
         let (ids, grammar) = self.prepare(messages, tools)?;
-        let inner = self.inner.clone();
         let (tx, rx) = mpsc::channel(64);
+        let permit = tokio::select! {
+            permit = self.inner.queue.enter() => permit?,
+            // A cancelled turn leaves the queue: the receiver ends with no event.
+            _ = cancel.cancelled() => return Ok(rx),
+        };
+        let inner = self.inner.clone();
         let cancel = cancel.clone();
         if inner.server.is_some() {
             tokio::spawn(async move {
+                let _permit = permit;
                 let result = inner
                     .generate_llama(&ids, grammar.as_ref(), &tx, &cancel)
                     .await;
@@ -589,6 +620,7 @@ impl LocalModel {
         std::thread::Builder::new()
             .name("voxloop-llm".into())
             .spawn(move || {
+                let _permit = permit;
                 let result = inner.generate(&ids, grammar.as_ref(), &tx, &cancel);
                 if let Some(last) = inner.last_event(result) {
                     let _ = tx.blocking_send(last);
@@ -641,25 +673,38 @@ impl LocalModel {
     /// and keeps the state, so that the first turn's prompt resumes from it. Blocking: about
     /// 3 s for SmolLM2's 270-token system message on candle on 2 cores, 3.5 s for Qwen's 382
     /// tokens on llama.cpp (starting the server included); run it while nobody is talking.
+    /// Each call computes the prefix again; sessions use [`Self::warm_up_async`], which
+    /// computes each prefix once.
     ///
     /// # Errors
     /// [`LlmError::Model`] when the model fails.
     pub fn warm_up(&self, messages: &[ChatMessage], tools: &FunctionTools) -> Result<(), LlmError> {
         let ids = self.system_ids(messages, tools)?;
+        self.warm_up_ids(&ids)
+    }
+
+    /// The blocking warm-up of `ids`. On candle the first prefix warmed stays first in the
+    /// cache for good (later prompts resume from it); a different prefix warmed later is only
+    /// the latest prompt, so that one session's own tools do not evict the prefix every other
+    /// session shares.
+    fn warm_up_ids(&self, ids: &[u32]) -> Result<(), LlmError> {
+        self.inner.warm_ups.fetch_add(1, Ordering::Relaxed);
         if self.inner.server.is_some() {
-            return block_on(self.warm_up_llama(&ids))
+            return block_on(self.warm_up_llama(ids))
                 .map_err(|e| model_error(&self.inner.path, e))?;
         }
         let mut stats = GenerationStats::default();
         let started = Instant::now();
         self.inner
-            .prefill(&ids, &mut stats)
+            .prefill(ids, &mut stats)
             .map_err(|e| model_error(&self.inner.path, e))?;
         let mut cache = self.inner.cache.lock().unwrap_or_else(|e| e.into_inner());
-        // The warm-up prefix goes first, where it stays.
-        let warm = cache.pop();
-        cache.clear();
-        cache.extend(warm);
+        if !self.inner.pinned.swap(true, Ordering::Relaxed) {
+            // The first warm-up prefix goes first, where it stays.
+            let warm = cache.pop();
+            cache.clear();
+            cache.extend(warm);
+        }
         tracing::debug!(
             tokens = ids.len(),
             ms = started.elapsed().as_millis() as u64,
@@ -668,29 +713,54 @@ impl LocalModel {
         Ok(())
     }
 
-    /// [`Self::warm_up`] without blocking a thread: on llama.cpp a request to the server (which
-    /// dropping the future cancels), on candle the blocking warm-up on the blocking pool.
+    /// [`Self::warm_up`] for a session, without blocking a thread. Each distinct system prefix
+    /// is computed once per model: a session whose prefix was warmed returns at once, and one
+    /// that arrives while it is computed waits for that computation. The computation waits
+    /// for a worker like a completion ([`crate::compute`]). On llama.cpp it is a request to the
+    /// server, which dropping the future cancels (another waiting session then computes it);
+    /// on candle the prefill runs on the blocking pool.
     ///
     /// # Errors
-    /// As [`Self::warm_up`].
+    /// As [`Self::warm_up`]; [`LlmError::Busy`] when no worker came free in time.
     pub async fn warm_up_async(
         &self,
         messages: &[ChatMessage],
         tools: &FunctionTools,
     ) -> Result<(), LlmError> {
-        if self.inner.server.is_some() {
-            let ids = self.system_ids(messages, tools)?;
-            return self.warm_up_llama(&ids).await;
-        }
-        let (model, messages, tools) = (self.clone(), messages.to_vec(), tools.to_vec());
-        tokio::task::spawn_blocking(move || model.warm_up(&messages, &tools))
-            .await
-            .unwrap_or_else(|e| {
-                Err(model_error(
-                    &self.inner.path,
-                    format!("warm-up thread: {e}"),
-                ))
-            })
+        let ids = self.system_ids(messages, tools)?;
+        let key = {
+            use std::hash::{Hash as _, Hasher as _};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            ids.hash(&mut hasher);
+            hasher.finish()
+        };
+        let once = {
+            let mut warmed = self.inner.warmed.lock().unwrap_or_else(|e| e.into_inner());
+            warmed.entry(key).or_default().clone()
+        };
+        once.get_or_try_init(|| async {
+            let _permit = self.inner.queue.enter().await?;
+            if self.inner.server.is_some() {
+                self.inner.warm_ups.fetch_add(1, Ordering::Relaxed);
+                return self.warm_up_llama(&ids).await;
+            }
+            let model = self.clone();
+            tokio::task::spawn_blocking(move || model.warm_up_ids(&ids))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(model_error(
+                        &self.inner.path,
+                        format!("warm-up thread: {e}"),
+                    ))
+                })
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// How many system prefixes this model has computed in warm-ups since it was loaded.
+    pub fn warm_ups(&self) -> usize {
+        self.inner.warm_ups.load(Ordering::Relaxed)
     }
 
     /// The token ids of the system message alone: the system messages of `messages` and

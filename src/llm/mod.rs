@@ -179,6 +179,9 @@ pub enum LlmError {
     /// The endpoint's circuit breaker is open: recent requests failed, this one was not sent.
     #[error("LLM: {0}")]
     Unavailable(String),
+    /// The local model's workers stayed taken by other sessions for `[llm] max_wait_ms`.
+    #[error("local model: {0}")]
+    Busy(#[from] crate::compute::Busy),
 }
 
 /// Events of one completion; an `Err` is the last item.

@@ -1,7 +1,7 @@
 //! Speech to text with whisper.cpp (whisper-rs) on a ggml Whisper model.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use whisper_rs::{FullParams, SamplingStrategy, WhisperContext, WhisperContextParameters};
 
@@ -59,7 +59,7 @@ pub struct Asr {
     config: AsrConfig,
     /// One transcription at a time (each runs `threads` threads: more at once would only make
     /// them thrash); utterances wait here, not on blocking threads.
-    turn: Arc<tokio::sync::Semaphore>,
+    queue: crate::compute::ComputeQueue,
 }
 
 /// Whisper's default initial prompt for English (`[asr] context_prompt`): it tells the decoder
@@ -96,21 +96,17 @@ impl Asr {
         Ok(Self {
             context: Mutex::new(context),
             config: config.clone(),
-            turn: Arc::new(tokio::sync::Semaphore::new(1)),
+            queue: crate::compute::ComputeQueue::new("asr", 1, config.max_wait_ms),
         })
     }
 
-    /// Waits for whisper's turn, at most `[asr] max_wait_ms`; `None` when that passed (the
-    /// assistant is busy). The permit is held while the transcription runs.
-    pub async fn queue(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let metrics = crate::metrics::get();
-        let _waiting = metrics.asr_queued();
-        let started = std::time::Instant::now();
-        let wait = std::time::Duration::from_millis(self.config.max_wait_ms);
-        let permit = tokio::time::timeout(wait, self.turn.clone().acquire_owned()).await;
-        let permit = permit.ok().and_then(Result::ok);
-        metrics.asr_waited(started.elapsed(), permit.is_none());
-        permit
+    /// Waits for whisper's turn, in arrival order, at most `[asr] max_wait_ms`. The permit is
+    /// held while the transcription runs.
+    ///
+    /// # Errors
+    /// [`crate::compute::Busy`] when that wait passed (the assistant is busy).
+    pub async fn queue(&self) -> Result<tokio::sync::OwnedSemaphorePermit, crate::compute::Busy> {
+        self.queue.enter().await
     }
 
     /// Transcribes `pcm`: mono samples at [`SPEECH_RATE`]. Blocking (seconds of CPU on long audio):

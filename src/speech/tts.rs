@@ -65,6 +65,9 @@ pub enum TtsError {
     /// Text could not be turned into phonemes.
     #[error("TTS: {0}")]
     Phonemes(#[from] G2pError),
+    /// Kokoro stayed busy with other sessions' sentences for `[tts] max_wait_ms`.
+    #[error("TTS: {0}")]
+    Busy(#[from] crate::compute::Busy),
 }
 
 /// A configured TTS provider.
@@ -77,6 +80,11 @@ pub struct Tts {
     client: reqwest::Client,
     /// Upstream `tts`: opens after consecutive failed syntheses.
     breaker: crate::breaker::Breaker,
+    /// Kokoro's syntheses, one at a time: a sentence waits here, in order, at most
+    /// `[tts] max_wait_ms`.
+    queue: crate::compute::ComputeQueue,
+    /// [`crate::compute::BUSY_SENTENCE`] as WAV bytes, rendered by [`Tts::check`].
+    busy_clip: std::sync::Arc<std::sync::OnceLock<Bytes>>,
 }
 
 impl Tts {
@@ -90,6 +98,8 @@ impl Tts {
             config: config.clone(),
             client,
             breaker: crate::breaker::Breaker::new("tts", &Default::default()),
+            queue: crate::compute::ComputeQueue::new("tts", 1, config.max_wait_ms),
+            busy_clip: Default::default(),
         }
     }
 
@@ -124,6 +134,7 @@ impl Tts {
             Err(
                 TtsError::MissingKey(_)
                 | TtsError::Unavailable(_)
+                | TtsError::Busy(_)
                 | TtsError::Kokoro(KokoroError::UnknownVoice { .. }),
             ) => {}
             Err(TtsError::Status { status, .. }) if *status < 500 && *status != 429 => {}
@@ -152,7 +163,8 @@ impl Tts {
     }
 
     /// Checks the configured voices before the first sentence: for Kokoro, loads the model
-    /// (once per process) and looks the voices up. Missing model files are no error (espeak-ng
+    /// (once per process), looks the voices up and renders the busy sentence
+    /// ([`Self::busy_clip`]; about 0.3 s). Missing model files are no error (espeak-ng
     /// speaks).
     ///
     /// # Errors
@@ -166,14 +178,34 @@ impl Tts {
             return Ok(());
         };
         let config = self.config.clone();
-        tokio::task::spawn_blocking(move || {
+        let phonemes = super::g2p::phonemes(
+            crate::compute::BUSY_SENTENCE,
+            Language::En,
+            &self.config.espeak_command,
+        )
+        .await?;
+        let samples = tokio::task::spawn_blocking(move || {
             let kokoro = super::kokoro::shared(&files, config.threads)?;
             kokoro.check_voice(&config.voice_en)?;
             kokoro.check_voice(&config.voice_zh)?;
-            Ok::<_, TtsError>(())
+            Ok::<_, TtsError>(kokoro.synthesize(&phonemes, &config.voice_en, config.speed)?)
         })
         .await
-        .map_err(|e| TtsError::Unavailable(e.to_string()))?
+        .map_err(|e| TtsError::Unavailable(e.to_string()))??;
+        let wav = wav_bytes(&samples, super::kokoro::SAMPLE_RATE);
+        let _ = self.busy_clip.set(Bytes::from(wav));
+        Ok(())
+    }
+
+    /// [`crate::compute::BUSY_SENTENCE`] in Kokoro's voice, rendered once by [`Self::check`]:
+    /// said without a synthesis when a stage is busy. `None` before the check, or when Kokoro
+    /// does not speak (espeak-ng, an endpoint: those are not queued).
+    pub fn busy_clip(&self) -> Option<MediaStream> {
+        let wav = self.busy_clip.get()?.clone();
+        let text = crate::compute::BUSY_SENTENCE.to_string();
+        let mut media = MediaStream::from_bytes("audio/wav".into(), Some(text), wav);
+        media.source = "kokoro".into();
+        Some(media)
     }
 
     /// The language `text` is spoken in: the configured one, else its script's.
@@ -192,7 +224,9 @@ impl Tts {
             Language::Zh => self.config.voice_zh.clone(),
         };
         let (threads, speed) = (self.config.threads, self.config.speed);
+        let permit = self.queue.enter().await?;
         let samples = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let kokoro = super::kokoro::shared(&files, threads)?;
             kokoro.synthesize(&phonemes, &voice, speed)
         })
@@ -409,6 +443,10 @@ pub struct TtsConfig {
     pub api_key_env: Option<String>,
     /// Time limit to connect, and for the whole request to the endpoint, in ms.
     pub timeout_ms: u64,
+    /// Kokoro: most time a sentence waits, in arrival order, while other sessions' sentences
+    /// are synthesized (one at a time), in ms (0..=600000, default 10000); past it the speaker
+    /// hears that the assistant is busy ([`crate::compute`]).
+    pub max_wait_ms: u64,
 }
 
 impl Default for TtsConfig {
@@ -428,6 +466,7 @@ impl Default for TtsConfig {
             format: "wav".into(),
             api_key_env: None,
             timeout_ms: 30_000,
+            max_wait_ms: 10_000,
         }
     }
 }
@@ -451,6 +490,12 @@ impl TtsConfig {
             "(1.0: the voice's own rate)",
         )?;
         in_range("tts.threads", self.threads, 0..=256, "threads")?;
+        in_range(
+            "tts.max_wait_ms",
+            self.max_wait_ms,
+            0..=600_000,
+            "milliseconds",
+        )?;
         for (key, voice) in [
             ("tts.voice_en", &self.voice_en),
             ("tts.voice_zh", &self.voice_zh),

@@ -986,15 +986,56 @@ async fn an_utterance_that_waits_too_long_for_whisper_hears_the_busy_answer() {
     assert_eq!(answers[0].0, "It is ten o'clock in the morning.");
     assert_eq!(
         answers[1],
-        (
-            voxloop::device::session::BUSY
-                .split(". ")
-                .next()
-                .unwrap()
-                .to_string()
-                + ".",
-            false
-        ),
+        (voxloop::compute::BUSY_SENTENCE.to_string(), false),
         "{answers:?}"
     );
+}
+
+#[tokio::test]
+async fn a_sentence_that_waits_too_long_for_kokoro_hears_the_busy_answer() {
+    // Two sentences: `[llm] max_reply_sentences`' default.
+    const REPLY: &str = "The first sentence is here. The second one ends it.";
+    // Kokoro speaks (one sentence at a time) and no sentence may wait for another.
+    let (addr, _) = serve_with(vec![Reply::Words(REPLY), Reply::Words(REPLY)], |c| {
+        c.tts.provider = TtsProvider::Kokoro;
+        c.tts.max_wait_ms = 0;
+    })
+    .await;
+    let mut first = device(addr, ProtocolVersion::V1).await;
+    let mut second = device(addr, ProtocolVersion::V1).await;
+    let detect = json!({"type": "listen", "state": "detect", "text": "tell me two things"});
+    let (a, b) = tokio::join!(
+        first.send(Message::text(detect.to_string())),
+        second.send(Message::text(detect.to_string())),
+    );
+    a.unwrap();
+    b.unwrap();
+    /// The sentences a device hears until `tts stop`.
+    async fn sentences(socket: &mut Socket) -> Vec<String> {
+        let mut said = Vec::new();
+        loop {
+            if let Event::Json(v) = next(socket).await
+                && v["type"] == "tts"
+            {
+                match v["state"].as_str() {
+                    Some("sentence_start") => said.push(v["text"].as_str().unwrap().to_string()),
+                    Some("stop") => return said,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let (a, b) = tokio::join!(sentences(&mut first), sentences(&mut second));
+    let whole: Vec<String> = REPLY
+        .split_inclusive(". ")
+        .map(|s| s.trim().to_string())
+        .collect();
+    let mut heard = [a, b];
+    heard.sort_by_key(|said| said.last() == Some(&voxloop::compute::BUSY_SENTENCE.to_string()));
+    // One device heard the whole reply; the other, refused a turn at the voice, was told once
+    // that the assistant is busy, and heard nothing of its reply after that.
+    assert_eq!(heard[0], whole, "{heard:?}");
+    let (busy, before) = heard[1].split_last().expect("a sentence");
+    assert_eq!(busy, voxloop::compute::BUSY_SENTENCE, "{heard:?}");
+    assert!(whole.starts_with(before), "{heard:?}");
 }

@@ -468,3 +468,85 @@ async fn three_hundred_tools_are_narrowed_to_the_relevant_ones_that_fit_the_cont
     let (_, few) = model.offered(&messages, &hub.function_tools()).unwrap();
     assert_eq!(few.len(), hub.function_tools().len());
 }
+
+#[tokio::test]
+async fn warm_ups_are_shared_and_a_completion_past_the_queue_is_busy() {
+    // One slot, no wait: the queue is full while one completion runs.
+    let config = LlmConfig {
+        max_tokens: 16,
+        engine: LocalEngine::LlamaCpp,
+        engine_slots: 1,
+        max_wait_ms: 0,
+        timeout_ms: TEST_LLM_TIMEOUT_MS,
+        ..LlmConfig::default()
+    };
+    let model = LocalModel::load(&model_path(), &config).unwrap();
+    let hub = hub().await;
+    let tools = hub.function_tools();
+    let system = [ChatMessage::new(Role::System, DEFAULT_SYSTEM_PROMPT)];
+
+    // Eight sessions warming up the same prefix at once: it is computed once, and each waits
+    // for that one computation (none is refused, though only one may run).
+    let warmed = futures_util::future::join_all((0..8).map(|_| model.warm_up_async(&system, &tools)))
+        .await;
+    assert!(warmed.iter().all(Result::is_ok), "{warmed:?}");
+    assert_eq!(model.warm_ups(), 1);
+    // A device with a tool of its own has its own prefix: computed once more, then shared.
+    let mut own = tools.clone();
+    own.push(json!({"type": "function", "function": {
+        "name": "self_light_on", "description": "Turns the light on.",
+        "parameters": {"type": "object", "properties": {}}}}));
+    for _ in 0..2 {
+        model.warm_up_async(&system, &own).await.unwrap();
+    }
+    model.warm_up_async(&system, &tools).await.unwrap();
+    assert_eq!(model.warm_ups(), 2);
+
+    // A long request holds the one slot for its prefill (seconds); a second completion meanwhile
+    // is refused at once, and a conversation says the busy sentence instead of an apology.
+    let long = ["the quick brown fox jumps over the lazy dog"; 300].join(" ");
+    let cancel = CancellationToken::new();
+    let mut first = model.stream(&request(&long), &[], &cancel).await.unwrap();
+    let second = model.stream(&request("Hello!"), &[], &cancel).await;
+    match second {
+        Err(LlmError::Busy(busy)) => assert_eq!((busy.stage, busy.workers), ("llm", 1)),
+        other => panic!("expected busy, got {:?}", other.map(|_| "a stream")),
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let queue = voxloop::audio::queue::PlaybackQueue::new(
+        voxloop::audio::sink::Sink::Wav(
+            voxloop::audio::sink::WavSink::create(&dir.path().join("out.wav"), 24_000, 1).unwrap(),
+        ),
+        voxloop::audio::queue::QueueSettings::default(),
+    );
+    let mut events = queue.events();
+    let mut tts = voxloop::speech::tts::TtsConfig::default();
+    tts.provider = voxloop::speech::tts::TtsProvider::EspeakNg;
+    let mut conversation = voxloop::conversation::Conversation::new(
+        voxloop::llm::ChatModel::Local(model.clone()),
+        hub,
+        voxloop::speech::tts::Tts::new(&tts),
+        queue,
+        voxloop::conversation::ConversationSettings::new(&config, &Default::default()),
+    );
+    let report = conversation.turn("Tell me a joke.", &cancel).await;
+    assert!(
+        matches!(&report.end, voxloop::conversation::TurnEnd::Busy(e) if e.contains("llm")),
+        "{report:?}"
+    );
+    let said = loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+            Ok(Ok(voxloop::audio::queue::QueueEvent::SegmentStart {
+                segment: voxloop::audio::queue::SegmentKind::Sentence { text },
+                ..
+            })) => break text,
+            Ok(Ok(_)) => continue,
+            other => panic!("no sentence was said: {other:?}"),
+        }
+    };
+    assert_eq!(said, voxloop::compute::BUSY_SENTENCE);
+    // Once the first completion ends, the slot takes the next one.
+    while first.recv().await.is_some() {}
+    let (text, _, _) = complete(&model, &request("Hello!"), &[]).await;
+    assert!(!text.is_empty());
+}
