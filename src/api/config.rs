@@ -202,6 +202,10 @@ pub struct ServerConfig {
     /// Streamable-HTTP MCP sessions (`/mcp` of `voxloop serve` and of `voxloop duplex serve`)
     /// open at once (1..=100000); a new one past it closes the longest idle first.
     pub mcp_max_sessions: usize,
+    /// MCP sessions one credential (an API key, a token's subject; an address for callers
+    /// without one) may hold at once (0..=100000, 0: only the total); its new session past it
+    /// closes its own longest idle, so one client cannot take every place.
+    pub mcp_max_sessions_per_credential: usize,
     /// Seconds an MCP session may sit unused before it is closed (1..=86400); a client that
     /// never sends `DELETE` holds nothing longer.
     pub mcp_session_idle_s: u64,
@@ -219,19 +223,21 @@ impl Default for ServerConfig {
             rate_per_key: 600,
             rate_per_ip: 1200,
             mcp_max_sessions: 256,
+            mcp_max_sessions_per_credential: 32,
             mcp_session_idle_s: 300,
         }
     }
 }
 
 impl ServerConfig {
-    /// The MCP endpoints' session manager, bounded as `mcp_max_sessions` and
-    /// `mcp_session_idle_s` say.
+    /// The MCP endpoints' session manager, bounded as `mcp_max_sessions`,
+    /// `mcp_max_sessions_per_credential` and `mcp_session_idle_s` say.
     pub fn mcp_sessions(&self) -> voxloop_mcp_sessions::BoundedSessions {
         voxloop_mcp_sessions::BoundedSessions::new(
             self.mcp_max_sessions,
             std::time::Duration::from_secs(self.mcp_session_idle_s),
         )
+        .per_owner(self.mcp_max_sessions_per_credential)
     }
 
     /// Checks every `[server]` value against its allowed range.
@@ -274,6 +280,12 @@ impl ServerConfig {
             "server.mcp_max_sessions",
             self.mcp_max_sessions,
             1..=100_000,
+            "sessions",
+        )?;
+        in_range(
+            "server.mcp_max_sessions_per_credential",
+            self.mcp_max_sessions_per_credential,
+            0..=100_000,
             "sessions",
         )?;
         in_range(

@@ -320,8 +320,19 @@ pub async fn mcp_requests(
     {
         return forbidden(guard.surface, &format!("tool {tool}"));
     }
-    next.run(Request::from_parts(parts, Body::from(bytes)))
-        .await
+    // A session this request opens counts against its credential, or its address without one.
+    let owner = match parts.extensions.get::<Principal>() {
+        Some(Principal { id: Some(id), .. }) => id.clone(),
+        _ => match parts.extensions.get::<Meter>().and_then(|m| m.peer) {
+            Some(peer) => format!("ip:{peer}"),
+            None => "anonymous".into(),
+        },
+    };
+    voxloop_mcp_sessions::as_owner(
+        owner,
+        next.run(Request::from_parts(parts, Body::from(bytes))),
+    )
+    .await
 }
 
 #[cfg(test)]

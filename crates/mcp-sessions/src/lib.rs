@@ -5,8 +5,12 @@
 //! `Mcp-Session-Id`) and end it with `DELETE`; a client that never sends `DELETE` would keep its
 //! session, and the server's memory, for ever. [`BoundedSessions`] wraps rmcp's
 //! `LocalSessionManager`: a session idle for `idle` is closed (rmcp's `keep_alive`), and a new
-//! session past `max_sessions` first closes the session idle the longest. A request to a closed
-//! session gets rmcp's 404, after which a client starts a new session.
+//! session past `max_sessions` first closes the session idle the longest. With a cap per
+//! credential ([`BoundedSessions::per_owner`]), a new session of a credential that holds that
+//! many first closes that credential's longest idle, so one client cannot take every place.
+//! The credential is the one a request runs under ([`as_owner`], set by the server's
+//! authentication layer around rmcp's service). A request to a closed session gets rmcp's
+//! 404, after which a client starts a new session.
 
 #![warn(missing_docs)]
 
@@ -25,13 +29,33 @@ use rmcp::transport::streamable_http_server::session::{EventStore, RestoreOutcom
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-/// rmcp's local session manager with idle expiry and a cap on sessions at once.
+tokio::task_local! {
+    static OWNER: String;
+}
+
+/// Runs `request` (a call into rmcp's streamable-HTTP service) as `owner`: a credential's
+/// identity (an API key's, a token's subject) or, for callers without one, their address. A
+/// session the request creates counts against `owner`'s cap.
+pub async fn as_owner<F: std::future::Future>(owner: String, request: F) -> F::Output {
+    OWNER.scope(owner, request).await
+}
+
+/// A session's last use and the credential that opened it.
+struct Use {
+    at: Instant,
+    owner: Option<String>,
+}
+
+/// rmcp's local session manager with idle expiry, a cap on sessions at once and a cap per
+/// credential.
 pub struct BoundedSessions {
     inner: LocalSessionManager,
     max_sessions: usize,
+    /// Sessions one owner may hold at once; 0: no cap but the total.
+    max_per_owner: usize,
     idle: Duration,
-    /// When each session was last used.
-    used: Mutex<HashMap<SessionId, Instant>>,
+    /// When each session was last used, and by whom it was opened.
+    used: Mutex<HashMap<SessionId, Use>>,
 }
 
 impl BoundedSessions {
@@ -43,9 +67,17 @@ impl BoundedSessions {
         Self {
             inner,
             max_sessions: max_sessions.max(1),
+            max_per_owner: 0,
             idle,
             used: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The same, with at most `max` sessions per owner ([`as_owner`]; 0: no such cap). A
+    /// request run without an owner counts against the total only.
+    pub fn per_owner(mut self, max: usize) -> Self {
+        self.max_per_owner = max;
+        self
     }
 
     /// Sessions held now (an idle one rmcp has stopped counts until the next new session
@@ -61,32 +93,40 @@ impl BoundedSessions {
 
     async fn touch(&self, id: &SessionId) {
         if let Some(used) = self.used.lock().await.get_mut(id) {
-            *used = Instant::now();
+            used.at = Instant::now();
         }
     }
 
     /// Closes the sessions idle past `idle` (rmcp stops their workers but keeps their entries),
-    /// then the longest idle until there is room for one more.
-    async fn make_room(&self) {
+    /// then `owner`'s longest idle until it may open one more, then the longest idle of all
+    /// until there is room for one more.
+    async fn make_room(&self, owner: Option<&str>) {
         let open: Vec<SessionId> = self.inner.sessions.read().await.keys().cloned().collect();
         let mut used = self.used.lock().await;
         used.retain(|id, _| open.contains(id));
         let now = Instant::now();
         let expired: Vec<SessionId> = used
             .iter()
-            .filter(|(_, t)| now.duration_since(**t) >= self.idle)
+            .filter(|(_, u)| now.duration_since(u.at) >= self.idle)
             .map(|(id, _)| id.clone())
             .collect();
         for id in expired {
             used.remove(&id);
             let _ = self.inner.close_session(&id).await;
         }
+        let owns = |u: &Use| owner.is_some() && u.owner.as_deref() == owner;
+        while self.max_per_owner > 0
+            && used.values().filter(|u| owns(u)).count() >= self.max_per_owner
+        {
+            let Some(oldest) = longest_idle(&used, owns) else {
+                break;
+            };
+            used.remove(&oldest);
+            tracing::info!(session = %oldest, owner, max = self.max_per_owner, "MCP session cap per credential reached; closing its longest idle");
+            let _ = self.inner.close_session(&oldest).await;
+        }
         while used.len() >= self.max_sessions {
-            let Some(oldest) = used
-                .iter()
-                .min_by_key(|(_, t)| **t)
-                .map(|(id, _)| id.clone())
-            else {
+            let Some(oldest) = longest_idle(&used, |_| true) else {
                 break;
             };
             used.remove(&oldest);
@@ -96,14 +136,24 @@ impl BoundedSessions {
     }
 }
 
+/// The session among `used` that `which` selects and that was used the longest ago.
+fn longest_idle(used: &HashMap<SessionId, Use>, which: impl Fn(&Use) -> bool) -> Option<SessionId> {
+    used.iter()
+        .filter(|(_, u)| which(u))
+        .min_by_key(|(_, u)| u.at)
+        .map(|(id, _)| id.clone())
+}
+
 impl SessionManager for BoundedSessions {
     type Error = LocalSessionManagerError;
     type Transport = <LocalSessionManager as SessionManager>::Transport;
 
     async fn create_session(&self) -> Result<(SessionId, Self::Transport), Self::Error> {
-        self.make_room().await;
+        let owner = OWNER.try_with(Clone::clone).ok();
+        self.make_room(owner.as_deref()).await;
         let (id, transport) = self.inner.create_session().await?;
-        self.used.lock().await.insert(id.clone(), Instant::now());
+        let at = Instant::now();
+        self.used.lock().await.insert(id.clone(), Use { at, owner });
         Ok((id, transport))
     }
 
@@ -196,6 +246,39 @@ mod tests {
         sessions.close_session(&fourth).await.unwrap();
         sessions.create_session().await.unwrap();
         assert!(sessions.has_session(&ids[2]).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_credential_past_its_cap_closes_its_own_longest_idle_and_no_one_elses() {
+        let sessions = BoundedSessions::new(100, Duration::from_secs(600)).per_owner(2);
+        let open = |owner: &'static str| {
+            let sessions = &sessions;
+            async move {
+                let id = as_owner(owner.into(), sessions.create_session())
+                    .await
+                    .unwrap()
+                    .0;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                id
+            }
+        };
+        let other = open("key:other").await;
+        let (a1, a2) = (open("key:a").await, open("key:a").await);
+        // Without an owner: counted in the total only.
+        let ownerless = sessions.create_session().await.unwrap().0;
+        let a3 = open("key:a").await;
+        assert!(
+            !sessions.has_session(&a1).await.unwrap(),
+            "a's longest idle closed"
+        );
+        for kept in [&a2, &a3, &other, &ownerless] {
+            assert!(sessions.has_session(kept).await.unwrap());
+        }
+        // `other` was idle the longest of all, yet only `a`'s sessions give way to `a`.
+        sessions.touch(&a2).await;
+        open("key:a").await;
+        assert!(!sessions.has_session(&a3).await.unwrap());
+        assert!(sessions.has_session(&other).await.unwrap());
     }
 
     #[tokio::test]
