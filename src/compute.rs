@@ -1,5 +1,8 @@
 //! Queues in front of the shared compute: ASR (whisper.cpp), the local chat model and local TTS
-//! (Kokoro) each run at most `workers` jobs at once, however many sessions ask. The others wait
+//! (Kokoro) each run at most `workers` jobs at once, however many sessions ask. Whisper and
+//! Kokoro each use every core, so they share one worker ([`ComputeQueue::sharing`]): an
+//! utterance and a sentence never run at once. The local model runs in llama.cpp's server, a
+//! process of its own at a lower CPU priority (`[llm] engine_nice`), on its own workers. The others wait
 //! in arrival order (tokio's semaphore is FIFO, so no session overtakes another) for at most
 //! `max_wait`; past it the job is refused with [`Busy`], and the speaker hears that the
 //! assistant is busy instead of waiting in silence. A waiting job holds no thread: only the
@@ -77,6 +80,18 @@ impl ComputeQueue {
         })
     }
 
+    /// A queue for `stage` on the same workers as this one, with its own wait (`max_wait_ms`)
+    /// and metric label: a job of either stage waits for a job of the other. For stages that
+    /// each use every core (whisper and Kokoro), so that they never run at once and thrash.
+    pub fn sharing(&self, stage: &'static str, max_wait_ms: u64) -> Self {
+        Self {
+            stage,
+            workers: self.workers,
+            permits: self.permits.clone(),
+            max_wait: Duration::from_millis(max_wait_ms),
+        }
+    }
+
     /// How many jobs run at once.
     pub fn workers(&self) -> usize {
         self.workers
@@ -126,5 +141,13 @@ mod tests {
             "{metrics}"
         );
         assert!(metrics.contains("voxloop_queue_waiting{stage=\"test_busy\"} 0"));
+
+        // Two stages on one worker: a job of one waits for the other's.
+        let asr = ComputeQueue::new("test_asr", 1, 0);
+        let tts = asr.sharing("test_tts", 0);
+        let held = asr.enter().await.unwrap();
+        assert_eq!(tts.enter().await.unwrap_err().stage, "test_tts");
+        drop(held);
+        assert!(tts.enter().await.is_ok());
     }
 }

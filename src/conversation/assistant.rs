@@ -69,7 +69,11 @@ impl Assistant {
         let hub = Arc::new(ToolHub::start(config.hub()).await);
         let llm = ChatModel::from_config(&config.llm)?.with_breaker(&config.breaker);
         tracing::info!(model = %llm.describe(), "chat model ready");
-        let tts = Tts::new(&config.tts).with_breaker(&config.breaker);
+        let mut tts = Tts::new(&config.tts).with_breaker(&config.breaker);
+        if let Some(asr) = &asr {
+            // Whisper and Kokoro each take every core: one at a time, in order.
+            tts = tts.sharing_workers_with(asr.compute_queue());
+        }
         tts.check().await?;
         Ok(Assistant {
             config: Arc::new(config.clone()),

@@ -109,6 +109,11 @@ impl Asr {
         self.queue.enter().await
     }
 
+    /// Whisper's queue, for a stage that shares its worker ([`crate::compute::ComputeQueue::sharing`]).
+    pub fn compute_queue(&self) -> &crate::compute::ComputeQueue {
+        &self.queue
+    }
+
     /// Transcribes `pcm`: mono samples at [`SPEECH_RATE`]. Blocking (seconds of CPU on long audio):
     /// call it from a blocking thread in async code.
     ///

@@ -103,6 +103,13 @@ impl Tts {
         }
     }
 
+    /// The same TTS with Kokoro's syntheses on `queue`'s workers (whisper's, so that a
+    /// sentence and an utterance never run at once), waiting at most `[tts] max_wait_ms`.
+    pub fn sharing_workers_with(mut self, queue: &crate::compute::ComputeQueue) -> Self {
+        self.queue = queue.sharing("tts", self.config.max_wait_ms);
+        self
+    }
+
     /// The same TTS behind a circuit breaker of `config` (`[breaker]`; the default otherwise).
     pub fn with_breaker(mut self, config: &crate::breaker::BreakerConfig) -> Self {
         self.breaker = crate::breaker::Breaker::new("tts", config);

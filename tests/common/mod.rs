@@ -384,7 +384,10 @@ pub async fn spawn_serve(
         .arg("--config")
         .arg(config)
         .arg("serve")
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("VOXLOOP_SERVE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()

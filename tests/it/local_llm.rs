@@ -487,8 +487,8 @@ async fn warm_ups_are_shared_and_a_completion_past_the_queue_is_busy() {
 
     // Eight sessions warming up the same prefix at once: it is computed once, and each waits
     // for that one computation (none is refused, though only one may run).
-    let warmed = futures_util::future::join_all((0..8).map(|_| model.warm_up_async(&system, &tools)))
-        .await;
+    let warmed =
+        futures_util::future::join_all((0..8).map(|_| model.warm_up_async(&system, &tools))).await;
     assert!(warmed.iter().all(Result::is_ok), "{warmed:?}");
     assert_eq!(model.warm_ups(), 1);
     // A device with a tool of its own has its own prefix: computed once more, then shared.
