@@ -3,14 +3,26 @@
 //! ```text
 //! cargo bench --bench device_load                  # steps 25 50 100 200 300 400 600 800 1000
 //! cargo bench --bench device_load -- 100 200       # chosen session counts
+//! cargo bench --bench device_load -- worst 100 200 # every session a different track
+//! cargo bench --bench device_load -- mix 100 200   # tracks of a catalog, Zipf popularity
 //! ```
+//!
+//! What the sessions play: by default (`same`) every session the same track, which the server's
+//! transcode cache encodes once. `worst`: session i plays track i of a catalog of
+//! [`CATALOG`] tracks, so nothing is shared. `mix`: each session plays a track of that catalog
+//! drawn with Zipf popularity (rank k with probability proportional to 1/k, a seeded draw), as
+//! listeners of a large catalog do. The catalog is the bundled MP3 of the default track
+//! hard-linked under [`CATALOG`] names (`track 0001.mp3`, ...): each is a resource of its own
+//! URI, so the cache keys them apart; the device asks for one by its name, and the scripted
+//! LLM calls `musicPlayer` with the device's words.
 //!
 //! The server is the real `voxloop serve` in its own process (with the bundled music server as
 //! its MCP server, a third process); this process is the load generator and the far end of the
 //! LLM API (a scripted OpenAI-compatible endpoint on loopback that answers every request with
-//! `musicPlayer {"query": "horizon"}`, then with words after the tool's result). For each
+//! `musicPlayer {"query": WORDS}`, then with words after the tool's result). For each
 //! session count N, a fresh server; N devices connect (protocol v3), say hello and send
-//! `listen detect {text: "play horizon"}`: each turn calls the LLM, the music server's tool,
+//! `listen detect {text: "play horizon"}` (or a catalog track's name): each turn calls the LLM,
+//! the music server's tool,
 //! reads the track (59 s MP3) page by page through `resources/read`, decodes, resamples to
 //! 24 kHz and sends 60 ms Opus frames paced `device_lead_ms` (120 ms) ahead.
 //!
@@ -43,16 +55,72 @@ const LEAD_MS: f64 = 120.0;
 /// The pass mark for p99 lateness.
 const P99_LIMIT_MS: f64 = 20.0;
 const MAX_SESSIONS: usize = 1000;
+/// Tracks in the catalog of the `worst` and `mix` modes.
+const CATALOG: usize = 2000;
 
-/// The scripted LLM: a musicPlayer call, or words once the tool has answered.
+/// Which tracks the sessions play.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Same,
+    Worst,
+    Mix,
+}
+
+/// The catalog: the default track hard-linked (or copied) `CATALOG` times into `dir`.
+fn catalog(dir: &std::path::Path) -> std::path::PathBuf {
+    let library = dir.join("catalog");
+    std::fs::create_dir_all(&library).unwrap();
+    let track = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("assets/music/tumiki_just_over_the_horizon.mp3");
+    for i in 1..=CATALOG {
+        let link = library.join(format!("track {i:04}.mp3"));
+        if !link.exists() && std::fs::hard_link(&track, &link).is_err() {
+            std::fs::copy(&track, &link).unwrap();
+        }
+    }
+    library
+}
+
+/// The track each of `sessions` sessions asks for, by name.
+fn requests(mode: Mode, sessions: usize) -> Vec<String> {
+    // A fixed linear congruential draw: the same mix on every run.
+    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+    let harmonic: f64 = (1..=CATALOG).map(|k| 1.0 / k as f64).sum();
+    (0..sessions)
+        .map(|i| match mode {
+            Mode::Same => "play horizon".to_string(),
+            Mode::Worst => format!("track {:04}", i % CATALOG + 1),
+            Mode::Mix => {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let u = (state >> 11) as f64 / (1u64 << 53) as f64 * harmonic;
+                let mut sum = 0.0;
+                let rank = (1..=CATALOG)
+                    .find(|k| {
+                        sum += 1.0 / *k as f64;
+                        sum >= u
+                    })
+                    .unwrap_or(CATALOG);
+                format!("track {rank:04}")
+            }
+        })
+        .collect()
+}
+
+/// The scripted LLM: a musicPlayer call for the user's words (less a leading "play"), or words
+/// once the tool has answered.
 async fn scripted_llm() -> String {
     let router = axum::Router::new().route(
         "/v1/chat/completions",
         axum::routing::post(|body: axum::Json<Value>| async move {
-            let after_tool = body.0["messages"]
-                .as_array()
-                .and_then(|m| m.last())
-                .is_some_and(|m| m["role"] == "tool");
+            let last = body.0["messages"].as_array().and_then(|m| m.last());
+            let after_tool = last.is_some_and(|m| m["role"] == "tool");
+            let words = last
+                .and_then(|m| m["content"].as_str())
+                .unwrap_or_default()
+                .trim_start_matches("play ")
+                .to_string();
             let chunk = |delta: Value, finish: Value| {
                 let chunk =
                     json!({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
@@ -61,8 +129,9 @@ async fn scripted_llm() -> String {
             let body = if after_tool {
                 chunk(json!({"content": "Enjoy."}), Value::Null) + &chunk(json!({}), json!("stop"))
             } else {
+                let arguments = json!({"query": words}).to_string();
                 let call = json!({"index": 0, "id": "call_1", "type": "function",
-                    "function": {"name": "musicPlayer", "arguments": "{\"query\": \"horizon\"}"}});
+                    "function": {"name": "musicPlayer", "arguments": arguments}});
                 chunk(json!({"tool_calls": [call]}), Value::Null)
                     + &chunk(json!({}), json!("tool_calls"))
             } + "data: [DONE]\n\n";
@@ -79,7 +148,11 @@ async fn scripted_llm() -> String {
 }
 
 /// `voxloop serve` in its own process: (child, its WebSocket URL).
-async fn start_server(llm_url: &str, dir: &std::path::Path) -> (tokio::process::Child, String) {
+async fn start_server(
+    llm_url: &str,
+    dir: &std::path::Path,
+    library: Option<&std::path::Path>,
+) -> (tokio::process::Child, String) {
     let root = env!("CARGO_MANIFEST_DIR");
     let config = format!(
         r#"
@@ -107,8 +180,13 @@ rate_per_ip = 0
 [mcp_servers.music]
 command = "{music}"
 cwd = "{root}"
+{args}
 "#,
         music = env!("CARGO_BIN_EXE_mcp_audio"),
+        args = match library {
+            Some(library) => format!("args = [\"--library\", \"{}\"]", library.display()),
+            None => String::new(),
+        },
     );
     let path = dir.join("load.toml");
     std::fs::write(&path, config).unwrap();
@@ -172,7 +250,11 @@ fn rss_mib(pid: u32) -> f64 {
 
 /// One device: connects, asks for music, and returns its frames' lateness in ms (empty when no
 /// music arrived before `deadline`).
-async fn device(url: String, deadline: Instant) -> Result<(f64, Vec<(usize, f64)>), String> {
+async fn device(
+    url: String,
+    deadline: Instant,
+    words: String,
+) -> Result<(f64, Vec<(usize, f64)>), String> {
     let mut request = url.into_client_request().map_err(|e| e.to_string())?;
     request
         .headers_mut()
@@ -186,7 +268,7 @@ async fn device(url: String, deadline: Instant) -> Result<(f64, Vec<(usize, f64)
         .send(Message::text(hello.to_string()))
         .await
         .map_err(|e| e.to_string())?;
-    let detect = json!({"type": "listen", "state": "detect", "text": "play horizon"});
+    let detect = json!({"type": "listen", "state": "detect", "text": words});
     let asked = Instant::now();
     socket
         .send(Message::text(detect.to_string()))
@@ -251,8 +333,9 @@ struct Step {
     steady_machine_pct: f64,
 }
 
-async fn step(sessions: usize, llm_url: &str, dir: &std::path::Path) -> Step {
-    let (child, url) = start_server(llm_url, dir).await;
+async fn step(sessions: usize, llm_url: &str, dir: &std::path::Path, mode: Mode) -> Step {
+    let library = (mode != Mode::Same).then(|| catalog(dir));
+    let (child, url) = start_server(llm_url, dir, library.as_deref()).await;
     let pid = child.id().unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let music: Vec<u32> = children(pid);
@@ -285,7 +368,8 @@ async fn step(sessions: usize, llm_url: &str, dir: &std::path::Path) -> Step {
         )
     });
     let tasks: Vec<_> = (0..sessions)
-        .map(|_| tokio::spawn(device(url.clone(), deadline)))
+        .zip(requests(mode, sessions))
+        .map(|(_, words)| tokio::spawn(device(url.clone(), deadline, words)))
         .collect();
     let mut lateness = Vec::new();
     // Frames after each session's first 5 s of music.
@@ -343,6 +427,11 @@ async fn step(sessions: usize, llm_url: &str, dir: &std::path::Path) -> Step {
 }
 
 fn main() {
+    let mode = match std::env::args().nth(1).as_deref() {
+        Some("worst") => Mode::Worst,
+        Some("mix") => Mode::Mix,
+        _ => Mode::Same,
+    };
     let args: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())
@@ -362,7 +451,11 @@ fn main() {
         );
         println!("|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|");
         for sessions in counts.into_iter().filter(|n| *n <= MAX_SESSIONS) {
-            let s = step(sessions, &llm_url, &dir).await;
+            let mut distinct = requests(mode, sessions);
+            distinct.sort();
+            distinct.dedup();
+            println!("  ({sessions} sessions play {} distinct tracks)", distinct.len());
+            let s = step(sessions, &llm_url, &dir, mode).await;
             println!(
                 "| {} | {} | {} | {:.1} / {:.1} / {:.1} | {:.1} | {:.2} / {:.2} | {:.0} | {:.2} | {:.0} | {:.3} | {:.0} | {:.0} | {:.0} | {:.0} / {:.0} | {:.2} |",
                 s.sessions,

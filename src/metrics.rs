@@ -44,6 +44,8 @@ pub struct Metrics {
     queue_wait_seconds: HistogramFamily,
     queue_waiting: Family<Labels, Gauge>,
     queue_busy: Family<Labels, Counter>,
+    transcode_lookups: Family<Labels, Counter>,
+    transcode_bytes: Gauge,
     llm_tokens: Family<Labels, Counter>,
     breaker_state: Family<Labels, Gauge>,
     gpu_location: Family<Labels, Gauge>,
@@ -114,6 +116,18 @@ impl Metrics {
             "Jobs refused after waiting the stage's max_wait_ms, by stage",
             queue_busy.clone(),
         );
+        let transcode_lookups = Family::<Labels, Counter>::default();
+        registry.register(
+            "voxloop_transcode_cache_lookups",
+            "Media resources opened for a device downlink, by result (hit: frames already encoded or being encoded; miss: a new fill)",
+            transcode_lookups.clone(),
+        );
+        let transcode_bytes = Gauge::default();
+        registry.register(
+            "voxloop_transcode_cache_bytes",
+            "Bytes of Opus frames in the transcode cache after the last fill or eviction",
+            transcode_bytes.clone(),
+        );
         let llm_tokens = Family::<Labels, Counter>::default();
         registry.register(
             "voxloop_llm_tokens",
@@ -149,6 +163,8 @@ impl Metrics {
             queue_wait_seconds,
             queue_waiting,
             queue_busy,
+            transcode_lookups,
+            transcode_bytes,
             llm_tokens,
             breaker_state,
             gpu_location,
@@ -222,6 +238,19 @@ impl Metrics {
         if busy {
             self.queue_busy.get_or_create(&labels).inc();
         }
+    }
+
+    /// A media resource opened through the transcode cache: `hit` or miss.
+    pub fn transcode_cache(&self, hit: bool) {
+        let result = if hit { "hit" } else { "miss" };
+        self.transcode_lookups
+            .get_or_create(&vec![("result", result.to_string())])
+            .inc();
+    }
+
+    /// The transcode cache's size in bytes.
+    pub fn transcode_cache_bytes(&self, bytes: usize) {
+        self.transcode_bytes.set(bytes as i64);
     }
 
     /// Tokens one LLM request used.

@@ -264,6 +264,12 @@ impl Volume {
         self.step = (self.target - self.gain) / self.ramp_frames as f32;
     }
 
+    /// Whether the gain is 1 and stays there (100 %, no ramp under way): samples pass
+    /// unchanged.
+    pub fn is_unity(&self) -> bool {
+        self.gain == 1.0 && self.target == 1.0
+    }
+
     /// Applies the gain to interleaved `samples` in place.
     pub fn apply(&mut self, samples: &mut [f32], channels: u16) {
         for frame in samples.chunks_mut(channels.max(1) as usize) {

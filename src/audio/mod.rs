@@ -10,6 +10,7 @@ pub mod opus;
 pub mod queue;
 pub mod sink;
 pub mod source;
+pub mod transcode;
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -78,6 +79,16 @@ pub struct AudioConfig {
     /// most of a playing device session's CPU; 4 encodes 1.79 times as fast as 10 at 0.4 dB less
     /// SNR (BENCHMARKS.md, "Audio pipeline": the complexity table).
     pub device_opus_complexity: i32,
+    /// Starting gain of a device's downlink, percent (0..=100, default 100). A device has its
+    /// own volume (its buttons, its speaker tool), so voxloop leaves the audio whole, and the
+    /// transcode cache's frames go out as they are (at another gain each frame is decoded and
+    /// encoded again). Spoken volume requests still set it on a device without a speaker tool.
+    pub device_volume: u8,
+    /// MiB of encoded device frames the transcode cache keeps (0..=65536; 0: no cache): a
+    /// media resource played to devices is decoded, resampled and encoded once, and its frames
+    /// serve every session that plays it ([`transcode`]); the least recently used idle entries
+    /// are dropped past this.
+    pub transcode_cache_mb: u32,
 }
 
 impl Default for AudioConfig {
@@ -95,6 +106,8 @@ impl Default for AudioConfig {
             device_lead_ms: 120,
             device_bitrate: opus::DEFAULT_BITRATE,
             device_opus_complexity: 4,
+            device_volume: 100,
+            transcode_cache_mb: 128,
         }
     }
 }
@@ -114,6 +127,18 @@ impl AudioConfig {
         )?;
         in_range("audio.frame_ms", self.frame_ms, 5..=100, "milliseconds")?;
         in_range("audio.volume", self.volume, 0..=100, "percent")?;
+        in_range(
+            "audio.device_volume",
+            self.device_volume,
+            0..=100,
+            "percent",
+        )?;
+        in_range(
+            "audio.transcode_cache_mb",
+            self.transcode_cache_mb,
+            0..=65_536,
+            "MiB",
+        )?;
         in_range(
             "audio.volume_ramp_ms",
             self.volume_ramp_ms,

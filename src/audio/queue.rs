@@ -10,8 +10,11 @@ use serde::Serialize;
 use tokio::sync::{Mutex, Notify, broadcast, watch};
 
 use super::convert::{Converter, Volume};
-use super::decode::PcmReceiver;
+use super::decode::{PcmReceiver, decode_media};
+use super::opus::FrameDecoder;
 use super::sink::Sink;
+use super::transcode::{CachedFrames, DownlinkFormat, TranscodeCache};
+use crate::media::MediaStream;
 
 /// Frames over which [`PlaybackQueue::output_level`] takes the loudest: the echo of what played
 /// reaches a microphone late and lingers (at 20 ms frames, 160 ms).
@@ -115,7 +118,25 @@ impl Default for QueueSettings {
 struct Pending {
     id: u64,
     kind: SegmentKind,
-    pcm: PcmReceiver,
+    source: Source,
+}
+
+/// Where a segment's audio comes from.
+enum Source {
+    /// PCM, converted, volume applied and written to the sink frame by frame.
+    Pcm(PcmReceiver),
+    /// Opus frames of `frame_ms` from the transcode cache, for an Opus sink of their format.
+    Encoded(CachedFrames, u32),
+}
+
+/// How a segment's playing ended.
+struct Played {
+    /// Frames (per channel) that went to the sink.
+    frames: u64,
+    /// Why it ended early, if its source failed.
+    error: Option<String>,
+    /// A stop (or a sink failure) ended it.
+    stopped: bool,
 }
 
 struct Shared {
@@ -162,6 +183,8 @@ pub struct PlaybackQueue {
     shared: Arc<Shared>,
     settings: QueueSettings,
     player: Arc<Player>,
+    /// Media goes through this cache, in this format ([`PlaybackQueue::with_transcode_cache`]).
+    transcode: Option<(Arc<TranscodeCache>, DownlinkFormat)>,
 }
 
 struct Player {
@@ -203,7 +226,20 @@ impl PlaybackQueue {
             shared,
             settings,
             player,
+            transcode: None,
         }
+    }
+
+    /// The same queue, with media ([`Self::enqueue_media`]) played from `cache` in `format`:
+    /// for a queue whose sink is a device's Opus sink of that format. At 100 % volume the
+    /// cached frames go out as they are; at another volume each is decoded and encoded again.
+    pub fn with_transcode_cache(
+        mut self,
+        cache: Arc<TranscodeCache>,
+        format: DownlinkFormat,
+    ) -> Self {
+        self.transcode = Some((cache, format));
+        self
     }
 
     /// Events from now on.
@@ -211,14 +247,32 @@ impl PlaybackQueue {
         self.shared.events.subscribe()
     }
 
-    /// Queues a segment behind what is queued; returns its id.
+    /// Queues a segment of PCM behind what is queued; returns its id.
     pub async fn enqueue(&self, kind: SegmentKind, pcm: PcmReceiver) -> u64 {
+        self.push(kind, Source::Pcm(pcm)).await
+    }
+
+    /// Queues a media stream behind what is queued: through the transcode cache when the queue
+    /// has one and the media can be cached ([`TranscodeCache::open`]), else decoded here.
+    /// Returns its id.
+    pub async fn enqueue_media(&self, kind: SegmentKind, media: MediaStream) -> u64 {
+        let source = match &self.transcode {
+            Some((cache, format)) => match cache.open(media, *format) {
+                Ok(frames) => Source::Encoded(frames, format.frame_ms),
+                Err(media) => Source::Pcm(decode_media(media)),
+            },
+            None => Source::Pcm(decode_media(media)),
+        };
+        self.push(kind, source).await
+    }
+
+    async fn push(&self, kind: SegmentKind, source: Source) -> u64 {
         let id = self.shared.next_id.fetch_add(1, Ordering::SeqCst);
         {
             // `busy` changes only under the pending lock, so the player never sees it set
             // before the segment is there (it would report Stopped and idle with it queued).
             let mut pending = self.shared.pending.lock().await;
-            pending.push_back(Pending { id, kind, pcm });
+            pending.push_back(Pending { id, kind, source });
             self.shared.busy.send_replace(true);
         }
         self.shared.wake.notify_one();
@@ -284,14 +338,16 @@ impl PlaybackQueue {
 async fn play(shared: Arc<Shared>, mut sink: Sink, settings: QueueSettings) -> Sink {
     let (rate, channels) = (sink.rate(), sink.channels());
     let frame_len = (rate as usize * settings.frame_ms as usize / 1000).max(1) * channels as usize;
-    let mut volume = Volume::new(shared.volume.load(Ordering::SeqCst), rate, settings.ramp_ms);
-    let mut level = shared.volume.load(Ordering::SeqCst);
-    let mut recent = std::collections::VecDeque::with_capacity(LEVEL_WINDOW);
+    let mut output = OutputState {
+        volume: Volume::new(shared.volume.load(Ordering::SeqCst), rate, settings.ramp_ms),
+        level: shared.volume.load(Ordering::SeqCst),
+        recent: VecDeque::with_capacity(LEVEL_WINDOW),
+    };
     loop {
         let next = shared.pending.lock().await.pop_front();
-        let Some(mut segment) = next else {
+        let Some(segment) = next else {
             shared.level.store(0, Ordering::SeqCst);
-            recent.clear();
+            output.recent.clear();
             // Nothing more to play: what waits for a whole frame goes out now.
             let was_busy = *shared.busy.borrow();
             if was_busy && let Err(e) = sink.flush().await {
@@ -327,84 +383,31 @@ async fn play(shared: Arc<Shared>, mut sink: Sink, settings: QueueSettings) -> S
             id: segment.id,
             segment: segment.kind.clone(),
         });
-        let mut converter = Converter::new(rate, channels);
-        let mut buffer: Vec<f32> = Vec::new();
-        let (mut played, mut error, mut stopped) = (0u64, None, false);
-        'segment: loop {
-            let block = tokio::select! {
-                block = segment.pcm.recv() => block,
-                _ = shared.stop_since(generation) => { stopped = true; break 'segment; }
-            };
-            let end = !matches!(block, Some(Ok(_)));
-            let converted = match block {
-                Some(Ok(pcm)) => converter.push(&pcm),
-                Some(Err(e)) => {
-                    error = Some(e.to_string());
-                    Ok(converter.flush())
-                }
-                None => Ok(converter.flush()),
-            };
-            match converted {
-                Ok(samples) => buffer.extend(samples),
-                Err(e) => {
-                    error = Some(e.to_string());
-                    break 'segment;
-                }
+        let played = match segment.source {
+            Source::Pcm(pcm) => {
+                play_pcm(&shared, &mut sink, pcm, generation, frame_len, &mut output).await
             }
-            let mut offset = 0;
-            while buffer.len() - offset >= frame_len || (end && offset < buffer.len()) {
-                let n = frame_len.min(buffer.len() - offset);
-                let frame = &mut buffer[offset..offset + n];
-                let now = shared.volume.load(Ordering::SeqCst);
-                if now != level {
-                    volume.set(now);
-                    level = now;
-                }
-                volume.apply(frame, channels);
-                let written = tokio::select! {
-                    r = sink.write(frame) => Some(r),
-                    _ = shared.stop_since(generation) => None,
-                };
-                match written {
-                    None => {
-                        stopped = true;
-                        break 'segment;
-                    }
-                    Some(Err(e)) => {
-                        *shared.stop_reason.lock().expect("stop lock") =
-                            Some(StopReason::Error(e.to_string()));
-                        error = Some(e.to_string());
-                        stopped = true;
-                        break 'segment;
-                    }
-                    Some(Ok(())) => {
-                        played += (n / channels as usize) as u64;
-                        let rms =
-                            (frame.iter().map(|s| s * s).sum::<f32>() / n.max(1) as f32).sqrt();
-                        if recent.len() == LEVEL_WINDOW {
-                            recent.pop_front();
-                        }
-                        recent.push_back(rms);
-                        let loudest = recent.iter().copied().fold(0.0f32, f32::max);
-                        shared.level.store(loudest.to_bits(), Ordering::SeqCst);
-                    }
-                }
-                offset += n;
+            Source::Encoded(frames, frame_ms) => {
+                play_encoded(
+                    &shared,
+                    &mut sink,
+                    frames,
+                    frame_ms,
+                    generation,
+                    &mut output,
+                )
+                .await
             }
-            buffer.drain(..offset);
-            if end {
-                break;
-            }
-        }
+        };
         shared.emit(QueueEvent::SegmentEnd {
             id: segment.id,
-            played_ms: played * 1000 / rate as u64,
-            error,
+            played_ms: played.frames * 1000 / rate as u64,
+            error: played.error,
         });
-        if stopped {
+        if played.stopped {
             sink.clear();
             shared.level.store(0, Ordering::SeqCst);
-            recent.clear();
+            output.recent.clear();
             if let Some(reason) = shared.take_reason() {
                 shared.emit(QueueEvent::Stopped { reason });
             }
@@ -414,6 +417,196 @@ async fn play(shared: Arc<Shared>, mut sink: Sink, settings: QueueSettings) -> S
             }
         }
     }
+}
+
+/// The player's gain and the level of what it wrote, across segments.
+struct OutputState {
+    volume: Volume,
+    /// The volume `volume` was last set to, in percent.
+    level: u8,
+    /// RMS of the last [`LEVEL_WINDOW`] frames written.
+    recent: VecDeque<f32>,
+}
+
+impl OutputState {
+    /// Takes up a volume set since the last frame (ramped).
+    fn follow(&mut self, shared: &Shared) {
+        let now = shared.volume.load(Ordering::SeqCst);
+        if now != self.level {
+            self.volume.set(now);
+            self.level = now;
+        }
+    }
+
+    /// A frame of level `rms` was written: the loudest of the recent ones is the output level.
+    fn record(&mut self, shared: &Shared, rms: f32) {
+        if self.recent.len() == LEVEL_WINDOW {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(rms);
+        let loudest = self.recent.iter().copied().fold(0.0f32, f32::max);
+        shared.level.store(loudest.to_bits(), Ordering::SeqCst);
+    }
+}
+
+fn rms(samples: &[f32]) -> f32 {
+    (samples.iter().map(|s| s * s).sum::<f32>() / samples.len().max(1) as f32).sqrt()
+}
+
+/// Plays one segment of PCM: converted to the sink's rate and channels, volume applied, in
+/// frames of `frame_len` samples.
+async fn play_pcm(
+    shared: &Shared,
+    sink: &mut Sink,
+    mut pcm: PcmReceiver,
+    generation: u64,
+    frame_len: usize,
+    output: &mut OutputState,
+) -> Played {
+    let (rate, channels) = (sink.rate(), sink.channels());
+    let mut converter = Converter::new(rate, channels);
+    let mut buffer: Vec<f32> = Vec::new();
+    let (mut played, mut error, mut stopped) = (0u64, None, false);
+    'segment: loop {
+        let block = tokio::select! {
+            block = pcm.recv() => block,
+            _ = shared.stop_since(generation) => { stopped = true; break 'segment; }
+        };
+        let end = !matches!(block, Some(Ok(_)));
+        let converted = match block {
+            Some(Ok(pcm)) => converter.push(&pcm),
+            Some(Err(e)) => {
+                error = Some(e.to_string());
+                Ok(converter.flush())
+            }
+            None => Ok(converter.flush()),
+        };
+        match converted {
+            Ok(samples) => buffer.extend(samples),
+            Err(e) => {
+                error = Some(e.to_string());
+                break 'segment;
+            }
+        }
+        let mut offset = 0;
+        while buffer.len() - offset >= frame_len || (end && offset < buffer.len()) {
+            let n = frame_len.min(buffer.len() - offset);
+            let frame = &mut buffer[offset..offset + n];
+            output.follow(shared);
+            output.volume.apply(frame, channels);
+            let written = tokio::select! {
+                r = sink.write(frame) => Some(r),
+                _ = shared.stop_since(generation) => None,
+            };
+            match written {
+                None => {
+                    stopped = true;
+                    break 'segment;
+                }
+                Some(Err(e)) => {
+                    *shared.stop_reason.lock().expect("stop lock") =
+                        Some(StopReason::Error(e.to_string()));
+                    error = Some(e.to_string());
+                    stopped = true;
+                    break 'segment;
+                }
+                Some(Ok(())) => {
+                    played += (n / channels as usize) as u64;
+                    output.record(shared, rms(frame));
+                }
+            }
+            offset += n;
+        }
+        buffer.drain(..offset);
+        if end {
+            break;
+        }
+    }
+    Played {
+        frames: played,
+        error,
+        stopped,
+    }
+}
+
+/// Plays one segment of cached Opus frames of `frame_ms` (the sink is an Opus sink of their
+/// format): each goes out as it is at 100 % volume, else decoded, the gain applied, and
+/// encoded again by the sink.
+async fn play_encoded(
+    shared: &Shared,
+    sink: &mut Sink,
+    mut frames: CachedFrames,
+    frame_ms: u32,
+    generation: u64,
+    output: &mut OutputState,
+) -> Played {
+    let rate = sink.rate();
+    let mut decoder: Option<FrameDecoder> = None;
+    let mut played = Played {
+        frames: 0,
+        error: None,
+        stopped: false,
+    };
+    loop {
+        let frame = tokio::select! {
+            frame = frames.next() => frame,
+            _ = shared.stop_since(generation) => { played.stopped = true; break; }
+        };
+        let frame = match frame {
+            None => break,
+            Some(Err(e)) => {
+                played.error = Some(e);
+                break;
+            }
+            Some(Ok(frame)) => frame,
+        };
+        output.follow(shared);
+        let (written, level) = if output.volume.is_unity() {
+            let written = tokio::select! {
+                r = sink.write_encoded(&frame.packet) => Some(r),
+                _ = shared.stop_since(generation) => None,
+            };
+            (written, frame.rms)
+        } else {
+            let decoded = match decoder.as_mut() {
+                Some(d) => d.decode(&frame.packet),
+                None => {
+                    FrameDecoder::new(rate, 1).and_then(|d| decoder.insert(d).decode(&frame.packet))
+                }
+            };
+            let mut samples = match decoded {
+                Ok(pcm) => pcm.samples,
+                Err(e) => {
+                    played.error = Some(e.to_string());
+                    break;
+                }
+            };
+            output.volume.apply(&mut samples, 1);
+            let written = tokio::select! {
+                r = sink.write(&samples) => Some(r),
+                _ = shared.stop_since(generation) => None,
+            };
+            (written, rms(&samples))
+        };
+        match written {
+            None => {
+                played.stopped = true;
+                break;
+            }
+            Some(Err(e)) => {
+                *shared.stop_reason.lock().expect("stop lock") =
+                    Some(StopReason::Error(e.to_string()));
+                played.error = Some(e.to_string());
+                played.stopped = true;
+                break;
+            }
+            Some(Ok(())) => {
+                played.frames += u64::from(rate / 1000 * frame_ms);
+                output.record(shared, level);
+            }
+        }
+    }
+    played
 }
 
 #[cfg(test)]

@@ -32,6 +32,9 @@ pub enum SinkError {
     /// The receiver of device frames is gone (the device disconnected).
     #[error("the device stopped receiving audio")]
     Closed,
+    /// Opus packets were written to a sink that takes PCM.
+    #[error("encoded frames were written to a sink that takes PCM")]
+    NotOpus,
 }
 
 /// An audio output.
@@ -78,6 +81,22 @@ impl Sink {
             Sink::Wav(s) => s.write(samples),
             Sink::Opus(s) => s.write(samples).await,
             Sink::Null(s) => s.write(samples).await,
+        }
+    }
+
+    /// Sends one Opus packet encoded elsewhere (the transcode cache), paced like the sink's
+    /// own: after what waits in the sink's encoder, padded to a whole frame. The packet must
+    /// be in the sink's format (rate, mono, frame length).
+    ///
+    /// # Errors
+    /// [`SinkError::Closed`] when the device is gone; [`SinkError::NotOpus`] for another sink.
+    pub async fn write_encoded(&mut self, packet: &[u8]) -> Result<(), SinkError> {
+        match self {
+            Sink::Opus(s) => {
+                s.finish().await?;
+                s.send_paced(packet.to_vec()).await
+            }
+            Sink::Speaker(_) | Sink::Wav(_) | Sink::Null(_) => Err(SinkError::NotOpus),
         }
     }
 

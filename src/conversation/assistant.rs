@@ -51,6 +51,9 @@ pub struct Assistant {
     pub hub: Arc<ToolHub>,
     /// Text to speech (its HTTP client and models are shared between clones).
     pub tts: Tts,
+    /// The device downlink's transcode cache (`[audio] transcode_cache_mb`), shared by every
+    /// device session.
+    pub transcode: Arc<crate::audio::transcode::TranscodeCache>,
 }
 
 impl Assistant {
@@ -81,6 +84,9 @@ impl Assistant {
             llm,
             hub,
             tts,
+            transcode: Arc::new(crate::audio::transcode::TranscodeCache::new(
+                config.audio.transcode_cache_mb as usize * 1024 * 1024,
+            )),
         })
     }
 

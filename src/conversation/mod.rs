@@ -796,7 +796,7 @@ impl Conversation {
         for media in std::mem::take(&mut outcome.media) {
             let title = media.title.clone();
             self.queue
-                .enqueue(SegmentKind::Media { title }, decode_media(media))
+                .enqueue_media(SegmentKind::Media { title }, media)
                 .await;
         }
         match &outcome.action {

@@ -218,7 +218,14 @@ impl DeviceConversation {
             frames_tx,
         )?;
         sink.set_complexity(audio.device_opus_complexity)?;
-        let queue = PlaybackQueue::new(Sink::Opus(sink), QueueSettings::from_config(audio));
+        let settings = QueueSettings {
+            volume: audio.device_volume,
+            ..QueueSettings::from_config(audio)
+        };
+        let queue = PlaybackQueue::new(Sink::Opus(sink), settings).with_transcode_cache(
+            assistant.transcode.clone(),
+            crate::audio::transcode::DownlinkFormat::from_config(audio),
+        );
         // Downlink frames, framed by protocol version.
         let frames_out = out.clone();
         let started = Instant::now();

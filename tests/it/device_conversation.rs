@@ -39,6 +39,15 @@ async fn serve_with(
     replies: Vec<Reply>,
     tweak: impl FnOnce(&mut Config),
 ) -> (SocketAddr, Arc<Mutex<Vec<Value>>>) {
+    let (addr, requests, _) = serve_assistant(replies, tweak).await;
+    (addr, requests)
+}
+
+/// As [`serve_with`], and the assistant the server runs (its shared parts).
+async fn serve_assistant(
+    replies: Vec<Reply>,
+    tweak: impl FnOnce(&mut Config),
+) -> (SocketAddr, Arc<Mutex<Vec<Value>>>, Assistant) {
     let mut config = Config::default();
     config.auth.allow_anonymous = true;
     config.llm.provider = LlmProvider::Openai;
@@ -63,10 +72,14 @@ async fn serve_with(
     let assistant = Assistant::start(&config, Input::Speech).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let serve =
-        voxloop::device::server::serve(listener, &config, Some(assistant), std::future::pending());
+    let serve = voxloop::device::server::serve(
+        listener,
+        &config,
+        Some(assistant.clone()),
+        std::future::pending(),
+    );
     tokio::spawn(async move { serve.await.unwrap() });
-    (addr, requests)
+    (addr, requests, assistant)
 }
 
 async fn device(addr: SocketAddr, version: ProtocolVersion) -> Socket {
@@ -1038,4 +1051,68 @@ async fn a_sentence_that_waits_too_long_for_kokoro_hears_the_busy_answer() {
     let (busy, before) = heard[1].split_last().expect("a sentence");
     assert_eq!(busy, voxloop::compute::BUSY_SENTENCE, "{heard:?}");
     assert!(whole.starts_with(before), "{heard:?}");
+}
+
+/// A device that asks for the track: its first `n` Opus packets, and the device, still
+/// playing.
+async fn track_packets(
+    addr: SocketAddr,
+    n: usize,
+    started: Option<tokio::sync::oneshot::Sender<()>>,
+) -> (Vec<Vec<u8>>, Socket) {
+    let mut socket = device(addr, ProtocolVersion::V1).await;
+    let detect = json!({"type": "listen", "state": "detect", "text": "play just over the horizon"});
+    socket
+        .send(Message::text(detect.to_string()))
+        .await
+        .unwrap();
+    let mut started = started;
+    let mut packets = Vec::new();
+    while packets.len() < n {
+        if let Event::Opus(packet) = next(&mut socket).await {
+            packets.push(packet);
+            if packets.len() == 5
+                && let Some(started) = started.take()
+            {
+                let _ = started.send(());
+            }
+        }
+    }
+    (packets, socket)
+}
+
+/// RMS of the decoded packets.
+fn decoded_rms(packets: &[Vec<u8>]) -> f32 {
+    let mut decoder = FrameDecoder::new(24_000, 1).unwrap();
+    let samples: Vec<f32> = packets
+        .iter()
+        .flat_map(|p| decoder.decode(p).unwrap().samples)
+        .collect();
+    (samples.iter().map(|s| s * s).sum::<f32>() / samples.len() as f32).sqrt()
+}
+
+#[tokio::test]
+async fn devices_playing_one_track_get_the_same_encoded_frames_and_another_gain_is_encoded_again() {
+    let call = || vec![Reply::Call("musicPlayer", json!({"query": "horizon"}))];
+    let (addr, _, assistant) = serve_assistant(call(), |_| {}).await;
+    // The second device asks while the first plays: the track is decoded and encoded once.
+    let (started, first_playing) = tokio::sync::oneshot::channel();
+    let first = tokio::spawn(track_packets(addr, 40, Some(started)));
+    first_playing.await.unwrap();
+    let (second, _playing) = track_packets(addr, 40, None).await;
+    let (first, _playing_too) = first.await.unwrap();
+    assert_eq!(first, second, "the same packets, byte for byte");
+    // One entry while both play: the second was a hit.
+    assert_eq!(assistant.transcode.stats().entries, 1);
+    assert!(assistant.transcode.stats().bytes > 0);
+    // At 50 % the cached frames are decoded, the gain applied, and encoded again.
+    let (quiet_addr, _) = serve_with(call(), |c| c.audio.device_volume = 50).await;
+    let (quiet, _) = track_packets(quiet_addr, 40, None).await;
+    assert_ne!(quiet[10..], first[10..]);
+    let ratio = decoded_rms(&quiet[5..]) / decoded_rms(&first[5..]);
+    let gain = voxloop::audio::convert::volume_gain(50);
+    assert!(
+        (ratio / gain - 1.0).abs() < 0.2,
+        "level ratio {ratio}, gain {gain}"
+    );
 }
