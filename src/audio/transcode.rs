@@ -31,8 +31,11 @@ use super::decode::decode_media;
 use super::opus::FrameEncoder;
 use crate::media::MediaStream;
 
-/// How far a fill may run ahead of the furthest session reading it (then it waits).
-pub const AHEAD: Duration = Duration::from_secs(20);
+/// How far a fill may run ahead of the furthest session reading it (then it waits): enough to
+/// ride out a slow page, little enough that many fills starting at once do not all encode in
+/// a burst (with 20 s, 200 sessions each starting a different track made frames late:
+/// BENCHMARKS.md).
+pub const AHEAD: Duration = Duration::from_secs(2);
 
 /// The Opus format of a device's downlink: what the frames are encoded for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
