@@ -159,12 +159,14 @@ async fn listen(mut socket: Socket, at: tokio::time::Instant) -> Outcome {
     outcome
 }
 
-/// p50, p95 and max of `values`, in ms.
+/// p50, p95 and max of `values`, in ms, by nearest rank (the value at rank ceil(p x n): of
+/// two values, p50 is the lower).
 fn quantiles(mut values: Vec<f64>) -> (f64, f64, f64) {
     values.sort_by(f64::total_cmp);
     let q = |p: f64| {
+        let rank = (p * values.len() as f64).ceil() as usize;
         values
-            .get(((values.len() as f64 - 1.0) * p).round() as usize)
+            .get(rank.clamp(1, values.len().max(1)) - 1)
             .copied()
             .unwrap_or(f64::NAN)
     };

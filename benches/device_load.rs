@@ -5,6 +5,7 @@
 //! cargo bench --bench device_load -- 100 200       # chosen session counts
 //! cargo bench --bench device_load -- worst 100 200 # every session a different track
 //! cargo bench --bench device_load -- mix 100 200   # tracks of a catalog, Zipf popularity
+//! LOAD_EXTRA='[audio]\ntranscode_cache_mb = 0' cargo bench --bench device_load  # config added
 //! ```
 //!
 //! What the sessions play: by default (`same`) every session the same track, which the server's
@@ -177,11 +178,15 @@ allow_anonymous = true
 bind = "127.0.0.1:0"
 rate_per_ip = 0
 
+{extra}
 [mcp_servers.music]
 command = "{music}"
 cwd = "{root}"
 {args}
 "#,
+        extra = std::env::var("LOAD_EXTRA")
+            .unwrap_or_default()
+            .replace("\\n", "\n"),
         music = env!("CARGO_BIN_EXE_mcp_audio"),
         args = match library {
             Some(library) => format!("args = [\"--library\", \"{}\"]", library.display()),
