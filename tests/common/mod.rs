@@ -448,3 +448,55 @@ cwd = "{root}"
         root = repo_root().display(),
     )
 }
+
+/// Opens an MCP session over raw streamable HTTP at `url` (`initialize`, then
+/// `notifications/initialized`), with `key` as a bearer credential when given; its
+/// `Mcp-Session-Id`.
+pub async fn mcp_open_session(url: &str, key: Option<&str>) -> String {
+    let initialize = serde_json::json!({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                   "clientInfo": {"name": "test", "version": "1"}}
+    });
+    let response = mcp_request(url, key, None, &initialize).await;
+    assert_eq!(response.status(), 200);
+    let id = response.headers()["mcp-session-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let _ = response.bytes().await;
+    let initialized = serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    assert_eq!(mcp_post(url, key, &id, &initialized).await.status(), 202);
+    id
+}
+
+/// A JSON-RPC message to MCP session `id` at `url`, with `key` as a bearer credential when
+/// given.
+pub async fn mcp_post(
+    url: &str,
+    key: Option<&str>,
+    id: &str,
+    body: &serde_json::Value,
+) -> reqwest::Response {
+    mcp_request(url, key, Some(id), body).await
+}
+
+async fn mcp_request(
+    url: &str,
+    key: Option<&str>,
+    id: Option<&str>,
+    body: &serde_json::Value,
+) -> reqwest::Response {
+    let mut request = reqwest::Client::new()
+        .post(url)
+        .header("Accept", "application/json, text/event-stream")
+        .header("MCP-Protocol-Version", "2025-06-18")
+        .json(body);
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    if let Some(id) = id {
+        request = request.header("Mcp-Session-Id", id);
+    }
+    request.send().await.unwrap()
+}

@@ -772,12 +772,7 @@ async fn playing_a_track_shows_its_title_as_the_sentence() {
         Reply::Words("Enjoy."),
     ];
     let (addr, _) = serve_with(replies, |_| {}).await;
-    let mut socket = device(addr, ProtocolVersion::V1).await;
-    let detect = json!({"type": "listen", "state": "detect", "text": "play just over the horizon"});
-    socket
-        .send(Message::text(detect.to_string()))
-        .await
-        .unwrap();
+    let mut socket = ask_for_the_track(addr).await;
     let title = loop {
         if let Event::Json(v) = next(&mut socket).await
             && v["type"] == "tts"
@@ -789,6 +784,17 @@ async fn playing_a_track_shows_its_title_as_the_sentence() {
     assert!(title.to_lowercase().contains("horizon"), "{title}");
     let abort = json!({"type": "abort", "reason": "wake_word_detected"});
     socket.send(Message::text(abort.to_string())).await.unwrap();
+}
+
+/// A device that has asked for "just over the horizon" by text.
+async fn ask_for_the_track(addr: SocketAddr) -> Socket {
+    let mut socket = device(addr, ProtocolVersion::V1).await;
+    let detect = json!({"type": "listen", "state": "detect", "text": "play just over the horizon"});
+    socket
+        .send(Message::text(detect.to_string()))
+        .await
+        .unwrap();
+    socket
 }
 
 /// Reads until an `alert` whose message names `key`; everything before it is skipped.
@@ -1060,12 +1066,7 @@ async fn track_packets(
     n: usize,
     started: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> (Vec<Vec<u8>>, Socket) {
-    let mut socket = device(addr, ProtocolVersion::V1).await;
-    let detect = json!({"type": "listen", "state": "detect", "text": "play just over the horizon"});
-    socket
-        .send(Message::text(detect.to_string()))
-        .await
-        .unwrap();
+    let mut socket = ask_for_the_track(addr).await;
     let mut started = started;
     let mut packets = Vec::new();
     while packets.len() < n {

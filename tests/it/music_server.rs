@@ -690,60 +690,20 @@ async fn symlinks_out_of_the_library_are_refused_and_odd_names_play() {
     }
 }
 
-/// Opens a session over raw streamable HTTP (`initialize`, then `notifications/initialized`);
-/// its `Mcp-Session-Id`.
-async fn open_session(url: &str) -> String {
-    let client = reqwest::Client::new();
-    let initialize = json!({
-        "jsonrpc": "2.0", "id": 1, "method": "initialize",
-        "params": {"protocolVersion": "2025-06-18", "capabilities": {},
-                   "clientInfo": {"name": "t", "version": "1"}}
-    });
-    let response = client
-        .post(url)
-        .header("Accept", "application/json, text/event-stream")
-        .json(&initialize)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let id = response.headers()["mcp-session-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    let _ = response.bytes().await;
-    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
-    let response = session_post(url, &id, &initialized).await;
-    assert_eq!(response.status(), 202);
-    id
-}
-
-async fn session_post(url: &str, id: &str, body: &Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(url)
-        .header("Accept", "application/json, text/event-stream")
-        .header("Mcp-Session-Id", id)
-        .header("MCP-Protocol-Version", "2025-06-18")
-        .json(body)
-        .send()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn http_sessions_are_capped_and_the_longest_idle_is_closed_first() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("voxloop.toml");
     std::fs::write(&config, "[music]\nmax_sessions = 2\n").unwrap();
     let (_server, url) = spawn_http_server(&["--config", config.to_str().unwrap()]).await;
-    let first = open_session(&url).await;
-    let second = open_session(&url).await;
+    let first = mcp_open_session(&url, None).await;
+    let second = mcp_open_session(&url, None).await;
     // The first is used again, so the second is the longest idle when a third opens.
     let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}});
-    assert_eq!(session_post(&url, &first, &list).await.status(), 200);
-    let third = open_session(&url).await;
-    assert_eq!(session_post(&url, &first, &list).await.status(), 200);
-    assert_eq!(session_post(&url, &third, &list).await.status(), 200);
+    assert_eq!(mcp_post(&url, None, &first, &list).await.status(), 200);
+    let third = mcp_open_session(&url, None).await;
+    assert_eq!(mcp_post(&url, None, &first, &list).await.status(), 200);
+    assert_eq!(mcp_post(&url, None, &third, &list).await.status(), 200);
     // The closed session is told so (404: start a new one, as the transport spec says).
-    assert_eq!(session_post(&url, &second, &list).await.status(), 404);
+    assert_eq!(mcp_post(&url, None, &second, &list).await.status(), 404);
 }

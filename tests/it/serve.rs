@@ -815,45 +815,23 @@ async fn a_credential_past_its_mcp_session_cap_closes_its_own_longest_idle_sessi
     })
     .await;
     let url = format!("{}/mcp", rig.base);
-    let client = reqwest::Client::new();
-    let post = |key: &'static str, id: Option<String>, body: Value| {
-        let mut request = client
-            .post(&url)
-            .bearer_auth(key)
-            .header("Accept", "application/json, text/event-stream")
-            .header("MCP-Protocol-Version", "2025-06-18")
-            .json(&body);
-        if let Some(id) = id {
-            request = request.header("Mcp-Session-Id", id);
-        }
-        request.send()
-    };
     let open = |key: &'static str| {
-        let post = &post;
+        let url = url.clone();
         async move {
-            let response = post(key, None, initialize()).await.unwrap();
-            assert_eq!(response.status(), StatusCode::OK);
-            let id = response.headers()["mcp-session-id"]
-                .to_str()
-                .unwrap()
-                .to_string();
-            let _ = response.bytes().await;
-            let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
-            let done = post(key, Some(id.clone()), initialized).await.unwrap();
-            assert_eq!(done.status(), StatusCode::ACCEPTED);
+            let id = common::mcp_open_session(&url, Some(key)).await;
             // Each session is opened after the one before.
             tokio::time::sleep(Duration::from_millis(5)).await;
             id
         }
     };
-    let list = || json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}});
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}});
     let app_first = open(USER_KEY).await;
     let ops = open(ADMIN_KEY).await;
     let app_second = open(USER_KEY).await;
     let app_third = open(USER_KEY).await;
-    let status = |key, id: &String| {
-        let response = post(key, Some(id.clone()), list());
-        async move { response.await.unwrap().status() }
+    let status = |key: &'static str, id: &String| {
+        let (url, id, list) = (url.clone(), id.clone(), list.clone());
+        async move { common::mcp_post(&url, Some(key), &id, &list).await.status() }
     };
     // The user key's third session closed its first; the admin key's, idle as long, stays.
     assert_eq!(status(USER_KEY, &app_first).await, StatusCode::NOT_FOUND);
