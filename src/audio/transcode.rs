@@ -164,10 +164,12 @@ impl TranscodeCache {
         state.clock += 1;
         let clock = state.clock;
         if let Some(entry) = state.entries.get(&key) {
-            let entry = entry.clone();
+            // Counted as a reader under the lock, so that a fill cannot see no reader and be
+            // abandoned between the lookup and the count ([`TranscodeCache::abandon`]).
+            let reader = CachedFrames::new(entry.clone(), clock);
             drop(state);
             metrics.transcode_cache(true);
-            return Ok(CachedFrames::new(entry, clock));
+            return Ok(reader);
         }
         let (progress, _) = watch::channel(Progress::Filling(0));
         let entry = Arc::new(Entry {
@@ -200,7 +202,7 @@ impl TranscodeCache {
         }
     }
 
-    /// Drops `key` if it still maps to `entry` (a failed or abandoned fill).
+    /// Drops `key` if it still maps to `entry` (a failed fill).
     fn forget(&self, key: &Key, entry: &Arc<Entry>) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state
@@ -210,6 +212,23 @@ impl TranscodeCache {
         {
             state.entries.remove(key);
         }
+    }
+
+    /// Drops `key`'s partial `entry` when no session reads it, checked under the lock that
+    /// [`Self::open`] counts readers under; `false` when a session has opened it meanwhile.
+    fn abandon(&self, key: &Key, entry: &Arc<Entry>) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if entry.readers.load(Ordering::Relaxed) > 0 {
+            return false;
+        }
+        if state
+            .entries
+            .get(key)
+            .is_some_and(|e| Arc::ptr_eq(e, entry))
+        {
+            state.entries.remove(key);
+        }
+        true
     }
 
     /// Drops the least recently used complete entries that no session reads until the rest
@@ -253,7 +272,8 @@ async fn fill(
     media: MediaStream,
     format: DownlinkFormat,
 ) {
-    let result = encode_into(&entry, media, format).await;
+    let abandoned = || cache.upgrade().is_none_or(|c| c.abandon(&key, &entry));
+    let result = encode_into(&entry, media, format, abandoned).await;
     let Some(cache) = cache.upgrade() else { return };
     match result {
         Ok(true) => {
@@ -261,9 +281,8 @@ async fn fill(
             cache.evict();
         }
         Ok(false) => {
-            // Every session left (a stop, a barge-in): the partial entry is not kept.
+            // Every session left (a stop, a barge-in): `abandon` took the partial entry out.
             tracing::debug!(uri = %key.uri, "transcode cache: fill abandoned");
-            cache.forget(&key, &entry);
             entry
                 .progress
                 .send_replace(Progress::Failed("abandoned".into()));
@@ -276,11 +295,13 @@ async fn fill(
     }
 }
 
-/// `Ok(true)` when every frame is in, `Ok(false)` when no session reads it any more.
+/// `Ok(true)` when every frame is in, `Ok(false)` when no session reads it any more and
+/// `abandoned` took it out of the cache.
 async fn encode_into(
     entry: &Entry,
     media: MediaStream,
     format: DownlinkFormat,
+    abandoned: impl Fn() -> bool,
 ) -> Result<bool, String> {
     let mut encoder =
         FrameEncoder::new(format.rate, 1, format.frame_ms).map_err(|e| e.to_string())?;
@@ -299,7 +320,7 @@ async fn encode_into(
     let mut unlevelled: Vec<f32> = Vec::new();
     loop {
         loop {
-            if entry.readers.load(Ordering::Relaxed) == 0 {
+            if entry.readers.load(Ordering::Relaxed) == 0 && abandoned() {
                 return Ok(false);
             }
             let made = entry.frames.read().unwrap_or_else(|e| e.into_inner()).len();
@@ -486,6 +507,31 @@ mod tests {
         assert_eq!(small.stats().entries, 1);
         drop(held);
         assert_eq!(all(again).await.len(), 34);
+    }
+
+    #[tokio::test]
+    async fn a_fill_nobody_reads_is_dropped_and_the_next_session_fills_anew() {
+        let cache = Arc::new(TranscodeCache::new(10 << 20));
+        // 30 s: the fill waits 2 s ahead of its reader, which leaves after one frame.
+        let mut first = cache
+            .open(tone("audio://t/long", 30.0), FORMAT)
+            .ok()
+            .unwrap();
+        assert!(first.next().await.unwrap().is_ok());
+        drop(first);
+        for _ in 0..100 {
+            if cache.stats().entries == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(cache.stats().entries, 0, "the abandoned fill is gone");
+        let again = all(cache
+            .open(tone("audio://t/long", 30.0), FORMAT)
+            .ok()
+            .unwrap())
+        .await;
+        assert_eq!(again.len(), 500);
     }
 
     #[tokio::test]
