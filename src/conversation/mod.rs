@@ -343,6 +343,17 @@ impl Conversation {
     /// The request: the system prompt, then the history from the oldest user turn that fits
     /// both windows (`history_turns`, `history_tokens`); the current turn always fits.
     fn messages(&self) -> Vec<ChatMessage> {
+        let start = self.window_start();
+        let mut messages = vec![ChatMessage::new(
+            Role::System,
+            self.settings.system_prompt.clone(),
+        )];
+        messages.extend_from_slice(&self.history[start..]);
+        messages
+    }
+
+    /// Where the history the model is sent starts: the oldest user turn within both windows.
+    fn window_start(&self) -> usize {
         let mut turns_seen = 0;
         let mut tokens = 0;
         let mut start = self.history.len();
@@ -363,12 +374,15 @@ impl Conversation {
                 start = i;
             }
         }
-        let mut messages = vec![ChatMessage::new(
-            Role::System,
-            self.settings.system_prompt.clone(),
-        )];
-        messages.extend_from_slice(&self.history[start..]);
-        messages
+        start
+    }
+
+    /// Forgets the turns that have left the window: a later turn's window only starts later,
+    /// so they would never be sent again, and a long conversation keeps no more than its
+    /// window in memory.
+    fn trim_history(&mut self) {
+        let start = self.window_start();
+        self.history.drain(..start);
     }
 
     /// Speaks `text` (queued behind what is playing); a TTS failure is logged and skipped.
@@ -397,11 +411,19 @@ impl Conversation {
             .await;
     }
 
+    /// Tells the speaker, as a job of its own ([`turns::Job::Busy`]), that the assistant is
+    /// busy: whisper refused their words. What played before stops, as for a turn.
+    pub async fn tell_busy(&self) {
+        self.queue.new_turn().await;
+        self.told_busy
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.say_busy().await;
+    }
+
     /// Tells the speaker the assistant is busy ([`crate::compute::BUSY_SENTENCE`]), once per
     /// turn: from the TTS's rendered clip when it has one (so that it needs no synthesis while
-    /// the voice is busy), else synthesized. A job of its own ([`turns::Job::Busy`]) when
-    /// whisper refused the words.
-    pub async fn say_busy(&self) {
+    /// the voice is busy), else synthesized.
+    async fn say_busy(&self) {
         use std::sync::atomic::Ordering;
         if self.told_busy.swap(true, Ordering::Relaxed) {
             return;
@@ -778,6 +800,7 @@ impl Conversation {
         } else {
             report.said = spoken_sentences.join(" ");
         }
+        self.trim_history();
         report.total_ms = ms(Instant::now());
         if self.queue.is_busy() {
             let wait = std::time::Duration::from_secs(10);

@@ -102,7 +102,7 @@ impl Turns {
                         None
                     }
                     Job::Busy => {
-                        conversation.say_busy().await;
+                        conversation.tell_busy().await;
                         None
                     }
                 };
