@@ -220,6 +220,15 @@ async fn history_is_windowed_by_turns_and_by_tokens() {
     let sent = requests.lock().await.clone();
     assert_eq!(users(&sent[2]), ["two", "three"]);
     assert_eq!(sent[2]["messages"][0]["content"], "Be brief.");
+    // What left the window is forgotten: the history holds the window, not every turn.
+    let kept: Vec<&str> = rig
+        .conversation
+        .history()
+        .iter()
+        .filter(|m| m.role == Role::User)
+        .map(|m| m.content.as_str())
+        .collect();
+    assert_eq!(kept, ["two", "three"]);
     // A token window smaller than one long turn (300 bytes, an estimated 75 tokens): only the
     // current turn is sent.
     let (url, requests) = scripted(vec![]).await;

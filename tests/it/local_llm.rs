@@ -550,3 +550,52 @@ async fn warm_ups_are_shared_and_a_completion_past_the_queue_is_busy() {
     let (text, _, _) = complete(&model, &request("Hello!"), &[]).await;
     assert!(!text.is_empty());
 }
+
+#[tokio::test]
+async fn three_hundred_turns_on_the_local_model_keep_answering_within_the_window() {
+    let config = LlmConfig {
+        max_tokens: 12,
+        engine: LocalEngine::LlamaCpp,
+        // A small window keeps each turn's prompt short; windowing is what is tested.
+        history_tokens: 300,
+        timeout_ms: TEST_LLM_TIMEOUT_MS,
+        ..LlmConfig::default()
+    };
+    let model = LocalModel::load(&model_path(), &config).unwrap();
+    let mut tts = voxloop::speech::tts::TtsConfig::default();
+    tts.provider = voxloop::speech::tts::TtsProvider::EspeakNg;
+    let queue = voxloop::audio::queue::PlaybackQueue::new(
+        voxloop::audio::sink::Sink::Null(voxloop::audio::sink::NullSink::new(24_000, 1, false)),
+        voxloop::audio::queue::QueueSettings::default(),
+    );
+    let mut conversation = voxloop::conversation::Conversation::new(
+        voxloop::llm::ChatModel::Local(model),
+        hub().await,
+        voxloop::speech::tts::Tts::new(&tts),
+        queue,
+        voxloop::conversation::ConversationSettings::new(&config, &Default::default()),
+    );
+    let cancel = CancellationToken::new();
+    let mut longest = 0;
+    for turn in 0..300 {
+        let request = format!("Tell me one short fact about the number {turn}.");
+        let report = conversation.turn(&request, &cancel).await;
+        assert!(
+            !matches!(
+                report.end,
+                voxloop::conversation::TurnEnd::Failed(_) | voxloop::conversation::TurnEnd::Busy(_)
+            ),
+            "turn {turn}: {report:?}"
+        );
+        assert!(report.llm_calls >= 1, "turn {turn}: the model was asked");
+        assert!(
+            !report.said.is_empty() || !report.tools.is_empty(),
+            "turn {turn}: nothing said or done: {report:?}"
+        );
+        // The history kept is the window, however long the conversation.
+        longest = longest.max(conversation.history().len());
+    }
+    // At most `history_turns` (10) turns of a user message, a reply, a call's result and the
+    // reply after it; without the window it would be every one of 300 turns.
+    assert!(longest <= 4 * 10, "history grew to {longest} messages");
+}
