@@ -554,10 +554,10 @@ async fn warm_ups_are_shared_and_a_completion_past_the_queue_is_busy() {
 #[tokio::test]
 async fn three_hundred_turns_on_the_local_model_keep_answering_within_the_window() {
     let config = LlmConfig {
-        max_tokens: 12,
+        max_tokens: 8,
         engine: LocalEngine::LlamaCpp,
         // A small window keeps each turn's prompt short; windowing is what is tested.
-        history_tokens: 300,
+        history_tokens: 120,
         timeout_ms: TEST_LLM_TIMEOUT_MS,
         ..LlmConfig::default()
     };
