@@ -44,7 +44,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
@@ -90,7 +90,7 @@ fn requests(mode: Mode, sessions: usize) -> Vec<String> {
     (0..sessions)
         .map(|i| match mode {
             Mode::Same => "play horizon".to_string(),
-            Mode::Worst => format!("track {:04}", i % CATALOG + 1),
+            Mode::Worst => format!("play track {:04}", i % CATALOG + 1),
             Mode::Mix => {
                 state = state
                     .wrapping_mul(6_364_136_223_846_793_005)
@@ -103,49 +103,10 @@ fn requests(mode: Mode, sessions: usize) -> Vec<String> {
                         sum >= u
                     })
                     .unwrap_or(CATALOG);
-                format!("track {rank:04}")
+                format!("play track {rank:04}")
             }
         })
         .collect()
-}
-
-/// The scripted LLM: a musicPlayer call for the user's words (less a leading "play"), or words
-/// once the tool has answered.
-async fn scripted_llm() -> String {
-    let router = axum::Router::new().route(
-        "/v1/chat/completions",
-        axum::routing::post(|body: axum::Json<Value>| async move {
-            let last = body.0["messages"].as_array().and_then(|m| m.last());
-            let after_tool = last.is_some_and(|m| m["role"] == "tool");
-            let words = last
-                .and_then(|m| m["content"].as_str())
-                .unwrap_or_default()
-                .trim_start_matches("play ")
-                .to_string();
-            let chunk = |delta: Value, finish: Value| {
-                let chunk =
-                    json!({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
-                format!("data: {chunk}\n\n")
-            };
-            let body = if after_tool {
-                chunk(json!({"content": "Enjoy."}), Value::Null) + &chunk(json!({}), json!("stop"))
-            } else {
-                let arguments = json!({"query": words}).to_string();
-                let call = json!({"index": 0, "id": "call_1", "type": "function",
-                    "function": {"name": "musicPlayer", "arguments": arguments}});
-                chunk(json!({"tool_calls": [call]}), Value::Null)
-                    + &chunk(json!({}), json!("tool_calls"))
-            } + "data: [DONE]\n\n";
-            (
-                [(axum::http::header::CONTENT_TYPE, "text/event-stream")],
-                body,
-            )
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    format!("http://{addr}/v1")
 }
 
 /// `voxloop serve` in its own process: (child, its WebSocket URL).
@@ -448,7 +409,7 @@ fn main() {
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let llm_url = scripted_llm().await;
+        let llm_url = common::music_llm().await;
         let dir = std::env::temp_dir().join(format!("voxloop-load-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         println!(

@@ -33,46 +33,6 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 const STEP_LIMIT: Duration = Duration::from_secs(30);
 const SAMPLE_EVERY: Duration = Duration::from_secs(30);
 
-/// The scripted LLM: `musicPlayer` for a request to play, a sentence otherwise.
-async fn scripted_llm() -> String {
-    let router = axum::Router::new().route(
-        "/v1/chat/completions",
-        axum::routing::post(|body: axum::Json<Value>| async move {
-            let last = body.0["messages"]
-                .as_array()
-                .and_then(|m| m.last())
-                .cloned();
-            let last = last.unwrap_or_default();
-            let chunk = |delta: Value, finish: Value| {
-                let chunk =
-                    json!({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
-                format!("data: {chunk}\n\n")
-            };
-            let asks_to_play = last["role"] == "user"
-                && last["content"]
-                    .as_str()
-                    .is_some_and(|c| c.starts_with("play"));
-            let body = if asks_to_play {
-                let call = json!({"index": 0, "id": "call_1", "type": "function",
-                    "function": {"name": "musicPlayer", "arguments": "{\"query\": \"horizon\"}"}});
-                chunk(json!({"tool_calls": [call]}), Value::Null)
-                    + &chunk(json!({}), json!("tool_calls"))
-            } else {
-                chunk(json!({"content": "Hello there."}), Value::Null)
-                    + &chunk(json!({}), json!("stop"))
-            } + "data: [DONE]\n\n";
-            (
-                [(axum::http::header::CONTENT_TYPE, "text/event-stream")],
-                body,
-            )
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    format!("http://{addr}/v1")
-}
-
 async fn start_server(llm_url: &str, dir: &std::path::Path) -> (tokio::process::Child, String) {
     let config = format!(
         r#"
@@ -214,7 +174,7 @@ fn main() {
     let minutes = args.get(1).copied().unwrap_or(30);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async move {
-        let llm_url = scripted_llm().await;
+        let llm_url = common::music_llm().await;
         let dir = tempfile::tempdir().unwrap();
         let (server, url) = start_server(&llm_url, dir.path()).await;
         let pid = server.id().unwrap();

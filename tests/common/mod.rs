@@ -500,3 +500,42 @@ async fn mcp_request(
     }
     request.send().await.unwrap()
 }
+
+/// A scripted OpenAI-compatible endpoint for device benchmarks: a user request that starts
+/// with "play " gets a `musicPlayer` call for the rest of its words; a tool's result gets
+/// "Enjoy."; anything else "Hello there.". Returns its base URL (up to `/v1`).
+pub async fn music_llm() -> String {
+    use serde_json::{Value, json};
+    let router = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(|body: axum::Json<Value>| async move {
+            let last = body.0["messages"].as_array().and_then(|m| m.last());
+            let after_tool = last.is_some_and(|m| m["role"] == "tool");
+            let text = last.and_then(|m| m["content"].as_str()).unwrap_or_default();
+            let chunk = |delta: Value, finish: Value| {
+                let chunk =
+                    json!({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+                format!("data: {chunk}\n\n")
+            };
+            let words = |said: &str| {
+                chunk(json!({"content": said}), Value::Null) + &chunk(json!({}), json!("stop"))
+            };
+            let body = match text.strip_prefix("play ") {
+                _ if after_tool => words("Enjoy."),
+                Some(query) => {
+                    let arguments = json!({"query": query}).to_string();
+                    let call = json!({"index": 0, "id": "call_1", "type": "function",
+                        "function": {"name": "musicPlayer", "arguments": arguments}});
+                    chunk(json!({"tool_calls": [call]}), Value::Null)
+                        + &chunk(json!({}), json!("tool_calls"))
+                }
+                None => words("Hello there."),
+            } + "data: [DONE]\n\n";
+            (
+                [(axum::http::header::CONTENT_TYPE, "text/event-stream")],
+                body,
+            )
+        }),
+    );
+    serve_loopback(router).await + "/v1"
+}
