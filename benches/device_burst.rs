@@ -43,39 +43,11 @@ type Socket =
 
 /// `voxloop serve` on the built-in models: (child, the device server's WebSocket URL).
 async fn start_server(dir: &std::path::Path) -> (tokio::process::Child, String) {
-    let config = format!(
-        r#"
-[asr]
-language = "en"
-{extra}
-[device]
-bind = "127.0.0.1:0"
-store = "{store}"
-max_sessions = 1000
-max_sessions_per_ip = 1000
-
-[auth]
-allow_anonymous = true
-
-[server]
-bind = "127.0.0.1:0"
-rate_per_ip = 0
-
-[mcp_servers.music]
-command = "{music}"
-cwd = "{root}"
-"#,
-        store = dir.join("devices.json").display(),
-        music = env!("CARGO_BIN_EXE_mcp_audio"),
-        root = env!("CARGO_MANIFEST_DIR"),
-        extra = std::env::var("BURST_EXTRA")
-            .unwrap_or_default()
-            .replace("\\n", "\n"),
+    let sections = format!(
+        "[asr]\nlanguage = \"en\"\n{}",
+        common::extra_toml("BURST_EXTRA")
     );
-    let path = dir.join("burst.toml");
-    std::fs::write(&path, config).unwrap();
-    let (child, mut found) = common::spawn_serve(&path, &["device server: "]).await;
-    (child, found.remove(0))
+    common::spawn_device_bench_server(dir, &sections, &[]).await
 }
 
 /// The command's Opus frames as the firmware sends them: 16 kHz mono, 60 ms.

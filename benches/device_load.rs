@@ -109,64 +109,22 @@ fn requests(mode: Mode, sessions: usize) -> Vec<String> {
         .collect()
 }
 
-/// `voxloop serve` in its own process: (child, its WebSocket URL).
+/// `voxloop serve` in its own process, the music server reading `library` when given:
+/// (child, its WebSocket URL).
 async fn start_server(
     llm_url: &str,
     dir: &std::path::Path,
     library: Option<&std::path::Path>,
 ) -> (tokio::process::Child, String) {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let config = format!(
-        r#"
-[llm]
-provider = "openai"
-url = "{llm_url}"
-model = "scripted"
-
-[asr]
-language = "en"
-
-[device]
-bind = "127.0.0.1:0"
-idle_timeout_ms = 600000
-max_sessions = 5000
-max_sessions_per_ip = 5000
-
-[auth]
-allow_anonymous = true
-
-[server]
-bind = "127.0.0.1:0"
-rate_per_ip = 0
-
-{extra}
-[mcp_servers.music]
-command = "{music}"
-cwd = "{root}"
-{args}
-"#,
-        extra = std::env::var("LOAD_EXTRA")
-            .unwrap_or_default()
-            .replace("\\n", "\n"),
-        music = env!("CARGO_BIN_EXE_mcp_audio"),
-        args = match library {
-            Some(library) => format!("args = [\"--library\", \"{}\"]", library.display()),
-            None => String::new(),
-        },
+    let sections = format!(
+        "[llm]\nprovider = \"openai\"\nurl = \"{llm_url}\"\nmodel = \"scripted\"\n\n[asr]\nlanguage = \"en\"\n{}",
+        common::extra_toml("LOAD_EXTRA")
     );
-    let path = dir.join("load.toml");
-    std::fs::write(&path, config).unwrap();
-    let (child, mut found) = common::spawn_serve(&path, &["device server: "]).await;
-    (child, found.remove(0))
-}
-
-/// Ids of `pid`'s children (the music server).
-fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
+    let args: Vec<String> = match library {
+        Some(library) => vec!["--library".into(), library.display().to_string()],
+        None => Vec::new(),
+    };
+    common::spawn_device_bench_server(dir, &sections, &args).await
 }
 
 /// User + system CPU seconds of a process.
@@ -205,13 +163,7 @@ const STEADY: (Duration, Duration) = (Duration::from_secs(6), Duration::from_sec
 
 /// Resident set of a process, MiB.
 fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
+    common::proc_status(pid, "VmRSS:") / 1024.0
 }
 
 /// One device: connects, asks for music, and returns its frames' lateness in ms (empty when no
@@ -304,7 +256,7 @@ async fn step(sessions: usize, llm_url: &str, dir: &std::path::Path, mode: Mode)
     let (child, url) = start_server(llm_url, dir, library.as_deref()).await;
     let pid = child.id().unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let music: Vec<u32> = children(pid);
+    let music: Vec<u32> = common::proc_children(pid);
     let rss_start_mib = rss_mib(pid);
     let started = Instant::now();
     let cpu0 = cpu_seconds(pid);

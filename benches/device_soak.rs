@@ -34,9 +34,8 @@ const STEP_LIMIT: Duration = Duration::from_secs(30);
 const SAMPLE_EVERY: Duration = Duration::from_secs(30);
 
 async fn start_server(llm_url: &str, dir: &std::path::Path) -> (tokio::process::Child, String) {
-    let config = format!(
-        r#"
-[llm]
+    let sections = format!(
+        r#"[llm]
 provider = "openai"
 url = "{llm_url}"
 model = "scripted"
@@ -44,54 +43,13 @@ builtin_intents = false
 
 [tts]
 provider = "espeak-ng"
-
-[device]
-bind = "127.0.0.1:0"
-store = "{store}"
-idle_timeout_ms = 600000
-max_sessions = 5000
-max_sessions_per_ip = 5000
-
-[auth]
-allow_anonymous = true
-
-[server]
-bind = "127.0.0.1:0"
-rate_per_ip = 0
-
-[mcp_servers.music]
-command = "{music}"
-cwd = "{root}"
-"#,
-        store = dir.join("devices.json").display(),
-        music = env!("CARGO_BIN_EXE_mcp_audio"),
-        root = env!("CARGO_MANIFEST_DIR"),
+"#
     );
-    let path = dir.join("soak.toml");
-    std::fs::write(&path, config).unwrap();
-    let (child, mut found) = common::spawn_serve(&path, &["device server: "]).await;
-    (child, found.remove(0))
-}
-
-fn proc_field(pid: u32, key: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(f64::NAN)
+    common::spawn_device_bench_server(dir, &sections, &[]).await
 }
 
 fn open_files(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
-}
-
-fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
 }
 
 type Socket =
@@ -179,7 +137,7 @@ fn main() {
         let (server, url) = start_server(&llm_url, dir.path()).await;
         let pid = server.id().unwrap();
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let music = children(pid);
+        let music = common::proc_children(pid);
         let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
         let started = Instant::now();
@@ -210,13 +168,13 @@ fn main() {
         println!("| minute | server RSS (MiB) | open files | threads | music server RSS (MiB) | cycles done | failed |");
         println!("|---:|---:|---:|---:|---:|---:|---:|");
         let sample = |at: Instant| {
-            let music_rss: f64 = music.iter().map(|p| proc_field(*p, "VmRSS:")).sum::<f64>() / 1024.0;
+            let music_rss: f64 = music.iter().map(|p| common::proc_status(*p, "VmRSS:")).sum::<f64>() / 1024.0;
             println!(
                 "| {:.1} | {:.0} | {} | {} | {:.0} | {} | {} |",
                 at.duration_since(started).as_secs_f64() / 60.0,
-                proc_field(pid, "VmRSS:") / 1024.0,
+                common::proc_status(pid, "VmRSS:") / 1024.0,
                 open_files(pid),
-                proc_field(pid, "Threads:"),
+                common::proc_status(pid, "Threads:"),
                 music_rss,
                 ok.load(Ordering::Relaxed),
                 failed.load(Ordering::Relaxed),

@@ -91,16 +91,6 @@ impl ComputeQueue {
             max_wait: Duration::from_millis(max_wait_ms),
         }
     }
-
-    /// How many jobs run at once.
-    pub fn workers(&self) -> usize {
-        self.workers
-    }
-
-    /// The stage's name.
-    pub fn stage(&self) -> &'static str {
-        self.stage
-    }
 }
 
 #[cfg(test)]

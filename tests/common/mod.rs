@@ -539,3 +539,69 @@ pub async fn music_llm() -> String {
     );
     serve_loopback(router).await + "/v1"
 }
+
+/// A `voxloop serve` for device benchmarks in its own process: `sections` (TOML: `[llm]`,
+/// `[asr]`, ...) then a device server taking any number of anonymous sessions, an HTTP API
+/// without a per-address rate, and the bundled music server with `music_args`. The config file
+/// and the device store go in `dir`. Returns the process and its device WebSocket URL.
+pub async fn spawn_device_bench_server(
+    dir: &std::path::Path,
+    sections: &str,
+    music_args: &[String],
+) -> (tokio::process::Child, String) {
+    let config = format!(
+        r#"{sections}
+[device]
+bind = "127.0.0.1:0"
+store = "{store}"
+idle_timeout_ms = 600000
+max_sessions = 5000
+max_sessions_per_ip = 5000
+
+[auth]
+allow_anonymous = true
+
+[server]
+bind = "127.0.0.1:0"
+rate_per_ip = 0
+
+[mcp_servers.music]
+command = "{music}"
+cwd = "{root}"
+args = {args:?}
+"#,
+        store = dir.join("devices.json").display(),
+        music = music_server_bin().display(),
+        root = repo_root().display(),
+        args = music_args,
+    );
+    let path = dir.join("bench.toml");
+    std::fs::write(&path, config).unwrap();
+    let (child, mut found) = spawn_serve(&path, &["device server: "]).await;
+    (child, found.remove(0))
+}
+
+/// TOML lines from the environment variable `name`, with `\n` written for line breaks (a
+/// benchmark's extra config, e.g. `[llm]\nengine_threads = 1`).
+pub fn extra_toml(name: &str) -> String {
+    std::env::var(name).unwrap_or_default().replace("\\n", "\n")
+}
+
+/// A `/proc/PID/status` field as a number (`VmRSS:` in KiB, `Threads:`); NaN when absent.
+pub fn proc_status(pid: u32, key: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// Ids of `pid`'s child processes.
+pub fn proc_children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
