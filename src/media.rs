@@ -36,6 +36,8 @@ pub struct MediaStream {
     pub size: Option<u64>,
     chunks: mpsc::Receiver<Result<Bytes, MediaError>>,
     cancel: CancellationToken,
+    /// Cancelled to cut the link from a turn's token ([`MediaStream::linked_to`]).
+    turn_link: Option<CancellationToken>,
     _guard: DropGuard,
 }
 
@@ -57,8 +59,81 @@ impl MediaStream {
             size,
             chunks,
             cancel,
+            turn_link: None,
             _guard,
         }
+    }
+
+    /// The stream, stopped also when `turn` is cancelled (a barge-in, a new request), until
+    /// [`MediaStream::detach`]. Spawns a task: call it inside a tokio runtime.
+    pub fn linked_to(mut self, turn: &CancellationToken) -> Self {
+        let link = CancellationToken::new();
+        let (turn, stream, unlinked) = (turn.clone(), self.cancel.clone(), link.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                // A detach that came first wins over a turn cancelled after it.
+                biased;
+                _ = unlinked.cancelled() => {}
+                _ = stream.cancelled() => {}
+                _ = turn.cancelled() => stream.cancel(),
+            }
+        });
+        self.turn_link = Some(link);
+        self
+    }
+
+    /// Cuts the link to the turn that asked for it: from now on only dropping or cancelling
+    /// the stream stops it. The transcode cache does this, because the frames it makes serve
+    /// other sessions too; its fill stops when no session reads them.
+    pub fn detach(&mut self) {
+        if let Some(link) = self.turn_link.take() {
+            link.cancel();
+        }
+    }
+
+    /// The same bytes, ending with an error instead when fewer than `size` arrive (a transfer
+    /// stopped part way ends like a whole one otherwise). Spawns a task that forwards the
+    /// chunks; dropping the result stops it and the transfer. Call it inside a tokio runtime.
+    pub fn checked_size(mut self) -> Self {
+        let Some(size) = self.size else { return self };
+        let (tx, rx) = mpsc::channel(1);
+        let forward = CancellationToken::new();
+        let stopped = forward.clone();
+        let mut checked = Self::new(
+            self.mime_type.clone(),
+            self.title.clone(),
+            self.source.clone(),
+            self.size,
+            rx,
+            forward,
+        );
+        checked.turn_link = self.turn_link.take();
+        tokio::spawn(async move {
+            let mut received = 0u64;
+            loop {
+                let chunk = tokio::select! {
+                    chunk = self.next_chunk() => chunk,
+                    _ = stopped.cancelled() => return,
+                };
+                let item = match chunk {
+                    Some(Ok(bytes)) => {
+                        received += bytes.len() as u64;
+                        Ok(bytes)
+                    }
+                    Some(Err(e)) => Err(e),
+                    None if received < size => Err(MediaError(format!(
+                        "{} ended after {received} of its {size} bytes",
+                        self.source
+                    ))),
+                    None => return,
+                };
+                let last = item.is_err();
+                if tx.send(item).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        checked
     }
 
     /// Media whose bytes are all here already (inline audio, an embedded blob).

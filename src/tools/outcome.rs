@@ -228,15 +228,18 @@ impl ToolOutcome {
                             mime
                         };
                         self.report("resource_link", "media", format!("{} {}", mime, link.uri));
-                        self.media.push(stream_resource(
-                            connection.clone(),
-                            link.uri,
-                            mime,
-                            title,
-                            link.size,
-                            ctx.pager,
-                            ctx.cancel.child_token(),
-                        ));
+                        self.media.push(
+                            stream_resource(
+                                connection.clone(),
+                                link.uri,
+                                mime,
+                                title,
+                                link.size,
+                                ctx.pager,
+                                CancellationToken::new(),
+                            )
+                            .linked_to(&ctx.cancel),
+                        );
                     }
                     _ => {
                         let note = format!(
