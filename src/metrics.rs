@@ -46,6 +46,8 @@ pub struct Metrics {
     queue_busy: Family<Labels, Counter>,
     transcode_lookups: Family<Labels, Counter>,
     transcode_bytes: Gauge,
+    transcode_disk_loads: Family<Labels, Counter>,
+    transcode_disk_bytes: Gauge,
     llm_tokens: Family<Labels, Counter>,
     breaker_state: Family<Labels, Gauge>,
     gpu_location: Family<Labels, Gauge>,
@@ -128,6 +130,18 @@ impl Metrics {
             "Bytes of Opus frames in the transcode cache after the last fill or eviction",
             transcode_bytes.clone(),
         );
+        let transcode_disk_loads = Family::<Labels, Counter>::default();
+        registry.register(
+            "voxloop_transcode_cache_disk_loads",
+            "Transcode cache misses found on disk, by result (complete: served without decoding; partial: served, then resumed; unreadable: deleted)",
+            transcode_disk_loads.clone(),
+        );
+        let transcode_disk_bytes = Gauge::default();
+        registry.register(
+            "voxloop_transcode_cache_disk_bytes",
+            "Bytes of the transcode cache's files on disk after the last write or eviction",
+            transcode_disk_bytes.clone(),
+        );
         let llm_tokens = Family::<Labels, Counter>::default();
         registry.register(
             "voxloop_llm_tokens",
@@ -165,6 +179,8 @@ impl Metrics {
             queue_busy,
             transcode_lookups,
             transcode_bytes,
+            transcode_disk_loads,
+            transcode_disk_bytes,
             llm_tokens,
             breaker_state,
             gpu_location,
@@ -246,6 +262,19 @@ impl Metrics {
         self.transcode_lookups
             .get_or_create(&vec![("result", result.to_string())])
             .inc();
+    }
+
+    /// A miss of the transcode cache looked on disk: `complete`, `partial` or `unreadable`
+    /// (a file that would not parse, deleted).
+    pub fn transcode_cache_disk(&self, result: &str) {
+        self.transcode_disk_loads
+            .get_or_create(&vec![("result", result.to_string())])
+            .inc();
+    }
+
+    /// The transcode cache's disk tier, in bytes.
+    pub fn transcode_cache_disk_bytes(&self, bytes: u64) {
+        self.transcode_disk_bytes.set(bytes as i64);
     }
 
     /// The transcode cache's size in bytes.

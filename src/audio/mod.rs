@@ -89,6 +89,14 @@ pub struct AudioConfig {
     /// serve every session that plays it ([`transcode`]); the least recently used idle entries
     /// are dropped past this.
     pub transcode_cache_mb: u32,
+    /// MiB of encoded device frames kept on disk behind the memory (0..=1048576, default 1024;
+    /// 0: none): an entry's frames are written when its fill ends, whole or as far as sessions
+    /// played, and a later miss reads them back, in this server or the next
+    /// ([`transcode::DiskTier`]). Needs `transcode_cache_mb` above 0.
+    pub transcode_cache_disk_mb: u32,
+    /// The disk tier's directory; empty (the default): `voxloop/transcode` in the platform
+    /// cache directory (`~/.cache/voxloop/transcode` on Linux).
+    pub transcode_cache_dir: String,
 }
 
 impl Default for AudioConfig {
@@ -108,11 +116,25 @@ impl Default for AudioConfig {
             device_opus_complexity: 4,
             device_volume: 100,
             transcode_cache_mb: 128,
+            transcode_cache_disk_mb: 1024,
+            transcode_cache_dir: String::new(),
         }
     }
 }
 
 impl AudioConfig {
+    /// The transcode cache's disk directory: `transcode_cache_dir`, else the platform cache
+    /// directory's `voxloop/transcode`.
+    pub fn transcode_cache_path(&self) -> std::path::PathBuf {
+        if !self.transcode_cache_dir.is_empty() {
+            return self.transcode_cache_dir.clone().into();
+        }
+        dirs::cache_dir()
+            .unwrap_or_else(std::env::temp_dir)
+            .join("voxloop")
+            .join("transcode")
+    }
+
     /// Checks every `[audio]` value against its allowed range.
     ///
     /// # Errors
@@ -137,6 +159,12 @@ impl AudioConfig {
             "audio.transcode_cache_mb",
             self.transcode_cache_mb,
             0..=65_536,
+            "MiB",
+        )?;
+        in_range(
+            "audio.transcode_cache_disk_mb",
+            self.transcode_cache_disk_mb,
+            0..=1_048_576,
             "MiB",
         )?;
         in_range(

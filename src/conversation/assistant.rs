@@ -84,8 +84,8 @@ impl Assistant {
             llm,
             hub,
             tts,
-            transcode: Arc::new(crate::audio::transcode::TranscodeCache::new(
-                config.audio.transcode_cache_mb as usize * 1024 * 1024,
+            transcode: Arc::new(crate::audio::transcode::TranscodeCache::from_config(
+                &config.audio,
             )),
         })
     }

@@ -384,6 +384,14 @@ pub async fn spawn_serve(
         .arg("--config")
         .arg(config)
         .arg("serve")
+        // Its own cache directory (the transcode cache's disk tier), beside its config.
+        .env(
+            "XDG_CACHE_HOME",
+            config
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join("cache"),
+        )
         .env(
             "RUST_LOG",
             std::env::var("VOXLOOP_SERVE_LOG").unwrap_or_else(|_| "warn".into()),
