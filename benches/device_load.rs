@@ -5,8 +5,15 @@
 //! cargo bench --bench device_load -- 100 200       # chosen session counts
 //! cargo bench --bench device_load -- worst 100 200 # every session a different track
 //! cargo bench --bench device_load -- mix 100 200   # tracks of a catalog, Zipf popularity
+//! cargo bench --bench device_load -- mix warm 1000 # the same, on a warm disk cache
 //! LOAD_EXTRA='[audio]\ntranscode_cache_mb = 0' cargo bench --bench device_load  # config added
 //! ```
+//!
+//! Each step's server starts with an empty transcode cache on disk (its `XDG_CACHE_HOME` is
+//! the bench's directory), so the steps are cold. With `warm`, each step runs twice on one disk
+//! cache: a first run that fills it (its row marked `cold`), then the measured run, as a server
+//! sees after it has played the catalog's popular tracks once (each file then holds about the
+//! `WINDOW` the devices played, plus the fill's lead).
 //!
 //! What the sessions play: by default (`same`) every session the same track, which the server's
 //! transcode cache encodes once. `worst`: session i plays track i of a catalog of
@@ -345,11 +352,15 @@ async fn step(sessions: usize, llm_url: &str, dir: &std::path::Path, mode: Mode)
 }
 
 fn main() {
-    let mode = match std::env::args().nth(1).as_deref() {
-        Some("worst") => Mode::Worst,
-        Some("mix") => Mode::Mix,
-        _ => Mode::Same,
+    let words: Vec<String> = std::env::args().skip(1).collect();
+    let mode = if words.iter().any(|w| w == "worst") {
+        Mode::Worst
+    } else if words.iter().any(|w| w == "mix") {
+        Mode::Mix
+    } else {
+        Mode::Same
     };
+    let warm = words.iter().any(|w| w == "warm");
     let args: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())
@@ -373,9 +384,16 @@ fn main() {
             distinct.sort();
             distinct.dedup();
             println!("  ({sessions} sessions play {} distinct tracks)", distinct.len());
-            let s = step(sessions, &llm_url, &dir, mode).await;
+            let _ = std::fs::remove_dir_all(dir.join("cache"));
+            let mut runs = vec![step(sessions, &llm_url, &dir, mode).await];
+            if warm {
+                runs.push(step(sessions, &llm_url, &dir, mode).await);
+            }
+            let last = runs.len() - 1;
+            for (run, s) in runs.iter().enumerate() {
+            let label = if run < last { " (cold)" } else { "" };
             println!(
-                "| {} | {} | {} | {:.1} / {:.1} / {:.1} | {:.1} | {:.2} / {:.2} | {:.0} | {:.2} | {:.0} | {:.3} | {:.0} | {:.0} | {:.0} | {:.0} / {:.0} | {:.2} |",
+                "| {}{label} | {} | {} | {:.1} / {:.1} / {:.1} | {:.1} | {:.2} / {:.2} | {:.0} | {:.2} | {:.0} | {:.3} | {:.0} | {:.0} | {:.0} | {:.0} / {:.0} | {:.2} |",
                 s.sessions,
                 s.playing,
                 s.frames,
@@ -396,6 +414,8 @@ fn main() {
                 s.rss_peak_mib,
                 (s.rss_peak_mib - s.rss_start_mib) / s.sessions as f64,
             );
+            }
+            let s = &runs[last];
             if !s.errors.is_empty() {
                 let mut shown = s.errors.clone();
                 shown.sort();
