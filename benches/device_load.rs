@@ -320,6 +320,9 @@ async fn step(sessions: usize, llm_url: &str, dir: &std::path::Path, mode: Mode)
     let generator_cpu = cpu_seconds(std::process::id()) - generator0;
     sampler.abort();
     let (steady_server_pct, steady_machine_pct) = steady.await.unwrap();
+    // The fills that the sessions left write their frames to the disk cache when they notice
+    // (within a frame); stopping the server at once would lose some of them.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     drop(child);
     lateness.sort_by(f64::total_cmp);
     settled.sort_by(f64::total_cmp);
@@ -389,6 +392,10 @@ fn main() {
             if warm {
                 runs.push(step(sessions, &llm_url, &dir, mode).await);
             }
+            let stored = std::fs::read_dir(dir.join("cache/voxloop/transcode"))
+                .map(|d| d.count())
+                .unwrap_or(0);
+            println!("  ({stored} tracks' frames on disk after the step)");
             let last = runs.len() - 1;
             for (run, s) in runs.iter().enumerate() {
             let label = if run < last { " (cold)" } else { "" };
