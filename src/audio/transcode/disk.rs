@@ -43,7 +43,7 @@ pub(super) struct Stored {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct File {
+struct FileInfo {
     bytes: u64,
     /// The tier's clock at its last write or read.
     used: u64,
@@ -52,7 +52,7 @@ struct File {
 }
 
 struct Index {
-    files: HashMap<String, File>,
+    files: HashMap<String, FileInfo>,
     total: u64,
     clock: u64,
 }
@@ -102,7 +102,7 @@ impl DiskTier {
             // Whether it is complete and how long is read when it is first opened.
             index.files.insert(
                 name,
-                File {
+                FileInfo {
                     bytes,
                     used: index.clock,
                     complete: false,
@@ -197,7 +197,7 @@ impl DiskTier {
         {
             let mut index = self.lock();
             index.clock += 1;
-            let file = File {
+            let file = FileInfo {
                 bytes: data.len() as u64,
                 used: index.clock,
                 complete,
