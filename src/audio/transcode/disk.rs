@@ -2,7 +2,7 @@
 //! (every frame: complete; or the frames made before every session left: partial), and read
 //! back when a later session, perhaps of a later server, opens the same resource. A complete file
 //! serves without decoding anything; a partial one serves its frames while a fill resumes after
-//! them ([`super::encode_into`]). Files are bounded by their total bytes
+//! them (`encode_into` in the parent module). Files are bounded by their total bytes
 //! (`[audio] transcode_cache_disk_mb`), least recently used first out.
 //!
 //! One file per entry, named by the sha256 of its key, in a format of this module's own (all
