@@ -67,6 +67,9 @@ pub struct AudioConfig {
     pub speaker_buffer_ms: u32,
     /// Let a new turn's audio queue behind the old turn's instead of cutting it off.
     pub overlap_turns: bool,
+    /// Music a turn did not replace or stop goes on after the turn's answer: a new request, or
+    /// speech over the output, pauses it instead of ending it. `false`: they end it.
+    pub resume_media: bool,
     /// Opus sample rate sent to devices (16000 or 24000).
     pub device_rate: u32,
     /// Opus frame length sent to devices (20 or 60).
@@ -109,6 +112,7 @@ impl Default for AudioConfig {
             volume_ramp_ms: 10,
             speaker_buffer_ms: 100,
             overlap_turns: false,
+            resume_media: true,
             device_rate: 24_000,
             device_frame_ms: 60,
             device_lead_ms: 120,

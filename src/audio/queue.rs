@@ -1,13 +1,22 @@
 //! The playback queue (ARCHITECTURE §1): segments (TTS sentences, media streams) play in order into one
 //! sink, with events for each, volume that applies at once (ramped), and a stop that silences
 //! output within one frame and drops what was queued.
+//!
+//! A turn does not end the music it did not ask to end. [`PlaybackQueue::interrupt`] (a new turn,
+//! speech over the output) silences the output within one frame like a stop, but a media
+//! segment playing then is held: set aside with its place. [`PlaybackQueue::resume`] (the turn
+//! answered without new media) queues it again behind the answer, where it goes on from that
+//! place; a stop, or new media, drops it. This is what smart speakers do: "louder" or "what
+//! time is it" over a song leaves the song playing after the answer.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 
 use serde::Serialize;
-use tokio::sync::{Mutex, Notify, broadcast, watch};
+use std::sync::Mutex;
+
+use tokio::sync::{Notify, broadcast, watch};
 
 use super::convert::{Converter, Volume};
 use super::decode::{PcmReceiver, decode_media};
@@ -72,6 +81,20 @@ pub enum QueueEvent {
         /// Why it ended early, if it failed.
         error: Option<String>,
     },
+    /// Media segment `id` was held by [`PlaybackQueue::interrupt`] after `played_ms` of it: it
+    /// goes on after [`QueueEvent::Resumed`], or ends ([`QueueEvent::SegmentEnd`]) when a
+    /// stop or new media drops it.
+    Held {
+        /// The segment id the queue gave it.
+        id: u64,
+        /// How much of it played so far, in ms.
+        played_ms: u64,
+    },
+    /// Held segment `id` plays again, from where it was held.
+    Resumed {
+        /// The segment id the queue gave it.
+        id: u64,
+    },
     /// Playback stopped; for anything but `Finished`, what was queued was dropped.
     Stopped {
         /// Why it stopped.
@@ -90,6 +113,9 @@ pub struct QueueSettings {
     pub ramp_ms: u32,
     /// Let a new turn's audio queue behind the old turn's instead of cutting it off.
     pub overlap_turns: bool,
+    /// Hold media on [`PlaybackQueue::interrupt`] (to go on after the turn) instead of
+    /// stopping it.
+    pub resume_media: bool,
 }
 
 impl QueueSettings {
@@ -100,6 +126,7 @@ impl QueueSettings {
             volume: audio.volume,
             ramp_ms: audio.volume_ramp_ms,
             overlap_turns: audio.overlap_turns,
+            resume_media: audio.resume_media,
         }
     }
 }
@@ -111,6 +138,7 @@ impl Default for QueueSettings {
             volume: 80,
             ramp_ms: 10,
             overlap_turns: false,
+            resume_media: true,
         }
     }
 }
@@ -119,14 +147,53 @@ struct Pending {
     id: u64,
     kind: SegmentKind,
     source: Source,
+    /// Frames (per channel) of it played before it was held.
+    played: u64,
+    /// It was held and goes on now ([`QueueEvent::Resumed`], not `SegmentStart`).
+    resumed: bool,
 }
 
 /// Where a segment's audio comes from.
 enum Source {
-    /// PCM, converted, volume applied and written to the sink frame by frame.
-    Pcm(PcmReceiver),
+    /// PCM, converted, volume applied and written to the sink frame by frame (boxed: its
+    /// converter is large beside the cache reader).
+    Pcm(Box<PcmPlay>),
     /// Opus frames of `frame_ms` from the transcode cache, for an Opus sink of their format.
     Encoded(CachedFrames, u32),
+}
+
+/// A PCM source and what of it was converted but not yet played (kept when it is held).
+struct PcmPlay {
+    pcm: PcmReceiver,
+    /// To the sink's rate and channels; made when it first plays.
+    converter: Option<Converter>,
+    /// Converted samples not yet written (less than a frame, or the rest of a block).
+    buffer: Vec<f32>,
+}
+
+impl PcmPlay {
+    fn new(pcm: PcmReceiver) -> Box<Self> {
+        Box::new(Self {
+            pcm,
+            converter: None,
+            buffer: Vec::new(),
+        })
+    }
+}
+
+/// What stops and holds have asked of the player, under one lock so that a stop, an interrupt,
+/// a resume and the player holding a segment are seen in one order.
+#[derive(Default)]
+struct Control {
+    /// Why the last stop or interrupt happened, until the player reports it.
+    reason: Option<StopReason>,
+    /// The generation an interrupt bumped to: a media segment stopped by it is held.
+    hold: Option<u64>,
+    /// The held segment.
+    held: Option<Pending>,
+    /// [`PlaybackQueue::resume`] came before the player had held the segment: it goes on at
+    /// once instead.
+    resume_early: bool,
 }
 
 /// How a segment's playing ended.
@@ -144,7 +211,9 @@ struct Shared {
     wake: Notify,
     /// Bumped by every stop; the player drops its segment when it changes.
     generation: AtomicU64,
-    stop_reason: std::sync::Mutex<Option<StopReason>>,
+    /// The sink's sample rate in Hz (for the ms in events).
+    rate: u32,
+    control: Mutex<Control>,
     stopped: Notify,
     closing: AtomicBool,
     volume: AtomicU8,
@@ -161,8 +230,43 @@ impl Shared {
         let _ = self.events.send(event);
     }
 
+    fn control(&self) -> std::sync::MutexGuard<'_, Control> {
+        self.control.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, VecDeque<Pending>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `segment` last and wakes the player.
+    fn push(&self, segment: Pending) {
+        {
+            // `busy` changes only under the pending lock, so the player never sees it set
+            // before the segment is there (it would report Stopped and idle with it queued).
+            let mut pending = self.pending();
+            pending.push_back(segment);
+            self.busy.send_replace(true);
+        }
+        self.wake.notify_one();
+    }
+
     fn take_reason(&self) -> Option<StopReason> {
-        self.stop_reason.lock().expect("stop lock").take()
+        self.control().reason.take()
+    }
+
+    fn set_reason(&self, reason: StopReason) {
+        self.control().reason = Some(reason);
+    }
+
+    /// Reports a held segment that will not go on as ended.
+    fn end_held(&self, held: Option<Pending>, rate: u32) {
+        if let Some(held) = held {
+            self.emit(QueueEvent::SegmentEnd {
+                id: held.id,
+                played_ms: held.played * 1000 / u64::from(rate.max(1)),
+                error: None,
+            });
+        }
     }
 
     /// Returns once a stop newer than `generation` happened.
@@ -208,7 +312,8 @@ impl PlaybackQueue {
             pending: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
             generation: AtomicU64::new(0),
-            stop_reason: std::sync::Mutex::new(None),
+            rate: sink.rate(),
+            control: Mutex::new(Control::default()),
             stopped: Notify::new(),
             closing: AtomicBool::new(false),
             volume: AtomicU8::new(settings.volume.min(100)),
@@ -249,50 +354,122 @@ impl PlaybackQueue {
 
     /// Queues a segment of PCM behind what is queued; returns its id.
     pub async fn enqueue(&self, kind: SegmentKind, pcm: PcmReceiver) -> u64 {
-        self.push(kind, Source::Pcm(pcm)).await
+        self.push(kind, Source::Pcm(PcmPlay::new(pcm)))
     }
 
     /// Queues a media stream behind what is queued: through the transcode cache when the queue
     /// has one and the media can be cached ([`TranscodeCache::open`]), else decoded here.
-    /// Returns its id.
-    pub async fn enqueue_media(&self, kind: SegmentKind, media: MediaStream) -> u64 {
+    /// New media replaces held media ([`Self::interrupt`]): that is dropped. The queue owns the
+    /// stream from now on ([`MediaStream::detach`]): its stop, or its dropping the segment,
+    /// ends the transfer, and a later request cancelling the turn that asked for it does not,
+    /// so that held media can go on. Returns its id.
+    pub async fn enqueue_media(&self, kind: SegmentKind, mut media: MediaStream) -> u64 {
+        self.drop_held();
+        media.detach();
         let source = match &self.transcode {
             Some((cache, format)) => match cache.open(media, *format) {
                 Ok(frames) => Source::Encoded(frames, format.frame_ms),
-                Err(media) => Source::Pcm(decode_media(media)),
+                Err(media) => Source::Pcm(PcmPlay::new(decode_media(media))),
             },
-            None => Source::Pcm(decode_media(media)),
+            None => Source::Pcm(PcmPlay::new(decode_media(media))),
         };
-        self.push(kind, source).await
+        self.push(kind, source)
     }
 
-    async fn push(&self, kind: SegmentKind, source: Source) -> u64 {
+    fn push(&self, kind: SegmentKind, source: Source) -> u64 {
         let id = self.shared.next_id.fetch_add(1, Ordering::SeqCst);
-        {
-            // `busy` changes only under the pending lock, so the player never sees it set
-            // before the segment is there (it would report Stopped and idle with it queued).
-            let mut pending = self.shared.pending.lock().await;
-            pending.push_back(Pending { id, kind, source });
-            self.shared.busy.send_replace(true);
-        }
-        self.shared.wake.notify_one();
+        self.shared.push(Pending {
+            id,
+            kind,
+            source,
+            played: 0,
+            resumed: false,
+        });
         id
     }
 
     /// Stops playback within one frame: the sink's buffer is dropped, and so is every queued
-    /// segment. Emits [`QueueEvent::Stopped`] with `reason`.
+    /// segment and a held one. Emits [`QueueEvent::Stopped`] with `reason`.
     pub async fn stop(&self, reason: StopReason) {
-        self.shared.pending.lock().await.clear();
-        *self.shared.stop_reason.lock().expect("stop lock") = Some(reason);
-        self.shared.generation.fetch_add(1, Ordering::SeqCst);
+        let held = {
+            let mut control = self.shared.control();
+            control.reason = Some(reason);
+            control.hold = None;
+            control.resume_early = false;
+            self.shared.pending().clear();
+            self.shared.generation.fetch_add(1, Ordering::SeqCst);
+            control.held.take()
+        };
+        self.shared.end_held(held, self.shared.rate);
         self.shared.stopped.notify_one();
         self.shared.wake.notify_one();
     }
 
-    /// A new turn begins: unless `overlap_turns` is set, the old turn's audio stops.
+    /// Silences playback within one frame, as [`Self::stop`] does, except that a media segment
+    /// playing now is held, with its place, for [`Self::resume`] (when `resume_media` is off,
+    /// this is a stop). What was queued is dropped; a segment held earlier stays held unless
+    /// this holds another one. Emits [`QueueEvent::Held`] and [`QueueEvent::Stopped`] with
+    /// `reason`.
+    pub async fn interrupt(&self, reason: StopReason) {
+        if !self.settings.resume_media {
+            return self.stop(reason).await;
+        }
+        {
+            let mut control = self.shared.control();
+            control.reason = Some(reason);
+            control.resume_early = false;
+            self.shared.pending().clear();
+            let generation = self.shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
+            control.hold = Some(generation);
+        }
+        self.shared.stopped.notify_one();
+        self.shared.wake.notify_one();
+    }
+
+    /// The held media segment goes on, from where it was held, behind what is queued now
+    /// ([`QueueEvent::Resumed`]). Returns whether there was one.
+    pub async fn resume(&self) -> bool {
+        let mut control = self.shared.control();
+        if let Some(mut held) = control.held.take() {
+            held.resumed = true;
+            self.shared.push(held);
+            return true;
+        }
+        // An interrupt the player has not acted on yet: its segment goes on without a pause.
+        if control.hold == Some(self.shared.generation.load(Ordering::SeqCst)) {
+            control.resume_early = true;
+            return true;
+        }
+        false
+    }
+
+    /// Segments queued so far ([`Self::enqueue`] and [`Self::enqueue_media`]; a resume queues
+    /// none): what a caller compares to know whether it queued anything since.
+    pub fn queued(&self) -> u64 {
+        self.shared.next_id.load(Ordering::SeqCst) - 1
+    }
+
+    /// Whether a media segment is held ([`Self::interrupt`]).
+    pub fn has_held(&self) -> bool {
+        self.shared.control().held.is_some()
+    }
+
+    /// Drops the held segment (and an interrupt's hold the player has not acted on yet).
+    fn drop_held(&self) {
+        let held = {
+            let mut control = self.shared.control();
+            control.hold = None;
+            control.resume_early = false;
+            control.held.take()
+        };
+        self.shared.end_held(held, self.shared.rate);
+    }
+
+    /// A new turn begins: unless `overlap_turns` is set, what plays is interrupted
+    /// ([`Self::interrupt`]): the old turn's speech stops, and its media is held.
     pub async fn new_turn(&self) {
         if !self.settings.overlap_turns && self.is_busy() {
-            self.stop(StopReason::NewTurn).await;
+            self.interrupt(StopReason::NewTurn).await;
         }
     }
 
@@ -344,7 +521,7 @@ async fn play(shared: Arc<Shared>, mut sink: Sink, settings: QueueSettings) -> S
         recent: VecDeque::with_capacity(LEVEL_WINDOW),
     };
     loop {
-        let next = shared.pending.lock().await.pop_front();
+        let next = shared.pending().pop_front();
         let Some(segment) = next else {
             shared.level.store(0, Ordering::SeqCst);
             output.recent.clear();
@@ -354,7 +531,7 @@ async fn play(shared: Arc<Shared>, mut sink: Sink, settings: QueueSettings) -> S
                 tracing::error!(error = %e, "flushing the audio output");
             }
             {
-                let pending = shared.pending.lock().await;
+                let pending = shared.pending();
                 if !pending.is_empty() {
                     // Queued while this task looked or flushed: play it, stay busy.
                     continue;
@@ -379,11 +556,22 @@ async fn play(shared: Arc<Shared>, mut sink: Sink, settings: QueueSettings) -> S
         };
         let generation = shared.generation.load(Ordering::SeqCst);
         shared.busy.send_replace(true);
-        shared.emit(QueueEvent::SegmentStart {
-            id: segment.id,
-            segment: segment.kind.clone(),
+        let Pending {
+            id,
+            kind,
+            mut source,
+            played: played_before,
+            resumed,
+        } = segment;
+        shared.emit(if resumed {
+            QueueEvent::Resumed { id }
+        } else {
+            QueueEvent::SegmentStart {
+                id,
+                segment: kind.clone(),
+            }
         });
-        let played = match segment.source {
+        let played = match &mut source {
             Source::Pcm(pcm) => {
                 play_pcm(&shared, &mut sink, pcm, generation, frame_len, &mut output).await
             }
@@ -392,18 +580,46 @@ async fn play(shared: Arc<Shared>, mut sink: Sink, settings: QueueSettings) -> S
                     &shared,
                     &mut sink,
                     frames,
-                    frame_ms,
+                    *frame_ms,
                     generation,
                     &mut output,
                 )
                 .await
             }
         };
-        shared.emit(QueueEvent::SegmentEnd {
-            id: segment.id,
-            played_ms: played.frames * 1000 / rate as u64,
-            error: played.error,
-        });
+        let frames = played_before + played.frames;
+        let played_ms = frames * 1000 / u64::from(rate);
+        let holdable =
+            played.stopped && played.error.is_none() && matches!(kind, SegmentKind::Media { .. });
+        let held = if holdable {
+            hold(
+                &shared,
+                Pending {
+                    id,
+                    kind,
+                    source,
+                    played: frames,
+                    resumed: true,
+                },
+            )
+        } else {
+            // A stop of any kind ends an interrupt's hold: it held nothing, or this.
+            let mut control = shared.control();
+            if control.hold == Some(shared.generation.load(Ordering::SeqCst)) {
+                control.hold = None;
+                control.resume_early = false;
+            }
+            false
+        };
+        if held {
+            shared.emit(QueueEvent::Held { id, played_ms });
+        } else if !holdable || !shared.pending().iter().any(|p| p.id == id) {
+            shared.emit(QueueEvent::SegmentEnd {
+                id,
+                played_ms,
+                error: played.error,
+            });
+        }
         if played.stopped {
             sink.clear();
             shared.level.store(0, Ordering::SeqCst);
@@ -411,12 +627,31 @@ async fn play(shared: Arc<Shared>, mut sink: Sink, settings: QueueSettings) -> S
             if let Some(reason) = shared.take_reason() {
                 shared.emit(QueueEvent::Stopped { reason });
             }
-            let pending = shared.pending.lock().await;
+            let pending = shared.pending();
             if pending.is_empty() {
                 shared.busy.send_replace(false);
             }
         }
     }
+}
+
+/// After a stop ended media `segment` early: holds it if the stop was an interrupt (nothing
+/// stopped since), or queues it again at once if a resume came before this; else drops it.
+/// Returns whether it is held now.
+fn hold(shared: &Shared, segment: Pending) -> bool {
+    let mut control = shared.control();
+    if control.hold != Some(shared.generation.load(Ordering::SeqCst)) {
+        return false;
+    }
+    control.hold = None;
+    if std::mem::take(&mut control.resume_early) {
+        shared.push(segment);
+        return false;
+    }
+    let earlier = control.held.replace(segment);
+    drop(control);
+    shared.end_held(earlier, shared.rate);
+    true
 }
 
 /// The player's gain and the level of what it wrote, across segments.
@@ -454,38 +689,45 @@ fn rms(samples: &[f32]) -> f32 {
 }
 
 /// Plays one segment of PCM: converted to the sink's rate and channels, volume applied, in
-/// frames of `frame_len` samples.
+/// frames of `frame_len` samples. On a stop, `pcm` keeps what was converted and not played (the
+/// frame being written when it came is dropped), so that a held segment goes on from there.
 async fn play_pcm(
     shared: &Shared,
     sink: &mut Sink,
-    mut pcm: PcmReceiver,
+    pcm: &mut PcmPlay,
     generation: u64,
     frame_len: usize,
     output: &mut OutputState,
 ) -> Played {
     let (rate, channels) = (sink.rate(), sink.channels());
-    let mut converter = Converter::new(rate, channels);
-    let mut buffer: Vec<f32> = Vec::new();
+    let converter = pcm
+        .converter
+        .get_or_insert_with(|| Converter::new(rate, channels));
+    let buffer = &mut pcm.buffer;
     let (mut played, mut error, mut stopped) = (0u64, None, false);
+    let mut end = false;
     'segment: loop {
-        let block = tokio::select! {
-            block = pcm.recv() => block,
-            _ = shared.stop_since(generation) => { stopped = true; break 'segment; }
-        };
-        let end = !matches!(block, Some(Ok(_)));
-        let converted = match block {
-            Some(Ok(pcm)) => converter.push(&pcm),
-            Some(Err(e)) => {
-                error = Some(e.to_string());
-                Ok(converter.flush())
-            }
-            None => Ok(converter.flush()),
-        };
-        match converted {
-            Ok(samples) => buffer.extend(samples),
-            Err(e) => {
-                error = Some(e.to_string());
-                break 'segment;
+        // What was left when the segment was held goes out first.
+        if buffer.len() < frame_len {
+            let block = tokio::select! {
+                block = pcm.pcm.recv() => block,
+                _ = shared.stop_since(generation) => { stopped = true; break 'segment; }
+            };
+            end = !matches!(block, Some(Ok(_)));
+            let converted = match block {
+                Some(Ok(pcm)) => converter.push(&pcm),
+                Some(Err(e)) => {
+                    error = Some(e.to_string());
+                    Ok(converter.flush())
+                }
+                None => Ok(converter.flush()),
+            };
+            match converted {
+                Ok(samples) => buffer.extend(samples),
+                Err(e) => {
+                    error = Some(e.to_string());
+                    break 'segment;
+                }
             }
         }
         let mut offset = 0;
@@ -494,6 +736,7 @@ async fn play_pcm(
             let frame = &mut buffer[offset..offset + n];
             output.follow(shared);
             output.volume.apply(frame, channels);
+            offset += n;
             let written = tokio::select! {
                 r = sink.write(frame) => Some(r),
                 _ = shared.stop_since(generation) => None,
@@ -501,24 +744,22 @@ async fn play_pcm(
             match written {
                 None => {
                     stopped = true;
-                    break 'segment;
+                    break;
                 }
                 Some(Err(e)) => {
-                    *shared.stop_reason.lock().expect("stop lock") =
-                        Some(StopReason::Error(e.to_string()));
+                    shared.set_reason(StopReason::Error(e.to_string()));
                     error = Some(e.to_string());
                     stopped = true;
-                    break 'segment;
+                    break;
                 }
                 Some(Ok(())) => {
                     played += (n / channels as usize) as u64;
                     output.record(shared, rms(frame));
                 }
             }
-            offset += n;
         }
         buffer.drain(..offset);
-        if end {
+        if end || stopped {
             break;
         }
     }
@@ -535,7 +776,7 @@ async fn play_pcm(
 async fn play_encoded(
     shared: &Shared,
     sink: &mut Sink,
-    mut frames: CachedFrames,
+    frames: &mut CachedFrames,
     frame_ms: u32,
     generation: u64,
     output: &mut OutputState,
@@ -594,8 +835,7 @@ async fn play_encoded(
                 break;
             }
             Some(Err(e)) => {
-                *shared.stop_reason.lock().expect("stop lock") =
-                    Some(StopReason::Error(e.to_string()));
+                shared.set_reason(StopReason::Error(e.to_string()));
                 played.error = Some(e.to_string());
                 played.stopped = true;
                 break;
@@ -648,9 +888,278 @@ mod tests {
                     QueueEvent::SegmentStart { .. } => "start",
                     QueueEvent::SegmentEnd { .. } => "end",
                     QueueEvent::Stopped { .. } => "stopped",
+                    QueueEvent::Held { .. } | QueueEvent::Resumed { .. } => "held",
                 });
             }
             assert_eq!(seen, ["start", "end", "stopped"], "run {run}");
+        }
+    }
+
+    const RATE: u32 = 16_000;
+
+    fn block(value: f32, samples: usize) -> Result<Pcm, crate::audio::decode::DecodeError> {
+        Ok(Pcm {
+            rate: RATE,
+            channels: 1,
+            samples: vec![value; samples],
+        })
+    }
+
+    fn full_volume() -> QueueSettings {
+        QueueSettings {
+            volume: 100,
+            ..QueueSettings::default()
+        }
+    }
+
+    /// Waits for the first event `want` accepts, with a deadline.
+    async fn wait_for(
+        events: &mut broadcast::Receiver<QueueEvent>,
+        mut want: impl FnMut(&QueueEvent) -> bool,
+    ) -> QueueEvent {
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                let event = events.recv().await.expect("queue events");
+                if want(&event) {
+                    return event;
+                }
+            }
+        })
+        .await
+        .expect("the event came")
+    }
+
+    /// A track interrupted by a turn is held, the turn's sentence plays, and the track goes on
+    /// from where it was: nothing of it is lost but the frame being written (20 ms), and it
+    /// is reported as one segment.
+    #[tokio::test]
+    async fn a_held_track_goes_on_after_the_answer_from_where_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.wav");
+        let sink = Sink::Wav(crate::audio::sink::WavSink::create(&path, RATE, 1).unwrap());
+        let queue = PlaybackQueue::new(sink, full_volume());
+        let mut events = queue.events();
+        let (track, rx) = tokio::sync::mpsc::channel(8);
+        track.send(block(0.25, 16_000)).await.unwrap();
+        let id = queue.enqueue(SegmentKind::Media { title: None }, rx).await;
+        wait_for(&mut events, |e| {
+            matches!(e, QueueEvent::SegmentStart { .. })
+        })
+        .await;
+        queue.interrupt(StopReason::NewTurn).await;
+        let held = wait_for(&mut events, |e| matches!(e, QueueEvent::Held { .. })).await;
+        assert!(matches!(held, QueueEvent::Held { id: h, .. } if h == id));
+        assert!(queue.has_held() && !queue.is_busy());
+        // The answer, then the rest of the track.
+        let (answer, rx) = tokio::sync::mpsc::channel(1);
+        answer.send(block(0.75, 3_200)).await.unwrap();
+        drop(answer);
+        queue
+            .enqueue(
+                SegmentKind::Sentence {
+                    text: "It is noon.".into(),
+                },
+                rx,
+            )
+            .await;
+        track.send(block(0.5, 8_000)).await.unwrap();
+        drop(track);
+        assert!(queue.resume().await);
+        assert!(!queue.has_held());
+        let mut log = Vec::new();
+        let end = wait_for(&mut events, |e| {
+            log.push(e.clone());
+            matches!(e, QueueEvent::SegmentEnd { id: i, .. } if *i == id)
+        })
+        .await;
+        queue.close().await.unwrap();
+
+        let out: Vec<f32> = hound::WavReader::open(&path)
+            .unwrap()
+            .samples::<i16>()
+            .map(|s| f32::from(s.unwrap()) / 32768.0)
+            .collect();
+        // Runs of equal values, in order.
+        let mut runs: Vec<(f32, usize)> = Vec::new();
+        for v in &out {
+            let v = (v * 4.0).round() / 4.0;
+            match runs.last_mut() {
+                Some((last, n)) if *last == v => *n += 1,
+                _ => runs.push((v, 1)),
+            }
+        }
+        let values: Vec<f32> = runs.iter().map(|r| r.0).collect();
+        let first = runs[0].1;
+        let sentence = runs.iter().find(|r| r.0 == 0.75).map(|r| r.1);
+        let before: usize = runs.iter().filter(|r| r.0 == 0.25).map(|r| r.1).sum();
+        assert_eq!(sentence, Some(3_200), "{runs:?}");
+        assert!(
+            values == [0.25, 0.75, 0.25, 0.5] || values == [0.25, 0.75, 0.5],
+            "{runs:?}"
+        );
+        assert!(first > 0, "{runs:?}");
+        assert!((16_000 - 320..=16_000).contains(&before), "{runs:?}");
+        assert_eq!(runs.last().unwrap().1, 8_000, "{runs:?}");
+        assert!(
+            log.iter()
+                .any(|e| matches!(e, QueueEvent::Resumed { id: r } if *r == id))
+        );
+        let QueueEvent::SegmentEnd {
+            played_ms, error, ..
+        } = end
+        else {
+            unreachable!()
+        };
+        assert_eq!(error, None);
+        assert_eq!(played_ms, (before as u64 + 8_000) * 1000 / 16_000);
+    }
+
+    /// A 16-bit mono WAV file of `samples` at [`RATE`].
+    fn wav_bytes(samples: usize) -> Vec<u8> {
+        let mut wav = std::io::Cursor::new(Vec::new());
+        let spec = hound::WavSpec {
+            channels: 1,
+            sample_rate: RATE,
+            bits_per_sample: 16,
+            sample_format: hound::SampleFormat::Int,
+        };
+        let mut writer = hound::WavWriter::new(&mut wav, spec).unwrap();
+        for _ in 0..samples {
+            writer.write_sample(1000i16).unwrap();
+        }
+        writer.finalize().unwrap();
+        wav.into_inner()
+    }
+
+    /// The queue owns a stream once it is queued: the turn that asked for it being cancelled
+    /// later (the next request supersedes it) does not cut its transfer, which a held track
+    /// still needs; the queue's stop does.
+    #[tokio::test]
+    async fn a_queued_stream_outlives_the_turn_that_asked_for_it() {
+        let queue = PlaybackQueue::new(Sink::Null(NullSink::new(RATE, 1, true)), full_volume());
+        let mut events = queue.events();
+        let (chunks, rx) = tokio::sync::mpsc::channel(4);
+        let transfer = tokio_util::sync::CancellationToken::new();
+        let turn = tokio_util::sync::CancellationToken::new();
+        let media = MediaStream::new(
+            "audio/wav".into(),
+            None,
+            "test://track".into(),
+            None,
+            rx,
+            transfer.clone(),
+        )
+        .linked_to(&turn);
+        // Two seconds, of which the first half arrives now.
+        let wav = wav_bytes(32_000);
+        let half = 44 + 32_000;
+        chunks
+            .send(Ok(bytes::Bytes::copy_from_slice(&wav[..half])))
+            .await
+            .unwrap();
+        queue
+            .enqueue_media(SegmentKind::Media { title: None }, media)
+            .await;
+        wait_for(&mut events, |e| {
+            matches!(e, QueueEvent::SegmentStart { .. })
+        })
+        .await;
+        turn.cancel();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(
+            !transfer.is_cancelled(),
+            "the turn's cancel cut the transfer"
+        );
+        queue.stop(StopReason::StopCommand).await;
+        tokio::time::timeout(std::time::Duration::from_secs(10), transfer.cancelled())
+            .await
+            .expect("the stop ends the transfer");
+    }
+
+    /// A stop drops the held track, and so does new media; neither comes back on resume.
+    #[tokio::test]
+    async fn a_stop_or_new_media_drops_the_held_track() {
+        for new_media in [false, true] {
+            let queue =
+                PlaybackQueue::new(Sink::Null(NullSink::new(RATE, 1, false)), full_volume());
+            let mut events = queue.events();
+            let (track, rx) = tokio::sync::mpsc::channel(8);
+            track.send(block(0.25, 1_600)).await.unwrap();
+            let id = queue.enqueue(SegmentKind::Media { title: None }, rx).await;
+            wait_for(&mut events, |e| {
+                matches!(e, QueueEvent::SegmentStart { .. })
+            })
+            .await;
+            queue.interrupt(StopReason::BargeIn).await;
+            wait_for(&mut events, |e| matches!(e, QueueEvent::Held { .. })).await;
+            if new_media {
+                let media = MediaStream::from_bytes(
+                    "audio/wav".into(),
+                    Some("next".into()),
+                    wav_bytes(1_600).into(),
+                );
+                queue
+                    .enqueue_media(SegmentKind::Media { title: None }, media)
+                    .await;
+            } else {
+                queue.stop(StopReason::StopCommand).await;
+            }
+            let end = wait_for(
+                &mut events,
+                |e| matches!(e, QueueEvent::SegmentEnd { id: i, .. } if *i == id),
+            )
+            .await;
+            assert!(
+                matches!(
+                    end,
+                    QueueEvent::SegmentEnd {
+                        played_ms: 100,
+                        error: None,
+                        ..
+                    }
+                ),
+                "{end:?}"
+            );
+            assert!(!queue.has_held());
+            assert!(!queue.resume().await, "new media: {new_media}");
+            // The track's receiver is gone: its decoder (or transfer) ends.
+            assert!(track.is_closed(), "new media: {new_media}");
+            let Some(Sink::Null(sink)) = queue.close().await else {
+                panic!("no sink back");
+            };
+            let expected = if new_media { 1_600 + 1_600 } else { 1_600 };
+            assert_eq!(sink.frames, expected, "new media: {new_media}");
+        }
+    }
+
+    /// A resume that comes before the player acted on the interrupt lets the track go on
+    /// without a pause; either way nothing is lost but at most the frame being written. The
+    /// window is narrow, so it runs many times.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_resume_right_after_an_interrupt_loses_nothing() {
+        for run in 0..500 {
+            let queue =
+                PlaybackQueue::new(Sink::Null(NullSink::new(RATE, 1, false)), full_volume());
+            let mut events = queue.events();
+            let (track, rx) = tokio::sync::mpsc::channel(8);
+            track.send(block(0.25, 1_600)).await.unwrap();
+            queue.enqueue(SegmentKind::Media { title: None }, rx).await;
+            wait_for(&mut events, |e| {
+                matches!(e, QueueEvent::SegmentStart { .. })
+            })
+            .await;
+            queue.interrupt(StopReason::NewTurn).await;
+            assert!(queue.resume().await, "run {run}");
+            track.send(block(0.25, 1_600)).await.unwrap();
+            drop(track);
+            let Some(Sink::Null(sink)) = queue.close().await else {
+                panic!("run {run}: no sink back");
+            };
+            assert!(
+                (3_200 - 320..=3_200).contains(&sink.frames),
+                "run {run}: {} frames",
+                sink.frames
+            );
         }
     }
 }

@@ -202,8 +202,9 @@ pub(crate) async fn run(
             Some(pcm) => {
                 let heard = voice.push(&pcm, output)?;
                 if heard.barge_in {
+                    // The reply stops; music is held until the request is known.
                     turns.cancel();
-                    queue.stop(QueueStop::BargeIn).await;
+                    queue.interrupt(QueueStop::BargeIn).await;
                 }
                 heard.utterances
             }
@@ -213,6 +214,10 @@ pub(crate) async fn run(
             let (transcript, asr_ms) =
                 transcribe(asr.clone(), utterance.pcm, prompt.clone()).await?;
             if transcript.text.is_empty() {
+                // Not words: music that speech over it held goes on.
+                if queue.has_held() && !turns.submit(Job::Resume).await {
+                    break 'blocks;
+                }
                 continue;
             }
             // A new request supersedes a turn still running.

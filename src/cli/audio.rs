@@ -82,6 +82,10 @@ pub(crate) async fn report_events(
                     failed = true;
                 }
             }
+            QueueEvent::Held { played_ms, .. } => {
+                println!("  held at {:.2} s", *played_ms as f64 / 1000.0);
+            }
+            QueueEvent::Resumed { .. } => println!("  resumed"),
             QueueEvent::Stopped { reason } => {
                 if *reason != StopReason::Finished {
                     eprintln!("stopped: {reason:?}");

@@ -274,6 +274,13 @@ impl Conversation {
         for sentence in sentences {
             self.speak(&sentence).await;
         }
+        self.queue.resume().await;
+    }
+
+    /// Held media ([`PlaybackQueue::interrupt`]: speech over it that brought no request) goes
+    /// on from where it was held. Returns whether there was some.
+    pub async fn resume_media(&self) -> bool {
+        self.queue.resume().await
     }
 
     /// One round's calls, concurrently; outcomes in call order. A session tool's call goes to
@@ -412,12 +419,14 @@ impl Conversation {
     }
 
     /// Tells the speaker, as a job of its own ([`turns::Job::Busy`]), that the assistant is
-    /// busy: whisper refused their words. What played before stops, as for a turn.
+    /// busy: whisper refused their words. What played before is interrupted, as by a turn:
+    /// held media goes on after the sentence.
     pub async fn tell_busy(&self) {
         self.queue.new_turn().await;
         self.told_busy
             .store(false, std::sync::atomic::Ordering::Relaxed);
         self.say_busy().await;
+        self.queue.resume().await;
     }
 
     /// Tells the speaker the assistant is busy ([`crate::compute::BUSY_SENTENCE`]), once per
@@ -586,6 +595,7 @@ impl Conversation {
         let started = Instant::now();
         let ms = |t: Instant| t.duration_since(started).as_millis() as u64;
         self.queue.new_turn().await;
+        let queued_before = self.queue.queued();
         *self.told_busy.get_mut() = false;
         let mut events = self.queue.events();
         // When the turn's first audio starts playing (it may be after the model has finished).
@@ -615,6 +625,7 @@ impl Conversation {
             first_audio.abort();
             report.end = TurnEnd::Ignored;
             report.handled_by = Handler::None;
+            self.queue.resume().await;
             return report;
         }
         self.history.push(ChatMessage::new(
@@ -802,7 +813,7 @@ impl Conversation {
         }
         self.trim_history();
         report.total_ms = ms(Instant::now());
-        if self.queue.is_busy() {
+        if self.queue.queued() != queued_before && self.queue.is_busy() {
             let wait = std::time::Duration::from_secs(10);
             if let Ok(Ok(Some(at))) = tokio::time::timeout(wait, first_audio).await {
                 report.first_audio_ms = Some(ms(at));
@@ -810,6 +821,11 @@ impl Conversation {
             }
         } else {
             first_audio.abort();
+        }
+        // Music the turn did not replace or stop (new media and a stop drop it) goes on after
+        // the answer; a cancelled turn leaves it to the turn that superseded it.
+        if report.end != TurnEnd::Cancelled && !self.exit {
+            self.queue.resume().await;
         }
         report
     }

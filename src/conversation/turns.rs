@@ -32,6 +32,9 @@ pub enum Job {
     /// Tell the speaker the assistant is busy ([`crate::compute::BUSY_SENTENCE`], from the
     /// TTS's rendered clip): a stage refused their words.
     Busy,
+    /// Speech over the output held the music ([`crate::audio::queue::PlaybackQueue::interrupt`])
+    /// but brought no words: the music goes on.
+    Resume,
 }
 
 /// What a surface does around each job, on the turn task.
@@ -47,7 +50,7 @@ pub trait TurnObserver: Send + 'static {
     /// Before `job` runs. `false` ends the task (the surface has gone: a closed socket).
     fn started(&mut self, job: &Job) -> impl Future<Output = bool> + Send;
 
-    /// After `job` ran (`report` is `None` for [`Job::Say`] and [`Job::Busy`]); `cancel` is the job's token,
+    /// After `job` ran (`report` is `None` for [`Job::Say`], [`Job::Busy`] and [`Job::Resume`]); `cancel` is the job's token,
     /// fired if it was superseded or interrupted. `false` ends the task (the conversation
     /// asked to exit, the surface has gone).
     fn finished(
@@ -103,6 +106,10 @@ impl Turns {
                     }
                     Job::Busy => {
                         conversation.tell_busy().await;
+                        None
+                    }
+                    Job::Resume => {
+                        conversation.resume_media().await;
                         None
                     }
                 };

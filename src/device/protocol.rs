@@ -262,6 +262,11 @@ pub enum ListenMode {
     Realtime,
 }
 
+/// The `abort` reason the firmware sends when its wake word interrupts the speaker; a button
+/// press sends `abort` with no reason (xiaozhi-esp32 `main/protocols/protocol.cc`,
+/// `SendAbortSpeaking`).
+pub const WAKE_WORD_ABORT: &str = "wake_word_detected";
+
 /// A text message from the device.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
@@ -293,7 +298,7 @@ pub enum DeviceMessage {
     },
     /// Stop speaking (a button, a wake word): barge-in.
     Abort {
-        /// Why, e.g. `wake_word_detected`.
+        /// Why: [`WAKE_WORD_ABORT`] or none.
         #[serde(default)]
         reason: Option<String>,
     },

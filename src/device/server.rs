@@ -29,6 +29,7 @@ use super::activation::{
 };
 use super::protocol::{
     AudioParams, BinaryFrame, DeviceMessage, ListenState, ProtocolVersion, ServerMessage,
+    WAKE_WORD_ABORT,
 };
 use super::session::{DeviceConversation, SessionOptions};
 use super::vision::Vision;
@@ -835,6 +836,13 @@ async fn session(
                             state: ListenState::Stop,
                             ..
                         } => c.listen_stop().await,
+                        // The firmware aborts for its wake word before it listens: music is held
+                        // for the request, as smart speakers do; any other abort stops it.
+                        DeviceMessage::Abort { reason }
+                            if reason.as_deref() == Some(WAKE_WORD_ABORT) =>
+                        {
+                            c.interrupt().await
+                        }
                         DeviceMessage::Abort { .. } => c.abort().await,
                         DeviceMessage::Listen {
                             state: ListenState::Detect,

@@ -382,10 +382,18 @@ impl DeviceConversation {
         }
     }
 
-    /// `abort` (or speech over the reply): the turn is cancelled and the frames stop.
+    /// `abort`: the turn is cancelled and the frames stop; held music is dropped.
     pub async fn abort(&mut self) {
         self.turns.cancel();
         self.queue.stop(QueueStop::BargeIn).await;
+    }
+
+    /// `abort` for the wake word, or speech over the reply in `realtime` mode: the turn is
+    /// cancelled and the frames stop, but music is held ([`PlaybackQueue::interrupt`]), to go
+    /// on after the request that follows unless that replaces or stops it.
+    pub async fn interrupt(&mut self) {
+        self.turns.cancel();
+        self.queue.interrupt(QueueStop::BargeIn).await;
     }
 
     /// One Opus packet from the device.
@@ -420,7 +428,7 @@ impl DeviceConversation {
         });
         let heard = self.voice.push(&pcm, output)?;
         if heard.barge_in {
-            self.abort().await;
+            self.interrupt().await;
         }
         for utterance in heard.utterances {
             self.hear(utterance.pcm).await;
@@ -456,6 +464,9 @@ impl DeviceConversation {
         };
         if !heard.is_empty() {
             self.start_turn(heard).await;
+        } else if self.queue.has_held() {
+            // Not words: music that the wake word or speech held goes on.
+            self.turns.submit(Job::Resume).await;
         }
     }
 

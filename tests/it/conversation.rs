@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use voxloop::audio::queue::{
     PlaybackQueue, QueueEvent, QueueSettings, SegmentKind, StopReason as QueueStop,
 };
-use voxloop::audio::sink::{Sink, WavSink};
+use voxloop::audio::sink::{NullSink, Sink, WavSink};
 use voxloop::config::Config;
 use voxloop::conversation::{Conversation, ConversationSettings, Handler, TurnEnd};
 use voxloop::llm::ChatModel;
@@ -119,20 +119,30 @@ struct Rig {
 
 async fn rig(scripts: Vec<Script>, max_rounds: u32) -> Rig {
     let (url, requests) = scripted(scripts).await;
-    rig_at(
-        LlmConfig {
-            url,
-            model: "scripted".into(),
-            retry_backoff_ms: 1,
-            ..LlmConfig::default()
-        },
-        requests,
-        max_rounds,
-    )
-    .await
+    rig_at(scripted_llm(url), requests, max_rounds).await
+}
+
+fn scripted_llm(url: String) -> LlmConfig {
+    LlmConfig {
+        url,
+        model: "scripted".into(),
+        retry_backoff_ms: 1,
+        ..LlmConfig::default()
+    }
 }
 
 async fn rig_at(llm: LlmConfig, requests: Arc<Mutex<Vec<Value>>>, max_rounds: u32) -> Rig {
+    rig_on(llm, requests, max_rounds, false).await
+}
+
+/// With `paced`, the output is a null sink at real-time pace (music lasts as long as it
+/// plays), else the WAV file.
+async fn rig_on(
+    llm: LlmConfig,
+    requests: Arc<Mutex<Vec<Value>>>,
+    max_rounds: u32,
+    paced: bool,
+) -> Rig {
     let mut config = Config {
         llm: llm.clone(),
         ..Config::default()
@@ -150,8 +160,13 @@ async fn rig_at(llm: LlmConfig, requests: Arc<Mutex<Vec<Value>>>, max_rounds: u3
     let hub = Arc::new(ToolHub::start(config.hub()).await);
     let dir = tempfile::tempdir().unwrap();
     let wav = dir.path().join("reply.wav");
+    let sink = if paced {
+        Sink::Null(NullSink::new(24_000, 1, true))
+    } else {
+        Sink::Wav(WavSink::create(&wav, 24_000, 1).unwrap())
+    };
     let queue = PlaybackQueue::new(
-        Sink::Wav(WavSink::create(&wav, 24_000, 1).unwrap()),
+        sink,
         QueueSettings {
             volume: 100,
             ..QueueSettings::default()
@@ -640,6 +655,112 @@ async fn built_in_intents_answer_without_the_model() {
     assert_eq!(report.said, "Goodbye.");
     assert!(rig.conversation.exit_requested());
     assert!(rig.requests.lock().await.is_empty(), "the model was asked");
+}
+
+/// What smart speakers do: "louder" or "what time is it" over a song leaves the song playing
+/// after the answer, from where it was; a request for another song replaces it; "stop" ends
+/// it. Real music server, real track, a sink at real-time pace.
+#[tokio::test]
+async fn music_goes_on_after_a_turn_that_does_not_replace_or_stop_it() {
+    let (url, requests) = scripted(vec![
+        tool("musicPlayer", json!({"query": "return to home"})),
+        tool("musicPlayer", json!({"query": "torus trooper"})),
+    ])
+    .await;
+    let mut rig = rig_on(scripted_llm(url), requests, 5, true).await;
+    let queue = rig.conversation.queue().clone();
+    let mut events = queue.events();
+    let media_start = |e: &QueueEvent| match e {
+        QueueEvent::SegmentStart {
+            id,
+            segment: SegmentKind::Media { .. },
+        } => Some(*id),
+        _ => None,
+    };
+    let next = |events: &mut tokio::sync::broadcast::Receiver<QueueEvent>| {
+        let event = events.try_recv();
+        event.ok()
+    };
+    rig.turn("Play return to home").await;
+    let song = loop {
+        let event = tokio::time::timeout(Duration::from_secs(20), events.recv())
+            .await
+            .expect("the song starts")
+            .unwrap();
+        if let Some(id) = media_start(&event) {
+            break id;
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // A volume change says nothing: the song is held for the turn (or, if the turn ends before
+    // the player has acted on the interrupt, not even that) and goes on at once.
+    let report = rig.turn("Set the volume to thirty percent.").await;
+    assert_eq!(report.handled_by, Handler::Intent);
+    assert_eq!(queue.volume(), 30);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut seen = Vec::new();
+    while let Some(event) = next(&mut events) {
+        seen.push(event);
+    }
+    assert!(
+        !seen
+            .iter()
+            .any(|e| matches!(e, QueueEvent::SegmentEnd { id, .. } if *id == song)),
+        "{seen:?}"
+    );
+    assert!(
+        matches!(seen.last(), Some(QueueEvent::Resumed { id }) if *id == song),
+        "{seen:?}"
+    );
+    assert!(queue.is_busy() && queue.output_level() > 0.0);
+
+    // A question: the answer is spoken, then the song goes on.
+    let report = rig.turn("What time is it?").await;
+    assert!(!report.said.is_empty());
+    let mut order: Vec<&str> = Vec::new();
+    while order.last() != Some(&"resumed") {
+        let event = tokio::time::timeout(Duration::from_secs(20), events.recv())
+            .await
+            .expect("the song goes on after the answer")
+            .unwrap();
+        order.push(match event {
+            QueueEvent::Held { id, .. } if id == song => "held",
+            QueueEvent::SegmentStart {
+                segment: SegmentKind::Sentence { .. },
+                ..
+            } => "sentence",
+            QueueEvent::Resumed { id } if id == song => "resumed",
+            QueueEvent::SegmentEnd { id, .. } if id == song => "song ended",
+            _ => continue,
+        });
+    }
+    // The answer is spoken before the song goes on.
+    assert!(order.contains(&"sentence"), "{order:?}");
+    assert!(!order.contains(&"song ended"), "{order:?}");
+
+    // Another song replaces it: the first ends, the second plays.
+    rig.turn("Play torus trooper").await;
+    let second = loop {
+        let event = tokio::time::timeout(Duration::from_secs(20), events.recv())
+            .await
+            .expect("the second song starts")
+            .unwrap();
+        if matches!(event, QueueEvent::Resumed { .. }) {
+            panic!("the first song came back");
+        }
+        if let Some(id) = media_start(&event) {
+            break id;
+        }
+    };
+    assert_ne!(second, song);
+    assert!(!queue.has_held());
+
+    // "Stop" ends it, and nothing comes back.
+    let report = rig.turn("Stop the music.").await;
+    assert_eq!(report.tools[0].name, "stop_playback");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!queue.is_busy() && !queue.has_held());
 }
 
 #[tokio::test]

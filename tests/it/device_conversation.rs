@@ -786,6 +786,60 @@ async fn playing_a_track_shows_its_title_as_the_sentence() {
     socket.send(Message::text(abort.to_string())).await.unwrap();
 }
 
+/// What a smart speaker does with its music: the wake word (`abort` with its reason) pauses the
+/// track for the request, a volume change says nothing, and the track goes on; a button's
+/// `abort` (no reason) ends it, and the next request does not bring it back.
+#[tokio::test]
+async fn the_wake_word_pauses_music_for_a_request_and_a_button_abort_ends_it() {
+    let replies = vec![
+        Reply::Call("musicPlayer", json!({"query": "horizon"})),
+        Reply::Words("The model should not be asked."),
+    ];
+    let (addr, requests) = serve_with(replies, |c| c.llm.builtin_intents = true).await;
+    let mut socket = ask_for_the_track(addr).await;
+    let playing = frames_within(&mut socket, Duration::from_secs(2)).await;
+    assert!(playing > 10, "{playing} frames of the track in 2 s");
+
+    let louder = || json!({"type": "listen", "state": "detect", "text": "Set the volume to thirty percent."});
+    for (abort, goes_on) in [
+        (
+            json!({"type": "abort", "reason": "wake_word_detected"}),
+            true,
+        ),
+        (json!({"type": "abort"}), false),
+    ] {
+        socket.send(Message::text(abort.to_string())).await.unwrap();
+        // Frames already on the wire, and the request.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        socket
+            .send(Message::text(louder().to_string()))
+            .await
+            .unwrap();
+        let frames = frames_within(&mut socket, Duration::from_secs(2)).await;
+        if goes_on {
+            // 60 ms frames: most of 2 s of the track, at the new volume.
+            assert!(frames > 15, "{frames} frames in 2 s after the wake word");
+        } else {
+            assert_eq!(frames, 0, "the track came back after a button abort");
+        }
+    }
+    // The volume was the built-in intent's (it says nothing): the model was asked only for
+    // the track.
+    assert_eq!(requests.lock().unwrap().len(), 1);
+}
+
+/// Opus frames that arrive within `window` (messages are read and skipped).
+async fn frames_within(socket: &mut Socket, window: Duration) -> usize {
+    let end = tokio::time::Instant::now() + window;
+    let mut frames = 0;
+    while let Ok(Some(message)) = tokio::time::timeout_at(end, socket.next()).await {
+        if matches!(message.unwrap(), Message::Binary(_)) {
+            frames += 1;
+        }
+    }
+    frames
+}
+
 /// A device that has asked for "just over the horizon" by text.
 async fn ask_for_the_track(addr: SocketAddr) -> Socket {
     let mut socket = device(addr, ProtocolVersion::V1).await;

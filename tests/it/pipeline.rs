@@ -442,6 +442,7 @@ fn settings(volume: u8) -> QueueSettings {
         volume,
         ramp_ms: 10,
         overlap_turns: false,
+        resume_media: true,
     }
 }
 
