@@ -1,4 +1,5 @@
-//! Deterministic intents for voxloop's own tools: volume, the time, stop and goodbye.
+//! Deterministic intents for voxloop's own tools: volume, the time, stop and goodbye; and the
+//! one question the runtime answers itself, what the volume is.
 //!
 //! A small chat model chooses these tools poorly (issue 20: "set the volume to forty percent"
 //! played a song; "what time is it" was answered from the model's imagination), while the
@@ -257,6 +258,56 @@ fn time_intent(lower: &str, words: &[String]) -> Option<Intent> {
     call("get_current_time", json!({}))
 }
 
+/// Whether `text` (a transcript) asks what the playback volume is ("What's the volume right
+/// now?", "How loud is it?", 音量是多少): a question about the volume that neither sets it
+/// ([`match_intent`] hears those) nor asks about something else's ("the volume of a sphere").
+pub fn asks_volume(text: &str) -> bool {
+    let lower = text.trim().to_lowercase();
+    let words = words(&lower);
+    let joined = words.join(" ");
+    let has = |p: &str| contains_phrase(&joined, p);
+    let question = ["what", "what's", "how", "is", "tell", "say", "which"]
+        .iter()
+        .any(|w| words.first().is_some_and(|f| f == w))
+        || text.trim_end().ends_with('?');
+    let about_volume = (has("volume") && !has("volume of") && !has("volume in"))
+        || [
+            "how loud is it",
+            "how loud is this",
+            "how loud is the music",
+        ]
+        .iter()
+        .any(|p| has(p));
+    let english = question && about_volume;
+    let chinese = (lower.contains("音量") || lower.contains("声音"))
+        && ["多少", "多大", "几"].iter().any(|q| lower.contains(q))
+        && !["调", "设", "大一点", "小一点", "大点", "小点"]
+            .iter()
+            .any(|w| lower.contains(w));
+    let sets = english_number(&words).is_some()
+        || [
+            "set", "turn", "make", "change", "louder", "quieter", "softer", "mute", "unmute", "up",
+            "down", "increase", "decrease", "raise", "lower",
+        ]
+        .iter()
+        .any(|w| has(w));
+    (english && !sets) || chinese
+}
+
+/// The spoken answer to [`asks_volume`]: `volume` in percent, in the request's language.
+pub fn spoken_volume(volume: u8, request: &str) -> String {
+    if request
+        .chars()
+        .any(|c| ('\u{4E00}'..='\u{9FFF}').contains(&c))
+    {
+        format!("现在的音量是百分之{volume}。")
+    } else if volume == 0 {
+        "The sound is muted.".to_string()
+    } else {
+        format!("The volume is {volume} percent.")
+    }
+}
+
 /// The reply to a time request: the built-in tool's `result` ("It is 7:05 PM on Sunday, ...")
 /// as it is, or, for a request in Chinese, its hour and minute in Chinese ("现在是19点05分。").
 pub fn spoken_time(result: &str, request: &str) -> String {
@@ -479,6 +530,43 @@ mod tests {
                 != "get_current_time"),
             None
         );
+    }
+
+    #[test]
+    fn a_question_about_the_volume_is_told_not_set() {
+        for t in [
+            "What's the volume right now?",
+            "What is the volume?",
+            "How loud is it?",
+            "What volume is it at?",
+            "Tell me the current volume.",
+            "Is the volume high?",
+            "音量是多少？",
+            "现在声音多大",
+        ] {
+            assert!(asks_volume(t), "{t}");
+            // And it is no call of a tool.
+            assert_eq!(intent(t), None, "{t}");
+        }
+        for t in [
+            "Set the volume to forty percent.",
+            "What's the volume? Turn it up.",
+            "Volume up.",
+            "What is the volume of a sphere?",
+            "How loud is a jet engine?",
+            "What time is it?",
+            "Play the volume song.",
+            "把音量调到百分之三十",
+            "声音大一点",
+        ] {
+            assert!(!asks_volume(t), "{t}");
+        }
+        assert_eq!(
+            spoken_volume(30, "What's the volume?"),
+            "The volume is 30 percent."
+        );
+        assert_eq!(spoken_volume(0, "How loud is it?"), "The sound is muted.");
+        assert_eq!(spoken_volume(45, "音量是多少"), "现在的音量是百分之45。");
     }
 
     #[test]

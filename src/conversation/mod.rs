@@ -642,13 +642,27 @@ impl Conversation {
                 hub.is_builtin(t) || (t == "set_volume" && speaker.is_some())
             })
         });
-        if intent.is_some() {
+        // "What's the volume?": the runtime knows, when the volume is its own (a device's
+        // speaker has its own, which the model can ask the device for).
+        let volume_answer = (self.settings.intents.is_some()
+            && intent.is_none()
+            && speaker.is_none()
+            && intent::asks_volume(&text))
+        .then(|| intent::spoken_volume(self.queue.volume(), &text));
+        if intent.is_some() || volume_answer.is_some() {
             report.handled_by = Handler::Intent;
         }
         let mut spoken_sentences: Vec<String> = Vec::new();
         let mut round = 0;
         'rounds: loop {
             round += 1;
+            if let Some(answer) = &volume_answer {
+                self.speak(answer).await;
+                spoken_sentences.push(answer.clone());
+                self.history
+                    .push(ChatMessage::new(Role::Assistant, answer.as_str()));
+                break 'rounds;
+            }
             let mut text = String::new();
             let mut calls = Vec::new();
             if round == 1

@@ -638,6 +638,13 @@ async fn built_in_intents_answer_without_the_model() {
     assert_eq!(rig.conversation.queue().volume(), 40);
     assert_eq!(report.said, "");
 
+    // The volume, asked: the runtime answers from its own, with no tool and no model.
+    let report = rig.turn("What's the volume right now?").await;
+    assert_eq!(report.handled_by, Handler::Intent);
+    assert!(report.tools.is_empty(), "{:?}", report.tools);
+    assert_eq!(report.said, "The volume is 40 percent.");
+    assert!(report.first_audio_ms.is_some());
+
     let report = rig.turn("What time is it right now?").await;
     assert_eq!(report.handled_by, Handler::Intent);
     assert_eq!(report.tools[0].name, "get_current_time");
