@@ -187,8 +187,11 @@ impl PcmPlay {
 struct Control {
     /// Why the last stop or interrupt happened, until the player reports it.
     reason: Option<StopReason>,
-    /// The generation an interrupt bumped to: a media segment stopped by it is held.
+    /// The generation an interrupt bumped to while media played: that segment is held.
     hold: Option<u64>,
+    /// A media segment plays, started at this generation, and no stop has ended it yet (so an
+    /// interrupt may hold it).
+    playing: Option<u64>,
     /// The held segment.
     held: Option<Pending>,
     /// [`PlaybackQueue::resume`] came before the player had held the segment: it goes on at
@@ -395,6 +398,7 @@ impl PlaybackQueue {
             let mut control = self.shared.control();
             control.reason = Some(reason);
             control.hold = None;
+            control.playing = None;
             control.resume_early = false;
             self.shared.pending().clear();
             self.shared.generation.fetch_add(1, Ordering::SeqCst);
@@ -420,7 +424,10 @@ impl PlaybackQueue {
             control.resume_early = false;
             self.shared.pending().clear();
             let generation = self.shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
-            control.hold = Some(generation);
+            // Only media still playing is held (or still to be held, for an earlier interrupt
+            // the player has not acted on): not what a stop before this already ended.
+            let holding = control.playing.is_some() || control.hold.is_some();
+            control.hold = holding.then_some(generation);
         }
         self.shared.stopped.notify_one();
         self.shared.wake.notify_one();
@@ -554,7 +561,13 @@ async fn play(shared: Arc<Shared>, mut sink: Sink, settings: QueueSettings) -> S
             shared.wake.notified().await;
             continue;
         };
-        let generation = shared.generation.load(Ordering::SeqCst);
+        let generation = {
+            let mut control = shared.control();
+            let generation = shared.generation.load(Ordering::SeqCst);
+            control.playing =
+                matches!(segment.kind, SegmentKind::Media { .. }).then_some(generation);
+            generation
+        };
         shared.busy.send_replace(true);
         let Pending {
             id,
@@ -605,6 +618,7 @@ async fn play(shared: Arc<Shared>, mut sink: Sink, settings: QueueSettings) -> S
         } else {
             // A stop of any kind ends an interrupt's hold: it held nothing, or this.
             let mut control = shared.control();
+            control.playing = None;
             if control.hold == Some(shared.generation.load(Ordering::SeqCst)) {
                 control.hold = None;
                 control.resume_early = false;
@@ -640,6 +654,7 @@ async fn play(shared: Arc<Shared>, mut sink: Sink, settings: QueueSettings) -> S
 /// Returns whether it is held now.
 fn hold(shared: &Shared, segment: Pending) -> bool {
     let mut control = shared.control();
+    control.playing = None;
     if control.hold != Some(shared.generation.load(Ordering::SeqCst)) {
         return false;
     }
@@ -1129,6 +1144,47 @@ mod tests {
             };
             let expected = if new_media { 1_600 + 1_600 } else { 1_600 };
             assert_eq!(sink.frames, expected, "new media: {new_media}");
+        }
+    }
+
+    /// A stop followed at once by an interrupt (the next turn starting before the player acted
+    /// on the stop) does not hold what the stop ended. Before the fix, the track came back in
+    /// every run. The window is narrow, so it runs many times.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_interrupt_right_after_a_stop_holds_nothing() {
+        for run in 0..500 {
+            let queue =
+                PlaybackQueue::new(Sink::Null(NullSink::new(RATE, 1, false)), full_volume());
+            let mut events = queue.events();
+            let (track, rx) = tokio::sync::mpsc::channel(8);
+            track.send(block(0.25, 1_600)).await.unwrap();
+            queue.enqueue(SegmentKind::Media { title: None }, rx).await;
+            wait_for(&mut events, |e| {
+                matches!(e, QueueEvent::SegmentStart { .. })
+            })
+            .await;
+            queue.stop(StopReason::StopCommand).await;
+            queue.interrupt(StopReason::NewTurn).await;
+            assert!(!queue.resume().await, "run {run}");
+            // A second of track that must not play (a frame or two may, taken before the
+            // player saw the stop: the sink here takes frames as fast as they come).
+            let _ = track.send(block(0.25, 16_000)).await;
+            drop(track);
+            let Some(Sink::Null(sink)) = queue.close().await else {
+                panic!("run {run}: no sink back");
+            };
+            let mut seen = Vec::new();
+            while let Ok(e) = events.try_recv() {
+                seen.push(e);
+            }
+            assert!(
+                sink.frames < 1_600 + 3_200
+                    && !seen
+                        .iter()
+                        .any(|e| matches!(e, QueueEvent::Held { .. } | QueueEvent::Resumed { .. })),
+                "run {run}: {} frames, {seen:?}",
+                sink.frames
+            );
         }
     }
 
