@@ -119,7 +119,7 @@ const CASES: &[Case] = &[
         Expect::Track(HOME),
     ),
     case("Set the volume to 80.", Expect::Volume(Some(80))),
-    case("Pause the music please.", Expect::Tool("stop_playback")),
+    case("Pause the music please.", Expect::Tool("pause_playback")),
     case("Who are you?", Expect::Words(&[])),
     case("Put some music on.", Expect::AnyTrack),
     case("What day is it today?", Expect::Time),

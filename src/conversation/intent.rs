@@ -1,5 +1,5 @@
-//! Deterministic intents for voxloop's own tools: volume, the time, stop and goodbye; and the
-//! one question the runtime answers itself, what the volume is.
+//! Deterministic intents for voxloop's own tools: volume, the time, stop, pause and resume, and
+//! goodbye; and the one question the runtime answers itself, what the volume is.
 //!
 //! A small chat model chooses these tools poorly (issue 20: "set the volume to forty percent"
 //! played a song; "what time is it" was answered from the model's imagination), while the
@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Intent {
     /// The built-in tool's name (`set_volume`, `get_current_time`, `stop_playback`,
-    /// `exit_conversation`).
+    /// `pause_playback`, `resume_playback`, `exit_conversation`).
     pub tool: &'static str,
     /// The call's arguments (a JSON object).
     pub arguments: Value,
@@ -54,6 +54,8 @@ pub fn match_intent(
     let candidates = [
         exit_intent(&lower, &words),
         stop_intent(&lower, &words),
+        pause_intent(&lower, &words),
+        resume_intent(&lower, &words),
         volume_intent(&lower, &words, volume, settings.volume_step),
         time_intent(&lower, &words),
     ];
@@ -114,54 +116,82 @@ fn exit_intent(lower: &str, words: &[String]) -> Option<Intent> {
     call("exit_conversation", json!({}))
 }
 
+/// Words that may follow a playback command and name only the playback.
+const PLAYBACK_WORDS: &[&str] = &[
+    "it",
+    "that",
+    "this",
+    "the",
+    "music",
+    "song",
+    "track",
+    "playback",
+    "playing",
+    "audio",
+    "sound",
+    "off",
+    "for",
+    "a",
+    "moment",
+    "now",
+    "everything",
+    "all",
+    "please",
+    "again",
+];
+
 fn stop_intent(lower: &str, words: &[String]) -> Option<Intent> {
-    const OBJECTS: &[&str] = &[
-        "it",
-        "that",
-        "this",
-        "the",
-        "music",
-        "song",
-        "track",
-        "playback",
-        "playing",
-        "audio",
-        "sound",
-        "off",
-        "for",
-        "a",
-        "moment",
-        "now",
-        "everything",
-        "all",
-        "please",
-    ];
-    const ZH: &[&str] = &[
-        "停止",
-        "暂停",
-        "停下",
-        "别放了",
-        "不要放了",
-        "关掉音乐",
-        "停一下",
-    ];
+    const ZH: &[&str] = &["停止", "停下", "别放了", "不要放了", "关掉音乐"];
     let core = core_words(words);
     let english = match core.as_slice() {
         [] => false,
         ["silence"] | ["be", "quiet"] | ["shut", "up"] | ["enough"] => true,
         ["turn", rest @ ..] | ["switch", rest @ ..] => {
-            rest.contains(&"off") && rest.iter().all(|w| OBJECTS.contains(w))
+            rest.contains(&"off") && rest.iter().all(|w| PLAYBACK_WORDS.contains(w))
         }
-        [first, rest @ ..] => {
-            matches!(*first, "stop" | "pause" | "halt")
-                && rest.len() <= 4
-                && rest.iter().all(|w| OBJECTS.contains(w))
-        }
+        [first, rest @ ..] => matches!(*first, "stop" | "halt") && about_playback(rest),
     };
     let chinese = lower.chars().count() <= 8 && ZH.iter().any(|p| lower.contains(p))
         || lower.trim_matches(|c: char| !c.is_alphanumeric()) == "停";
     (english || chinese).then_some(())?;
     call("stop_playback", json!({}))
+}
+
+/// Whether the words after a playback command ("stop ...", "pause ...") only name the playback:
+/// "the music", "it", "for a moment".
+fn about_playback(rest: &[&str]) -> bool {
+    rest.len() <= 4 && rest.iter().all(|w| PLAYBACK_WORDS.contains(w))
+}
+
+fn pause_intent(lower: &str, words: &[String]) -> Option<Intent> {
+    let core = core_words(words);
+    let english = match core.as_slice() {
+        ["pause", rest @ ..] => about_playback(rest),
+        ["hold", "the", "music"] | ["hold", "it"] => true,
+        _ => false,
+    };
+    let chinese =
+        lower.chars().count() <= 8 && ["暂停", "停一下"].iter().any(|p| lower.contains(p));
+    (english || chinese).then_some(())?;
+    call("pause_playback", json!({}))
+}
+
+fn resume_intent(lower: &str, words: &[String]) -> Option<Intent> {
+    let core = core_words(words);
+    let english = match core.as_slice() {
+        ["resume" | "unpause" | "continue", rest @ ..] => about_playback(rest),
+        ["keep", "playing", rest @ ..] | ["carry", "on", rest @ ..] => about_playback(rest),
+        ["start", "the", "music", "again"] | ["start", "it", "again"] => true,
+        _ => false,
+    };
+    let trimmed = lower.trim_matches(|c: char| !c.is_alphanumeric());
+    let chinese = trimmed == "继续"
+        || lower.chars().count() <= 8
+            && ["继续播放", "继续放", "接着放", "接着播放", "恢复播放"]
+                .iter()
+                .any(|p| lower.contains(p));
+    (english || chinese).then_some(())?;
+    call("resume_playback", json!({}))
 }
 
 fn volume_intent(lower: &str, words: &[String], volume: u8, step: u8) -> Option<Intent> {
@@ -488,14 +518,37 @@ mod tests {
             assert_eq!(intent(t).map(|i| i.0), Some("get_current_time"), "{t}");
         }
         assert_eq!(intent("What time is it in Tokyo?"), None);
-        for t in [
-            "Stop.",
-            "Stop the music.",
-            "Pause it please.",
-            "Turn it off.",
-            "停止播放",
-        ] {
+        for t in ["Stop.", "Stop the music.", "Turn it off.", "停止播放"] {
             assert_eq!(intent(t).map(|i| i.0), Some("stop_playback"), "{t}");
+        }
+        for t in [
+            "Pause it please.",
+            "Pause the music.",
+            "Pause.",
+            "Hold the music.",
+            "暂停",
+            "暂停一下音乐",
+        ] {
+            assert_eq!(intent(t).map(|i| i.0), Some("pause_playback"), "{t}");
+        }
+        for t in [
+            "Resume the music.",
+            "Continue playing.",
+            "Resume.",
+            "Unpause it.",
+            "Keep playing please.",
+            "Start the music again.",
+            "继续",
+            "继续播放",
+        ] {
+            assert_eq!(intent(t).map(|i| i.0), Some("resume_playback"), "{t}");
+        }
+        for t in [
+            "Continue the story.",
+            "Pause for thought is a good book.",
+            "继续讲故事吧，讲到哪里了",
+        ] {
+            assert_eq!(intent(t), None, "{t}");
         }
         for t in [
             "Goodbye, that is all for today.",

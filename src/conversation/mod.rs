@@ -157,6 +157,11 @@ pub struct Conversation {
     settings: ConversationSettings,
     history: Vec<ChatMessage>,
     exit: bool,
+    /// `pause_playback` held the media: turns leave it held until `resume_playback` (or new
+    /// media, or a stop, drops it).
+    paused: bool,
+    /// `resume_playback` found nothing paused: the turn says so.
+    resume_missed: bool,
     /// Tools of this conversation's own sources (a device's MCP server), beside the hub's.
     session_tools: Vec<SessionTools>,
     /// Whether this turn has told the speaker the assistant is busy (said once a turn).
@@ -196,6 +201,9 @@ const APOLOGY_EMPTY: &str = "Sorry, I don't have an answer to that.";
 /// Said when the user ends the conversation.
 const GOODBYE: &str = "Goodbye.";
 
+/// Said when `resume_playback` finds nothing paused.
+const NOTHING_PAUSED: &str = "Nothing is paused.";
+
 impl Conversation {
     /// A conversation over these parts.
     pub fn new(
@@ -213,6 +221,8 @@ impl Conversation {
             settings,
             history: Vec::new(),
             exit: false,
+            paused: false,
+            resume_missed: false,
             session_tools: Vec::new(),
             told_busy: Default::default(),
         }
@@ -242,16 +252,18 @@ impl Conversation {
     /// With the built-in intents on, the local model is not offered `exit_conversation`: the
     /// intents hear goodbyes, while Qwen2.5-0.5B chose it mostly for other requests ("What is
     /// two plus two?", "Good morning!"), and a false exit ends the session (BENCHMARKS.md).
+    /// Nor `pause_playback` and `resume_playback`, which the intents hear too: fewer tools for
+    /// it to choose among.
     pub fn function_tools(&self) -> Vec<Value> {
         let speaker_on_device = self.speaker_volume_tool().is_some();
-        let exit_by_intent_only =
+        let by_intent_only =
             self.settings.intents.is_some() && matches!(self.llm, ChatModel::Local(_));
         let mut tools = self.hub.function_tools();
         tools.retain(|t| {
             let name = t["function"]["name"].as_str().unwrap_or_default();
             let withheld = match name {
                 "set_volume" => speaker_on_device,
-                "exit_conversation" => exit_by_intent_only,
+                "exit_conversation" | "pause_playback" | "resume_playback" => by_intent_only,
                 _ => false,
             };
             !(withheld && self.hub.is_builtin(name))
@@ -274,13 +286,14 @@ impl Conversation {
         for sentence in sentences {
             self.speak(&sentence).await;
         }
-        self.queue.resume().await;
+        self.resume_media().await;
     }
 
     /// Held media ([`PlaybackQueue::interrupt`]: speech over it that brought no request) goes
-    /// on from where it was held. Returns whether there was some.
+    /// on from where it was held, unless the user paused it (`pause_playback`). Returns
+    /// whether there was some.
     pub async fn resume_media(&self) -> bool {
-        self.queue.resume().await
+        !self.paused && self.queue.resume().await
     }
 
     /// One round's calls, concurrently; outcomes in call order. A session tool's call goes to
@@ -426,7 +439,7 @@ impl Conversation {
         self.told_busy
             .store(false, std::sync::atomic::Ordering::Relaxed);
         self.say_busy().await;
-        self.queue.resume().await;
+        self.resume_media().await;
     }
 
     /// Tells the speaker the assistant is busy ([`crate::compute::BUSY_SENTENCE`]), once per
@@ -625,7 +638,7 @@ impl Conversation {
             first_audio.abort();
             report.end = TurnEnd::Ignored;
             report.handled_by = Handler::None;
-            self.queue.resume().await;
+            self.resume_media().await;
             return report;
         }
         self.history.push(ChatMessage::new(
@@ -730,6 +743,10 @@ impl Conversation {
                     result: result.clone(),
                 });
                 self.history.push(ChatMessage::tool(&call.id, result));
+            }
+            if std::mem::take(&mut self.resume_missed) {
+                self.speak(NOTHING_PAUSED).await;
+                spoken_sentences.push(NOTHING_PAUSED.into());
             }
             let decision = decide(
                 &facts,
@@ -836,10 +853,10 @@ impl Conversation {
         } else {
             first_audio.abort();
         }
-        // Music the turn did not replace or stop (new media and a stop drop it) goes on after
-        // the answer; a cancelled turn leaves it to the turn that superseded it.
+        // Music the turn did not replace, stop or pause (new media and a stop drop it) goes on
+        // after the answer; a cancelled turn leaves it to the turn that superseded it.
         if report.end != TurnEnd::Cancelled && !self.exit {
-            self.queue.resume().await;
+            self.resume_media().await;
         }
         report
     }
@@ -848,13 +865,28 @@ impl Conversation {
     async fn apply(&mut self, outcome: &mut ToolOutcome) {
         for media in std::mem::take(&mut outcome.media) {
             let title = media.title.clone();
+            // New media drops what was paused.
+            self.paused = false;
             self.queue
                 .enqueue_media(SegmentKind::Media { title }, media)
                 .await;
         }
         match &outcome.action {
             Some(Action::SetVolume { volume }) => self.queue.set_volume(*volume),
-            Some(Action::StopPlayback) => self.queue.stop(QueueStop::StopCommand).await,
+            Some(Action::StopPlayback) => {
+                self.paused = false;
+                self.queue.stop(QueueStop::StopCommand).await
+            }
+            Some(Action::PausePlayback) => {
+                // The turn's start held the media already, unless turns overlap.
+                self.queue.interrupt(QueueStop::StopCommand).await;
+                self.paused = true;
+            }
+            Some(Action::ResumePlayback) => {
+                self.paused = false;
+                // Held (by the pause, or by this turn's start), or still playing: it goes on.
+                self.resume_missed = !self.queue.resume().await;
+            }
             Some(Action::ExitConversation) => self.exit = true,
             Some(Action::Other { name }) => {
                 tracing::warn!(action = %name, "unknown action, not performed")

@@ -1,6 +1,6 @@
 //! voxloop's own tools, a [`ToolSource`] like any MCP server: `exit_conversation`,
-//! `stop_playback`, `set_volume` (the runtime's playback volume, 0..100) and
-//! `get_current_time`. Their results are actions the turn loop performs (ARCHITECTURE §2).
+//! `stop_playback`, `pause_playback` and `resume_playback`, `set_volume` (the runtime's
+//! playback volume, 0..100) and `get_current_time`. Their results are actions the turn loop performs (ARCHITECTURE §2).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -63,8 +63,9 @@ fn object_schema(properties: Value, required: &[&str]) -> Arc<JsonObject> {
     Arc::new(schema.as_object().cloned().unwrap_or_default())
 }
 
-/// voxloop's own tools (issue: tool hub): `exit_conversation`, `stop_playback`, `set_volume`
-/// (runtime playback volume 0..100) and `get_current_time`.
+/// voxloop's own tools (issue: tool hub): `exit_conversation`, `stop_playback`,
+/// `pause_playback`, `resume_playback`, `set_volume` (runtime playback volume 0..100) and
+/// `get_current_time`.
 pub(crate) fn builtin_tools() -> Vec<ToolSpec> {
     let spec = |tool: &str, description: &str, schema: Arc<JsonObject>| ToolSpec {
         name: tool.to_string(),
@@ -82,6 +83,16 @@ pub(crate) fn builtin_tools() -> Vec<ToolSpec> {
         spec(
             "stop_playback",
             "Stop the music or audio that is playing.",
+            object_schema(json!({}), &[]),
+        ),
+        spec(
+            "pause_playback",
+            "Pause the music that is playing; resume_playback continues it from there.",
+            object_schema(json!({}), &[]),
+        ),
+        spec(
+            "resume_playback",
+            "Continue the music that was paused, from where it was paused.",
             object_schema(json!({}), &[]),
         ),
         spec(
@@ -117,6 +128,18 @@ fn builtin_call(tool: &str, arguments: &JsonObject) -> ToolOutcome {
             tool,
             "Playback stopped.".into(),
             Some(Action::StopPlayback),
+            stop,
+        ),
+        "pause_playback" => ToolOutcome::builtin(
+            tool,
+            "Playback paused.".into(),
+            Some(Action::PausePlayback),
+            stop,
+        ),
+        "resume_playback" => ToolOutcome::builtin(
+            tool,
+            "Playback resumed.".into(),
+            Some(Action::ResumePlayback),
             stop,
         ),
         "set_volume" => {

@@ -26,6 +26,10 @@ pub enum Action {
     },
     /// Stop what is playing.
     StopPlayback,
+    /// Pause the media playing, keeping its place, until [`Action::ResumePlayback`].
+    PausePlayback,
+    /// Continue the paused media from where it was paused.
+    ResumePlayback,
     /// End the session once playback ends.
     ExitConversation,
     /// An action voxloop does not know; reported, not performed.
@@ -457,6 +461,8 @@ fn parse_action(name: &str, object: &Map<String, Value>) -> Result<Action, Strin
             }
         }
         "stop_playback" | "stop" => Ok(Action::StopPlayback),
+        "pause_playback" | "pause" => Ok(Action::PausePlayback),
+        "resume_playback" | "resume" => Ok(Action::ResumePlayback),
         "exit_conversation" | "exit" => Ok(Action::ExitConversation),
         "" => Err("an `action` response needs an `action` name".into()),
         other => Ok(Action::Other {

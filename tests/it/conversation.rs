@@ -770,6 +770,84 @@ async fn music_goes_on_after_a_turn_that_does_not_replace_or_stop_it() {
     assert!(!queue.is_busy() && !queue.has_held());
 }
 
+/// "Pause" keeps the song's place through other turns until "resume" continues it from there;
+/// "resume" with nothing paused says so.
+#[tokio::test]
+async fn pause_keeps_the_songs_place_until_resume() {
+    let (url, requests) = scripted(vec![tool(
+        "musicPlayer",
+        json!({"query": "return to home"}),
+    )])
+    .await;
+    let mut rig = rig_on(scripted_llm(url), requests.clone(), 5, true).await;
+    let queue = rig.conversation.queue().clone();
+    let mut events = queue.events();
+    rig.turn("Play return to home").await;
+    let song = loop {
+        let event = tokio::time::timeout(Duration::from_secs(20), events.recv())
+            .await
+            .expect("the song starts")
+            .unwrap();
+        if let QueueEvent::SegmentStart {
+            id,
+            segment: SegmentKind::Media { .. },
+        } = event
+        {
+            break id;
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let report = rig.turn("Pause the music.").await;
+    assert_eq!(report.tools[0].name, "pause_playback");
+    assert_eq!(report.said, "");
+    // Another turn, with an answer, does not bring it back.
+    let report = rig.turn("What time is it?").await;
+    assert!(!report.said.is_empty());
+    tokio::time::timeout(Duration::from_secs(20), queue.idle())
+        .await
+        .expect("the answer ends");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        queue.has_held() && !queue.is_busy(),
+        "held {} busy {}",
+        queue.has_held(),
+        queue.is_busy()
+    );
+
+    let report = rig.turn("Resume the music.").await;
+    assert_eq!(report.tools[0].name, "resume_playback");
+    assert_eq!(report.said, "");
+    let mut held_at = None;
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("the song goes on")
+            .unwrap();
+        match event {
+            QueueEvent::Held { id, played_ms } if id == song => held_at = Some(played_ms),
+            QueueEvent::Resumed { id } if id == song => break,
+            QueueEvent::SegmentEnd { id, .. } if id == song => panic!("the song ended"),
+            _ => {}
+        }
+    }
+    // It was held about where it was paused (500 ms in), not restarted.
+    let held_at = held_at.expect("held");
+    assert!((300..2_000).contains(&held_at), "held at {held_at} ms");
+    assert!(queue.is_busy());
+
+    let report = rig.turn("Stop.").await;
+    assert_eq!(report.tools[0].name, "stop_playback");
+    // At once: the player may not have acted on the stop yet, and the next turn's interrupt
+    // must not bring back what the stop ended.
+    let report = rig.turn("Resume.").await;
+    assert_eq!(report.said, "Nothing is paused.", "{report:?}");
+    assert!(
+        requests.lock().await.len() == 1,
+        "the model was asked beyond the song"
+    );
+}
+
 #[tokio::test]
 async fn non_speech_transcripts_end_the_turn_quietly() {
     let mut rig = rig(vec![text("Shoutout to those who had invested.")], 5).await;
