@@ -944,6 +944,26 @@ mod tests {
         .expect("the event came")
     }
 
+    /// A queue on an unpaced null sink playing a track whose first 1600 samples (0.1 s) have
+    /// arrived; its segment id is 1. Returns the queue, its events since, and the track's
+    /// sender.
+    async fn playing_track() -> (
+        PlaybackQueue,
+        broadcast::Receiver<QueueEvent>,
+        tokio::sync::mpsc::Sender<Result<Pcm, crate::audio::decode::DecodeError>>,
+    ) {
+        let queue = PlaybackQueue::new(Sink::Null(NullSink::new(RATE, 1, false)), full_volume());
+        let mut events = queue.events();
+        let (track, rx) = tokio::sync::mpsc::channel(8);
+        track.send(block(0.25, 1_600)).await.unwrap();
+        queue.enqueue(SegmentKind::Media { title: None }, rx).await;
+        wait_for(&mut events, |e| {
+            matches!(e, QueueEvent::SegmentStart { .. })
+        })
+        .await;
+        (queue, events, track)
+    }
+
     /// A track interrupted by a turn is held, the turn's sentence plays, and the track goes on
     /// from where it was: nothing of it is lost but the frame being written (20 ms), and it
     /// is reported as one segment.
@@ -1095,16 +1115,8 @@ mod tests {
     #[tokio::test]
     async fn a_stop_or_new_media_drops_the_held_track() {
         for new_media in [false, true] {
-            let queue =
-                PlaybackQueue::new(Sink::Null(NullSink::new(RATE, 1, false)), full_volume());
-            let mut events = queue.events();
-            let (track, rx) = tokio::sync::mpsc::channel(8);
-            track.send(block(0.25, 1_600)).await.unwrap();
-            let id = queue.enqueue(SegmentKind::Media { title: None }, rx).await;
-            wait_for(&mut events, |e| {
-                matches!(e, QueueEvent::SegmentStart { .. })
-            })
-            .await;
+            let (queue, mut events, track) = playing_track().await;
+            let id = 1;
             queue.interrupt(StopReason::BargeIn).await;
             wait_for(&mut events, |e| matches!(e, QueueEvent::Held { .. })).await;
             if new_media {
@@ -1153,16 +1165,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_interrupt_right_after_a_stop_holds_nothing() {
         for run in 0..500 {
-            let queue =
-                PlaybackQueue::new(Sink::Null(NullSink::new(RATE, 1, false)), full_volume());
-            let mut events = queue.events();
-            let (track, rx) = tokio::sync::mpsc::channel(8);
-            track.send(block(0.25, 1_600)).await.unwrap();
-            queue.enqueue(SegmentKind::Media { title: None }, rx).await;
-            wait_for(&mut events, |e| {
-                matches!(e, QueueEvent::SegmentStart { .. })
-            })
-            .await;
+            let (queue, mut events, track) = playing_track().await;
             queue.stop(StopReason::StopCommand).await;
             queue.interrupt(StopReason::NewTurn).await;
             assert!(!queue.resume().await, "run {run}");
@@ -1194,16 +1197,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_resume_right_after_an_interrupt_loses_nothing() {
         for run in 0..500 {
-            let queue =
-                PlaybackQueue::new(Sink::Null(NullSink::new(RATE, 1, false)), full_volume());
-            let mut events = queue.events();
-            let (track, rx) = tokio::sync::mpsc::channel(8);
-            track.send(block(0.25, 1_600)).await.unwrap();
-            queue.enqueue(SegmentKind::Media { title: None }, rx).await;
-            wait_for(&mut events, |e| {
-                matches!(e, QueueEvent::SegmentStart { .. })
-            })
-            .await;
+            let (queue, _events, track) = playing_track().await;
             queue.interrupt(StopReason::NewTurn).await;
             assert!(queue.resume().await, "run {run}");
             track.send(block(0.25, 1_600)).await.unwrap();

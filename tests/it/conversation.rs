@@ -664,6 +664,24 @@ async fn built_in_intents_answer_without_the_model() {
     assert!(rig.requests.lock().await.is_empty(), "the model was asked");
 }
 
+/// Waits for a media segment to start and returns its id; a held one coming back first fails.
+async fn media_started(events: &mut tokio::sync::broadcast::Receiver<QueueEvent>) -> u64 {
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(20), events.recv())
+            .await
+            .expect("a song starts")
+            .unwrap();
+        match event {
+            QueueEvent::SegmentStart {
+                id,
+                segment: SegmentKind::Media { .. },
+            } => return id,
+            QueueEvent::Resumed { id } => panic!("held media {id} came back"),
+            _ => {}
+        }
+    }
+}
+
 /// What smart speakers do: "louder" or "what time is it" over a song leaves the song playing
 /// after the answer, from where it was; a request for another song replaces it; "stop" ends
 /// it. Real music server, real track, a sink at real-time pace.
@@ -677,27 +695,12 @@ async fn music_goes_on_after_a_turn_that_does_not_replace_or_stop_it() {
     let mut rig = rig_on(scripted_llm(url), requests, 5, true).await;
     let queue = rig.conversation.queue().clone();
     let mut events = queue.events();
-    let media_start = |e: &QueueEvent| match e {
-        QueueEvent::SegmentStart {
-            id,
-            segment: SegmentKind::Media { .. },
-        } => Some(*id),
-        _ => None,
-    };
     let next = |events: &mut tokio::sync::broadcast::Receiver<QueueEvent>| {
         let event = events.try_recv();
         event.ok()
     };
     rig.turn("Play return to home").await;
-    let song = loop {
-        let event = tokio::time::timeout(Duration::from_secs(20), events.recv())
-            .await
-            .expect("the song starts")
-            .unwrap();
-        if let Some(id) = media_start(&event) {
-            break id;
-        }
-    };
+    let song = media_started(&mut events).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // A volume change says nothing: the song is held for the turn (or, if the turn ends before
@@ -748,18 +751,7 @@ async fn music_goes_on_after_a_turn_that_does_not_replace_or_stop_it() {
 
     // Another song replaces it: the first ends, the second plays.
     rig.turn("Play torus trooper").await;
-    let second = loop {
-        let event = tokio::time::timeout(Duration::from_secs(20), events.recv())
-            .await
-            .expect("the second song starts")
-            .unwrap();
-        if matches!(event, QueueEvent::Resumed { .. }) {
-            panic!("the first song came back");
-        }
-        if let Some(id) = media_start(&event) {
-            break id;
-        }
-    };
+    let second = media_started(&mut events).await;
     assert_ne!(second, song);
     assert!(!queue.has_held());
 
@@ -783,19 +775,7 @@ async fn pause_keeps_the_songs_place_until_resume() {
     let queue = rig.conversation.queue().clone();
     let mut events = queue.events();
     rig.turn("Play return to home").await;
-    let song = loop {
-        let event = tokio::time::timeout(Duration::from_secs(20), events.recv())
-            .await
-            .expect("the song starts")
-            .unwrap();
-        if let QueueEvent::SegmentStart {
-            id,
-            segment: SegmentKind::Media { .. },
-        } = event
-        {
-            break id;
-        }
-    };
+    let song = media_started(&mut events).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let report = rig.turn("Pause the music.").await;
