@@ -324,12 +324,23 @@ pub fn asks_volume(text: &str) -> bool {
     (english && !sets) || chinese
 }
 
+/// Whether `text` has Chinese characters (CJK unified ideographs): the answer is then Chinese.
+fn is_chinese(text: &str) -> bool {
+    text.chars().any(|c| ('\u{4E00}'..='\u{9FFF}').contains(&c))
+}
+
+/// Said when `resume_playback` finds nothing paused, in the request's language.
+pub fn nothing_paused(request: &str) -> &'static str {
+    if is_chinese(request) {
+        "没有暂停的音乐。"
+    } else {
+        "Nothing is paused."
+    }
+}
+
 /// The spoken answer to [`asks_volume`]: `volume` in percent, in the request's language.
 pub fn spoken_volume(volume: u8, request: &str) -> String {
-    if request
-        .chars()
-        .any(|c| ('\u{4E00}'..='\u{9FFF}').contains(&c))
-    {
+    if is_chinese(request) {
         format!("现在的音量是百分之{volume}。")
     } else if volume == 0 {
         "The sound is muted.".to_string()
@@ -341,9 +352,7 @@ pub fn spoken_volume(volume: u8, request: &str) -> String {
 /// The reply to a time request: the built-in tool's `result` ("It is 7:05 PM on Sunday, ...")
 /// as it is, or, for a request in Chinese, its hour and minute in Chinese ("现在是19点05分。").
 pub fn spoken_time(result: &str, request: &str) -> String {
-    let chinese = request
-        .chars()
-        .any(|c| ('\u{4E00}'..='\u{9FFF}').contains(&c));
+    let chinese = is_chinese(request);
     let words: Vec<&str> = result.split_whitespace().collect();
     let clock = words.iter().position(|w| w.contains(':'));
     if let (true, Some(i)) = (chinese, clock)

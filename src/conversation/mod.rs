@@ -201,9 +201,6 @@ const APOLOGY_EMPTY: &str = "Sorry, I don't have an answer to that.";
 /// Said when the user ends the conversation.
 const GOODBYE: &str = "Goodbye.";
 
-/// Said when `resume_playback` finds nothing paused.
-const NOTHING_PAUSED: &str = "Nothing is paused.";
-
 impl Conversation {
     /// A conversation over these parts.
     pub fn new(
@@ -676,7 +673,7 @@ impl Conversation {
                     .push(ChatMessage::new(Role::Assistant, answer.as_str()));
                 break 'rounds;
             }
-            let mut text = String::new();
+            let mut reply = String::new();
             let mut calls = Vec::new();
             if round == 1
                 && let Some(intent) = &intent
@@ -693,7 +690,7 @@ impl Conversation {
             } else {
                 report.llm_calls += 1;
                 let spoken = self
-                    .stream_reply(&tools, cancel, started, &mut report, &mut text, &mut calls)
+                    .stream_reply(&tools, cancel, started, &mut report, &mut reply, &mut calls)
                     .await;
                 spoken_sentences.extend(spoken);
             }
@@ -702,7 +699,7 @@ impl Conversation {
                 // Calls the model had not finished are not made.
                 calls.clear();
             }
-            let mut assistant = ChatMessage::new(Role::Assistant, text.trim());
+            let mut assistant = ChatMessage::new(Role::Assistant, reply.trim());
             assistant.tool_calls = calls.clone();
             self.history.push(assistant);
             if cancelled
@@ -745,8 +742,9 @@ impl Conversation {
                 self.history.push(ChatMessage::tool(&call.id, result));
             }
             if std::mem::take(&mut self.resume_missed) {
-                self.speak(NOTHING_PAUSED).await;
-                spoken_sentences.push(NOTHING_PAUSED.into());
+                let said = intent::nothing_paused(&text);
+                self.speak(said).await;
+                spoken_sentences.push(said.into());
             }
             let decision = decide(
                 &facts,

@@ -657,6 +657,12 @@ async fn built_in_intents_answer_without_the_model() {
     assert!(report.said.contains(hh_mm), "{} / {result}", report.said);
     assert!(report.first_audio_ms.is_some());
 
+    // Asked in Chinese, the time is said in Chinese (the turn once passed the model's empty
+    // reply instead of the request, and the answer came in English).
+    let report = rig.turn("现在几点了？").await;
+    assert_eq!(report.tools[0].name, "get_current_time");
+    assert!(report.said.starts_with("现在是"), "{}", report.said);
+
     let report = rig.turn("Goodbye, that is all for today.").await;
     assert_eq!(report.tools[0].name, "exit_conversation");
     assert_eq!(report.said, "Goodbye.");
