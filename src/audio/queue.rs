@@ -262,11 +262,11 @@ impl Shared {
     }
 
     /// Reports a held segment that will not go on as ended.
-    fn end_held(&self, held: Option<Pending>, rate: u32) {
+    fn end_held(&self, held: Option<Pending>) {
         if let Some(held) = held {
             self.emit(QueueEvent::SegmentEnd {
                 id: held.id,
-                played_ms: held.played * 1000 / u64::from(rate.max(1)),
+                played_ms: held.played * 1000 / u64::from(self.rate.max(1)),
                 error: None,
             });
         }
@@ -404,7 +404,7 @@ impl PlaybackQueue {
             self.shared.generation.fetch_add(1, Ordering::SeqCst);
             control.held.take()
         };
-        self.shared.end_held(held, self.shared.rate);
+        self.shared.end_held(held);
         self.shared.stopped.notify_one();
         self.shared.wake.notify_one();
     }
@@ -469,7 +469,7 @@ impl PlaybackQueue {
             control.resume_early = false;
             control.held.take()
         };
-        self.shared.end_held(held, self.shared.rate);
+        self.shared.end_held(held);
     }
 
     /// A new turn begins: unless `overlap_turns` is set, what plays is interrupted
@@ -604,7 +604,7 @@ async fn play(shared: Arc<Shared>, mut sink: Sink, settings: QueueSettings) -> S
         let played_ms = frames * 1000 / u64::from(rate);
         let holdable =
             played.stopped && played.error.is_none() && matches!(kind, SegmentKind::Media { .. });
-        let held = if holdable {
+        let fate = if holdable {
             hold(
                 &shared,
                 Pending {
@@ -623,16 +623,16 @@ async fn play(shared: Arc<Shared>, mut sink: Sink, settings: QueueSettings) -> S
                 control.hold = None;
                 control.resume_early = false;
             }
-            false
+            Fate::Ended
         };
-        if held {
-            shared.emit(QueueEvent::Held { id, played_ms });
-        } else if !holdable || !shared.pending().iter().any(|p| p.id == id) {
-            shared.emit(QueueEvent::SegmentEnd {
+        match fate {
+            Fate::Held => shared.emit(QueueEvent::Held { id, played_ms }),
+            Fate::GoesOn => {}
+            Fate::Ended => shared.emit(QueueEvent::SegmentEnd {
                 id,
                 played_ms,
                 error: played.error,
-            });
+            }),
         }
         if played.stopped {
             sink.clear();
@@ -649,24 +649,33 @@ async fn play(shared: Arc<Shared>, mut sink: Sink, settings: QueueSettings) -> S
     }
 }
 
+/// What became of a media segment a stop ended early.
+enum Fate {
+    /// Held for [`PlaybackQueue::resume`].
+    Held,
+    /// Queued again at once: a resume came before the player acted on the interrupt.
+    GoesOn,
+    /// Dropped: the stop was not an interrupt, or a stop came after it.
+    Ended,
+}
+
 /// After a stop ended media `segment` early: holds it if the stop was an interrupt (nothing
 /// stopped since), or queues it again at once if a resume came before this; else drops it.
-/// Returns whether it is held now.
-fn hold(shared: &Shared, segment: Pending) -> bool {
+fn hold(shared: &Shared, segment: Pending) -> Fate {
     let mut control = shared.control();
     control.playing = None;
     if control.hold != Some(shared.generation.load(Ordering::SeqCst)) {
-        return false;
+        return Fate::Ended;
     }
     control.hold = None;
     if std::mem::take(&mut control.resume_early) {
         shared.push(segment);
-        return false;
+        return Fate::GoesOn;
     }
     let earlier = control.held.replace(segment);
     drop(control);
-    shared.end_held(earlier, shared.rate);
-    true
+    shared.end_held(earlier);
+    Fate::Held
 }
 
 /// The player's gain and the level of what it wrote, across segments.

@@ -151,10 +151,16 @@ fn stop_intent(lower: &str, words: &[String]) -> Option<Intent> {
         }
         [first, rest @ ..] => matches!(*first, "stop" | "halt") && about_playback(rest),
     };
-    let chinese = lower.chars().count() <= 8 && ZH.iter().any(|p| lower.contains(p))
-        || lower.trim_matches(|c: char| !c.is_alphanumeric()) == "停";
+    let chinese =
+        says_briefly(lower, ZH) || lower.trim_matches(|c: char| !c.is_alphanumeric()) == "停";
     (english || chinese).then_some(())?;
     call("stop_playback", json!({}))
+}
+
+/// Whether a short utterance (at most 8 characters: a command, not a sentence about one)
+/// contains one of the Chinese `phrases`.
+fn says_briefly(lower: &str, phrases: &[&str]) -> bool {
+    lower.chars().count() <= 8 && phrases.iter().any(|p| lower.contains(p))
 }
 
 /// Whether the words after a playback command ("stop ...", "pause ...") only name the playback:
@@ -170,8 +176,7 @@ fn pause_intent(lower: &str, words: &[String]) -> Option<Intent> {
         ["hold", "the", "music"] | ["hold", "it"] => true,
         _ => false,
     };
-    let chinese =
-        lower.chars().count() <= 8 && ["暂停", "停一下"].iter().any(|p| lower.contains(p));
+    let chinese = says_briefly(lower, &["暂停", "停一下"]);
     (english || chinese).then_some(())?;
     call("pause_playback", json!({}))
 }
@@ -186,10 +191,10 @@ fn resume_intent(lower: &str, words: &[String]) -> Option<Intent> {
     };
     let trimmed = lower.trim_matches(|c: char| !c.is_alphanumeric());
     let chinese = trimmed == "继续"
-        || lower.chars().count() <= 8
-            && ["继续播放", "继续放", "接着放", "接着播放", "恢复播放"]
-                .iter()
-                .any(|p| lower.contains(p));
+        || says_briefly(
+            lower,
+            &["继续播放", "继续放", "接着放", "接着播放", "恢复播放"],
+        );
     (english || chinese).then_some(())?;
     call("resume_playback", json!({}))
 }

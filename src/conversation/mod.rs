@@ -160,8 +160,6 @@ pub struct Conversation {
     /// `pause_playback` held the media: turns leave it held until `resume_playback` (or new
     /// media, or a stop, drops it).
     paused: bool,
-    /// `resume_playback` found nothing paused: the turn says so.
-    resume_missed: bool,
     /// Tools of this conversation's own sources (a device's MCP server), beside the hub's.
     session_tools: Vec<SessionTools>,
     /// Whether this turn has told the speaker the assistant is busy (said once a turn).
@@ -219,7 +217,6 @@ impl Conversation {
             history: Vec::new(),
             exit: false,
             paused: false,
-            resume_missed: false,
             session_tools: Vec::new(),
             told_busy: Default::default(),
         }
@@ -728,10 +725,11 @@ impl Conversation {
                 }
             };
             let mut facts = Vec::new();
+            let mut nothing_resumed = false;
             for ((call, hub_call), mut outcome) in calls.iter().zip(&hub_calls).zip(outcomes) {
                 facts.push(outcome.facts());
                 let result = outcome.tool_message();
-                self.apply(&mut outcome).await;
+                nothing_resumed |= self.apply(&mut outcome).await;
                 report.tools.push(ToolReport {
                     name: call.name.clone(),
                     arguments: hub_call.arguments.clone(),
@@ -741,7 +739,7 @@ impl Conversation {
                 });
                 self.history.push(ChatMessage::tool(&call.id, result));
             }
-            if std::mem::take(&mut self.resume_missed) {
+            if nothing_resumed {
                 let said = intent::nothing_paused(&text);
                 self.speak(said).await;
                 spoken_sentences.push(said.into());
@@ -859,8 +857,9 @@ impl Conversation {
         report
     }
 
-    /// Plays the outcome's media and performs its action.
-    async fn apply(&mut self, outcome: &mut ToolOutcome) {
+    /// Plays the outcome's media and performs its action. Returns true when the action was
+    /// `resume_playback` and nothing was paused (the turn then says so).
+    async fn apply(&mut self, outcome: &mut ToolOutcome) -> bool {
         for media in std::mem::take(&mut outcome.media) {
             let title = media.title.clone();
             // New media drops what was paused.
@@ -883,7 +882,7 @@ impl Conversation {
             Some(Action::ResumePlayback) => {
                 self.paused = false;
                 // Held (by the pause, or by this turn's start), or still playing: it goes on.
-                self.resume_missed = !self.queue.resume().await;
+                return !self.queue.resume().await;
             }
             Some(Action::ExitConversation) => self.exit = true,
             Some(Action::Other { name }) => {
@@ -891,5 +890,6 @@ impl Conversation {
             }
             None => {}
         }
+        false
     }
 }
