@@ -149,13 +149,20 @@ fn stop_intent(lower: &str, words: &[String]) -> Option<Intent> {
         ["turn", rest @ ..] | ["switch", rest @ ..] => {
             rest.contains(&"off") && rest.iter().all(|w| PLAYBACK_WORDS.contains(w))
         }
-        [first, rest @ ..] => matches!(*first, "stop" | "halt") && about_playback(rest),
+        [first, rest @ ..] => {
+            matches!(*first, "stop" | "halt")
+                && about_playback(rest)
+                && !rest.iter().any(|w| A_WHILE.contains(w))
+        }
     };
     let chinese =
         says_briefly(lower, ZH) || lower.trim_matches(|c: char| !c.is_alphanumeric()) == "停";
     (english || chinese).then_some(())?;
     call("stop_playback", json!({}))
 }
+
+/// Words that make "stop" a pause: "stop the music for a moment".
+const A_WHILE: &[&str] = &["moment", "second", "minute", "bit", "while"];
 
 /// Whether a short utterance (at most 8 characters: a command, not a sentence about one)
 /// contains one of the Chinese `phrases`.
@@ -170,10 +177,25 @@ fn about_playback(rest: &[&str]) -> bool {
 }
 
 fn pause_intent(lower: &str, words: &[String]) -> Option<Intent> {
-    let core = core_words(words);
+    // "Hold it, pause the music": a "hold it" or "wait" before the command adds nothing.
+    let mut core = core_words(words);
+    let lead = match core.as_slice() {
+        ["hold" | "wait", "it" | "on", _, ..] => 2,
+        ["wait", _, ..] => 1,
+        _ => 0,
+    };
+    core.drain(..lead);
     let english = match core.as_slice() {
         ["pause", rest @ ..] => about_playback(rest),
-        ["hold", "the", "music"] | ["hold", "it"] => true,
+        ["hold", "the", "music"] => true,
+        // "Stop the music for a moment" asks for a pause, not an end.
+        ["stop", rest @ ..] => {
+            rest.iter().any(|w| A_WHILE.contains(w))
+                && rest.len() <= 6
+                && rest
+                    .iter()
+                    .all(|w| PLAYBACK_WORDS.contains(w) || A_WHILE.contains(w))
+        }
         _ => false,
     };
     let chinese = says_briefly(lower, &["暂停", "停一下"]);
@@ -540,6 +562,10 @@ mod tests {
             "Pause the music.",
             "Pause.",
             "Hold the music.",
+            "Hold it, pause the music please.",
+            "Wait, pause it.",
+            "Could you stop the music for a moment?",
+            "Stop it for a second.",
             "暂停",
             "暂停一下音乐",
         ] {
